@@ -1,0 +1,24 @@
+"""jaxsink: endless LLM streams with constant memory (attention sinks / StreamingLLM) in JAX."""
+
+from jaxsink.cache import KVCache, init_cache
+from jaxsink.config import ConfigError, JaxsinkError, ModelConfig, StreamConfig
+from jaxsink.generate import Generation, Sampling, generate
+from jaxsink.loading import Model, load
+from jaxsink.model import forward, logits, step
+
+__all__ = [
+    "ConfigError",
+    "Generation",
+    "JaxsinkError",
+    "KVCache",
+    "Model",
+    "ModelConfig",
+    "Sampling",
+    "StreamConfig",
+    "forward",
+    "generate",
+    "init_cache",
+    "load",
+    "logits",
+    "step",
+]

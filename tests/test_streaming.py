@@ -1,0 +1,127 @@
+"""The streaming contract (SPEC.md) on tiny random models: windows, positions, chunks, compiles."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsink import cache as kv
+from jaxsink import model
+from jaxsink.config import StreamConfig
+from tests.spec_reference import spec_view, stream_logits
+from tests.tiny import feed, random_flat_params, tiny_config, to_params
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [StreamConfig(2, 5, "sink"), StreamConfig(0, 6, "window"), StreamConfig(3, 4, "sink")],
+    ids=str,
+)
+def test_matches_spec_reference_over_many_evictions(stream):
+    cfg = tiny_config()
+    flat = random_flat_params(cfg, seed=1)
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, size=(1, 48)).astype(np.int32)
+    want = stream_logits(flat, cfg, tokens[0], stream.sinks, stream.window)
+    got, _ = feed(to_params(flat), cfg, stream, tokens, chunk=1)
+    np.testing.assert_allclose(got[0], want, atol=2e-4, rtol=0)
+
+
+def test_dense_matches_spec_reference():
+    cfg = tiny_config()
+    flat = random_flat_params(cfg, seed=3)
+    tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, size=(1, 30)).astype(np.int32)
+    want = stream_logits(flat, cfg, tokens[0], 0, 30, dense=True)
+    got, _ = feed(to_params(flat), cfg, StreamConfig(0, 30, "dense"), tokens, chunk=8)
+    np.testing.assert_allclose(got[0], want, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("stream", [StreamConfig(2, 5), StreamConfig(4, 60), StreamConfig(0, 9, "window")], ids=str)
+def test_chunks_equal_token_by_token(stream):
+    cfg = tiny_config(num_heads=6, num_kv_heads=2)
+    params = to_params(random_flat_params(cfg, seed=5))
+    tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, size=(2, 300)).astype(np.int32)
+    one, _ = feed(params, cfg, stream, tokens, chunk=1)
+    for chunk in (7, 64):
+        many, _ = feed(params, cfg, stream, tokens, chunk=chunk)
+        np.testing.assert_allclose(many, one, atol=1e-4, rtol=1e-4)
+
+
+def test_one_compile_and_constant_cache_over_a_long_stream():
+    cfg = tiny_config()
+    params = to_params(random_flat_params(cfg))
+    stream = StreamConfig(4, 28)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(1, 3000)).astype(np.int32)
+    cache = kv.init_cache(cfg, stream, 1)
+    shapes_before = jax.tree.map(lambda x: (x.shape, x.dtype), cache)
+    bytes_before = cache.nbytes
+    model.TRACES.clear()
+    _, cache = feed(params, cfg, stream, tokens, chunk=16, cache=cache)
+    assert model.TRACES["step"] == 1
+    assert int(cache.pos[0]) == 3000
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), cache) == shapes_before
+    assert cache.nbytes == bytes_before == kv.cache_bytes(cfg, stream, 1)
+
+
+def test_position_precision_far_into_the_stream():
+    """Same cache contents at t ~ 4,000 and t ~ 4,000,000 (a multiple of W apart): same logits."""
+    cfg = tiny_config()
+    params = to_params(random_flat_params(cfg, seed=7))
+    stream = StreamConfig(4, 60)
+    tokens = np.random.default_rng(8).integers(0, cfg.vocab_size, size=(1, 4000 + 64)).astype(np.int32)
+    _, near = feed(params, cfg, stream, tokens[:, :4000], chunk=64)
+    shift = (4_000_000 // stream.window) * stream.window
+    far = jax.tree.map(jnp.copy, near).replace(pos=near.pos + shift)  # near is donated below
+    near_logits, _ = feed(params, cfg, stream, tokens[:, 4000:], chunk=16, cache=near)
+    far_logits, _ = feed(params, cfg, stream, tokens[:, 4000:], chunk=16, cache=far)
+    np.testing.assert_array_equal(near_logits, far_logits)
+
+
+def test_rows_are_independent_streams():
+    """Rows at different stream positions in one batch equal the same streams run alone."""
+    cfg = tiny_config()
+    params = to_params(random_flat_params(cfg, seed=9))
+    stream = StreamConfig(2, 6)
+    rng = np.random.default_rng(10)
+    a = rng.integers(0, cfg.vocab_size, size=(1, 40)).astype(np.int32)
+    b = rng.integers(0, cfg.vocab_size, size=(1, 23)).astype(np.int32)
+    alone_a, _ = feed(params, cfg, stream, a, chunk=5)
+    alone_b, _ = feed(params, cfg, stream, b, chunk=5)
+    # Feed both rows together; row b's chunks are padded past its end.
+    tokens = np.zeros((2, 40), np.int32)
+    tokens[0], tokens[1, :23] = a[0], b[0]
+    valid = np.zeros((2, 40), bool)
+    valid[0], valid[1, :23] = True, True
+    cache = kv.init_cache(cfg, stream, 2)
+    outs = []
+    for i in range(0, 40, 5):
+        lg, cache = model.step(params, cache, tokens[:, i : i + 5], valid[:, i : i + 5], cfg)
+        outs.append(np.asarray(lg))
+    both = np.concatenate(outs, axis=1)
+    np.testing.assert_allclose(both[0], alone_a[0], atol=2e-5)
+    np.testing.assert_allclose(both[1, :23], alone_b[0], atol=2e-5)
+    assert list(np.asarray(cache.pos)) == [40, 23]
+
+
+def test_cache_slots_by_hand():
+    """Which stream index sits in each slot, after each step of a small stream (S=2, W=3)."""
+    stream = StreamConfig(2, 3)
+    expected = {
+        0: [-1, -1, -1, -1, -1],
+        1: [0, -1, -1, -1, -1],
+        3: [0, 1, 2, -1, -1],
+        5: [0, 1, 2, 3, 4],
+        6: [0, 1, 5, 3, 4],
+        8: [0, 1, 5, 6, 7],
+        9: [0, 1, 8, 6, 7],
+    }
+    for pos, slots in expected.items():
+        got = kv.slot_tokens(stream, np.array([pos], np.int32))
+        assert list(np.asarray(got[0])) == slots, pos
+
+
+def test_spec_view_by_hand():
+    # S=2, W=3, K=5: at t=9 the query sees sinks 0,1 (at distances 5-0, 5-1) and 6, 7, 8, 9.
+    assert spec_view(9, 2, 3) == [(0, 5), (1, 4), (6, 3), (7, 2), (8, 1), (9, 0)]
+    assert spec_view(4, 2, 3) == [(0, 4), (1, 3), (2, 2), (3, 1), (4, 0)]
