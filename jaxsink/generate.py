@@ -98,7 +98,12 @@ _EXECUTABLES: dict = {}
 def _compiled(fn, name: str, args: tuple, static: dict):
     """AOT-compile `fn` for these argument shapes once per process; returns (executable, seconds)."""
     shapes = jax.tree.map(lambda x: (x.shape, x.dtype), args)
-    key = (name, jax.tree.structure(args), tuple(jax.tree.leaves(shapes)), tuple(sorted(static.items())))
+    key = (
+        name,
+        jax.tree.structure(args),
+        tuple(jax.tree.leaves(shapes)),
+        tuple(sorted(static.items())),
+    )
     if key in _EXECUTABLES:
         return _EXECUTABLES[key], 0.0
     start = time.perf_counter()
@@ -199,7 +204,9 @@ class Generation:
         C = self.chunk
         tokens = np.zeros((1, C), np.int32)
         valid = np.zeros((1, C), bool)
-        prefill, t_pre = _compiled(mdl.last_logits, "prefill", (m.params, cache, tokens, valid), {"cfg": cfg})
+        prefill, t_pre = _compiled(
+            mdl.last_logits, "prefill", (m.params, cache, tokens, valid), {"cfg": cfg}
+        )
         eos = jnp.asarray(cfg.eos_token_ids or m.tokenizer.eos_token_ids or (-2,), jnp.int32)
         key = jax.random.key(self.seed)
         done = jnp.zeros((1,), bool)
@@ -228,7 +235,9 @@ class Generation:
         st.stop_reason = "max_new_tokens"
         while remaining > 0:
             n_left = jnp.int32(1 if first_at is None else min(self.block, remaining))
-            out, steps, cache, logits, key, done = block_fn(m.params, cache, logits, key, done, n_left, eos)
+            out, steps, cache, logits, key, done = block_fn(
+                m.params, cache, logits, key, done, n_left, eos
+            )
             # Host-side indexing only: slicing device arrays would compile per distinct shape.
             new = [int(x) for x in np.asarray(out)[0, : int(steps)] if x >= 0]
             if first_at is None:

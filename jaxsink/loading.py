@@ -48,4 +48,6 @@ def load(spec: str | os.PathLike | None = None, dtype: str | None = None) -> Mod
     target = jnp.dtype(DTYPES[dtype])
     params = mdl.unflatten({name: jnp.asarray(a, dtype=target) for name, a in flat.items()})
     params = jax.block_until_ready(params)
-    return Model(cfg=cfg, params=params, tokenizer=Tokenizer(path, cfg.eos_token_ids), path=Path(path))
+    return Model(
+        cfg=cfg, params=params, tokenizer=Tokenizer(path, cfg.eos_token_ids), path=Path(path)
+    )

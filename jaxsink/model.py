@@ -198,8 +198,12 @@ def _write(cache: kv.KVCache, k_new, v_new, write_slot, valid) -> kv.KVCache:
 def logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Next-token logits, float32. hidden: [..., D] -> [..., V]."""
     if cfg.tie_embeddings:
-        return jnp.einsum("...d,vd->...v", hidden, params["embed"], preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", hidden, params["lm_head"], preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "...d,vd->...v", hidden, params["embed"], preferred_element_type=jnp.float32
+        )
+    return jnp.einsum(
+        "...d,dv->...v", hidden, params["lm_head"], preferred_element_type=jnp.float32
+    )
 
 
 def _step(params, cache, tokens, valid, cfg):

@@ -36,7 +36,9 @@ class Tokenizer:
         self.config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
         template_file = path / "chat_template.jinja"
         self.chat_template = (
-            template_file.read_text() if template_file.is_file() else self.config.get("chat_template")
+            template_file.read_text()
+            if template_file.is_file()
+            else self.config.get("chat_template")
         )
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))

@@ -58,7 +58,11 @@ def stream_logits(flat: dict, cfg, tokens, sinks: int, window: int, dense: bool 
             k = np.einsum("d,dkh->kh", h, p["layers.wk"][layer])
             v = np.einsum("d,dkh->kh", h, p["layers.wv"][layer])
             if cfg.qkv_bias:
-                q, k, v = q + p["layers.bq"][layer], k + p["layers.bk"][layer], v + p["layers.bv"][layer]
+                q, k, v = (
+                    q + p["layers.bq"][layer],
+                    k + p["layers.bk"][layer],
+                    v + p["layers.bv"][layer],
+                )
             keys[layer].append(k)
             values[layer].append(v)
             qr = _rope(q, q_pos, cfg) / np.sqrt(H)
@@ -70,7 +74,9 @@ def stream_logits(flat: dict, cfg, tokens, sinks: int, window: int, dense: bool 
                 )
                 w = np.exp(scores - scores.max())
                 w /= w.sum()
-                att[n] = sum(wi * values[layer][kk][kvh] for wi, (kk, _) in zip(w, view))
+                att[n] = sum(
+                    wi * values[layer][kk][kvh] for wi, (kk, _) in zip(w, view, strict=True)
+                )
             x = x + np.einsum("nh,nhd->d", att, p["layers.wo"][layer])
             h = _rms(x, p["layers.mlp_norm"][layer], cfg.norm_eps)
             gate = h @ p["layers.w_gate"][layer]

@@ -37,7 +37,9 @@ def test_dense_matches_spec_reference():
     np.testing.assert_allclose(got[0], want, atol=2e-4, rtol=0)
 
 
-@pytest.mark.parametrize("stream", [StreamConfig(2, 5), StreamConfig(4, 60), StreamConfig(0, 9, "window")], ids=str)
+@pytest.mark.parametrize(
+    "stream", [StreamConfig(2, 5), StreamConfig(4, 60), StreamConfig(0, 9, "window")], ids=str
+)
 def test_chunks_equal_token_by_token(stream):
     cfg = tiny_config(num_heads=6, num_kv_heads=2)
     params = to_params(random_flat_params(cfg, seed=5))
@@ -69,7 +71,9 @@ def test_position_precision_far_into_the_stream():
     cfg = tiny_config()
     params = to_params(random_flat_params(cfg, seed=7))
     stream = StreamConfig(4, 60)
-    tokens = np.random.default_rng(8).integers(0, cfg.vocab_size, size=(1, 4000 + 64)).astype(np.int32)
+    tokens = (
+        np.random.default_rng(8).integers(0, cfg.vocab_size, size=(1, 4000 + 64)).astype(np.int32)
+    )
     _, near = feed(params, cfg, stream, tokens[:, :4000], chunk=64)
     shift = (4_000_000 // stream.window) * stream.window
     far = jax.tree.map(jnp.copy, near).replace(pos=near.pos + shift)  # near is donated below

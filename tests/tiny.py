@@ -44,7 +44,9 @@ def to_params(flat: dict, dtype=jnp.float32):
     return model.unflatten({k: jnp.asarray(v, dtype) for k, v in flat.items()})
 
 
-def feed(params, cfg: ModelConfig, stream: StreamConfig, tokens: np.ndarray, chunk: int, cache=None):
+def feed(
+    params, cfg: ModelConfig, stream: StreamConfig, tokens: np.ndarray, chunk: int, cache=None
+):
     """Feed tokens [B, N] in chunks of `chunk` (last one padded); returns (logits [B, N, V], cache)."""
     B, N = tokens.shape
     cache = kv.init_cache(cfg, stream, B) if cache is None else cache

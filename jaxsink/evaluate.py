@@ -1,0 +1,188 @@
+"""Streaming perplexity: the exact per-token NLL of a long stream in sink, window or dense mode.
+
+The stream runs in large fixed chunks, yet every token's NLL is the one it gets when fed alone
+with its SPEC window (chunks are exact per token): fast and exact at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsink import cache as kv
+from jaxsink import model as mdl
+from jaxsink.config import ConfigError, StreamConfig
+from jaxsink.loading import Model
+
+SEGMENT = 1024  # tokens per segment in the summary's per-segment perplexity
+
+
+def _nll_chunk(params, cache, tokens, targets, valid, cfg):
+    mdl.TRACES["nll_chunk"] += 1
+    hidden, cache = mdl.forward(params, cache, tokens, valid, cfg)
+    logits = mdl.logits(params, hidden, cfg)  # [B, C, V] float32
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit  # [B, C]
+    return jnp.where(valid, nll, 0.0), cache
+
+
+nll_chunk = jax.jit(_nll_chunk, static_argnames=("cfg",), donate_argnames=("cache",))
+nll_chunk.__doc__ = """Jitted `(params, cache, tokens [B, C], targets [B, C], valid [B, C]) ->
+(nll [B, C] float32, cache)`: -log p(target | the token's SPEC view), 0 where not valid."""
+
+
+@dataclasses.dataclass
+class StreamResult:
+    """One mode's run: per-token NLL [N] in stream order and its figures."""
+
+    mode: str
+    nll: np.ndarray
+    seconds: float
+    compile_seconds: float
+    cache_bytes: int
+    compiles: int
+    sinks: int
+    window: int
+
+    def summary(self) -> dict:
+        n = len(self.nll)
+        segments = [self.nll[i : i + SEGMENT] for i in range(0, n, SEGMENT)]
+        return {
+            "mode": self.mode,
+            "tokens": n,
+            "ppl": float(np.exp(self.nll.mean())),
+            "nll_mean": float(self.nll.mean()),
+            "segment_tokens": SEGMENT,
+            "segment_ppl": [float(np.exp(s.mean())) for s in segments],
+            "tokens_per_s": n / self.seconds if self.seconds else 0.0,
+            "seconds": self.seconds,
+            "compile_seconds": self.compile_seconds,
+            "cache_bytes": self.cache_bytes,
+            "compiles": self.compiles,
+            "sinks": self.sinks,
+            "window": self.window,
+        }
+
+
+def stream_config(mode: str, sinks: int, window: int, n_tokens: int, chunk: int) -> StreamConfig:
+    """The cache of `mode` at capacity sinks + window; dense holds the whole stream."""
+    return StreamConfig.for_mode(mode, sinks, window, dense_capacity=-(-n_tokens // chunk) * chunk)
+
+
+def check_dense_fits(model: Model, stream: StreamConfig) -> None:
+    """Refuse a dense cache that would not fit in this machine's memory; warn past the
+    model's trained context (dense still runs: that is the baseline's point)."""
+    need = kv.cache_bytes(model.cfg, stream, 1, model.dtype)
+    try:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        avail = None
+    if avail is not None and need > 0.8 * avail:
+        raise ConfigError(
+            f"dense mode over {stream.capacity} tokens needs a {need / 2**30:.1f} GiB cache, "
+            f"more than this machine has free ({avail / 2**30:.1f} GiB): use sink mode"
+        )
+    if stream.capacity > model.cfg.max_position_embeddings:
+        warnings.warn(
+            f"dense mode over {stream.capacity} tokens, past the model's trained context "
+            f"({model.cfg.max_position_embeddings}): expect perplexity to blow up",
+            stacklevel=2,
+        )
+
+
+def stream_nll(
+    model: Model,
+    ids: np.ndarray,
+    mode: str = "sink",
+    sinks: int = 4,
+    window: int = 1020,
+    chunk: int = 256,
+    progress: bool = True,
+) -> StreamResult:
+    """Per-token NLL of the stream `ids` (N + 1 token ids -> N values), fed in chunks of `chunk`.
+
+    The dense cache (capacity = the stream, rounded up to the chunk) is allocated up front.
+    """
+    from tqdm import tqdm
+
+    ids = np.asarray(ids, dtype=np.int32).reshape(-1)
+    n = len(ids) - 1
+    if n < 1:
+        raise ConfigError("the stream needs at least 2 tokens (one target)")
+    if chunk < 1:
+        raise ConfigError(f"chunk must be >= 1, got {chunk}")
+    if ids.min() < 0 or ids.max() >= model.cfg.vocab_size:
+        raise ConfigError(f"token ids must be in [0, {model.cfg.vocab_size})")
+    stream = stream_config(mode, sinks, window, n, chunk)
+    if mode == "dense":
+        check_dense_fits(model, stream)
+    cache = kv.init_cache(model.cfg, stream, 1, model.dtype)
+    cache_bytes = cache.nbytes
+    traces = sum(mdl.TRACES.values())
+    spec = np.zeros((1, chunk), np.int32), np.zeros((1, chunk), bool)
+    start = time.perf_counter()
+    exe = nll_chunk.lower(model.params, cache, spec[0], spec[0], spec[1], cfg=model.cfg).compile()
+    compile_seconds = time.perf_counter() - start
+
+    out = np.zeros(n, np.float32)
+    bar = tqdm(total=n, desc=f"ppl {mode}", unit="tok", file=sys.stderr, disable=not progress)
+    start = time.perf_counter()
+    for i in range(0, n, chunk):
+        m = min(chunk, n - i)
+        tokens, targets = np.zeros((1, chunk), np.int32), np.zeros((1, chunk), np.int32)
+        valid = np.zeros((1, chunk), bool)
+        tokens[0, :m], targets[0, :m], valid[0, :m] = ids[i : i + m], ids[i + 1 : i + m + 1], True
+        nll, cache = exe(model.params, cache, tokens, targets, valid)
+        out[i : i + m] = np.asarray(nll)[0, :m]
+        bar.update(m)
+    bar.close()
+    seconds = time.perf_counter() - start
+    return StreamResult(
+        mode=mode,
+        nll=out,
+        seconds=seconds,
+        compile_seconds=compile_seconds,
+        cache_bytes=cache_bytes,
+        compiles=sum(mdl.TRACES.values()) - traces,
+        sinks=stream.sinks,
+        window=stream.window,
+    )
+
+
+def plot(results: list[StreamResult], path: str, title: str = "", bytes_per_token: int = 0) -> None:
+    """Log-perplexity against tokens for each mode, with cache memory on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    mem_ax = ax.twinx()
+    step = 128
+    for r in results:
+        n = len(r.nll) // step * step
+        if n == 0:
+            continue
+        log_ppl = r.nll[:n].reshape(-1, step).mean(axis=1)
+        x = np.arange(1, n // step + 1) * step
+        (line,) = ax.plot(x, log_ppl, label=f"{r.mode} (ppl {np.exp(r.nll.mean()):.2f})")
+        if r.mode == "dense" and bytes_per_token:
+            memory = np.minimum(x, r.window) * bytes_per_token / 2**20  # what dense holds at x
+        else:
+            memory = np.full(len(x), r.cache_bytes / 2**20)
+        mem_ax.plot(x, memory, linestyle=":", color=line.get_color())
+    ax.set_xlabel("tokens")
+    ax.set_ylabel(f"log perplexity (mean NLL per {step} tokens)")
+    mem_ax.set_ylabel("KV cache memory (MiB, dotted)")
+    ax.legend(loc="upper left")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
