@@ -110,10 +110,11 @@ def _attention_view(cache: kv.KVCache, valid: jax.Array):
     return view
 
 
-def _attention(lp, h, k_cached, v_cached, view, cfg: ModelConfig):
+def _attention(lp, h, k_cached, v_cached, view, cfg: ModelConfig, sinks: int):
     """Self-attention of a chunk over the cached slots plus its own keys.
 
-    h: [B, C, D]; k_cached, v_cached: [B, K, S, H]. Returns (out [B, C, D], new keys [B, C, K, H]
+    h: [B, C, D]; k_cached, v_cached: [B, K, S, H], of which the first `sinks` slots are sinks.
+    Returns (out [B, C, D], new keys [B, C, K, H]
     rotated for caching, new values [B, C, K, H]).
     """
     B, C, _ = h.shape
@@ -130,9 +131,21 @@ def _attention(lp, h, k_cached, v_cached, view, cfg: ModelConfig):
     q = (q * jnp.asarray(H**-0.5, q.dtype)).reshape(B, C, n_var, K, G, H)
 
     f32 = jnp.float32
-    s_cached = jnp.einsum("bcvkgh,bksh->bcvkgs", q, k_cached, preferred_element_type=f32)
+    # Cached sink slots only ever need the SINK variant; ring slots only the ring variants.
+    n_ring = min(n_var, kv.SINK)
+    s_cached = jnp.einsum(
+        "bcvkgh,bksh->bcvkgs", q[:, :, :n_ring], k_cached[:, :, sinks:], preferred_element_type=f32
+    )
+    s_cached = _select_variant(s_cached, view["var_cached"][..., sinks:])  # [B, C, K, G, W]
+    if sinks:
+        s_sinks = jnp.einsum(
+            "bckgh,bksh->bckgs",
+            q[:, :, kv.SINK],
+            k_cached[:, :, :sinks],
+            preferred_element_type=f32,
+        )
+        s_cached = jnp.concatenate([s_sinks, s_cached], axis=-1)  # [B, C, K, G, S + W]
     s_chunk = jnp.einsum("bcvkgh,bjkh->bcvkgj", q, k, preferred_element_type=f32)
-    s_cached = _select_variant(s_cached, view["var_cached"])  # [B, C, K, G, S]
     s_chunk = _select_variant(s_chunk, view["var_chunk"])  # [B, C, K, G, J]
     s_cached = jnp.where(view["see_cached"][:, :, None, None, :], s_cached, _MASKED)
     s_chunk = jnp.where(view["see_chunk"][:, :, None, None, :], s_chunk, _MASKED)
@@ -173,7 +186,7 @@ def forward(
     def layer(x, xs):
         lp, k_cached, v_cached = xs  # this layer's weights and cache [B, K, S, H]
         h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
-        attn, k, v = _attention(lp, h, k_cached, v_cached, view, cfg)
+        attn, k, v = _attention(lp, h, k_cached, v_cached, view, cfg, cache.stream.sinks)
         x = x + attn
         x = x + _mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps), cfg)
         return x, (k, v)
