@@ -125,7 +125,7 @@ def save_checkpoint(
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         for name, data in tokenizer_files.items():
             (tmp / name).write_bytes(data)
-        if out.exists():
+        if out.exists() and overwrite:  # else a concurrent writer won: rename fails
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
             tmp.rename(out)

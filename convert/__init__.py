@@ -1,0 +1,115 @@
+"""Conversion of Hugging Face models and GGUF files into jaxsink checkpoints.
+
+    from jaxsink.convert import convert
+    convert("path/to/hf-folder", "out/model")          # config.json + *.safetensors
+    convert("model.Q4_1.gguf", "out/model")            # dequantized to float32
+    convert("HuggingFaceTB/SmolLM2-135M-Instruct", "out/model", dtype="bfloat16")  # hub id
+
+The output is written atomically by `jaxsink.checkpoint.save_checkpoint`. Pickled checkpoints
+(`pytorch_model.bin`, `.pt`) are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from jaxsink.checkpoint import DTYPES, FORMAT, CheckpointError, save_checkpoint
+
+from .errors import ConvertError
+from .gguf import GGUFSource, config_from_gguf, read_gguf
+from .hf import (
+    PICKLE_SUFFIXES,
+    SafetensorsSource,
+    download,
+    looks_like_hub_id,
+    pickle_refusal,
+    read_hf_config,
+    weight_files,
+)
+from .tables import TABLES, build_params
+from .tokenizer import gguf_tokenizer_files, hf_tokenizer_files
+
+__all__ = ["ConvertError", "convert", "declares_jaxsink"]
+
+
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert `src` into a jaxsink checkpoint folder at `out` and return `out`.
+
+    src: a Hugging Face folder (config.json + model.safetensors, or shards + index), a `.gguf`
+      file, or a hub id `org/name` (downloaded with huggingface_hub).
+    dtype: "float32" or "bfloat16", the stored parameter dtype (GGUF is dequantized first).
+    overwrite: replace an existing `out` (only once the new checkpoint is complete).
+    progress: show a progress bar on stderr.
+    Raises ConvertError (unsupported or unsafe input), ConfigError, CheckpointError.
+    """
+    if dtype not in DTYPES:
+        raise ConvertError(f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output {out} already exists (pass --overwrite to replace it)")
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return _convert_hf(path, out, dtype, overwrite, progress, str(path.resolve()))
+    if path.is_file() and path.suffix == ".gguf":
+        return _convert_gguf(path, out, dtype, overwrite, progress)
+    if path.is_file() and path.name.endswith(PICKLE_SUFFIXES):
+        raise pickle_refusal(path)
+    if path.exists():
+        raise ConvertError(f"{path} is neither a Hugging Face model folder nor a .gguf file")
+    if looks_like_hub_id(str(src)):
+        return _convert_hf(_download(str(src)), out, dtype, overwrite, progress, str(src))
+    raise ConvertError(f"model not found: {src}")
+
+
+def _download(repo_id: str) -> Path:
+    """`download(repo_id)`, with hub failures (no such repo, no network) as ConvertError."""
+    try:
+        return download(repo_id)
+    except Exception as e:  # huggingface_hub raises HTTP, offline and auth errors of many types
+        raise ConvertError(
+            f"model not found: {repo_id} is no local path and the hub failed: {e}"
+        ) from None
+
+
+def _convert_hf(
+    src: Path, out: Path, dtype: str, overwrite: bool, progress: bool, label: str
+) -> Path:
+    """Convert a Hugging Face folder."""
+    if declares_jaxsink(src):
+        raise ConvertError(f"{src} is already a jaxsink checkpoint")
+    cfg = read_hf_config(src)
+    files = weight_files(src)
+    tokenizer_files = hf_tokenizer_files(src)
+    with SafetensorsSource(files) as source:
+        params = build_params(cfg, TABLES[cfg.architecture], source, dtype, progress)
+    return save_checkpoint(
+        out, cfg, params, dtype, tokenizer_files, source=label, overwrite=overwrite
+    )
+
+
+def _convert_gguf(src: Path, out: Path, dtype: str, overwrite: bool, progress: bool) -> Path:
+    """Convert a GGUF file (dequantized, q/k rows restored to the Hugging Face order)."""
+    meta, reader = read_gguf(src)
+    cfg = config_from_gguf(meta, [t.name for t in reader.tensors])
+    tokenizer_files = gguf_tokenizer_files(meta)
+    params = build_params(cfg, TABLES[cfg.architecture], GGUFSource(reader, cfg), dtype, progress)
+    label = str(src.resolve())
+    return save_checkpoint(
+        out, cfg, params, dtype, tokenizer_files, source=label, overwrite=overwrite
+    )
+
+
+def declares_jaxsink(folder: Path) -> bool:
+    """Whether a folder's config.json says it is a jaxsink checkpoint (complete or not)."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("format") == FORMAT
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False

