@@ -109,9 +109,10 @@ def save_checkpoint(
     check_params(cfg, params)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a model cache is shared
     try:
         arrays = {
-            name: np.ascontiguousarray(np.asarray(a).astype(DTYPES[dtype]))
+            name: np.ascontiguousarray(np.asarray(a).astype(DTYPES[dtype], copy=False))
             for name, a in params.items()
         }
         save_file(arrays, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
@@ -128,7 +129,11 @@ def save_checkpoint(
         if out.exists() and overwrite:  # else a concurrent writer won: rename fails
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)  # put the previous checkpoint back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
