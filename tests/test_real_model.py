@@ -144,3 +144,25 @@ def test_cli_ppl_writes_outputs(tmp_path, smollm2_dir, smollm2_ids):
         assert summary["modes"][mode]["compiles"] == 1
     assert (out / "ppl.png").stat().st_size > 10_000
     assert json.loads((out / "summary.json").read_text())["n_tokens"] == 300
+
+
+def test_chat_template_matches_transformers(smollm2, hf_smollm2):
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    want = hf_smollm2[1].apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert smollm2.tokenizer.apply_chat_template(messages) == want
+
+
+def test_stop_string_cuts_the_text(smollm2):
+    full = "".join(jaxsink.generate(smollm2, PROMPT, max_new_tokens=12))
+    assert "." in full
+    gen = jaxsink.generate(smollm2, PROMPT, max_new_tokens=12, stop=["."])
+    text = "".join(gen)
+    assert text == full[: full.index(".")]
+    assert gen.stats.stop_reason == "stop_string"
+
+
+def test_sampling_with_a_seed_is_reproducible(smollm2):
+    s = jaxsink.Sampling(temperature=0.9, top_k=40, top_p=0.95)
+    a = jaxsink.generate(smollm2, PROMPT, max_new_tokens=16, sampling=s, seed=3)
+    b = jaxsink.generate(smollm2, PROMPT, max_new_tokens=16, sampling=s, seed=3)
+    assert "".join(a) == "".join(b) and a.token_ids == b.token_ids

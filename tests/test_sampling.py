@@ -1,0 +1,66 @@
+"""Sampling on device: greedy, temperature, top-k, top-p."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsink.config import ConfigError
+from jaxsink.generate import Sampling, sample
+
+
+def _logits(seed=0, batch=4, vocab=50):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(batch, vocab)) * 3, jnp.float32)
+
+
+def _draws(logits, sampling, n=200):
+    keys = jax.random.split(jax.random.key(0), n)
+    return np.stack([np.asarray(sample(logits, k, sampling)) for k in keys])  # [n, B]
+
+
+def test_greedy_is_argmax():
+    logits = _logits()
+    np.testing.assert_array_equal(sample(logits, jax.random.key(1), Sampling()), logits.argmax(-1))
+
+
+def test_top_k_only_draws_the_k_best():
+    logits = _logits()
+    draws = _draws(logits, Sampling(temperature=1.0, top_k=3))
+    top3 = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
+    for b in range(logits.shape[0]):
+        assert set(draws[:, b]) <= set(top3[b])
+        assert len(set(draws[:, b])) > 1  # it does sample
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]], jnp.float32))
+    draws = _draws(logits, Sampling(temperature=1.0, top_p=0.7))
+    assert set(draws[:, 0]) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3
+    tiny = _draws(logits, Sampling(temperature=1.0, top_p=0.01), n=20)
+    assert set(tiny[:, 0]) == {0}  # the best token always stays
+
+
+def test_temperature_sampling_follows_the_distribution():
+    probs = np.array([0.6, 0.3, 0.1])
+    logits = jnp.log(jnp.asarray([probs], jnp.float32))
+    draws = _draws(logits, Sampling(temperature=1.0), n=2000)[:, 0]
+    freq = np.bincount(draws, minlength=3) / len(draws)
+    np.testing.assert_allclose(freq, probs, atol=0.05)
+
+
+def test_same_seed_same_draws():
+    logits = _logits()
+    s = Sampling(temperature=0.8, top_k=10, top_p=0.9)
+    a = sample(logits, jax.random.key(5), s)
+    b = sample(logits, jax.random.key(5), s)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"temperature": -1}, {"top_k": -1}, {"top_p": 0}, {"top_p": 1.5}]
+)
+def test_bad_sampling_is_refused(kwargs):
+    with pytest.raises(ConfigError):
+        Sampling(**kwargs)
