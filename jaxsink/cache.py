@@ -29,15 +29,18 @@ RING_SAME, RING_PREV, SINK = 0, 1, 2
 
 @struct.dataclass
 class KVCache:
-    """Per-layer keys/values of every stream in the batch.
+    """Per-layer keys/values of every stream in the batch: S sink slots and a ring of W slots.
 
-    k, v: [L, B, Hkv, K, H] (K = S + W slots; keys rotated as in the module docstring).
+    sink_k, sink_v: [L, B, Hkv, S, H]; ring_k, ring_v: [L, B, Hkv, W, H] (keys rotated as in the
+      module docstring). Separate arrays, so attention reads each part without slicing a copy.
     pos:  [B] int32, tokens consumed so far by each row (the stream index of its next token).
     stream: static: which tokens are kept. Changing it recompiles.
     """
 
-    k: jax.Array
-    v: jax.Array
+    sink_k: jax.Array
+    sink_v: jax.Array
+    ring_k: jax.Array
+    ring_v: jax.Array
     pos: jax.Array
     stream: StreamConfig = struct.field(pytree_node=False)
 
@@ -47,15 +50,20 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes + self.pos.nbytes
+        return sum(x.nbytes for x in jax.tree.leaves(self))
 
 
 def init_cache(cfg: ModelConfig, stream: StreamConfig, batch: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache: [L, batch, Hkv, S + W, H] keys and values, every row at position 0."""
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, stream.capacity, cfg.head_dim)
+    """An empty cache for `batch` streams, every row at position 0."""
+
+    def zeros(slots):
+        return jnp.zeros((cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim), dtype)
+
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        sink_k=zeros(stream.sinks),
+        sink_v=zeros(stream.sinks),
+        ring_k=zeros(stream.window),
+        ring_v=zeros(stream.window),
         pos=jnp.zeros((batch,), jnp.int32),
         stream=stream,
     )
@@ -73,7 +81,8 @@ def ring_index(stream: StreamConfig, k: jax.Array) -> jax.Array:
 
 
 def slot_of(stream: StreamConfig, k: jax.Array) -> jax.Array:
-    """The cache slot of stream index k: k for a sink, S + r(k) for a ring token."""
+    """The cache slot of stream index k, counting sink slots then ring slots: k for a sink,
+    S + r(k) for a ring token."""
     return jnp.where(k < stream.sinks, k, stream.sinks + ring_index(stream, k))
 
 
@@ -83,9 +92,9 @@ def key_rotation(stream: StreamConfig, k: jax.Array) -> jax.Array:
 
 
 def slot_tokens(stream: StreamConfig, pos: jax.Array) -> jax.Array:
-    """Stream index held by every slot when `pos` tokens have been consumed; -1 if empty.
+    """Stream index held by every slot (sinks, then ring) after `pos` tokens; -1 if empty.
 
-    pos: [B] int32 -> [B, K] int32. Ring slot S + r holds the latest k < pos with r(k) = r.
+    pos: [B] int32 -> [B, S + W] int32. Ring slot S + r holds the latest k < pos with r(k) = r.
     """
     S, W = stream.sinks, stream.window
     slots = jnp.arange(stream.capacity, dtype=jnp.int32)[None, :]  # [1, K]

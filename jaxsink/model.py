@@ -110,16 +110,17 @@ def _attention_view(cache: kv.KVCache, valid: jax.Array):
     return view
 
 
-def _attention(lp, h, k_cached, v_cached, view, cfg: ModelConfig, sinks: int):
-    """Self-attention of a chunk over the cached slots plus its own keys.
+def _attention(lp, h, cached, view, cfg: ModelConfig):
+    """Self-attention of a chunk over the cached sink and ring slots plus its own keys.
 
-    h: [B, C, D]; k_cached, v_cached: [B, K, S, H], of which the first `sinks` slots are sinks.
-    Returns (out [B, C, D], new keys [B, C, K, H]
-    rotated for caching, new values [B, C, K, H]).
+    h: [B, C, D]; cached: this layer's (sink_k, sink_v [B, K, S, H], ring_k, ring_v [B, K, W, H]).
+    Returns (out [B, C, D], new keys [B, C, K, H] rotated for caching, new values [B, C, K, H]).
     """
+    sink_k, sink_v, ring_k, ring_v = cached
     B, C, _ = h.shape
     K, H = cfg.num_kv_heads, cfg.head_dim
     G = cfg.num_heads // K
+    S = sink_k.shape[2]
     q = jnp.einsum("bcd,dnh->bcnh", h, lp["wq"])
     k = jnp.einsum("bcd,dkh->bckh", h, lp["wk"])
     v = jnp.einsum("bcd,dkh->bckh", h, lp["wv"])
@@ -130,29 +131,29 @@ def _attention(lp, h, k_cached, v_cached, view, cfg: ModelConfig, sinks: int):
     q = rotate(jnp.broadcast_to(q[:, :, None], (B, C, n_var, *q.shape[2:])), view["q_rot"], cfg)
     q = (q * jnp.asarray(H**-0.5, q.dtype)).reshape(B, C, n_var, K, G, H)
 
+    # Sink slots only ever need the SINK variant; ring slots only the ring variants.
     f32 = jnp.float32
-    # Cached sink slots only ever need the SINK variant; ring slots only the ring variants.
     n_ring = min(n_var, kv.SINK)
-    s_cached = jnp.einsum(
-        "bcvkgh,bksh->bcvkgs", q[:, :, :n_ring], k_cached[:, :, sinks:], preferred_element_type=f32
-    )
-    s_cached = _select_variant(s_cached, view["var_cached"][..., sinks:])  # [B, C, K, G, W]
-    if sinks:
-        s_sinks = jnp.einsum(
-            "bckgh,bksh->bckgs",
-            q[:, :, kv.SINK],
-            k_cached[:, :, :sinks],
-            preferred_element_type=f32,
+    s_ring = jnp.einsum("bcvkgh,bksh->bcvkgs", q[:, :, :n_ring], ring_k, preferred_element_type=f32)
+    scores = [_select_variant(s_ring, view["var_cached"][..., S:])]  # [B, C, K, G, W]
+    values = [ring_v]
+    if S:
+        q_sink = q[:, :, kv.SINK]
+        scores.insert(
+            0, jnp.einsum("bckgh,bksh->bckgs", q_sink, sink_k, preferred_element_type=f32)
         )
-        s_cached = jnp.concatenate([s_sinks, s_cached], axis=-1)  # [B, C, K, G, S + W]
+        values.insert(0, sink_v)
     s_chunk = jnp.einsum("bcvkgh,bjkh->bcvkgj", q, k, preferred_element_type=f32)
-    s_chunk = _select_variant(s_chunk, view["var_chunk"])  # [B, C, K, G, J]
-    s_cached = jnp.where(view["see_cached"][:, :, None, None, :], s_cached, _MASKED)
-    s_chunk = jnp.where(view["see_chunk"][:, :, None, None, :], s_chunk, _MASKED)
-    probs = jax.nn.softmax(jnp.concatenate([s_cached, s_chunk], axis=-1), axis=-1)
-    p_cached, p_chunk = probs[..., : s_cached.shape[-1]], probs[..., s_cached.shape[-1] :]
-    out = jnp.einsum("bckgs,bksh->bckgh", p_cached.astype(v.dtype), v_cached)
-    out += jnp.einsum("bckgj,bjkh->bckgh", p_chunk.astype(v.dtype), v)
+    scores.append(_select_variant(s_chunk, view["var_chunk"]))  # [B, C, K, G, J]
+    seen = jnp.concatenate([view["see_cached"], view["see_chunk"]], axis=-1)  # [B, C, S+W+J]
+    scores = jnp.where(seen[:, :, None, None, :], jnp.concatenate(scores, axis=-1), _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bckgj,bjkh->bckgh", probs[..., -C:], v)
+    start = 0
+    for cached_v in values:
+        n = cached_v.shape[2]
+        out += jnp.einsum("bckgs,bksh->bckgh", probs[..., start : start + n], cached_v)
+        start += n
     out = jnp.einsum("bcnh,nhd->bcd", out.reshape(B, C, K * G, H), lp["wo"])
     if cfg.out_bias:
         out += lp["bo"]
@@ -184,28 +185,46 @@ def forward(
     x = params["embed"][tokens]  # [B, C, D]
 
     def layer(x, xs):
-        lp, k_cached, v_cached = xs  # this layer's weights and cache [B, K, S, H]
+        lp, *cached = xs  # this layer's weights and cache
         h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
-        attn, k, v = _attention(lp, h, k_cached, v_cached, view, cfg, cache.stream.sinks)
+        attn, k, v = _attention(lp, h, cached, view, cfg)
         x = x + attn
         x = x + _mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps), cfg)
         return x, (k, v)
 
     # The cache is only read inside the scan; every layer's new keys/values are written after
-    # it, in one in-place scatter (writing inside the loop makes XLA copy the whole cache).
-    x, (k_new, v_new) = jax.lax.scan(layer, x, (params["layers"], cache.k, cache.v))
+    # it, in place (writing inside the loop makes XLA copy the whole cache).
+    c = cache
+    xs = (params["layers"], c.sink_k, c.sink_v, c.ring_k, c.ring_v)
+    x, (k_new, v_new) = jax.lax.scan(layer, x, xs)
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     return x, _write(cache, k_new, v_new, view["write_slot"], valid)
 
 
 def _write(cache: kv.KVCache, k_new, v_new, write_slot, valid) -> kv.KVCache:
-    """Store a chunk's keys/values [L, B, C, K, H] at `write_slot` [B, C] (K = dropped)."""
+    """Store a chunk's keys/values [L, B, C, K, H] at `write_slot` [B, C] (sinks then ring;
+    S + W = dropped)."""
+    S, W = cache.stream.sinks, cache.stream.window
     rows = jnp.arange(write_slot.shape[0])[:, None]  # [B, 1]
     # Indexing [:, rows, :, slot] puts the [B, C] index axes first: updates are [B, C, L, K, H].
-    k = cache.k.at[:, rows, :, write_slot].set(jnp.moveaxis(k_new, 0, 2), mode="drop")
-    v = cache.v.at[:, rows, :, write_slot].set(jnp.moveaxis(v_new, 0, 2), mode="drop")
-    pos = cache.pos + valid.sum(axis=1, dtype=jnp.int32)
-    return kv.KVCache(k=k, v=v, pos=pos, stream=cache.stream)
+    k_new, v_new = jnp.moveaxis(k_new, 0, 2), jnp.moveaxis(v_new, 0, 2)
+
+    def put(arr, slot, new):
+        return arr.at[:, rows, :, slot].set(new, mode="drop")  # out-of-range slots are dropped
+
+    ring_slot = jnp.where(write_slot >= S, write_slot - S, W)  # W (dropped) for sinks
+    out = {
+        "ring_k": put(cache.ring_k, ring_slot, k_new),
+        "ring_v": put(cache.ring_v, ring_slot, v_new),
+        "pos": cache.pos + valid.sum(axis=1, dtype=jnp.int32),
+    }
+    if S:
+        sink_slot = jnp.minimum(write_slot, S)  # S (dropped) for ring tokens
+        out |= {
+            "sink_k": put(cache.sink_k, sink_slot, k_new),
+            "sink_v": put(cache.sink_v, sink_slot, v_new),
+        }
+    return cache.replace(**out)
 
 
 def logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
