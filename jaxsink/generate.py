@@ -41,21 +41,44 @@ class Sampling:
             raise ConfigError(f"top-p must be in (0, 1], got {self.top_p}")
 
 
+def _nucleus(logits: jax.Array, top_p: float, iterations: int = 40) -> jax.Array:
+    """Mask (to -inf) every token outside the smallest set of best tokens whose probability
+    mass reaches `top_p`. logits: [B, V] in any order.
+
+    Finds the nucleus threshold by bisection on the probability value instead of sorting the
+    vocabulary (a full sort costs more than a decode step on CPU): after 40 halvings of [0, 1]
+    the threshold sits within 1e-12 below the exact one, closer than distinct float32
+    probabilities of any token that matters.
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+
+    def mass_at_least(t):  # [B] -> [B]
+        return jnp.sum(jnp.where(probs >= t[:, None], probs, 0.0), axis=-1)
+
+    def halve(_, bounds):
+        lo, hi = bounds  # invariant: mass_at_least(lo) >= top_p
+        mid = (lo + hi) / 2
+        ok = mass_at_least(mid) >= top_p
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    best = probs.max(axis=-1)
+    lo, _ = jax.lax.fori_loop(0, iterations, halve, (jnp.zeros_like(best), best))
+    threshold = jnp.where(mass_at_least(best) >= top_p, best, lo)
+    return jnp.where(probs >= threshold[:, None], logits, -jnp.inf)
+
+
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     """Draw one token per row. logits: [B, V] float32 -> [B] int32."""
     if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / sampling.temperature
-    if sampling.top_k == 0 and sampling.top_p == 1:
-        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-    k = sampling.top_k or logits.shape[-1]
-    top, idx = jax.lax.top_k(logits, min(k, logits.shape[-1]))  # [B, k], sorted descending
+    idx = None
+    if sampling.top_k:
+        logits, idx = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))  # [B, k]
     if sampling.top_p < 1:
-        probs = jax.nn.softmax(top, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
-        top = jnp.where(before < sampling.top_p, top, -jnp.inf)  # the best token always stays
-    choice = jax.random.categorical(key, top, axis=-1)
-    return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        logits = _nucleus(logits, sampling.top_p)
+    choice = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return choice if idx is None else jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
 
 
 def _decode_block(params, cache, logits, key, done, n_left, eos_ids, cfg, sampling, block):

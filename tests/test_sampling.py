@@ -64,3 +64,20 @@ def test_same_seed_same_draws():
 def test_bad_sampling_is_refused(kwargs):
     with pytest.raises(ConfigError):
         Sampling(**kwargs)
+
+
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.99])
+def test_nucleus_bisection_equals_the_sorted_definition(top_p):
+    """Keep token i iff the mass of strictly better tokens is < top_p (up to float summation)."""
+    from jaxsink.generate import _nucleus
+
+    logits = jax.random.normal(jax.random.key(0), (8, 5000)) * 2
+    got = np.isfinite(np.asarray(_nucleus(logits, top_p)))
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
+    order = np.argsort(-probs, axis=-1)
+    sorted_probs = np.take_along_axis(probs, order, -1)
+    before = np.take_along_axis(np.cumsum(sorted_probs, -1) - sorted_probs, np.argsort(order), -1)
+    want = before < top_p
+    borderline = np.abs(before - top_p) < 1e-5
+    assert np.all((got == want) | borderline)
+    assert np.all(got.sum(-1) >= 1)
