@@ -1,0 +1,1371 @@
+"""Speed benchmarks of jaxsink against transformers and against the machine's own limits.
+
+Sections (select with `--sections decode,bounds,...`; all by default):
+
+- decode:    batch-1 greedy decode tok/s (512-token prompt, 256 new tokens) of jaxsink's on-device
+             decode loop against transformers (PyTorch) on the same weights, same prompt and thread
+             count: `generate()` and a plain loop of one-token forwards through its DynamicCache.
+- bounds:    a jitted pass over the same weights alone (the matrix-vector products of every
+             layer and the LM head, no attention, scanned over layers like the model) and
+             weight bytes / memory bandwidth (a jitted `jnp.sum` over >= 1 GiB).
+- flat:      sink-mode per-token decode latency at stream positions 2k, 16k and 100k, and dense
+             mode's latency at capacities 2k, 8k and 16k (really allocated).
+- recompute: the StreamingLLM paper's "sliding window with re-computation" baseline (a fresh
+             dense forward over the last K tokens per new token) against one sink decode step.
+- prefill:   chunked prefill tok/s against the chunk length C (sink mode, K = 1024).
+- batch:     aggregate decode tok/s of B = 1, 4, 16 independent streams.
+- memory:    compilations, RSS, live device bytes and cache bytes at the start and the end of a
+             long sink stream.
+- bf16:      the decode section's jaxsink run with bfloat16 weights and cache.
+
+Every timing excludes compilation (executables are compiled ahead of time), follows a warm-up,
+blocks on the results, and keeps the best of a few repeats; the jaxsink and transformers runs are
+interleaved. transformers runs in a child process (`--hf-worker`) so that PyTorch's and XLA's
+thread pools never compete for the cores. The machine may be shared: every section records how
+many cores other processes kept busy meanwhile (`others_busy_cores`).
+
+Prints a markdown table on stdout (progress on stderr) and writes JSON (`--out`), including the
+performance targets and whether each is met.
+
+    python scripts/bench.py                         # the full run (~11 min on 2 idle cores)
+    python scripts/bench.py --quick                 # CI smoke run (< 3 min)
+    python scripts/bench.py --sections decode,bounds --hf-model /path/to/hf_folder
+    python scripts/bench.py --wait-quiet 300        # on a shared machine: wait for idle cores
+
+Timings on a machine where other processes compete for the cores are pessimistic, and
+transformers' (OpenMP) decode collapses far more than XLA's under oversubscription: check the
+`others_busy_cores` of each section (and the warnings) before comparing numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the repository's jaxsink, however (or whether) it is installed
+
+SECTIONS = ("decode", "bounds", "flat", "recompute", "prefill", "batch", "memory", "bf16")
+
+# Sizes of the full run and of the --quick smoke run.
+FULL = {
+    "prompt": 512,
+    "new": 256,
+    "repeats": 3,
+    "min_repeats": 2,
+    "hf_max_s": 60,
+    "bandwidth_bytes": 1 << 30,
+    "bounds_steps": 32,
+    "flat_fill": 2048,
+    "flat_steps": 64,
+    "dense_capacities": (2048, 8192, 16384),
+    "dense_steps": 16,
+    "recompute_ks": (256, 1024, 4096),
+    "recompute_steps": 32,
+    "prefill_chunks": (1, 16, 64, 256, 1024),
+    "prefill_tokens": 2048,
+    "prefill_tokens_c1": 128,
+    "prefill_tokens_c16": 1024,
+    "batches": (1, 4, 16),
+    "batch_prompt": 64,
+    "batch_steps": 32,
+    "memory_tokens": 5120,
+    "memory_decode_block": 16,
+    "bf16_new": 32,
+}
+QUICK = {
+    "prompt": 128,
+    "new": 8,
+    "repeats": 1,
+    "min_repeats": 1,
+    "hf_max_s": 10,
+    "bandwidth_bytes": 1 << 28,
+    "bounds_steps": 4,
+    "flat_fill": 1280,
+    "flat_steps": 4,
+    "dense_capacities": (2048,),
+    "dense_steps": 4,
+    "recompute_ks": (256,),
+    "recompute_steps": 4,
+    "prefill_chunks": (1, 64, 256),
+    "prefill_tokens": 512,
+    "prefill_tokens_c1": 16,
+    "prefill_tokens_c16": 256,
+    "batches": (1, 16),
+    "batch_prompt": 16,
+    "batch_steps": 2,
+    "memory_tokens": 768,
+    "memory_decode_block": 8,
+    "bf16_new": 2,
+}
+SHARED_BUSY_CORES = 0.25  # above this, a section's timings are flagged as taken on a busy machine
+SINKS, WINDOW = 4, 1020
+RECOMPUTE_BUDGET_S = 300  # skip a re-computation K estimated to take longer per token  # the product's default stream: K = 1024
+FLAT_POSITIONS = (2_000, 16_000, 100_000)
+
+TARGETS = {
+    "decode_vs_transformers": {"min": 1.1, "goal": 1.25},
+    "decode_vs_weights_only_pass": {"min": 0.9},
+    "sink_latency_flat_2k_to_100k": {"tolerance": 0.05},
+    "batch16_vs_batch1_aggregate": {"min": 5.0},
+    "prefill_tok_s_at_c256": {"min": 200.0},
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The transformers baseline, in a child process (no JAX imported there).
+# --------------------------------------------------------------------------------------------
+
+
+def _hf_from_jaxsink(path: str):
+    """A transformers Llama model holding exactly the weights of a jaxsink checkpoint.
+
+    Only Llama-layout configs (no biases, no rotary fraction, HF rotate-half layout) are
+    rebuilt; anything else needs `--hf-model`.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from jaxsink.checkpoint import load_params, read_config
+
+    cfg, _ = read_config(path)
+    unsupported = [
+        name
+        for name, bad in (
+            ("out_bias", cfg.out_bias),
+            ("rotary_dim", cfg.rotary_dim not in (None, cfg.head_dim)),
+            ("rotary_interleaved", cfg.rotary_interleaved),
+            ("qkv_bias", cfg.qkv_bias),
+            ("mlp_bias", cfg.mlp_bias),
+            ("rope_scaling", cfg.rope_scaling is not None),
+        )
+        if bad
+    ]
+    if unsupported:
+        raise SystemExit(
+            f"cannot rebuild a transformers model for {path} ({', '.join(unsupported)}): "
+            "pass the Hugging Face folder with --hf-model"
+        )
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        hidden_act=cfg.hidden_act,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=list(cfg.eos_token_ids) or None,
+    )
+    flat = {k: v.astype("float32") for k, v in load_params(path, cfg).items()}
+    D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    sd = {"model.embed_tokens.weight": flat["embed"], "model.norm.weight": flat["final_norm"]}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        sd[p + "self_attn.q_proj.weight"] = flat["layers.wq"][i].reshape(D, N * H).T
+        sd[p + "self_attn.k_proj.weight"] = flat["layers.wk"][i].reshape(D, K * H).T
+        sd[p + "self_attn.v_proj.weight"] = flat["layers.wv"][i].reshape(D, K * H).T
+        sd[p + "self_attn.o_proj.weight"] = flat["layers.wo"][i].reshape(N * H, D).T
+        sd[p + "mlp.gate_proj.weight"] = flat["layers.w_gate"][i].T
+        sd[p + "mlp.up_proj.weight"] = flat["layers.w_up"][i].T
+        sd[p + "mlp.down_proj.weight"] = flat["layers.w_down"][i].T
+        sd[p + "input_layernorm.weight"] = flat["layers.attn_norm"][i]
+        sd[p + "post_attention_layernorm.weight"] = flat["layers.mlp_norm"][i]
+    sd["lm_head.weight"] = flat["embed"] if cfg.tie_embeddings else flat["lm_head"].T
+    model = LlamaForCausalLM(hf_cfg)
+    state = {k: torch.from_numpy(v.copy()) for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise SystemExit(
+            f"rebuilding the transformers model: missing {missing}, unexpected {unexpected}"
+        )
+    if cfg.tie_embeddings:
+        model.tie_weights()
+    return model.float().eval()
+
+
+def hf_worker(hf_model: str | None, jaxsink_model: str, threads: int) -> None:
+    """Serve timing requests, one JSON object per line on stdin -> one per line on stdout."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    protocol = sys.stdout
+    sys.stdout = sys.stderr  # library chatter must not corrupt the protocol
+    torch.set_num_threads(threads)
+    if hf_model:
+        model = AutoModelForCausalLM.from_pretrained(hf_model, dtype=torch.float32).eval()
+        source = hf_model
+    else:
+        model = _hf_from_jaxsink(jaxsink_model)
+        source = f"rebuilt from {jaxsink_model}"
+
+    def reply(obj):
+        protocol.write(json.dumps(obj) + "\n")
+        protocol.flush()
+
+    reply(
+        {
+            "ready": True,
+            "source": source,
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "threads": torch.get_num_threads(),
+        }
+    )
+    for line in sys.stdin:
+        req = json.loads(line)
+        cmd = req["cmd"]
+        if cmd == "quit":
+            break
+        ids = torch.tensor([req["ids"]], dtype=torch.long)
+        n = req.get("new", 0)
+        max_s = req.get("max_s", 1e9)  # runs stop early past this (steps done are reported)
+        with torch.inference_mode():
+            if cmd == "parity":
+                logits = model(ids).logits[0, -1].float().numpy()
+                reply({"logits": base64.b64encode(logits.astype(np.float32).tobytes()).decode()})
+            elif cmd == "loop":
+                t0 = time.perf_counter()
+                out = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+                cache = out.past_key_values
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+                t1 = time.perf_counter()
+                tokens = [int(tok)]
+                for _ in range(n):
+                    out = model(tok, past_key_values=cache, use_cache=True)
+                    cache = out.past_key_values
+                    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+                    tokens.append(int(tok))
+                    if time.perf_counter() - t1 > max_s:
+                        break
+                t2 = time.perf_counter()
+                reply(
+                    {
+                        "prefill_s": t1 - t0,
+                        "decode_s": t2 - t1,
+                        "steps": len(tokens) - 1,
+                        "tokens": tokens,
+                    }
+                )
+            elif cmd == "generate":
+                mask = torch.ones_like(ids)
+                t0 = time.perf_counter()
+                out = model.generate(
+                    ids,
+                    attention_mask=mask,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=0,
+                    max_time=max_s,
+                )
+                reply({"s": time.perf_counter() - t0, "tokens": out[0, ids.shape[1] :].tolist()})
+            else:
+                reply({"error": f"unknown command {cmd!r}"})
+
+
+class HFBaseline:
+    """Handle on the `--hf-worker` child process."""
+
+    def __init__(self, hf_model: str | None, jaxsink_model: str, threads: int):
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--hf-worker",
+            "--threads",
+            str(threads),
+        ]
+        cmd += ["--model", jaxsink_model] + (["--hf-model", hf_model] if hf_model else [])
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info: dict | None = None
+
+    def wait_ready(self) -> dict:
+        if self.info is None:
+            self.info = self._read()
+        return self.info
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"the transformers worker exited (status {self.proc.wait()})")
+        return json.loads(line)
+
+    def ask(self, cmd: str, ids, new: int = 0, max_s: float = 1e9) -> dict:
+        self.wait_ready()
+        req = {"cmd": cmd, "ids": [int(i) for i in ids], "new": new, "max_s": max_s}
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def cpu_seconds(self) -> float:
+        return _proc_cpu_seconds(self.proc.pid)
+
+    def close(self) -> None:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.proc.stdin.flush()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# --------------------------------------------------------------------------------------------
+# Machine facts and load.
+# --------------------------------------------------------------------------------------------
+
+
+def _proc_cpu_seconds(pid: int | str = "self") -> float:
+    """user + system CPU seconds of a process (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _busy_cpu_seconds() -> float:
+    """CPU seconds all processes on the machine have spent busy (from /proc/stat)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class LoadMeter:
+    """How many cores *other* processes kept busy while a section ran (the machine may be shared)."""
+
+    def __init__(self, worker: HFBaseline | None):
+        self.worker = worker
+        self.t = time.perf_counter()
+        self.busy = _busy_cpu_seconds()
+        self.mine = self._mine()
+
+    def _mine(self) -> float:
+        return _proc_cpu_seconds() + (self.worker.cpu_seconds() if self.worker else 0.0)
+
+    def result(self) -> dict:
+        wall = time.perf_counter() - self.t
+        others = (_busy_cpu_seconds() - self.busy) - (self._mine() - self.mine)
+        return {"seconds": round(wall, 1), "others_busy_cores": round(max(others, 0.0) / wall, 2)}
+
+
+def wait_quiet(max_s: float, worker: HFBaseline | None) -> float:
+    """Wait (up to max_s) until other processes keep fewer than SHARED_BUSY_CORES cores busy
+    over a 2 s window; returns the seconds waited."""
+    start = time.perf_counter()
+    while max_s > 0:
+        meter = LoadMeter(worker)
+        time.sleep(2.0)
+        if meter.result()["others_busy_cores"] < SHARED_BUSY_CORES:
+            break
+        if time.perf_counter() - start > max_s:
+            log(f"the machine stayed busy for {max_s:.0f} s: going on anyway")
+            break
+    return time.perf_counter() - start
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def rss_kib() -> dict:
+    """Current and peak resident set size of this process, KiB (from /proc/self/status)."""
+    out = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1])
+    return {"rss_kib": out.get("VmRSS", 0), "peak_rss_kib": out.get("VmHWM", 0)}
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM (Linux: write 5 to /proc/self/clear_refs); False where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark.
+# --------------------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args, model, sizes: dict, worker: HFBaseline | None):
+        import jax
+
+        self.args, self.model, self.sizes, self.worker = args, model, sizes, worker
+        self.cfg = model.cfg
+        self.jax = jax
+        self.rng_seed = 0
+        self.executables: dict = {}
+        self.compile_s = 0.0
+        self.results: dict = {}
+        self.rows: list[tuple[str, str, str, str]] = []  # section, measurement, value, note
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    def tokens(self, n: int, seed: int = 0, batch: int | None = None):
+        """Deterministic prompt ids: random ids away from the special tokens at the start."""
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        shape = (n,) if batch is None else (batch, n)
+        return rng.integers(100, self.cfg.vocab_size, shape).astype(np.int32)
+
+    def compiled(self, name: str, fn, args: tuple, static: dict):
+        """AOT-compile once per (function, argument shapes/dtypes, static args)."""
+        jax = self.jax
+        sig = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args))
+        key = (name, jax.tree.structure(args), sig, tuple(sorted(static.items(), key=str)))
+        if key not in self.executables:
+            t = time.perf_counter()
+            self.executables[key] = fn.lower(*args, **static).compile()
+            self.compile_s += time.perf_counter() - t
+        return self.executables[key]
+
+    def init_cache(self, stream, batch: int = 1, dtype=None):
+        from jaxsink import cache as kv
+
+        return kv.init_cache(self.cfg, stream, batch, dtype or self.model.dtype)
+
+    def prefill(self, params, cache, ids, chunk: int):
+        """Feed ids [B, T] in chunks of `chunk` (last one padded); returns (last logits [B, V], cache)."""
+        import numpy as np
+
+        from jaxsink import model as mdl
+
+        ids = np.atleast_2d(ids)
+        B, T = ids.shape
+        zeros = np.zeros((B, chunk), np.int32)
+        exe = self.compiled(
+            "prefill",
+            mdl.last_logits,
+            (params, cache, zeros, zeros.astype(bool)),
+            {"cfg": self.cfg},
+        )
+        logits = None
+        for i in range(0, T, chunk):
+            part = ids[:, i : i + chunk]
+            tokens, valid = np.zeros((B, chunk), np.int32), np.zeros((B, chunk), bool)
+            tokens[:, : part.shape[1]], valid[:, : part.shape[1]] = part, True
+            logits, cache = exe(params, cache, tokens, valid)
+        return logits, cache
+
+    def decode_exe(self, params, cache, block: int):
+        """The jitted on-device greedy decode loop, compiled for this cache, `block` steps max."""
+        import jax.numpy as jnp
+
+        from jaxsink.generate import Sampling, decode_block
+
+        B = cache.pos.shape[0]
+        args = (
+            params,
+            cache,
+            jnp.zeros((B, self.cfg.vocab_size), jnp.float32),
+            self.jax.random.key(0),
+            jnp.zeros((B,), bool),
+            jnp.int32(block),
+            self._no_eos(),
+        )
+        static = {"cfg": self.cfg, "sampling": Sampling(), "block": block}
+        return self.compiled("decode_block", decode_block, args, static)
+
+    def _no_eos(self):
+        import jax.numpy as jnp
+
+        return jnp.asarray([-2], jnp.int32)  # no token is ever -2: every row runs all its steps
+
+    def run_decode(self, exe, params, cache, logits, steps: int):
+        """Run `steps` greedy decode steps on copies of (cache, logits) (both are donated).
+
+        Returns (seconds, tokens [B, steps] as numpy, the cache after).
+        """
+        import jax.numpy as jnp
+        import numpy as np
+
+        jax = self.jax
+        cache, logits = jax.block_until_ready(jax.tree.map(jnp.copy, (cache, logits)))
+        B = cache.pos.shape[0]
+        done = jnp.zeros((B,), bool)
+        key = jax.random.key(0)
+        n = jnp.int32(steps)
+        t = time.perf_counter()
+        out, n_run, cache, *_ = exe(params, cache, logits, key, done, n, self._no_eos())
+        jax.block_until_ready((out, cache))
+        seconds = time.perf_counter() - t
+        assert int(n_run) == steps, f"decode ran {int(n_run)} of {steps} steps"
+        return seconds, np.asarray(out)[:, :steps], cache
+
+    def row(self, section: str, what: str, value: str, note: str = "") -> None:
+        self.rows.append((section, what, value, note))
+
+    def traces(self) -> int:
+        from jaxsink import model as mdl
+
+        return sum(mdl.TRACES.values())
+
+    # ---- sections -------------------------------------------------------------------------
+
+    def section_decode(self, params=None, label: str = "decode") -> dict:
+        import numpy as np
+
+        from jaxsink.config import StreamConfig
+
+        bf16 = params is not None
+        params = params if bf16 else self.model.params
+        sz = self.sizes
+        P = sz["prompt"]
+        n = sz["bf16_new"] if bf16 else sz["new"]
+        ids = self.tokens(P)
+        stream = StreamConfig.for_mode("sink", SINKS, WINDOW)
+        dtype = params["embed"].dtype
+        cache = self.init_cache(stream, 1, dtype)
+        logits, cache = self.prefill(params, cache, ids[None], 256)
+        exe = self.decode_exe(params, cache, n)
+        self.run_decode(exe, params, cache, logits, min(n, 4))  # warm-up
+        res = {
+            "prompt_tokens": P,
+            "new_tokens": n,
+            "stream": {"mode": "sink", "sinks": SINKS, "window": WINDOW},
+            "dtype": str(dtype),
+            "jaxsink_runs_s": [],
+            "note": (
+                "decode tok/s = decode steps (one forward each, on-device greedy sampling) / "
+                "seconds, prefill excluded; EOS disabled (eos ids = [-2]) so every run does all "
+                "its steps"
+            ),
+        }
+        hf = self.worker if not bf16 else None
+        if hf:
+            hf.wait_ready()
+            first = np.asarray(logits)[0]
+            hf_logits = np.frombuffer(base64.b64decode(hf.ask("parity", ids)["logits"]), np.float32)
+            res["parity_max_abs_logit_diff"] = float(np.abs(hf_logits - first).max())
+            hf.ask("loop", ids[:16], 2)  # warm-up
+            hf.ask("generate", ids[:16], 2)
+            res.update(hf_loop_runs=[], hf_generate_runs=[], hf_run_cap_s=sz["hf_max_s"])
+        js_tokens = None
+        for r in range(sz["repeats"]):
+            secs, toks, _ = self.run_decode(exe, params, cache, logits, n)
+            js_tokens = toks[0]
+            res["jaxsink_runs_s"].append(secs)
+            log(f"{label}: jaxsink run {r + 1}: {n / secs:.2f} tok/s")
+            if hf:
+                cap = sz["hf_max_s"]
+                loop = hf.ask("loop", ids, n, cap)
+                res["hf_loop_runs"].append({"steps": loop["steps"], "s": loop["decode_s"]})
+                gen = hf.ask("generate", ids, n, cap)
+                gen1 = hf.ask("generate", ids, 1)
+                # generate(n) = prefill + (n - 1) forwards; generate(1) = prefill: the
+                # difference is decode.
+                res["hf_generate_runs"].append(
+                    {"steps": len(gen["tokens"]) - 1, "s": max(gen["s"] - gen1["s"], 1e-9)}
+                )
+                log(
+                    f"{label}: transformers run {r + 1}: "
+                    + ", ".join(
+                        f"{k} {x[-1]['steps'] / x[-1]['s']:.2f} tok/s ({x[-1]['steps']} steps)"
+                        for k, x in (
+                            ("loop", res["hf_loop_runs"]),
+                            ("generate", res["hf_generate_runs"]),
+                        )
+                    )
+                )
+        res["jaxsink_tok_s"] = n / min(res["jaxsink_runs_s"])
+        res["jaxsink_tok_s_median"] = n / float(np.median(res["jaxsink_runs_s"]))
+        res["jaxsink_ms_per_token"] = 1e3 / res["jaxsink_tok_s"]
+        self.row(
+            label,
+            f"jaxsink decode, B=1, {dtype}",
+            f"{res['jaxsink_tok_s']:.2f} tok/s",
+            f"{res['jaxsink_ms_per_token']:.1f} ms/token; prompt {P}, {n} new",
+        )
+        if hf:
+            loop_tok_s = max(x["steps"] / x["s"] for x in res["hf_loop_runs"])
+            gen_tok_s = max(x["steps"] / x["s"] for x in res["hf_generate_runs"])
+            capped = any(
+                x["steps"] < want
+                for x, want in [(x, n) for x in res["hf_loop_runs"]]
+                + [(x, n - 1) for x in res["hf_generate_runs"]]
+            )
+            res.update(
+                hf_runs_capped=capped,
+                hf_loop_tok_s=loop_tok_s,
+                hf_generate_tok_s=gen_tok_s,
+                baseline="loop" if loop_tok_s >= gen_tok_s else "generate",
+                baseline_tok_s=max(loop_tok_s, gen_tok_s),
+                hf_source=hf.info["source"],
+                hf_threads=hf.info["threads"],
+            )
+            res["ratio_vs_baseline"] = res["jaxsink_tok_s"] / res["baseline_tok_s"]
+            same = 0
+            compared = min(len(js_tokens), len(loop["tokens"]))
+            for a, b in zip(js_tokens.tolist(), loop["tokens"], strict=False):
+                if a != b:
+                    break
+                same += 1
+            res["greedy_tokens_agreeing_with_transformers"] = f"{same} of {compared}"
+            self.row(
+                label,
+                "transformers loop (DynamicCache)",
+                f"{loop_tok_s:.2f} tok/s",
+                f"torch threads {hf.info['threads']}",
+            )
+            self.row(
+                label,
+                "transformers generate()",
+                f"{gen_tok_s:.2f} tok/s",
+                "(generate(n) - generate(1)) / (n - 1)"
+                + (f"; some runs stopped at the {sz['hf_max_s']} s cap" if capped else ""),
+            )
+            self.row(
+                label,
+                "jaxsink / best transformers",
+                f"{res['ratio_vs_baseline']:.2f}x",
+                f"target >= 1.1x (goal 1.25x); parity max |dlogit| "
+                f"{res['parity_max_abs_logit_diff']:.1e}; greedy agree {same}/{compared}",
+            )
+        return res
+
+    def section_bounds(self) -> dict:
+        import jax.numpy as jnp
+        import numpy as np
+
+        from jaxsink import model as mdl
+
+        jax, cfg, params = self.jax, self.cfg, self.model.params
+        sz = self.sizes
+        res = {}
+
+        def layer(x, lp):  # x: [B=1, C=1, D]; the model's einsums, without attention
+            q = jnp.einsum("bcd,dnh->bcnh", x, lp["wq"])
+            k = jnp.einsum("bcd,dkh->bckh", x, lp["wk"])
+            v = jnp.einsum("bcd,dkh->bckh", x, lp["wv"])
+            o = jnp.einsum("bcnh,nhd->bcd", q, lp["wo"])
+            g = jnp.einsum("bcd,df->bcf", x, lp["w_gate"])
+            u = jnp.einsum("bcd,df->bcf", x, lp["w_up"])
+            d = jnp.einsum("bcf,fd->bcd", jax.nn.silu(g) * u, lp["w_down"])
+            y = x + o + d + (k.sum() + v.sum()) * 1e-6
+            return y * jax.lax.rsqrt(jnp.mean(y * y) + 1e-6), None  # keep values bounded
+
+        def head(params, x):
+            logits = mdl.logits(params, x[:, 0], cfg)  # [1, V]
+            return params["embed"][jnp.argmax(logits, axis=-1)][:, None]  # next input [1, 1, D]
+
+        def scanned(params, x, steps):
+            def one(_, x):
+                x, _ = jax.lax.scan(layer, x, params["layers"])
+                return head(params, x)
+
+            return jax.lax.fori_loop(0, steps, one, x)
+
+        def unstacked(params, layers, x, steps):  # diagnostic: one buffer per layer, no slicing
+            def one(_, x):
+                for lp in layers:
+                    x, _ = layer(x, lp)
+                return head(params, x)
+
+            return jax.lax.fori_loop(0, steps, one, x)
+
+        steps = sz["bounds_steps"]
+        x0 = params["embed"][:1][None]  # [1, 1, D]
+        f_scan = jax.jit(scanned, static_argnums=2).lower(params, x0, steps).compile()
+        layers = [
+            jax.tree.map(lambda w, i=i: jnp.array(w[i]), params["layers"])
+            for i in range(cfg.num_layers)
+        ]
+        f_list = jax.jit(unstacked, static_argnums=3).lower(params, layers, x0, steps).compile()
+        jax.block_until_ready((f_scan(params, x0), f_list(params, layers, x0)))
+        t_scan, t_list = [], []
+        for _ in range(max(sz["repeats"], sz["min_repeats"])):
+            t = time.perf_counter()
+            jax.block_until_ready(f_scan(params, x0))
+            t_scan.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            jax.block_until_ready(f_list(params, layers, x0))
+            t_list.append(time.perf_counter() - t)
+        del layers
+        weight_bytes = mdl.param_bytes(params)
+        res["weight_bytes"] = weight_bytes
+        res["weights_only_pass_tok_s"] = steps / min(t_scan)
+        res["weights_only_pass_unstacked_tok_s"] = steps / min(t_list)
+        res["weights_only_note"] = (
+            "one token: q,k,v,o,gate,up,down of every layer (lax.scan over the stacked [L, ...] "
+            "weights, as the model) + the LM head and the next-token embedding lookup, "
+            f"{steps} steps in one jitted fori_loop; 'unstacked' runs the same products on "
+            "per-layer weight buffers (Python-unrolled layers) as a diagnostic"
+        )
+
+        # Memory bandwidth: a jitted plain reduction over a large f32 array, best of several.
+        n = sz["bandwidth_bytes"] // 4
+        big = jax.block_until_ready(jnp.ones((n,), jnp.float32) * 1.5)
+        f_sum = jax.jit(jnp.sum).lower(big).compile()
+        side = int(np.sqrt(n))
+        mat = big[: side * side].reshape(side, side)
+        vec = jnp.ones((side,), jnp.float32)
+        f_mv = jax.jit(lambda a, b: b @ a).lower(mat, vec).compile()
+        jax.block_until_ready((f_sum(big), f_mv(mat, vec)))
+        t_sum, t_mv = [], []
+        for _ in range(5):
+            t = time.perf_counter()
+            jax.block_until_ready(f_sum(big))
+            t_sum.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            jax.block_until_ready(f_mv(mat, vec))
+            t_mv.append(time.perf_counter() - t)
+        bw = big.nbytes / min(t_sum)
+        bw_mv = mat.nbytes / min(t_mv)
+        del big, mat
+        res.update(
+            bandwidth_array_bytes=n * 4,
+            bandwidth_bytes_per_s=bw,
+            bandwidth_matvec_bytes_per_s=bw_mv,
+            bandwidth_note=(
+                "bandwidth = bytes / best time of a jitted jnp.sum over the array (5 runs); "
+                "'matvec' = the same bytes read by a jitted vector-matrix product (a diagnostic: "
+                "XLA:CPU may run a plain reduction on fewer threads than a dot)"
+            ),
+            bandwidth_bound_tok_s=bw / weight_bytes,
+            bandwidth_matvec_bound_tok_s=bw_mv / weight_bytes,
+        )
+        self.row(
+            "bounds",
+            "weights-only pass (scan, like the model)",
+            f"{res['weights_only_pass_tok_s']:.2f} tok/s",
+            f"{weight_bytes / 1e6:.0f} MB of weights",
+        )
+        self.row(
+            "bounds",
+            "weights-only pass, per-layer buffers",
+            f"{res['weights_only_pass_unstacked_tok_s']:.2f} tok/s",
+            "diagnostic: no stacked-weight slicing",
+        )
+        self.row(
+            "bounds",
+            "memory bandwidth (jnp.sum)",
+            f"{bw / 1e9:.2f} GB/s",
+            f"{n * 4 / 2**30:.2f} GiB f32; vecmat reads {bw_mv / 1e9:.2f} GB/s",
+        )
+        self.row(
+            "bounds",
+            "weight bytes / bandwidth",
+            f"{res['bandwidth_bound_tok_s']:.2f} tok/s",
+            f"with vecmat bandwidth: {res['bandwidth_matvec_bound_tok_s']:.2f} tok/s",
+        )
+        return res
+
+    def section_flat(self) -> dict:
+        import numpy as np
+
+        from jaxsink.config import StreamConfig
+
+        sz, params = self.sizes, self.model.params
+        steps, fill = sz["flat_steps"], sz["flat_fill"]
+        stream = StreamConfig.for_mode("sink", SINKS, WINDOW)
+        cache = self.init_cache(stream)
+        logits, cache = self.prefill(params, cache, self.tokens(fill, seed=1)[None], 256)
+        exe = self.decode_exe(params, cache, steps)
+        self.run_decode(exe, params, cache, logits, steps)  # warm-up
+        traces = self.traces()
+        shifts = {p: round((p - fill) / WINDOW) * WINDOW for p in FLAT_POSITIONS}
+        caches = {p: cache.replace(pos=cache.pos + shifts[p]) for p in FLAT_POSITIONS}
+        runs = {p: [] for p in FLAT_POSITIONS}
+        toks = {}
+        for _ in range(max(sz["repeats"], sz["min_repeats"])):
+            for p in FLAT_POSITIONS:  # interleaved, so machine noise hits every position alike
+                secs, out, _ = self.run_decode(exe, params, caches[p], logits, steps)
+                runs[p].append(secs / steps)
+                toks[p] = out[0]
+        sink = []
+        base = min(runs[FLAT_POSITIONS[0]])
+        for p in FLAT_POSITIONS:
+            best = min(runs[p])
+            sink.append(
+                {
+                    "target_position": p,
+                    "stream_position": fill + shifts[p],
+                    "ms_per_token": best * 1e3,
+                    "ms_per_token_median": float(np.median(runs[p])) * 1e3,
+                    "vs_2k": best / base,
+                    "greedy_tokens_equal_to_2k": bool((toks[p] == toks[FLAT_POSITIONS[0]]).all()),
+                }
+            )
+            self.row(
+                "flat",
+                f"sink decode at stream position {fill + shifts[p]:,}",
+                f"{best * 1e3:.1f} ms/token",
+                f"{best / base:.3f}x of 2k",
+            )
+        res = {
+            "sink": sink,
+            "steps_timed": steps,
+            "compiles_during_positions": self.traces() - traces,
+            "note": (
+                f"the cache is filled by {fill} real prefill tokens (chunks of 256); the 16k and "
+                f"100k points reuse that cache with pos advanced by a multiple of W = {WINDOW}: "
+                "once the ring is full the cache state depends only on pos mod W (SPEC, position "
+                "precision), so the same contents are valid there; greedy tokens at every position "
+                "are compared with the 2k run"
+            ),
+        }
+        dense, steps = [], sz["dense_steps"]
+        for cap in sz["dense_capacities"]:
+            dstream = StreamConfig.for_mode("dense", dense_capacity=cap)
+            dcache = self.init_cache(dstream)
+            dcache = dcache.replace(pos=dcache.pos + (cap - steps - 1))
+            dlogits = logits
+            dexe = self.decode_exe(params, dcache, steps)
+            self.run_decode(dexe, params, dcache, dlogits, steps)
+            best = min(
+                self.run_decode(dexe, params, dcache, dlogits, steps)[0]
+                for _ in range(max(sz["repeats"], sz["min_repeats"]))
+            )
+            dense.append(
+                {"capacity": cap, "cache_bytes": dcache.nbytes, "ms_per_token": best / steps * 1e3}
+            )
+            del dcache
+        for d in dense:
+            d["vs_first"] = d["ms_per_token"] / dense[0]["ms_per_token"]
+            self.row(
+                "flat",
+                f"dense decode, capacity {d['capacity']:,}",
+                f"{d['ms_per_token']:.1f} ms/token",
+                f"{d['vs_first']:.2f}x of {dense[0]['capacity']:,}; cache {d['cache_bytes'] / 1e6:.0f} MB",
+            )
+        res["dense"] = dense
+        res["dense_note"] = (
+            "dense caches are really allocated at each capacity; the stream position is set just "
+            "below capacity on an all-zero cache (every slot is scored and masked whatever it "
+            "holds, so the cost is that of a full cache)"
+        )
+        return res
+
+    def section_recompute(self) -> dict:
+        import numpy as np
+
+        from jaxsink import model as mdl
+        from jaxsink.config import StreamConfig
+
+        sz, params, jax = self.sizes, self.model.params, self.jax
+        out, skipped, prev = [], [], None
+        for K in sz["recompute_ks"]:
+            # Re-computation grows about quadratically in K: skip a K whose estimate (from the
+            # previous K) is over budget, and time a slow one once, without a warm-up run.
+            estimate = prev[1] * (K / prev[0]) ** 2 if prev else 0.0
+            if estimate > RECOMPUTE_BUDGET_S:
+                skipped.append({"K": K, "estimated_s_per_token": estimate})
+                log(f"recompute K={K}: skipped (estimated {estimate:.0f} s per token)")
+                continue
+            ids = self.tokens(K, seed=2)[None]
+            dstream = StreamConfig.for_mode("dense", dense_capacity=K)
+            valid = np.ones((1, K), bool)
+            exe = self.compiled(
+                "prefill",
+                mdl.last_logits,
+                (params, self.init_cache(dstream), ids, valid),
+                {"cfg": self.cfg},
+            )
+            slow = estimate > 20
+            reps = 1 if slow else max(sz["repeats"], sz["min_repeats"])
+            if not slow:
+                jax.block_until_ready(exe(params, self.init_cache(dstream), ids, valid))
+            times = []
+            for _ in range(reps):
+                fresh = jax.block_until_ready(self.init_cache(dstream))
+                t = time.perf_counter()
+                jax.block_until_ready(exe(params, fresh, ids, valid))
+                times.append(time.perf_counter() - t)
+            recompute = min(times)
+            prev = (K, recompute)
+            sstream = StreamConfig.for_mode("sink", SINKS, K - SINKS)
+            scache = self.init_cache(sstream)
+            scache = scache.replace(pos=scache.pos + 2 * K)  # a full ring (cost is shape-bound)
+            steps = sz["recompute_steps"]
+            sexe = self.decode_exe(params, scache, steps)
+            logits = np.zeros((1, self.cfg.vocab_size), np.float32)
+            self.run_decode(sexe, params, scache, logits, steps)
+            sink = (
+                min(
+                    self.run_decode(sexe, params, scache, logits, steps)[0]
+                    for _ in range(max(sz["repeats"], sz["min_repeats"]))
+                )
+                / steps
+            )
+            out.append(
+                {
+                    "K": K,
+                    "recompute_ms_per_token": recompute * 1e3,
+                    "recompute_repeats": reps,
+                    "sink_ms_per_token": sink * 1e3,
+                    "speedup": recompute / sink,
+                }
+            )
+            self.row(
+                "recompute",
+                f"K={K}: window re-computation vs sink step",
+                f"{recompute / sink:.1f}x",
+                f"{recompute * 1e3:.0f} vs {sink * 1e3:.1f} ms/token",
+            )
+            log(f"recompute K={K}: {recompute * 1e3:.0f} ms vs sink {sink * 1e3:.1f} ms")
+        return {
+            "by_K": out,
+            "skipped": skipped,
+            "note": (
+                f"Ks whose estimated re-computation exceeds {RECOMPUTE_BUDGET_S} s per token are "
+                "skipped. re-computation = one dense forward over the last K tokens with a fresh cache "
+                "(mdl.last_logits, chunk C = K), timed per generated token; sink = one decode "
+                f"step with S = {SINKS}, W = K - {SINKS} on a full ring (zero contents: the cost "
+                "is shape-bound). The StreamingLLM paper reports 22x at K = 4096 on a GPU."
+            ),
+        }
+
+    def section_prefill(self) -> dict:
+        import numpy as np
+
+        from jaxsink.config import StreamConfig
+
+        sz, params, jax = self.sizes, self.model.params, self.jax
+        stream = StreamConfig.for_mode("sink", SINKS, WINDOW)
+        out = []
+        for C in sz["prefill_chunks"]:
+            n = {1: sz["prefill_tokens_c1"], 16: sz["prefill_tokens_c16"]}.get(
+                C, sz["prefill_tokens"]
+            )
+            n = max(n, C)
+            ids = self.tokens(n, seed=3)[None]
+            jax.block_until_ready(
+                self.prefill(params, self.init_cache(stream), ids[:, :C], C)
+            )  # warm-up
+            cache = jax.block_until_ready(self.init_cache(stream))
+            chunk_s = []
+            t0 = time.perf_counter()
+            for i in range(0, n, C):
+                t = time.perf_counter()
+                logits, cache = self.prefill(params, cache, ids[:, i : i + C], C)
+                jax.block_until_ready(logits)
+                chunk_s.append(time.perf_counter() - t)
+            total = time.perf_counter() - t0
+            tok_s = n / total
+            median_tok_s = C / float(np.median(chunk_s))
+            out.append(
+                {"chunk": C, "tokens": n, "tok_s": tok_s, "tok_s_median_chunk": median_tok_s}
+            )
+            self.row(
+                "prefill",
+                f"chunked prefill, C={C}",
+                f"{tok_s:.1f} tok/s",
+                f"{n} tokens, sink K=1024; median chunk {median_tok_s:.1f} tok/s",
+            )
+            log(f"prefill C={C}: {tok_s:.1f} tok/s")
+        return {
+            "by_chunk": out,
+            "note": (
+                "sink mode S = 4, W = 1020 from an empty cache; mdl.last_logits per chunk "
+                f"(vocabulary projection of each chunk's last token only); {sz['prefill_tokens']} "
+                f"tokens per chunk length, fewer for C = 1 ({sz['prefill_tokens_c1']}) and C = 16 "
+                f"({sz['prefill_tokens_c16']}) to keep the run short; one timed pass per C after a "
+                "warm-up chunk (tok_s = tokens / total seconds; tok_s_median_chunk = C / the "
+                "median chunk's seconds, less sensitive to other processes)"
+            ),
+        }
+
+    def section_batch(self) -> dict:
+        from jaxsink.config import StreamConfig
+
+        sz, params = self.sizes, self.model.params
+        stream = StreamConfig.for_mode("sink", SINKS, WINDOW)
+        steps = sz["batch_steps"]
+        out = []
+        for B in sz["batches"]:
+            ids = self.tokens(sz["batch_prompt"], seed=4, batch=B)
+            logits, cache = self.prefill(
+                params, self.init_cache(stream, B), ids, sz["batch_prompt"]
+            )
+            exe = self.decode_exe(params, cache, steps)
+            self.run_decode(exe, params, cache, logits, steps)
+            best = min(
+                self.run_decode(exe, params, cache, logits, steps)[0]
+                for _ in range(max(sz["repeats"], sz["min_repeats"]))
+            )
+            out.append(
+                {"batch": B, "aggregate_tok_s": B * steps / best, "ms_per_step": best / steps * 1e3}
+            )
+            log(f"batch B={B}: {B * steps / best:.1f} tok/s aggregate")
+        for o in out:
+            o["vs_batch1"] = o["aggregate_tok_s"] / out[0]["aggregate_tok_s"]
+            self.row(
+                "batch",
+                f"aggregate decode, B={o['batch']}",
+                f"{o['aggregate_tok_s']:.1f} tok/s",
+                f"{o['ms_per_step']:.1f} ms/step; {o['vs_batch1']:.2f}x of B={out[0]['batch']}",
+            )
+        return {
+            "by_batch": out,
+            "steps_timed": steps,
+            "note": f"independent streams (sink K=1024), each row prefilled with its own {sz['batch_prompt']} random tokens",
+        }
+
+    def section_memory(self) -> dict:
+        import jax.numpy as jnp
+
+        from jaxsink.config import StreamConfig
+
+        sz, params, jax = self.sizes, self.model.params, self.jax
+        stream = StreamConfig.for_mode("sink", SINKS, WINDOW)
+        block, C = sz["memory_decode_block"], 256
+        ids = self.tokens(sz["memory_tokens"], seed=5)
+        peak_reset = reset_peak_rss()
+
+        def snapshot(cache):
+            jax.block_until_ready(cache)
+            return {
+                "stream_position": int(cache.pos[0]),
+                "compiles": self.traces(),
+                "cache_bytes": cache.nbytes,
+                "live_device_bytes": sum(a.nbytes for a in jax.live_arrays()),
+                **rss_kib(),
+            }
+
+        cache = self.init_cache(stream)
+        exe = self.decode_exe(params, cache, block)
+        done, key, eos = jnp.zeros((1,), bool), jax.random.key(0), self._no_eos()
+        i, start = 0, None
+        while i < len(ids):
+            logits, cache = self.prefill(params, cache, ids[None, i : i + C], C)
+            i += C
+            _, _, cache, logits, key, done = exe(
+                params, cache, logits, key, done, jnp.int32(block), eos
+            )
+            if start is None:
+                start = snapshot(cache)
+            if int(cache.pos[0]) >= sz["memory_tokens"]:
+                break
+        end = snapshot(cache)
+        res = {
+            "start": start,
+            "end": end,
+            "peak_rss_reset": peak_reset,
+            "constant": (
+                end["compiles"] == start["compiles"]
+                and end["cache_bytes"] == start["cache_bytes"]
+                and end["live_device_bytes"] == start["live_device_bytes"]
+                and end["rss_kib"] - start["rss_kib"] < 32 * 1024
+            ),
+            "note": (
+                f"one sink stream alternating prefill chunks of {C} tokens and decode blocks of "
+                f"{block} tokens; 'start' after the first chunk + block (everything compiled), "
+                "'end' after the last; constant = same compiles, cache and live device bytes, "
+                "and RSS within 32 MiB"
+                + (
+                    ""
+                    if peak_reset
+                    else "; peak RSS could not be reset, so it includes earlier sections"
+                )
+            ),
+        }
+        for label, s in (("start", start), ("end", end)):
+            self.row(
+                "memory",
+                f"{label} of stream (position {s['stream_position']:,})",
+                f"{s['rss_kib'] / 1024:.0f} MiB RSS",
+                f"peak {s['peak_rss_kib'] / 1024:.0f} MiB; cache {s['cache_bytes'] / 1e6:.1f} MB; "
+                f"live {s['live_device_bytes'] / 1e6:.0f} MB; compiles so far {s['compiles']}",
+            )
+        return res
+
+    def section_bf16(self) -> dict:
+        import jax.numpy as jnp
+
+        params = self.jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), self.model.params)
+        res = self.section_decode(params=params, label="bf16")
+        del params
+        f32 = self.results.get("decode", {}).get("jaxsink_tok_s")
+        if f32:
+            res["vs_float32"] = res["jaxsink_tok_s"] / f32
+            self.row(
+                "bf16",
+                "bf16 / f32 decode",
+                f"{res['vs_float32']:.2f}x",
+                "half the weight bytes; speed depends on XLA:CPU's bf16 dot kernels",
+            )
+        res["note"] = (
+            res["note"]
+            + "; weights and cache in bfloat16 (fewer new tokens, to keep the run short)"
+        )
+        return res
+
+    # ---- targets --------------------------------------------------------------------------
+
+    def targets(self) -> dict:
+        r, out = self.results, {}
+        d, b = r.get("decode", {}), r.get("bounds", {})
+        if "ratio_vs_baseline" in d:
+            v = d["ratio_vs_baseline"]
+            out["decode_vs_transformers"] = {
+                **TARGETS["decode_vs_transformers"],
+                "value": v,
+                "met": v >= 1.1,
+                "goal_met": v >= 1.25,
+            }
+        if "jaxsink_tok_s" in d and "weights_only_pass_tok_s" in b:
+            v = d["jaxsink_tok_s"] / b["weights_only_pass_tok_s"]
+            out["decode_vs_weights_only_pass"] = {
+                **TARGETS["decode_vs_weights_only_pass"],
+                "value": v,
+                "met": v >= 0.9,
+            }
+        if "jaxsink_tok_s" in d and "bandwidth_bound_tok_s" in b:
+            out["decode_vs_bandwidth_bound"] = {
+                "value": d["jaxsink_tok_s"] / b["bandwidth_bound_tok_s"],
+                "note": "informational: fraction of weight bytes / jnp.sum bandwidth",
+            }
+        if "flat" in r:
+            ratios = [s["vs_2k"] for s in r["flat"]["sink"]]
+            dev = max(abs(x - 1) for x in ratios)
+            out["sink_latency_flat_2k_to_100k"] = {
+                **TARGETS["sink_latency_flat_2k_to_100k"],
+                "value": dev,
+                "met": dev <= 0.05,
+            }
+        if "batch" in r:
+            by = {o["batch"]: o for o in r["batch"]["by_batch"]}
+            if 16 in by and 1 in by:
+                v = by[16]["aggregate_tok_s"] / by[1]["aggregate_tok_s"]
+                out["batch16_vs_batch1_aggregate"] = {
+                    **TARGETS["batch16_vs_batch1_aggregate"],
+                    "value": v,
+                    "met": v >= 5.0,
+                }
+        if "prefill" in r:
+            by = {o["chunk"]: o for o in r["prefill"]["by_chunk"]}
+            if 256 in by:
+                v = by[256]["tok_s"]
+                out["prefill_tok_s_at_c256"] = {
+                    **TARGETS["prefill_tok_s_at_c256"],
+                    "value": v,
+                    "met": v >= 200.0,
+                }
+        return out
+
+
+def markdown(rows, targets: dict) -> str:
+    lines = ["| section | measurement | value | note |", "|---|---|---|---|"]
+    lines += [f"| {s} | {w} | {v} | {n} |" for s, w, v, n in rows]
+    if targets:
+        lines += ["", "| target | required | measured | met |", "|---|---|---|---|"]
+        for name, t in targets.items():
+            if "met" not in t:
+                lines.append(f"| {name} | (info) | {t['value']:.3f} | |")
+                continue
+            req = (
+                (f">= {t['min']}" + (f" (goal {t['goal']})" if "goal" in t else ""))
+                if "min" in t
+                else f"<= ±{t['tolerance']:.0%}"
+            )
+            met = "yes" if t["met"] else "**no**"
+            if t.get("goal_met"):
+                met += " (goal met)"
+            lines.append(f"| {name} | {req} | {t['value']:.3f} | {met} |")
+    return "\n".join(lines)
+
+
+def load_model(spec: str | None):
+    import jaxsink
+
+    return jaxsink.load(spec, dtype="float32")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument(
+        "--model",
+        default=None,
+        help="jaxsink checkpoint, HF folder, GGUF or hub id (default: SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--hf-model",
+        default=None,
+        help="Hugging Face folder with the same weights for the transformers baseline "
+        "(default: a transformers Llama rebuilt from the jaxsink checkpoint's weights)",
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes for a CI smoke run (< 3 min)")
+    p.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)}",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count(),
+        help="torch threads (default: the core count)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="JSON output path (default: docs/results/bench.json, or bench_quick.json with --quick)",
+    )
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before each section, wait up to S seconds for other processes to leave the cores "
+        "idle (for shared machines; default 0: do not wait)",
+    )
+    p.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if args.out is None:
+        name = "bench_quick.json" if args.quick else "bench.json"
+        args.out = str(ROOT / "docs" / "results" / name)
+    unknown = sorted(set(args.sections) - set(SECTIONS))
+    if unknown:
+        p.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.hf_worker:
+        hf_worker(args.hf_model, args.model, args.threads)
+        return 0
+    t_start = time.perf_counter()
+    sizes = QUICK if args.quick else FULL
+    loadavg_start = os.getloadavg()
+
+    import jax
+
+    model = load_model(args.model)
+    model_dir = str(model.path)
+    worker = (
+        HFBaseline(args.hf_model, model_dir, args.threads) if "decode" in args.sections else None
+    )
+    log(f"model {model_dir}; sections {','.join(args.sections)}{' (quick)' if args.quick else ''}")
+    bench = Bench(args, model, sizes, worker)
+    if worker:
+        worker.wait_ready()  # its imports must not overlap any timing
+    meta_sections, warnings = {}, []
+    try:
+        for name in SECTIONS:
+            if name not in args.sections:
+                continue
+            waited = wait_quiet(args.wait_quiet, worker)
+            log(
+                f"section {name}"
+                + (f" (waited {waited:.0f} s for a quiet machine)" if waited > 3 else "")
+            )
+            meter = LoadMeter(worker)
+            bench.results[name] = getattr(bench, f"section_{name}")()
+            meta_sections[name] = meter.result() | {"waited_for_quiet_s": round(waited, 1)}
+            busy = meta_sections[name]["others_busy_cores"]
+            if busy > SHARED_BUSY_CORES:
+                warnings.append(
+                    f"{name}: other processes kept {busy:.2f} of {os.cpu_count()} cores busy "
+                    "meanwhile; its timings are pessimistic"
+                    + (
+                        " (PyTorch's spinning OpenMP threads suffer far more than XLA's pool from "
+                        "oversubscription, so the transformers comparison is not meaningful)"
+                        if name == "decode"
+                        else ""
+                    )
+                )
+            bench.results[name]["run"] = meta_sections[name]
+            log(
+                f"section {name} done in {meta_sections[name]['seconds']} s "
+                f"(other processes kept {meta_sections[name]['others_busy_cores']} cores busy)"
+            )
+    finally:
+        if worker:
+            worker.close()
+
+    import jaxlib
+
+    from jaxsink import model as mdl
+
+    targets = bench.targets()
+    dev = jax.devices()[0]
+    report = {
+        "device": {
+            "jax_device": str(dev),
+            "platform": dev.platform,
+            "device_kind": getattr(dev, "device_kind", ""),
+            "cpu_model": cpu_model(),
+            "cores": os.cpu_count(),
+            "affinity_cores": len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else None,
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+            "loadavg_start": loadavg_start,
+            "loadavg_end": os.getloadavg(),
+        },
+        "settings": {
+            "model": model_dir,
+            "model_config": model.cfg.to_dict(),
+            "quick": args.quick,
+            "sizes": {k: list(v) if isinstance(v, tuple) else v for k, v in sizes.items()},
+            "threads_torch": args.threads,
+            "threads_jax": "XLA:CPU default pool (all cores)",
+            "timing": "compile excluded (AOT), warm-up first, jax.block_until_ready, best of repeats",
+        },
+        "sections": bench.results,
+        "targets": targets,
+        "warnings": warnings
+        + (["--quick: smoke-test sizes; judge the targets on a full run"] if args.quick else []),
+        "compiles_total": sum(mdl.TRACES.values()),
+        "compile_seconds_total": bench.compile_s,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    if worker and worker.info:
+        report["device"]["torch"] = worker.info["torch"]
+        report["device"]["transformers"] = worker.info["transformers"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=float) + "\n")
+    print(
+        f"**Device**: {dev} ({dev.platform}), {cpu_model()}, {os.cpu_count()} cores; "
+        f"load average {loadavg_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end\n"
+    )
+    print(markdown(bench.rows, targets))
+    for w in report["warnings"]:
+        print(f"\n> warning: {w}")
+    print(
+        f"\nJSON: {out}; total {report['wall_seconds']:.0f} s, {report['compiles_total']} compilations "
+        f"({bench.compile_s:.0f} s compiling)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
