@@ -5,8 +5,8 @@ change recompiles): `cfg`, `cache.stream` and every shape (batch B, chunk length
 Everything that moves with the stream (`cache.pos`, the tokens, which of them are valid) is an
 array, so one compilation serves a stream of any length.
 
-Letters in shape comments and einsum strings: B batch, C chunk (queries), S cache slots (keys),
-J chunk keys, D hidden, N query heads, K kv heads, G query heads per kv head, H head dim,
+Letters in shape comments and einsum strings: B batch, C chunk (queries), S cache slots (keys:
+the sink slots, the ring slots or both, as each comment says), W ring slots, J chunk keys, D hidden, N query heads, K kv heads, G query heads per kv head, H head dim,
 F mlp, V vocab (or, next to query tensors, the query rotation variants: see `jaxsink.cache`).
 """
 
@@ -84,7 +84,7 @@ def _select_variant(scores: jax.Array, variant: jax.Array) -> jax.Array:
 def _attention_view(cache: kv.KVCache, valid: jax.Array):
     """Everything about *which* keys each query sees, shared by all layers.
 
-    Returns stream indices t [B, C], the masks/variants against cached slots [B, C, S] and
+    Returns the masks/variants against the cached slots (sinks, then ring) [B, C, S] and
     against the chunk's own keys [B, C, J], the query rotations [B, C, V], the key rotations
     [B, C] and the slot each chunk token is written to ([B, C], K = dropped).
     """
@@ -92,11 +92,10 @@ def _attention_view(cache: kv.KVCache, valid: jax.Array):
     S, W = stream.sinks, stream.window
     t = cache.pos[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1  # [B, C]
     pos_after = cache.pos + valid.sum(axis=1, dtype=jnp.int32)  # [B]
-    cached = kv.slot_tokens(stream, cache.pos)  # [B, S]
+    cached = kv.slot_tokens(stream, cache.pos)  # [B, S]: sink slots, then ring slots
     chunk = jnp.where(valid, t, -1)  # [B, J]
     tq = t[:, :, None]
     view = {
-        "t": t,
         "see_cached": kv.visible(stream, tq, cached[:, None, :]),
         "var_cached": kv.query_variant(stream, tq, cached[:, None, :]),
         "see_chunk": kv.visible(stream, tq, chunk[:, None, :]),
@@ -113,14 +112,15 @@ def _attention_view(cache: kv.KVCache, valid: jax.Array):
 def _attention(lp, h, cached, view, cfg: ModelConfig):
     """Self-attention of a chunk over the cached sink and ring slots plus its own keys.
 
-    h: [B, C, D]; cached: this layer's (sink_k, sink_v [B, K, S, H], ring_k, ring_v [B, K, W, H]).
+    h: [B, C, D]; cached: this layer's sink_k, sink_v [B, K, n_sinks, H], ring_k, ring_v
+    [B, K, W, H].
     Returns (out [B, C, D], new keys [B, C, K, H] rotated for caching, new values [B, C, K, H]).
     """
     sink_k, sink_v, ring_k, ring_v = cached
     B, C, _ = h.shape
     K, H = cfg.num_kv_heads, cfg.head_dim
     G = cfg.num_heads // K
-    S = sink_k.shape[2]
+    n_sinks = sink_k.shape[2]
     q = jnp.einsum("bcd,dnh->bcnh", h, lp["wq"])
     k = jnp.einsum("bcd,dkh->bckh", h, lp["wk"])
     v = jnp.einsum("bcd,dkh->bckh", h, lp["wv"])
@@ -135,9 +135,9 @@ def _attention(lp, h, cached, view, cfg: ModelConfig):
     f32 = jnp.float32
     n_ring = min(n_var, kv.SINK)
     s_ring = jnp.einsum("bcvkgh,bksh->bcvkgs", q[:, :, :n_ring], ring_k, preferred_element_type=f32)
-    scores = [_select_variant(s_ring, view["var_cached"][..., S:])]  # [B, C, K, G, W]
+    scores = [_select_variant(s_ring, view["var_cached"][..., n_sinks:])]  # [B, C, K, G, W]
     values = [ring_v]
-    if S:
+    if n_sinks:
         q_sink = q[:, :, kv.SINK]
         scores.insert(
             0, jnp.einsum("bckgh,bksh->bckgs", q_sink, sink_k, preferred_element_type=f32)
@@ -145,7 +145,7 @@ def _attention(lp, h, cached, view, cfg: ModelConfig):
         values.insert(0, sink_v)
     s_chunk = jnp.einsum("bcvkgh,bjkh->bcvkgj", q, k, preferred_element_type=f32)
     scores.append(_select_variant(s_chunk, view["var_chunk"]))  # [B, C, K, G, J]
-    seen = jnp.concatenate([view["see_cached"], view["see_chunk"]], axis=-1)  # [B, C, S+W+J]
+    seen = jnp.concatenate([view["see_cached"], view["see_chunk"]], axis=-1)  # [B, C, S + J]
     scores = jnp.where(seen[:, :, None, None, :], jnp.concatenate(scores, axis=-1), _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bckgj,bjkh->bckgh", probs[..., -C:], v)
