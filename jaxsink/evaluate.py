@@ -50,6 +50,7 @@ class StreamResult:
     compiles: int
     sinks: int
     window: int
+    chunk_seconds: np.ndarray  # [n_chunks] wall time of each chunk, NLL copied to the host
 
     def summary(self) -> dict:
         n = len(self.nll)
@@ -132,6 +133,7 @@ def stream_nll(
     compile_seconds = time.perf_counter() - start
 
     out = np.zeros(n, np.float32)
+    chunk_seconds = []
     bar = tqdm(total=n, desc=f"ppl {mode}", unit="tok", file=sys.stderr, disable=not progress)
     start = time.perf_counter()
     for i in range(0, n, chunk):
@@ -139,8 +141,10 @@ def stream_nll(
         tokens, targets = np.zeros((1, chunk), np.int32), np.zeros((1, chunk), np.int32)
         valid = np.zeros((1, chunk), bool)
         tokens[0, :m], targets[0, :m], valid[0, :m] = ids[i : i + m], ids[i + 1 : i + m + 1], True
+        t0 = time.perf_counter()
         nll, cache = exe(model.params, cache, tokens, targets, valid)
         out[i : i + m] = np.asarray(nll)[0, :m]
+        chunk_seconds.append(time.perf_counter() - t0)
         bar.update(m)
     bar.close()
     seconds = time.perf_counter() - start
@@ -153,6 +157,7 @@ def stream_nll(
         compiles=sum(mdl.TRACES.values()) - traces,
         sinks=stream.sinks,
         window=stream.window,
+        chunk_seconds=np.asarray(chunk_seconds),
     )
 
 

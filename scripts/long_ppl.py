@@ -42,7 +42,6 @@ sys.path.insert(0, str(ROOT))  # the repository's jaxsink, however (or whether) 
 import jaxsink  # noqa: E402
 from jaxsink import cache as kv  # noqa: E402
 from jaxsink import evaluate  # noqa: E402
-from jaxsink import model as mdl  # noqa: E402
 from jaxsink.default_model import DEFAULT_TEXT_REQUIREMENT, default_text_files  # noqa: E402
 
 PROBE_SPAN = 2048  # tokens of chunks timed around each probe position
@@ -62,64 +61,6 @@ def read_stream(model: jaxsink.Model, n_tokens: int) -> tuple[np.ndarray, list[s
     if len(ids) < n_tokens + 1:
         sys.exit(f"the default text has only {len(ids)} tokens, --n-tokens {n_tokens} needs more")
     return np.asarray(ids[: n_tokens + 1], np.int32), used
-
-
-def timed_stream_nll(
-    model: jaxsink.Model, ids: np.ndarray, mode: str, sinks: int, window: int, chunk: int
-) -> tuple[evaluate.StreamResult, np.ndarray]:
-    """`evaluate.stream_nll`, with the wall time of every chunk ([n_chunks] seconds) as well.
-
-    The same jitted `evaluate.nll_chunk`, cache and chunking as `stream_nll` (checked against it
-    in `main`); each chunk's NLL is copied to the host, so a chunk's time is its whole cost.
-    """
-    n = len(ids) - 1
-    stream = evaluate.stream_config(mode, sinks, window, n, chunk)
-    if mode == "dense":
-        evaluate.check_dense_fits(model, stream)
-    cache = kv.init_cache(model.cfg, stream, 1, model.dtype)
-    cache_bytes = cache.nbytes
-    traces = sum(mdl.TRACES.values())
-    zeros, falses = np.zeros((1, chunk), np.int32), np.zeros((1, chunk), bool)
-    start = time.perf_counter()
-    exe = evaluate.nll_chunk.lower(
-        model.params, cache, zeros, zeros, falses, cfg=model.cfg
-    ).compile()
-    compile_seconds = time.perf_counter() - start
-
-    out = np.zeros(n, np.float32)
-    chunk_seconds = []
-    report_every = max(n // 10 // chunk, 1)
-    start = time.perf_counter()
-    for j, i in enumerate(range(0, n, chunk)):
-        m = min(chunk, n - i)
-        tokens, targets = np.zeros((1, chunk), np.int32), np.zeros((1, chunk), np.int32)
-        valid = np.zeros((1, chunk), bool)
-        tokens[0, :m], targets[0, :m], valid[0, :m] = ids[i : i + m], ids[i + 1 : i + m + 1], True
-        t0 = time.perf_counter()
-        nll, cache = exe(model.params, cache, tokens, targets, valid)
-        out[i : i + m] = np.asarray(nll)[0, :m]
-        chunk_seconds.append(time.perf_counter() - t0)
-        if (j + 1) % report_every == 0:
-            done = i + m
-            elapsed = time.perf_counter() - start
-            print(
-                f"  {mode}: {done:>7}/{n} tokens, ppl so far {np.exp(out[:done].mean()):8.2f}, "
-                f"{done / elapsed:6.1f} tok/s",
-                file=sys.stderr,
-                flush=True,
-            )
-    seconds = time.perf_counter() - start
-    result = evaluate.StreamResult(
-        mode=mode,
-        nll=out,
-        seconds=seconds,
-        compile_seconds=compile_seconds,
-        cache_bytes=cache_bytes,
-        compiles=sum(mdl.TRACES.values()) - traces,
-        sinks=stream.sinks,
-        window=stream.window,
-    )
-    return result, np.asarray(chunk_seconds)
 
 
 def cost_probes(chunk_seconds: np.ndarray, chunk: int, n: int, positions: list[int]) -> list[dict]:
@@ -335,18 +276,9 @@ def main(argv=None) -> int:
     runs = [("sink", args.n_tokens), ("window", window_tokens), ("dense", args.dense_tokens)]
     results, chunk_seconds = [], {}
     for mode, n in runs:
-        r, secs = timed_stream_nll(model, ids[: n + 1], mode, args.sinks, args.window, args.chunk)
+        r = evaluate.stream_nll(model, ids[: n + 1], mode, args.sinks, args.window, args.chunk)
         results.append(r)
-        chunk_seconds[mode] = secs
-
-    # The timed loop must be `stream_nll` itself: compare on a prefix that evicts in sink mode.
-    n_check = min(args.n_tokens, 2 * (args.sinks + args.window) + args.chunk // 2)
-    ref = evaluate.stream_nll(
-        model, ids[: n_check + 1], "sink", args.sinks, args.window, args.chunk, progress=False
-    )
-    check = float(np.abs(ref.nll - results[0].nll[:n_check]).max())
-    if check > 1e-4:
-        sys.exit(f"timed loop differs from evaluate.stream_nll by {check:.2e}")
+        chunk_seconds[mode] = r.chunk_seconds
 
     probes = cost_probes(chunk_seconds["sink"], args.chunk, n_sink, positions)
     interleaved = interleaved_cost(
@@ -374,8 +306,6 @@ def main(argv=None) -> int:
         "modes": modes,
         "sink_cost_probes": probes,
         "sink_cost_interleaved": interleaved,
-        "check_vs_stream_nll_max_abs": check,
-        "check_tokens": n_check,
         "wall_seconds": time.perf_counter() - wall,
         "command": " ".join(["python", "scripts/long_ppl.py", *(argv or sys.argv[1:])]),
     }
@@ -413,7 +343,6 @@ def main(argv=None) -> int:
         if any(c.strip() for c in cells):
             print(row + "".join(cells))
     print_cost(summary)
-    print(f"\ncheck vs evaluate.stream_nll over {n_check} tokens: max |dNLL| {check:.1e}")
     print(f"wall time {summary['wall_seconds']:.0f} s")
     print(f"wrote {out_json}\nwrote {out_png}")
     return 0
