@@ -28,19 +28,31 @@ RING_SAME, RING_PREV, SINK = 0, 1, 2
 
 
 @struct.dataclass
-class KVCache:
-    """Per-layer keys/values of every stream in the batch: S sink slots and a ring of W slots.
+class LayerCache:
+    """One layer's keys/values for every stream in the batch (keys rotated as in the module
+    docstring). Separate arrays, so attention reads each part without slicing a copy. Keys are
+    stored transposed, the layout the score product reads without a transposing copy.
 
-    sink_k, sink_v: [L, B, Hkv, S, H]; ring_k, ring_v: [L, B, Hkv, W, H] (keys rotated as in the
-      module docstring). Separate arrays, so attention reads each part without slicing a copy.
-    pos:  [B] int32, tokens consumed so far by each row (the stream index of its next token).
-    stream: static: which tokens are kept. Changing it recompiles.
+    sink_k: [B, Hkv, H, S], sink_v: [B, Hkv, S, H]; ring_k: [B, Hkv, H, W], ring_v: [B, Hkv, W, H].
     """
 
     sink_k: jax.Array
     sink_v: jax.Array
     ring_k: jax.Array
     ring_v: jax.Array
+
+
+@struct.dataclass
+class KVCache:
+    """Every layer's sink and ring slots, and the stream position of every batch row.
+
+    layers: one `LayerCache` per layer, each its own buffers: a layer reads and updates its
+      cache in place, where slicing one stacked [L, ...] array would copy it.
+    pos:  [B] int32, tokens consumed so far by each row (the stream index of its next token).
+    stream: static: which tokens are kept. Changing it recompiles.
+    """
+
+    layers: tuple[LayerCache, ...]
     pos: jax.Array
     stream: StreamConfig = struct.field(pytree_node=False)
 
@@ -56,17 +68,17 @@ class KVCache:
 def init_cache(cfg: ModelConfig, stream: StreamConfig, batch: int, dtype=jnp.float32) -> KVCache:
     """An empty cache for `batch` streams, every row at position 0."""
 
-    def zeros(slots):
-        return jnp.zeros((cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim), dtype)
-
-    return KVCache(
-        sink_k=zeros(stream.sinks),
-        sink_v=zeros(stream.sinks),
-        ring_k=zeros(stream.window),
-        ring_v=zeros(stream.window),
-        pos=jnp.zeros((batch,), jnp.int32),
-        stream=stream,
+    B, K, H, S, W = batch, cfg.num_kv_heads, cfg.head_dim, stream.sinks, stream.window
+    layers = tuple(
+        LayerCache(
+            sink_k=jnp.zeros((B, K, H, S), dtype),
+            sink_v=jnp.zeros((B, K, S, H), dtype),
+            ring_k=jnp.zeros((B, K, H, W), dtype),
+            ring_v=jnp.zeros((B, K, W, H), dtype),
+        )
+        for _ in range(cfg.num_layers)
     )
+    return KVCache(layers=layers, pos=jnp.zeros((batch,), jnp.int32), stream=stream)
 
 
 def cache_bytes(cfg: ModelConfig, stream: StreamConfig, batch: int, dtype=jnp.float32) -> int:

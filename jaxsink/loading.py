@@ -46,8 +46,7 @@ def load(spec: str | os.PathLike | None = None, dtype: str | None = None) -> Mod
         raise ConfigError(f"unknown dtype {dtype!r} (expected one of {sorted(DTYPES)})")
     flat = load_params(path, cfg)
     target = jnp.dtype(DTYPES[dtype])
-    params = mdl.unflatten({name: jnp.asarray(a, dtype=target) for name, a in flat.items()})
-    params = jax.block_until_ready(params)
+    params = jax.block_until_ready(mdl.unflatten(flat, target))
     return Model(
         cfg=cfg, params=params, tokenizer=Tokenizer(path, cfg.eos_token_ids), path=Path(path)
     )

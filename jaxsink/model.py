@@ -13,6 +13,7 @@ F mlp, V vocab (or, next to query tensors, the query rotation variants: see `jax
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ import numpy as np
 from jaxsink import cache as kv
 from jaxsink.config import ModelConfig
 
-Params = dict  # {"embed", "final_norm", ["lm_head"], "layers": {name: [L, ...]}}
+Params = dict  # {"embed", "final_norm", ["lm_head"], "layers": ({name: array}, ...) per layer}
 
 # Python-side trace counter: jit traces once per compilation, so this counts compilations of
 # the model's jitted entry points (tests assert on it).
@@ -30,15 +31,57 @@ TRACES: collections.Counter = collections.Counter()
 _MASKED = -1e30  # finite, so a row with nothing visible (padding) gives no NaN
 
 
-def unflatten(flat: dict[str, jax.Array]) -> Params:
-    """Checkpoint names (`layers.wq`) -> the nested params pytree."""
-    params: Params = {"layers": {}}
+def unflatten(flat: Mapping[str, np.ndarray | jax.Array], dtype=None) -> Params:
+    """Checkpoint arrays (`embed`, stacked `layers.wq` [L, ...], ...) -> the params pytree on
+    device, cast to `dtype` (default: kept), in the layout the model runs on:
+
+    - each layer its own buffers: XLA:CPU copies a slice of a stacked [L, ...] weight before a
+      matrix product reads it, which would double the bytes a decode step moves;
+    - q/k/v fused per kv head, `w_qkv` [D, K, G + 2, H] (the G query heads of kv head k, then
+      its key and its value), and gate/up fused, `w_gate_up` [D, 2, F]: one larger matrix
+      product each, faster than three or two small ones, and still split along kv heads / F
+      for sharding.
+    """
+    params: Params = {}
+    stacked = {}
     for name, value in flat.items():
         if name.startswith("layers."):
-            params["layers"][name.removeprefix("layers.")] = value
+            stacked[name.removeprefix("layers.")] = np.asarray(value)
         else:
-            params[name] = value
+            params[name] = jnp.asarray(value, dtype)
+    n_layers = {w.shape[0] for w in stacked.values()}
+    if len(n_layers) > 1:
+        raise ValueError(f"stacked layer weights disagree on the layer count: {sorted(n_layers)}")
+    params["layers"] = tuple(
+        {
+            name: jnp.asarray(w, dtype)
+            for name, w in _fuse_layer({n: w[i] for n, w in stacked.items()}).items()
+        }
+        for i in range(max(n_layers, default=0))
+    )
     return params
+
+
+def _fuse_layer(w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One layer's checkpoint weights (`wq` [D, N, H], `wk`, `wv` [D, K, H], `w_gate`, `w_up`
+    [D, F], biases alike) -> the fused runtime layout of `unflatten`."""
+    D, N, H = w["wq"].shape
+    K = w["wk"].shape[1]
+    out = {n: w.pop(n) for n in ("attn_norm", "mlp_norm", "wo", "w_down", "bo", "b_down") if n in w}
+    out["w_qkv"] = np.concatenate(
+        [w.pop("wq").reshape(D, K, N // K, H), w.pop("wk")[:, :, None], w.pop("wv")[:, :, None]],
+        axis=2,
+    )
+    out["w_gate_up"] = np.stack([w.pop("w_gate"), w.pop("w_up")], axis=1)
+    if "bq" in w:
+        out["b_qkv"] = np.concatenate(
+            [w.pop("bq").reshape(K, N // K, H), w.pop("bk")[:, None], w.pop("bv")[:, None]], axis=1
+        )
+    if "b_gate" in w:
+        out["b_gate_up"] = np.stack([w.pop("b_gate"), w.pop("b_up")], axis=0)
+    if w:
+        raise ValueError(f"unexpected layer weights: {sorted(w)}")
+    return out
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -74,10 +117,10 @@ def _activation(name: str):
 
 
 def _select_variant(scores: jax.Array, variant: jax.Array) -> jax.Array:
-    """scores [B, C, V, K, G, T], variant [B, C, T] -> the chosen variant's scores [B, C, K, G, T]."""
-    out = scores[:, :, 0]
-    for v in range(1, scores.shape[2]):
-        out = jnp.where((variant == v)[:, :, None, None, :], scores[:, :, v], out)
+    """scores [B, K, C, V, G, T], variant [B, C, T] -> the chosen variant's scores [B, K, C, G, T]."""
+    out = scores[:, :, :, 0]
+    for v in range(1, scores.shape[3]):
+        out = jnp.where((variant == v)[:, None, :, None, :], scores[:, :, :, v], out)
     return out
 
 
@@ -109,64 +152,74 @@ def _attention_view(cache: kv.KVCache, valid: jax.Array):
     return view
 
 
-def _attention(lp, h, cached, view, cfg: ModelConfig):
-    """Self-attention of a chunk over the cached sink and ring slots plus its own keys.
+def _attention(lp, h, lc: kv.LayerCache, view, cfg: ModelConfig):
+    """Self-attention of a chunk over one layer's cached sink and ring slots plus its own keys,
+    then the chunk's surviving keys/values written into that layer's cache.
 
-    h: [B, C, D]; cached: this layer's sink_k, sink_v [B, K, n_sinks, H], ring_k, ring_v
-    [B, K, W, H].
-    Returns (out [B, C, D], new keys [B, C, K, H] rotated for caching, new values [B, C, K, H]).
+    h: [B, C, D]; lc: this layer's cache (keys sink_k [B, K, H, n_sinks], ring_k [B, K, H, W];
+    values sink_v [B, K, n_sinks, H], ring_v [B, K, W, H]). Returns (out [B, C, D], the updated layer cache).
+    Intermediates keep (batch, kv head) leading, like the cache, so every score and value
+    product is one batched matrix product over B * K.
     """
-    sink_k, sink_v, ring_k, ring_v = cached
     B, C, _ = h.shape
     K, H = cfg.num_kv_heads, cfg.head_dim
     G = cfg.num_heads // K
-    n_sinks = sink_k.shape[2]
-    q = jnp.einsum("bcd,dnh->bcnh", h, lp["wq"])
-    k = jnp.einsum("bcd,dkh->bckh", h, lp["wk"])
-    v = jnp.einsum("bcd,dkh->bckh", h, lp["wv"])
+    n_sinks = lc.sink_k.shape[3]
+    qkv = jnp.einsum("bcd,dkeh->bckeh", h, lp["w_qkv"])  # [B, C, K, G + 2, H]
     if cfg.qkv_bias:
-        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-    k = rotate(k, view["k_rot"], cfg)  # [B, C, K, H]
+        qkv += lp["b_qkv"]
+    q = qkv[:, :, :, :G].reshape(B, C, K * G, H)
+    k = rotate(qkv[:, :, :, G], view["k_rot"], cfg)  # [B, C, K, H]
+    v = qkv[:, :, :, G + 1]  # [B, C, K, H]
     n_var = view["q_rot"].shape[-1]
-    q = rotate(jnp.broadcast_to(q[:, :, None], (B, C, n_var, *q.shape[2:])), view["q_rot"], cfg)
+    q = rotate(jnp.broadcast_to(q[:, :, None], (B, C, n_var, K * G, H)), view["q_rot"], cfg)
     q = (q * jnp.asarray(H**-0.5, q.dtype)).reshape(B, C, n_var, K, G, H)
+    q = q.transpose(0, 3, 1, 2, 4, 5)  # [B, K, C, V, G, H]
 
     # Sink slots only ever need the SINK variant; ring slots only the ring variants.
     f32 = jnp.float32
     n_ring = min(n_var, kv.SINK)
-    s_ring = jnp.einsum("bcvkgh,bksh->bcvkgs", q[:, :, :n_ring], ring_k, preferred_element_type=f32)
-    scores = [_select_variant(s_ring, view["var_cached"][..., n_sinks:])]  # [B, C, K, G, W]
-    values = [ring_v]
+    s_ring = jnp.einsum(
+        "bkcvgh,bkhs->bkcvgs", q[:, :, :, :n_ring], lc.ring_k, preferred_element_type=f32
+    )
+    scores = [_select_variant(s_ring, view["var_cached"][..., n_sinks:])]  # [B, K, C, G, W]
+    values = [lc.ring_v]
     if n_sinks:
-        q_sink = q[:, :, kv.SINK]
+        q_sink = q[:, :, :, kv.SINK]  # [B, K, C, G, H]
         scores.insert(
-            0, jnp.einsum("bckgh,bksh->bckgs", q_sink, sink_k, preferred_element_type=f32)
+            0, jnp.einsum("bkcgh,bkhs->bkcgs", q_sink, lc.sink_k, preferred_element_type=f32)
         )
-        values.insert(0, sink_v)
-    s_chunk = jnp.einsum("bcvkgh,bjkh->bcvkgj", q, k, preferred_element_type=f32)
-    scores.append(_select_variant(s_chunk, view["var_chunk"]))  # [B, C, K, G, J]
+        values.insert(0, lc.sink_v)
+    s_chunk = jnp.einsum("bkcvgh,bjkh->bkcvgj", q, k, preferred_element_type=f32)
+    scores.append(_select_variant(s_chunk, view["var_chunk"]))  # [B, K, C, G, J]
     seen = jnp.concatenate([view["see_cached"], view["see_chunk"]], axis=-1)  # [B, C, S + J]
-    scores = jnp.where(seen[:, :, None, None, :], jnp.concatenate(scores, axis=-1), _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bckgj,bjkh->bckgh", probs[..., -C:], v)
+    scores = jnp.where(seen[:, None, :, None, :], jnp.concatenate(scores, axis=-1), _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, C, G, S + J]
+    out = jnp.einsum("bkcgj,bjkh->bkcgh", probs[..., -C:], v)
     start = 0
     for cached_v in values:
         n = cached_v.shape[2]
-        out += jnp.einsum("bckgs,bksh->bckgh", probs[..., start : start + n], cached_v)
+        out += jnp.einsum("bkcgs,bksh->bkcgh", probs[..., start : start + n], cached_v)
         start += n
-    out = jnp.einsum("bcnh,nhd->bcd", out.reshape(B, C, K * G, H), lp["wo"])
+    # The written keys/values are made to depend on `out`, which read the whole old cache: only
+    # a data dependence lets XLA prove the write comes after the reads and do it in place
+    # (an optimization_barrier does not); otherwise it copies every cache buffer twice.
+    after_reads = out.reshape(-1)[0] * 0
+    k, v = k + after_reads, v + after_reads
+    out = out.transpose(0, 2, 1, 3, 4).reshape(B, C, K * G * H)
+    out = out @ lp["wo"].reshape(K * G * H, -1)  # [B, C, D]
     if cfg.out_bias:
         out += lp["bo"]
-    return out, k, v
+    return out, _write(lc, k, v, view["write_slot"], n_sinks)
 
 
 def _mlp(lp, h, cfg: ModelConfig):
     """Gated MLP. h: [B, C, D] -> [B, C, D]."""
-    gate = jnp.einsum("bcd,df->bcf", h, lp["w_gate"])
-    up = jnp.einsum("bcd,df->bcf", h, lp["w_up"])
+    gate_up = jnp.einsum("bcd,dtf->bctf", h, lp["w_gate_up"])  # [B, C, 2, F]
     if cfg.mlp_bias:
-        gate, up = gate + lp["b_gate"], up + lp["b_up"]
-    out = jnp.einsum("bcf,fd->bcd", _activation(cfg.hidden_act)(gate) * up, lp["w_down"])
+        gate_up += lp["b_gate_up"]
+    hidden = _activation(cfg.hidden_act)(gate_up[:, :, 0]) * gate_up[:, :, 1]  # [B, C, F]
+    out = jnp.einsum("bcf,fd->bcd", hidden, lp["w_down"])
     return out + lp["b_down"] if cfg.mlp_bias else out
 
 
@@ -179,52 +232,46 @@ def forward(
     index is not consumed). Each valid query sees exactly its own SPEC window, so a chunk gives
     the same result as feeding its tokens one by one.
     Returns (final hidden states [B, C, D] after the final norm, updated cache).
+
+    Layers run unrolled over per-layer weight and cache buffers (see `unflatten`): compile time
+    grows with depth, but no step copies a layer's weights or cache.
     """
     valid = valid.astype(bool)
     view = _attention_view(cache, valid)
     x = params["embed"][tokens]  # [B, C, D]
-
-    def layer(x, xs):
-        lp, *cached = xs  # this layer's weights and cache
-        h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
-        attn, k, v = _attention(lp, h, cached, view, cfg)
+    new_layers = []
+    for lp, lc in zip(params["layers"], cache.layers, strict=True):
+        attn, lc = _attention(lp, rms_norm(x, lp["attn_norm"], cfg.norm_eps), lc, view, cfg)
         x = x + attn
         x = x + _mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps), cfg)
-        return x, (k, v)
-
-    # The cache is only read inside the scan; every layer's new keys/values are written after
-    # it, in place (writing inside the loop makes XLA copy the whole cache).
-    c = cache
-    xs = (params["layers"], c.sink_k, c.sink_v, c.ring_k, c.ring_v)
-    x, (k_new, v_new) = jax.lax.scan(layer, x, xs)
+        new_layers.append(lc)
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
-    return x, _write(cache, k_new, v_new, view["write_slot"], valid)
+    pos = cache.pos + valid.sum(axis=1, dtype=jnp.int32)
+    return x, cache.replace(layers=tuple(new_layers), pos=pos)
 
 
-def _write(cache: kv.KVCache, k_new, v_new, write_slot, valid) -> kv.KVCache:
-    """Store a chunk's keys/values [L, B, C, K, H] at `write_slot` [B, C] (sinks then ring;
-    S + W = dropped)."""
-    S, W = cache.stream.sinks, cache.stream.window
+def _write(lc: kv.LayerCache, k_new, v_new, write_slot, n_sinks: int) -> kv.LayerCache:
+    """Store a chunk's keys/values [B, C, K, H] at `write_slot` [B, C] (sink slots then ring
+    slots; S + W = dropped), in place once attention has read the old contents."""
+    W = lc.ring_v.shape[2]
     rows = jnp.arange(write_slot.shape[0])[:, None]  # [B, 1]
-    # Indexing [:, rows, :, slot] puts the [B, C] index axes first: updates are [B, C, L, K, H].
-    k_new, v_new = jnp.moveaxis(k_new, 0, 2), jnp.moveaxis(v_new, 0, 2)
 
-    def put(arr, slot, new):
-        return arr.at[:, rows, :, slot].set(new, mode="drop")  # out-of-range slots are dropped
+    # Indexing [rows, :, ..., slot] puts the [B, C] index axes first: updates are [B, C, K, H].
+    def put_keys(arr, slot):  # arr [B, K, H, slots]
+        return arr.at[rows, :, :, slot].set(k_new, mode="drop")  # out-of-range: dropped
 
-    ring_slot = jnp.where(write_slot >= S, write_slot - S, W)  # W (dropped) for sinks
-    out = {
-        "ring_k": put(cache.ring_k, ring_slot, k_new),
-        "ring_v": put(cache.ring_v, ring_slot, v_new),
-        "pos": cache.pos + valid.sum(axis=1, dtype=jnp.int32),
-    }
-    if S:
-        sink_slot = jnp.minimum(write_slot, S)  # S (dropped) for ring tokens
+    def put_values(arr, slot):  # arr [B, K, slots, H]
+        return arr.at[rows, :, slot].set(v_new, mode="drop")
+
+    ring_slot = jnp.where(write_slot >= n_sinks, write_slot - n_sinks, W)  # W (dropped): sinks
+    out = {"ring_k": put_keys(lc.ring_k, ring_slot), "ring_v": put_values(lc.ring_v, ring_slot)}
+    if n_sinks:
+        sink_slot = jnp.minimum(write_slot, n_sinks)  # n_sinks (dropped) for ring tokens
         out |= {
-            "sink_k": put(cache.sink_k, sink_slot, k_new),
-            "sink_v": put(cache.sink_v, sink_slot, v_new),
+            "sink_k": put_keys(lc.sink_k, sink_slot),
+            "sink_v": put_values(lc.sink_v, sink_slot),
         }
-    return cache.replace(**out)
+    return lc.replace(**out)
 
 
 def logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -41,7 +41,7 @@ def random_flat_params(cfg: ModelConfig, seed: int = 0, scale: float = 0.3) -> d
 
 
 def to_params(flat: dict, dtype=jnp.float32):
-    return model.unflatten({k: jnp.asarray(v, dtype) for k, v in flat.items()})
+    return model.unflatten(flat, dtype)
 
 
 def feed(
