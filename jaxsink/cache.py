@@ -142,6 +142,13 @@ def query_rotations(stream: StreamConfig, t: jax.Array) -> jax.Array:
     return jnp.stack([r, r + stream.window, sink_pos], axis=-1)
 
 
+def rotation_count(stream: StreamConfig) -> int:
+    """Every rotation is an integer below this (static): queries r(t) + W < 2W (r(t) < W when
+    the ring never wraps), sinks min(t, K) <= K, keys below max(S, W)."""
+    n = 2 * stream.window if stream.wraps else stream.window
+    return max(n, stream.capacity + 1 if stream.sinks else 0)
+
+
 def used_variants(stream: StreamConfig) -> tuple[int, ...]:
     """The variants a stream can need (static): fewer variants, fewer score dot products."""
     used = [RING_SAME]

@@ -67,10 +67,23 @@ def _nucleus(logits: jax.Array, top_p: float, iterations: int = 40) -> jax.Array
     return jnp.where(probs >= threshold[:, None], logits, -jnp.inf)
 
 
+def greedy(logits: jax.Array) -> jax.Array:
+    """The first index of each row's largest logit. logits: [B, V] -> [B] int32.
+
+    Two plain reductions (max, then the smallest index holding it): XLA:CPU runs them several
+    times faster than `jnp.argmax`'s paired (value, index) reduction. A row without a largest
+    value (NaN) gives the last index rather than one out of range.
+    """
+    V = logits.shape[-1]
+    top = logits.max(axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(logits == top, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+    return jnp.minimum(first, V - 1)
+
+
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     """Draw one token per row. logits: [B, V] float32 -> [B] int32."""
     if sampling.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy(logits)
     logits = logits / sampling.temperature
     idx = None
     if sampling.top_k:

@@ -13,6 +13,7 @@ F mlp, V vocab (or, next to query tensors, the query rotation variants: see `jax
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -91,11 +92,25 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * x32.astype(x.dtype)
 
 
-def rotate(x: jax.Array, pos: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Apply RoPE at integer positions. x: [..., H], pos: x.shape[:-2] (one per row of heads)."""
-    inv_freq = jnp.asarray(cfg.inv_freq())  # [R/2]
-    angles = pos.astype(jnp.float32)[..., None, None] * inv_freq  # [..., 1, R/2]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+def rotary(
+    pos: jax.Array, n_positions: int, cfg: ModelConfig, dtype
+) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of the RoPE angles at integer positions: pos [...] in [0, n_positions) ->
+    two [..., 1, R/2].
+
+    Read from a table made on the host (the angles in float32, as Hugging Face computes them,
+    their cos/sin in float64): computed on device, XLA would evaluate cos/sin again inside
+    every layer's rotation, for every head.
+    """
+    angles = np.arange(n_positions, dtype=np.float32)[:, None] * cfg.inv_freq()  # [P, R/2]
+    table = np.stack([np.cos(angles.astype(np.float64)), np.sin(angles.astype(np.float64))], 1)
+    cos_sin = jnp.asarray(table, dtype)[pos]  # [..., 2, R/2]
+    return cos_sin[..., :1, :], cos_sin[..., 1:, :]
+
+
+def rotate(x: jax.Array, cos_sin: tuple[jax.Array, jax.Array], cfg: ModelConfig) -> jax.Array:
+    """Apply RoPE. x: [..., N, H]; cos_sin: `rotary` of one position per row of heads."""
+    cos, sin = cos_sin
     rot, rest = x[..., : cfg.rotated_dim], x[..., cfg.rotated_dim :]
     if cfg.rotary_interleaved:
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
@@ -124,12 +139,13 @@ def _select_variant(scores: jax.Array, variant: jax.Array) -> jax.Array:
     return out
 
 
-def _attention_view(cache: kv.KVCache, valid: jax.Array):
+def _attention_view(cache: kv.KVCache, valid: jax.Array, cfg: ModelConfig, dtype):
     """Everything about *which* keys each query sees, shared by all layers.
 
     Returns the masks/variants against the cached slots (sinks, then ring) [B, C, S] and
-    against the chunk's own keys [B, C, J], the query rotations [B, C, V], the key rotations
-    [B, C] and the slot each chunk token is written to ([B, C], K = dropped).
+    against the chunk's own keys [B, C, J], the query rotations (`rotary` of [B, C, V]), the
+    key rotations (`rotary` of [B, C]) and the slot each chunk token is written to ([B, C],
+    K = dropped).
     """
     stream = cache.stream
     S, W = stream.sinks, stream.window
@@ -138,13 +154,16 @@ def _attention_view(cache: kv.KVCache, valid: jax.Array):
     cached = kv.slot_tokens(stream, cache.pos)  # [B, S]: sink slots, then ring slots
     chunk = jnp.where(valid, t, -1)  # [B, J]
     tq = t[:, :, None]
+    P = kv.rotation_count(stream)
     view = {
         "see_cached": kv.visible(stream, tq, cached[:, None, :]),
         "var_cached": kv.query_variant(stream, tq, cached[:, None, :]),
         "see_chunk": kv.visible(stream, tq, chunk[:, None, :]),
         "var_chunk": kv.query_variant(stream, tq, chunk[:, None, :]),
-        "q_rot": kv.query_rotations(stream, t)[..., : len(kv.used_variants(stream))],
-        "k_rot": kv.key_rotation(stream, t),
+        "q_rot": rotary(
+            kv.query_rotations(stream, t)[..., : len(kv.used_variants(stream))], P, cfg, dtype
+        ),
+        "k_rot": rotary(kv.key_rotation(stream, t), P, cfg, dtype),
     }
     # A chunk token is written unless a later token of the same chunk takes its ring slot.
     kept = valid & ((t < S) | (t >= pos_after[:, None] - W))
@@ -171,36 +190,46 @@ def _attention(lp, h, lc: kv.LayerCache, view, cfg: ModelConfig):
     q = qkv[:, :, :, :G].reshape(B, C, K * G, H)
     k = rotate(qkv[:, :, :, G], view["k_rot"], cfg)  # [B, C, K, H]
     v = qkv[:, :, :, G + 1]  # [B, C, K, H]
-    n_var = view["q_rot"].shape[-1]
+    n_var = view["q_rot"][0].shape[2]
     q = rotate(jnp.broadcast_to(q[:, :, None], (B, C, n_var, K * G, H)), view["q_rot"], cfg)
     q = (q * jnp.asarray(H**-0.5, q.dtype)).reshape(B, C, n_var, K, G, H)
     q = q.transpose(0, 3, 1, 2, 4, 5)  # [B, K, C, V, G, H]
 
-    # Sink slots only ever need the SINK variant; ring slots only the ring variants.
+    # Three groups of keys, each scored by the query variants it can need: sink slots (SINK
+    # only), ring slots (the ring variants) and the chunk's own keys (any). The softmax runs
+    # over the groups without concatenating them: one max, one sum, values weighted per group.
     f32 = jnp.float32
     n_ring = min(n_var, kv.SINK)
     s_ring = jnp.einsum(
         "bkcvgh,bkhs->bkcvgs", q[:, :, :, :n_ring], lc.ring_k, preferred_element_type=f32
     )
-    scores = [_select_variant(s_ring, view["var_cached"][..., n_sinks:])]  # [B, K, C, G, W]
-    values = [lc.ring_v]
-    if n_sinks:
-        q_sink = q[:, :, :, kv.SINK]  # [B, K, C, G, H]
-        scores.insert(
-            0, jnp.einsum("bkcgh,bkhs->bkcgs", q_sink, lc.sink_k, preferred_element_type=f32)
-        )
-        values.insert(0, lc.sink_v)
     s_chunk = jnp.einsum("bkcvgh,bjkh->bkcvgj", q, k, preferred_element_type=f32)
-    scores.append(_select_variant(s_chunk, view["var_chunk"]))  # [B, K, C, G, J]
-    seen = jnp.concatenate([view["see_cached"], view["see_chunk"]], axis=-1)  # [B, C, S + J]
-    scores = jnp.where(seen[:, None, :, None, :], jnp.concatenate(scores, axis=-1), _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, C, G, S + J]
-    out = jnp.einsum("bkcgj,bjkh->bkcgh", probs[..., -C:], v)
-    start = 0
-    for cached_v in values:
-        n = cached_v.shape[2]
-        out += jnp.einsum("bkcgs,bksh->bkcgh", probs[..., start : start + n], cached_v)
-        start += n
+    groups = [  # (scores [B, K, C, G, T], visible [B, C, T], values [B, K, T, H])
+        (
+            _select_variant(s_ring, view["var_cached"][..., n_sinks:]),
+            view["see_cached"][..., n_sinks:],
+            lc.ring_v,
+        ),
+        (_select_variant(s_chunk, view["var_chunk"]), view["see_chunk"], v.transpose(0, 2, 1, 3)),
+    ]
+    if n_sinks:
+        s_sink = jnp.einsum(
+            "bkcgh,bkhs->bkcgs", q[:, :, :, kv.SINK], lc.sink_k, preferred_element_type=f32
+        )
+        groups.append((s_sink, view["see_cached"][..., :n_sinks], lc.sink_v))
+    groups = [
+        (jnp.where(seen[:, None, :, None, :], sc, _MASKED), vals) for sc, seen, vals in groups
+    ]
+    top = functools.reduce(jnp.maximum, [sc.max(axis=-1, keepdims=True) for sc, _ in groups])
+    total = jnp.zeros_like(top)  # [B, K, C, G, 1]
+    out = jnp.zeros((B, K, C, G, H), f32)
+    for sc, vals in groups:
+        weights = jnp.exp(sc - top)
+        total += weights.sum(axis=-1, keepdims=True)
+        out += jnp.einsum(
+            "bkcgs,bksh->bkcgh", weights.astype(v.dtype), vals, preferred_element_type=f32
+        )
+    out = (out / total).astype(v.dtype)  # [B, K, C, G, H]
     # The written keys/values are made to depend on `out`, which read the whole old cache: only
     # a data dependence lets XLA prove the write comes after the reads and do it in place
     # (an optimization_barrier does not); otherwise it copies every cache buffer twice.
@@ -237,7 +266,7 @@ def forward(
     grows with depth, but no step copies a layer's weights or cache.
     """
     valid = valid.astype(bool)
-    view = _attention_view(cache, valid)
+    view = _attention_view(cache, valid, cfg, params["embed"].dtype)
     x = params["embed"][tokens]  # [B, C, D]
     new_layers = []
     for lp, lc in zip(params["layers"], cache.layers, strict=True):

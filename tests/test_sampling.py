@@ -25,6 +25,16 @@ def test_greedy_is_argmax():
     np.testing.assert_array_equal(sample(logits, jax.random.key(1), Sampling()), logits.argmax(-1))
 
 
+def test_greedy_takes_the_first_of_tied_best_and_stays_in_range():
+    logits = np.zeros((3, 10), np.float32)
+    logits[0, [2, 7]] = 5.0  # a tie: the first index wins, as argmax
+    logits[1, 9] = 1.0
+    logits[2, 4] = np.nan  # no largest value: an in-range index all the same
+    got = np.asarray(sample(jnp.asarray(logits), jax.random.key(0), Sampling()))
+    assert list(got[:2]) == [2, 9]
+    assert 0 <= got[2] < 10
+
+
 def test_top_k_only_draws_the_k_best():
     logits = _logits()
     draws = _draws(logits, Sampling(temperature=1.0, top_k=3))

@@ -129,3 +129,24 @@ def test_spec_view_by_hand():
     # S=2, W=3, K=5: at t=9 the query sees sinks 0,1 (at distances 5-0, 5-1) and 6, 7, 8, 9.
     assert spec_view(9, 2, 3) == [(0, 5), (1, 4), (6, 3), (7, 2), (8, 1), (9, 0)]
     assert spec_view(4, 2, 3) == [(0, 4), (1, 3), (2, 2), (3, 1), (4, 0)]
+
+
+@pytest.mark.parametrize("chunk", [1, 8])
+def test_step_updates_the_cache_in_place(chunk):
+    """The compiled step writes every layer's cache buffers in place: no copy of a cache-shaped
+    array anywhere in the program (a copy per layer per token would cost more than the
+    attention itself)."""
+    cfg = tiny_config(num_layers=3)
+    params = to_params(random_flat_params(cfg))
+    cache = kv.init_cache(cfg, StreamConfig(4, 60), 2)
+    tokens = jnp.zeros((2, chunk), jnp.int32)
+    hlo = model.step.lower(params, cache, tokens, tokens > 0, cfg=cfg).compile().as_text()
+    cache_shapes = {
+        "f32[{}]".format(",".join(map(str, x.shape))) for x in jax.tree.leaves(cache.layers)
+    }
+    cache_copies = [
+        line.strip()[:120]
+        for line in hlo.splitlines()
+        if " copy(" in line and any(f"= {shape}" in line for shape in cache_shapes)
+    ]
+    assert cache_copies == []
