@@ -1,4 +1,5 @@
-"""One generic decoder block, scanned over stacked layers, reading and writing the sink + ring cache.
+"""One generic decoder block, unrolled over per-layer buffers, reading and writing the sink +
+ring cache.
 
 `forward(params, cache, tokens, valid, cfg)` is a pure function of explicit pytrees. Static (a
 change recompiles): `cfg`, `cache.stream` and every shape (batch B, chunk length C, capacity K).
@@ -6,8 +7,9 @@ Everything that moves with the stream (`cache.pos`, the tokens, which of them ar
 array, so one compilation serves a stream of any length.
 
 Letters in shape comments and einsum strings: B batch, C chunk (queries), S cache slots (keys:
-the sink slots, the ring slots or both, as each comment says), W ring slots, J chunk keys, D hidden, N query heads, K kv heads, G query heads per kv head, H head dim,
-F mlp, V vocab (or, next to query tensors, the query rotation variants: see `jaxsink.cache`).
+the sink slots, the ring slots or both, as each comment says), W ring slots, J chunk keys,
+D hidden, N query heads, K kv heads, G query heads per kv head, H head dim, F mlp, V vocab (or,
+next to query tensors, the query rotation variants: see `jaxsink.cache`), P rotary positions.
 """
 
 from __future__ import annotations
@@ -92,19 +94,21 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * x32.astype(x.dtype)
 
 
-def rotary(
-    pos: jax.Array, n_positions: int, cfg: ModelConfig, dtype
-) -> tuple[jax.Array, jax.Array]:
-    """cos and sin of the RoPE angles at integer positions: pos [...] in [0, n_positions) ->
-    two [..., 1, R/2].
+def rotary_table(n_positions: int, cfg: ModelConfig) -> np.ndarray:
+    """cos and sin of the RoPE angles at positions 0 .. P-1: [P, 2, R/2] float32.
 
-    Read from a table made on the host (the angles in float32, as Hugging Face computes them,
-    their cos/sin in float64): computed on device, XLA would evaluate cos/sin again inside
-    every layer's rotation, for every head.
+    Made on the host (the angles in float32, as Hugging Face computes them, their cos/sin in
+    float64) and read by index on device: computed there, XLA would evaluate cos/sin again
+    inside every layer's rotation, for every head.
     """
     angles = np.arange(n_positions, dtype=np.float32)[:, None] * cfg.inv_freq()  # [P, R/2]
-    table = np.stack([np.cos(angles.astype(np.float64)), np.sin(angles.astype(np.float64))], 1)
-    cos_sin = jnp.asarray(table, dtype)[pos]  # [..., 2, R/2]
+    angles = angles.astype(np.float64)
+    return np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+
+
+def rotary(table: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin at integer positions: table [P, 2, R/2], pos [...] -> two [..., 1, R/2]."""
+    cos_sin = table[pos]  # [..., 2, R/2]
     return cos_sin[..., :1, :], cos_sin[..., 1:, :]
 
 
@@ -132,7 +136,8 @@ def _activation(name: str):
 
 
 def _select_variant(scores: jax.Array, variant: jax.Array) -> jax.Array:
-    """scores [B, K, C, V, G, T], variant [B, C, T] -> the chosen variant's scores [B, K, C, G, T]."""
+    """scores [B, K, C, V, G, T], variant [B, C, T] -> each key's variant's scores
+    [B, K, C, G, T]."""
     out = scores[:, :, :, 0]
     for v in range(1, scores.shape[3]):
         out = jnp.where((variant == v)[:, None, :, None, :], scores[:, :, :, v], out)
@@ -154,16 +159,15 @@ def _attention_view(cache: kv.KVCache, valid: jax.Array, cfg: ModelConfig, dtype
     cached = kv.slot_tokens(stream, cache.pos)  # [B, S]: sink slots, then ring slots
     chunk = jnp.where(valid, t, -1)  # [B, J]
     tq = t[:, :, None]
-    P = kv.rotation_count(stream)
+    table = jnp.asarray(rotary_table(kv.rotation_count(stream), cfg), dtype)  # [P, 2, R/2]
+    n_variants = len(kv.used_variants(stream))
     view = {
         "see_cached": kv.visible(stream, tq, cached[:, None, :]),
         "var_cached": kv.query_variant(stream, tq, cached[:, None, :]),
         "see_chunk": kv.visible(stream, tq, chunk[:, None, :]),
         "var_chunk": kv.query_variant(stream, tq, chunk[:, None, :]),
-        "q_rot": rotary(
-            kv.query_rotations(stream, t)[..., : len(kv.used_variants(stream))], P, cfg, dtype
-        ),
-        "k_rot": rotary(kv.key_rotation(stream, t), P, cfg, dtype),
+        "q_rot": rotary(table, kv.query_rotations(stream, t)[..., :n_variants]),
+        "k_rot": rotary(table, kv.key_rotation(stream, t)),
     }
     # A chunk token is written unless a later token of the same chunk takes its ring slot.
     kept = valid & ((t < S) | (t >= pos_after[:, None] - W))
@@ -176,7 +180,8 @@ def _attention(lp, h, lc: kv.LayerCache, view, cfg: ModelConfig):
     then the chunk's surviving keys/values written into that layer's cache.
 
     h: [B, C, D]; lc: this layer's cache (keys sink_k [B, K, H, n_sinks], ring_k [B, K, H, W];
-    values sink_v [B, K, n_sinks, H], ring_v [B, K, W, H]). Returns (out [B, C, D], the updated layer cache).
+    values sink_v [B, K, n_sinks, H], ring_v [B, K, W, H]).
+    Returns (out [B, C, D], the updated layer cache).
     Intermediates keep (batch, kv head) leading, like the cache, so every score and value
     product is one batched matrix product over B * K.
     """
