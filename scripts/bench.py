@@ -129,79 +129,6 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _hf_from_jaxsink(path: str):
-    """A transformers Llama model holding exactly the weights of a jaxsink checkpoint.
-
-    Only Llama-layout configs (no biases, no rotary fraction, HF rotate-half layout) are
-    rebuilt; anything else needs `--hf-model`.
-    """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from jaxsink.checkpoint import load_params, read_config
-
-    cfg, _ = read_config(path)
-    unsupported = [
-        name
-        for name, bad in (
-            ("out_bias", cfg.out_bias),
-            ("rotary_dim", cfg.rotary_dim not in (None, cfg.head_dim)),
-            ("rotary_interleaved", cfg.rotary_interleaved),
-            ("qkv_bias", cfg.qkv_bias),
-            ("mlp_bias", cfg.mlp_bias),
-            ("rope_scaling", cfg.rope_scaling is not None),
-        )
-        if bad
-    ]
-    if unsupported:
-        raise SystemExit(
-            f"cannot rebuild a transformers model for {path} ({', '.join(unsupported)}): "
-            "pass the Hugging Face folder with --hf-model"
-        )
-    hf_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
-        hidden_act=cfg.hidden_act,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_embeddings,
-        bos_token_id=cfg.bos_token_id,
-        eos_token_id=list(cfg.eos_token_ids) or None,
-    )
-    flat = {k: v.astype("float32") for k, v in load_params(path, cfg).items()}
-    D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    sd = {"model.embed_tokens.weight": flat["embed"], "model.norm.weight": flat["final_norm"]}
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        sd[p + "self_attn.q_proj.weight"] = flat["layers.wq"][i].reshape(D, N * H).T
-        sd[p + "self_attn.k_proj.weight"] = flat["layers.wk"][i].reshape(D, K * H).T
-        sd[p + "self_attn.v_proj.weight"] = flat["layers.wv"][i].reshape(D, K * H).T
-        sd[p + "self_attn.o_proj.weight"] = flat["layers.wo"][i].reshape(N * H, D).T
-        sd[p + "mlp.gate_proj.weight"] = flat["layers.w_gate"][i].T
-        sd[p + "mlp.up_proj.weight"] = flat["layers.w_up"][i].T
-        sd[p + "mlp.down_proj.weight"] = flat["layers.w_down"][i].T
-        sd[p + "input_layernorm.weight"] = flat["layers.attn_norm"][i]
-        sd[p + "post_attention_layernorm.weight"] = flat["layers.mlp_norm"][i]
-    sd["lm_head.weight"] = flat["embed"] if cfg.tie_embeddings else flat["lm_head"].T
-    model = LlamaForCausalLM(hf_cfg)
-    state = {k: torch.from_numpy(v.copy()) for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise SystemExit(
-            f"rebuilding the transformers model: missing {missing}, unexpected {unexpected}"
-        )
-    if cfg.tie_embeddings:
-        model.tie_weights()
-    return model.float().eval()
-
-
 def hf_worker(hf_model: str | None, jaxsink_model: str, threads: int) -> None:
     """Serve timing requests, one JSON object per line on stdin -> one per line on stdout."""
     import numpy as np
@@ -215,7 +142,9 @@ def hf_worker(hf_model: str | None, jaxsink_model: str, threads: int) -> None:
         model = AutoModelForCausalLM.from_pretrained(hf_model, dtype=torch.float32).eval()
         source = hf_model
     else:
-        model = _hf_from_jaxsink(jaxsink_model)
+        from tests.torch_reference import hf_llama_from_checkpoint
+
+        model = hf_llama_from_checkpoint(jaxsink_model)
         source = f"rebuilt from {jaxsink_model}"
 
     def reply(obj):
