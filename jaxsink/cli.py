@@ -242,8 +242,21 @@ def cmd_ppl(args) -> int:
 COMMANDS = {"generate": cmd_generate, "ppl": cmd_ppl}
 
 
+def _use_compilation_cache() -> None:
+    """Keep compiled executables across runs in JAX's persistent compilation cache, under
+    `$JAXSINK_HOME/xla-cache` unless the user chose a folder (JAX_COMPILATION_CACHE_DIR): the
+    model's layers run unrolled, which takes seconds to compile."""
+    import jax
+
+    from jaxsink.default_model import jaxsink_home
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(jaxsink_home() / "xla-cache"))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    _use_compilation_cache()
     try:
         return COMMANDS[args.command](args)
     except (JaxsinkError, FileNotFoundError) as e:

