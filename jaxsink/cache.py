@@ -33,7 +33,8 @@ class LayerCache:
     docstring). Separate arrays, so attention reads each part without slicing a copy. Keys are
     stored transposed, the layout the score product reads without a transposing copy.
 
-    sink_k: [B, Hkv, H, S], sink_v: [B, Hkv, S, H]; ring_k: [B, Hkv, H, W], ring_v: [B, Hkv, W, H].
+    sink_k: [B, Hkv, H, S], sink_v: [B, Hkv, S, H];
+    ring_k: [B, Hkv, H, W], ring_v: [B, Hkv, W, H].
     """
 
     sink_k: jax.Array
@@ -67,7 +68,6 @@ class KVCache:
 
 def init_cache(cfg: ModelConfig, stream: StreamConfig, batch: int, dtype=jnp.float32) -> KVCache:
     """An empty cache for `batch` streams, every row at position 0."""
-
     B, K, H, S, W = batch, cfg.num_kv_heads, cfg.head_dim, stream.sinks, stream.window
     layers = tuple(
         LayerCache(
