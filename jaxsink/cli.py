@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sinks", type=int, default=4, help="sink tokens (window mode uses 0 and window + sinks)"
     )
     p.add_argument("--window", type=int, default=1020, help="recent tokens kept (default 1020)")
-    p.add_argument("--chunk", type=int, default=256, help="tokens per jitted chunk (default 256)")
+    p.add_argument("--chunk", type=int, default=128, help="tokens per jitted chunk (default 128)")
     p.add_argument("--out", help="folder for nll_<mode>.npy, summary.json and ppl.png")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     p.add_argument("--plot", action="store_true", help="write ppl.png into --out")

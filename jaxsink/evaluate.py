@@ -104,7 +104,7 @@ def stream_nll(
     mode: str = "sink",
     sinks: int = 4,
     window: int = 1020,
-    chunk: int = 256,
+    chunk: int = 128,
     progress: bool = True,
 ) -> StreamResult:
     """Per-token NLL of the stream `ids` (N + 1 token ids -> N values), fed in chunks of `chunk`.

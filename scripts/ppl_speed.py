@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="jaxsink checkpoint (default: SmolLM2)")
     p.add_argument("--n-tokens", type=int, default=4096, help="targets per mode for the command")
-    p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--chunk", type=int, default=128)
     p.add_argument("--ref-tokens", type=int, default=1024, help="targets of the reference loop")
     p.add_argument("--ref-modes", nargs="+", choices=MODES, default=["sink"])
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
