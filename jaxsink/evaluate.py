@@ -19,6 +19,7 @@ import numpy as np
 from jaxsink import cache as kv
 from jaxsink import model as mdl
 from jaxsink.config import ConfigError, StreamConfig
+from jaxsink.executables import compiled
 from jaxsink.loading import Model
 
 SEGMENT = 1024  # tokens per segment in the summary's per-segment perplexity
@@ -127,10 +128,9 @@ def stream_nll(
     cache = kv.init_cache(model.cfg, stream, 1, model.dtype)
     cache_bytes = cache.nbytes
     traces = sum(mdl.TRACES.values())
-    spec = np.zeros((1, chunk), np.int32), np.zeros((1, chunk), bool)
-    start = time.perf_counter()
-    exe = nll_chunk.lower(model.params, cache, spec[0], spec[0], spec[1], cfg=model.cfg).compile()
-    compile_seconds = time.perf_counter() - start
+    ids0, valid0 = np.zeros((1, chunk), np.int32), np.zeros((1, chunk), bool)
+    args = (model.params, cache, ids0, ids0, valid0)
+    exe, compile_seconds = compiled(nll_chunk, "nll_chunk", args, {"cfg": model.cfg})
 
     out = np.zeros(n, np.float32)
     chunk_seconds = []

@@ -19,6 +19,7 @@ import numpy as np
 from jaxsink import cache as kv
 from jaxsink import model as mdl
 from jaxsink.config import ConfigError, ModelConfig, StreamConfig
+from jaxsink.executables import compiled
 from jaxsink.loading import Model
 from jaxsink.tokenizer import IncrementalDecoder
 
@@ -128,25 +129,6 @@ decode_block = jax.jit(
     _decode_block, static_argnames=("cfg", "sampling", "block"), donate_argnames=("cache", "logits")
 )
 
-_EXECUTABLES: dict = {}
-
-
-def _compiled(fn, name: str, args: tuple, static: dict):
-    """AOT-compile `fn` for these argument shapes once per process; returns (executable, seconds)."""
-    shapes = jax.tree.map(lambda x: (x.shape, x.dtype), args)
-    key = (
-        name,
-        jax.tree.structure(args),
-        tuple(jax.tree.leaves(shapes)),
-        tuple(sorted(static.items())),
-    )
-    if key in _EXECUTABLES:
-        return _EXECUTABLES[key], 0.0
-    start = time.perf_counter()
-    exe = fn.lower(*args, **static).compile()
-    _EXECUTABLES[key] = exe
-    return exe, time.perf_counter() - start
-
 
 @dataclasses.dataclass
 class GenerationStats:
@@ -240,7 +222,7 @@ class Generation:
         C = self.chunk
         tokens = np.zeros((1, C), np.int32)
         valid = np.zeros((1, C), bool)
-        prefill, t_pre = _compiled(
+        prefill, t_pre = compiled(
             mdl.last_logits, "prefill", (m.params, cache, tokens, valid), {"cfg": cfg}
         )
         eos = jnp.asarray(cfg.eos_token_ids or m.tokenizer.eos_token_ids or (-2,), jnp.int32)
@@ -249,7 +231,7 @@ class Generation:
         logits0 = jnp.zeros((1, cfg.vocab_size), jnp.float32)
         block_args = (m.params, cache, logits0, key, done, jnp.int32(1), eos)
         static = {"cfg": cfg, "sampling": self.sampling, "block": self.block}
-        block_fn, t_blk = _compiled(decode_block, "decode_block", block_args, static)
+        block_fn, t_blk = compiled(decode_block, "decode_block", block_args, static)
         st.compile_s = t_pre + t_blk
         st.compiles = sum(mdl.TRACES.values()) - traces_before
 

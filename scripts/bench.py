@@ -355,7 +355,6 @@ class Bench:
         self.cfg = model.cfg
         self.jax = jax
         self.rng_seed = 0
-        self.executables: dict = {}
         self.compile_s = 0.0
         self.results: dict = {}
         self.rows: list[tuple[str, str, str, str]] = []  # section, measurement, value, note
@@ -372,14 +371,11 @@ class Bench:
 
     def compiled(self, name: str, fn, args: tuple, static: dict):
         """AOT-compile once per (function, argument shapes/dtypes, static args)."""
-        jax = self.jax
-        sig = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args))
-        key = (name, jax.tree.structure(args), sig, tuple(sorted(static.items(), key=str)))
-        if key not in self.executables:
-            t = time.perf_counter()
-            self.executables[key] = fn.lower(*args, **static).compile()
-            self.compile_s += time.perf_counter() - t
-        return self.executables[key]
+        from jaxsink.executables import compiled
+
+        exe, seconds = compiled(fn, name, args, static)
+        self.compile_s += seconds
+        return exe
 
     def init_cache(self, stream, batch: int = 1, dtype=None):
         from jaxsink import cache as kv
