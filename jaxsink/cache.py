@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jaxsink.config import ModelConfig, StreamConfig
@@ -30,17 +31,16 @@ RING_SAME, RING_PREV, SINK = 0, 1, 2
 @struct.dataclass
 class LayerCache:
     """One layer's keys/values for every stream in the batch (keys rotated as in the module
-    docstring). Separate arrays, so attention reads each part without slicing a copy. Keys are
-    stored transposed, the layout the score product reads without a transposing copy.
+    docstring): its K = S + W slots, sinks then ring, stored as consecutive blocks (see
+    `slot_blocks`), each its own buffers, so attention reads a block without slicing a copy and
+    skips a block no query can see. Keys are stored transposed, the layout the score product
+    reads without a transposing copy.
 
-    sink_k: [B, Hkv, H, S], sink_v: [B, Hkv, S, H];
-    ring_k: [B, Hkv, H, W], ring_v: [B, Hkv, W, H].
+    keys: one [B, Hkv, H, n] per block; values: one [B, Hkv, n, H] per block (n slots each).
     """
 
-    sink_k: jax.Array
-    sink_v: jax.Array
-    ring_k: jax.Array
-    ring_v: jax.Array
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
 
 
 @struct.dataclass
@@ -66,15 +66,29 @@ class KVCache:
         return sum(x.nbytes for x in jax.tree.leaves(self))
 
 
+RING_BLOCK = 1024  # ring slots per cache block at most
+
+
+def slot_blocks(stream: StreamConfig) -> tuple[tuple[int, int], ...]:
+    """(first slot, slots) of each cache block (static): the S sinks (if any), then the ring in
+    near-equal blocks of at most `RING_BLOCK` slots. A long dense cache is many blocks, and a
+    chunk attends only to those holding a token it can see."""
+    n_ring = -(-stream.window // RING_BLOCK)
+    base, extra = divmod(stream.window, n_ring)
+    sizes = [stream.sinks] if stream.sinks else []
+    sizes += [base + (i < extra) for i in range(n_ring)]
+    starts = np.cumsum([0, *sizes[:-1]]).tolist()
+    return tuple(zip(starts, sizes, strict=True))
+
+
 def init_cache(cfg: ModelConfig, stream: StreamConfig, batch: int, dtype=jnp.float32) -> KVCache:
     """An empty cache for `batch` streams, every row at position 0."""
-    B, K, H, S, W = batch, cfg.num_kv_heads, cfg.head_dim, stream.sinks, stream.window
+    B, K, H = batch, cfg.num_kv_heads, cfg.head_dim
+    blocks = slot_blocks(stream)
     layers = tuple(
         LayerCache(
-            sink_k=jnp.zeros((B, K, H, S), dtype),
-            sink_v=jnp.zeros((B, K, S, H), dtype),
-            ring_k=jnp.zeros((B, K, H, W), dtype),
-            ring_v=jnp.zeros((B, K, W, H), dtype),
+            keys=tuple(jnp.zeros((B, K, H, n), dtype) for _, n in blocks),
+            values=tuple(jnp.zeros((B, K, n, H), dtype) for _, n in blocks),
         )
         for _ in range(cfg.num_layers)
     )

@@ -172,15 +172,53 @@ def _attention_view(cache: kv.KVCache, valid: jax.Array, cfg: ModelConfig, dtype
     # A chunk token is written unless a later token of the same chunk takes its ring slot.
     kept = valid & ((t < S) | (t >= pos_after[:, None] - W))
     view["write_slot"] = jnp.where(kept, kv.slot_of(stream, t), stream.capacity)
+    view["blocks"], view["n_sinks"] = kv.slot_blocks(stream), S  # static
+    # Whether any query of the chunk sees any slot of each block: [] bool per block.
+    view["live"] = tuple(view["see_cached"][..., a : a + n].any() for a, n in view["blocks"])
     return view
+
+
+def _group(q, keys, values, variant, seen):
+    """Attention of the queries over one group of keys, as partial softmax statistics.
+
+    q: [B, K, C, V', G, H] (the variants this group can need); keys [B, K, H, T]; values
+    [B, K, T, H]; variant: [B, C, T] index into V' (None: the only one); seen: [B, C, T].
+    Returns (peak [B, K, C, G, 1] the row max, mass [B, K, C, G, 1] the sum of exp(score -
+    peak), weighted [B, K, C, G, H] float32 the exp-weighted values); `_combine` merges groups.
+    """
+    f32 = jnp.float32
+    scores = jnp.einsum("bkcvgh,bkhs->bkcvgs", q, keys, preferred_element_type=f32)
+    scores = scores[:, :, :, 0] if variant is None else _select_variant(scores, variant)
+    scores = jnp.where(seen[:, None, :, None, :], scores, _MASKED)  # [B, K, C, G, T]
+    peak = scores.max(axis=-1, keepdims=True)
+    weights = jnp.exp(scores - peak)
+    weighted = jnp.einsum(
+        "bkcgs,bksh->bkcgh", weights.astype(values.dtype), values, preferred_element_type=f32
+    )
+    return peak, weights.sum(axis=-1, keepdims=True), weighted
+
+
+def _skipped_group(q, keys, *_):
+    """`_group`'s result for keys no query sees: no mass."""
+    B, K, C, _, G, H = q.shape
+    zeros = jnp.zeros((B, K, C, G, 1), jnp.float32)
+    return zeros + _MASKED, zeros, jnp.zeros((B, K, C, G, H), jnp.float32)
+
+
+def _combine(parts):
+    """Merge `_group` results into the softmax-weighted values [B, K, C, G, H] float32."""
+    top = functools.reduce(jnp.maximum, [peak for peak, _, _ in parts])
+    scales = [jnp.exp(peak - top) for peak, _, _ in parts]
+    total = sum(mass * c for (_, mass, _), c in zip(parts, scales, strict=True))
+    return sum(weighted * c for (_, _, weighted), c in zip(parts, scales, strict=True)) / total
 
 
 def _attention(lp, h, lc: kv.LayerCache, view, cfg: ModelConfig):
     """Self-attention of a chunk over one layer's cached sink and ring slots plus its own keys,
     then the chunk's surviving keys/values written into that layer's cache.
 
-    h: [B, C, D]; lc: this layer's cache (keys sink_k [B, K, H, n_sinks], ring_k [B, K, H, W];
-    values sink_v [B, K, n_sinks, H], ring_v [B, K, W, H]).
+    h: [B, C, D]; lc: this layer's cache, one key [B, K, H, n] and value [B, K, n, H] buffer
+    per block of n slots (`view["blocks"]`).
     Returns (out [B, C, D], the updated layer cache).
     Intermediates keep (batch, kv head) leading, like the cache, so every score and value
     product is one batched matrix product over B * K.
@@ -188,7 +226,6 @@ def _attention(lp, h, lc: kv.LayerCache, view, cfg: ModelConfig):
     B, C, _ = h.shape
     K, H = cfg.num_kv_heads, cfg.head_dim
     G = cfg.num_heads // K
-    n_sinks = lc.sink_k.shape[3]
     qkv = jnp.einsum("bcd,dkeh->bckeh", h, lp["w_qkv"])  # [B, C, K, G + 2, H]
     if cfg.qkv_bias:
         qkv += lp["b_qkv"]
@@ -200,41 +237,22 @@ def _attention(lp, h, lc: kv.LayerCache, view, cfg: ModelConfig):
     q = (q * jnp.asarray(H**-0.5, q.dtype)).reshape(B, C, n_var, K, G, H)
     q = q.transpose(0, 3, 1, 2, 4, 5)  # [B, K, C, V, G, H]
 
-    # Three groups of keys, each scored by the query variants it can need: sink slots (SINK
-    # only), ring slots (the ring variants) and the chunk's own keys (any). The softmax runs
-    # over the groups without concatenating them: one max, one sum, values weighted per group.
-    f32 = jnp.float32
-    n_ring = min(n_var, kv.SINK)
-    s_ring = jnp.einsum(
-        "bkcvgh,bkhs->bkcvgs", q[:, :, :, :n_ring], lc.ring_k, preferred_element_type=f32
-    )
-    s_chunk = jnp.einsum("bkcvgh,bjkh->bkcvgj", q, k, preferred_element_type=f32)
-    groups = [  # (scores [B, K, C, G, T], visible [B, C, T], values [B, K, T, H])
-        (
-            _select_variant(s_ring, view["var_cached"][..., n_sinks:]),
-            view["see_cached"][..., n_sinks:],
-            lc.ring_v,
-        ),
-        (_select_variant(s_chunk, view["var_chunk"]), view["see_chunk"], v.transpose(0, 2, 1, 3)),
-    ]
-    if n_sinks:
-        s_sink = jnp.einsum(
-            "bkcgh,bkhs->bkcgs", q[:, :, :, kv.SINK], lc.sink_k, preferred_element_type=f32
-        )
-        groups.append((s_sink, view["see_cached"][..., :n_sinks], lc.sink_v))
-    groups = [
-        (jnp.where(seen[:, None, :, None, :], sc, _MASKED), vals) for sc, seen, vals in groups
-    ]
-    top = functools.reduce(jnp.maximum, [sc.max(axis=-1, keepdims=True) for sc, _ in groups])
-    total = jnp.zeros_like(top)  # [B, K, C, G, 1]
-    out = jnp.zeros((B, K, C, G, H), f32)
-    for sc, vals in groups:
-        weights = jnp.exp(sc - top)
-        total += weights.sum(axis=-1, keepdims=True)
-        out += jnp.einsum(
-            "bkcgs,bksh->bkcgh", weights.astype(v.dtype), vals, preferred_element_type=f32
-        )
-    out = (out / total).astype(v.dtype)  # [B, K, C, G, H]
+    # Groups of keys, each scored by the query variants it can need: the chunk's own keys (any),
+    # the sink block (SINK only) and each ring block (the ring variants). A cache block that no
+    # query of the chunk can see (a dense cache not yet filled) is skipped at run time.
+    chunk_keys, chunk_values = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+    parts = [_group(q, chunk_keys, chunk_values, view["var_chunk"], view["see_chunk"])]
+    q_ring = q[:, :, :, : min(n_var, kv.SINK)]
+    q_sink = q[:, :, :, kv.SINK : kv.SINK + 1]
+    blocks = zip(view["blocks"], view["live"], lc.keys, lc.values, strict=True)
+    for (start, n), live, keys, values in blocks:
+        seen = view["see_cached"][..., start : start + n]  # [B, C, n]
+        if start < view["n_sinks"]:  # the sink block
+            args = (q_sink, keys, values, None, seen)
+        else:
+            args = (q_ring, keys, values, view["var_cached"][..., start : start + n], seen)
+        parts.append(jax.lax.cond(live, _group, _skipped_group, *args))
+    out = _combine(parts).astype(v.dtype)  # [B, K, C, G, H]
     # The written keys/values are made to depend on `out`, which read the whole old cache: only
     # a data dependence lets XLA prove the write comes after the reads and do it in place
     # (an optimization_barrier does not); otherwise it copies every cache buffer twice.
@@ -244,7 +262,7 @@ def _attention(lp, h, lc: kv.LayerCache, view, cfg: ModelConfig):
     out = out @ lp["wo"].reshape(K * G * H, -1)  # [B, C, D]
     if cfg.out_bias:
         out += lp["bo"]
-    return out, _write(lc, k, v, view["write_slot"], n_sinks)
+    return out, _write(lc, k, v, view["write_slot"], view["blocks"])
 
 
 def _mlp(lp, h, cfg: ModelConfig):
@@ -284,28 +302,19 @@ def forward(
     return x, cache.replace(layers=tuple(new_layers), pos=pos)
 
 
-def _write(lc: kv.LayerCache, k_new, v_new, write_slot, n_sinks: int) -> kv.LayerCache:
-    """Store a chunk's keys/values [B, C, K, H] at `write_slot` [B, C] (sink slots then ring
-    slots; S + W = dropped), in place once attention has read the old contents."""
-    W = lc.ring_v.shape[2]
+def _write(lc: kv.LayerCache, k_new, v_new, write_slot, blocks) -> kv.LayerCache:
+    """Store a chunk's keys/values [B, C, K, H] at `write_slot` [B, C] (cache slots, sinks then
+    ring; K = dropped) into the blocks holding them, in place once attention has read the old
+    contents. blocks: (first slot, slots) of each block."""
     rows = jnp.arange(write_slot.shape[0])[:, None]  # [B, 1]
-
-    # Indexing [rows, :, ..., slot] puts the [B, C] index axes first: updates are [B, C, K, H].
-    def put_keys(arr, slot):  # arr [B, K, H, slots]
-        return arr.at[rows, :, :, slot].set(k_new, mode="drop")  # out-of-range: dropped
-
-    def put_values(arr, slot):  # arr [B, K, slots, H]
-        return arr.at[rows, :, slot].set(v_new, mode="drop")
-
-    ring_slot = jnp.where(write_slot >= n_sinks, write_slot - n_sinks, W)  # W (dropped): sinks
-    out = {"ring_k": put_keys(lc.ring_k, ring_slot), "ring_v": put_values(lc.ring_v, ring_slot)}
-    if n_sinks:
-        sink_slot = jnp.minimum(write_slot, n_sinks)  # n_sinks (dropped) for ring tokens
-        out |= {
-            "sink_k": put_keys(lc.sink_k, sink_slot),
-            "sink_v": put_values(lc.sink_v, sink_slot),
-        }
-    return lc.replace(**out)
+    keys, values = [], []
+    for (start, n), kb, vb in zip(blocks, lc.keys, lc.values, strict=True):
+        inside = (write_slot >= start) & (write_slot < start + n)
+        slot = jnp.where(inside, write_slot - start, n)  # n: dropped
+        # Indexing [rows, ..., slot] puts the [B, C] index axes first: updates are [B, C, K, H].
+        keys.append(kb.at[rows, :, :, slot].set(k_new, mode="drop"))
+        values.append(vb.at[rows, :, slot].set(v_new, mode="drop"))
+    return kv.LayerCache(keys=tuple(keys), values=tuple(values))
 
 
 def logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:

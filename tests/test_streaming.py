@@ -131,6 +131,27 @@ def test_spec_view_by_hand():
     assert spec_view(4, 2, 3) == [(0, 4), (1, 3), (2, 2), (3, 1), (4, 0)]
 
 
+@pytest.mark.parametrize("stream", [StreamConfig(3, 20), StreamConfig(0, 40, "dense")], ids=str)
+def test_cache_in_blocks_matches_spec_reference(stream, monkeypatch):
+    """A cache of many blocks (small blocks here), some skipped while still empty, computes
+    exactly the SPEC semantics."""
+    monkeypatch.setattr(kv, "RING_BLOCK", 6)
+    assert len(kv.slot_blocks(stream)) >= 4
+    cfg = tiny_config()
+    flat = random_flat_params(cfg, seed=13)
+    tokens = np.random.default_rng(14).integers(0, cfg.vocab_size, size=(1, 40)).astype(np.int32)
+    dense = stream.mode == "dense"
+    want = stream_logits(flat, cfg, tokens[0], stream.sinks, stream.window, dense=dense)
+    for chunk in (1, 7):
+        got, _ = feed(to_params(flat), cfg, stream, tokens, chunk=chunk)
+        np.testing.assert_allclose(got[0], want, atol=2e-4, rtol=0)
+
+
+def test_slot_blocks():
+    assert kv.slot_blocks(StreamConfig(4, 1020)) == ((0, 4), (4, 1020))
+    assert kv.slot_blocks(StreamConfig(0, 2500, "dense")) == ((0, 834), (834, 833), (1667, 833))
+
+
 @pytest.mark.parametrize("chunk", [1, 8])
 def test_step_updates_the_cache_in_place(chunk):
     """The compiled step writes every layer's cache buffers in place: no copy of a cache-shaped
@@ -138,7 +159,7 @@ def test_step_updates_the_cache_in_place(chunk):
     attention itself)."""
     cfg = tiny_config(num_layers=3)
     params = to_params(random_flat_params(cfg))
-    cache = kv.init_cache(cfg, StreamConfig(4, 60), 2)
+    cache = kv.init_cache(cfg, StreamConfig(4, 2100), 2)  # sinks + 3 ring blocks
     tokens = jnp.zeros((2, chunk), jnp.int32)
     hlo = model.step.lower(params, cache, tokens, tokens > 0, cfg=cfg).compile().as_text()
     cache_shapes = {
