@@ -173,8 +173,14 @@ def _attention_view(cache: kv.KVCache, valid: jax.Array, cfg: ModelConfig, dtype
     kept = valid & ((t < S) | (t >= pos_after[:, None] - W))
     view["write_slot"] = jnp.where(kept, kv.slot_of(stream, t), stream.capacity)
     view["blocks"], view["n_sinks"] = kv.slot_blocks(stream), S  # static
-    # Whether any query of the chunk sees any slot of each block: [] bool per block.
-    view["live"] = tuple(view["see_cached"][..., a : a + n].any() for a, n in view["blocks"])
+    # Whether any query of the chunk sees any slot of a block, for the blocks worth a run-time
+    # test (each costs a conditional per layer to compile): the ring blocks of a cache that
+    # never wraps, which stay partly empty for the whole stream (dense). Sinks and a wrapping
+    # ring are empty during their first W tokens only: always attended (None).
+    view["live"] = tuple(
+        None if start < S or stream.wraps else view["see_cached"][..., start : start + n].any()
+        for start, n in view["blocks"]
+    )
     return view
 
 
@@ -238,8 +244,8 @@ def _attention(lp, h, lc: kv.LayerCache, view, cfg: ModelConfig):
     q = q.transpose(0, 3, 1, 2, 4, 5)  # [B, K, C, V, G, H]
 
     # Groups of keys, each scored by the query variants it can need: the chunk's own keys (any),
-    # the sink block (SINK only) and each ring block (the ring variants). A cache block that no
-    # query of the chunk can see (a dense cache not yet filled) is skipped at run time.
+    # the sink block (SINK only) and each ring block (the ring variants). A dense cache's block
+    # that no query of the chunk can see yet is skipped at run time.
     chunk_keys, chunk_values = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
     parts = [_group(q, chunk_keys, chunk_values, view["var_chunk"], view["see_chunk"])]
     q_ring = q[:, :, :, : min(n_var, kv.SINK)]
@@ -251,7 +257,9 @@ def _attention(lp, h, lc: kv.LayerCache, view, cfg: ModelConfig):
             args = (q_sink, keys, values, None, seen)
         else:
             args = (q_ring, keys, values, view["var_cached"][..., start : start + n], seen)
-        parts.append(jax.lax.cond(live, _group, _skipped_group, *args))
+        parts.append(
+            _group(*args) if live is None else jax.lax.cond(live, _group, _skipped_group, *args)
+        )
     out = _combine(parts).astype(v.dtype)  # [B, K, C, G, H]
     # The written keys/values are made to depend on `out`, which read the whole old cache: only
     # a data dependence lets XLA prove the write comes after the reads and do it in place
