@@ -149,8 +149,9 @@ def _attention_view(cache: kv.KVCache, valid: jax.Array, cfg: ModelConfig, dtype
 
     Returns the masks/variants against the cached slots (sinks, then ring) [B, C, S] and
     against the chunk's own keys [B, C, J], the query rotations (`rotary` of [B, C, V]), the
-    key rotations (`rotary` of [B, C]) and the slot each chunk token is written to ([B, C],
-    K = dropped).
+    key rotations (`rotary` of [B, C]), the slot each chunk token is written to ([B, C],
+    K = dropped), whether each dense ring block holds a visible key ([] bool; None for blocks
+    always attended) and, static, the cache blocks ((first slot, slots) each) and sink count.
     """
     stream = cache.stream
     S, W = stream.sinks, stream.window
@@ -204,7 +205,7 @@ def _group(q, keys, values, variant, seen):
     return peak, weights.sum(axis=-1, keepdims=True), weighted
 
 
-def _skipped_group(q, keys, *_):
+def _skipped_group(q, *_):
     """`_group`'s result for keys no query sees: no mass."""
     B, K, C, _, G, H = q.shape
     zeros = jnp.zeros((B, K, C, G, 1), jnp.float32)
