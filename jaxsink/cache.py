@@ -6,14 +6,18 @@ batch row is its own stream with its own position `pos[b]` (tokens consumed so f
 
 Keys are cached *rotated by a small in-cache position*, never by the stream index:
   - sink k (k < S):   rotated by k,
-  - ring token k:     rotated by its ring index r(k) = (k - S) mod W.
-A query at stream index t scores a key with one of three rotations of itself ("variants"):
-  - RING_SAME: key in the same lap of the ring, lap(x) = (x - S) // W: query rotated by r(t),
-  - RING_PREV: key one lap behind:                                     query rotated by r(t) + W,
-  - SINK:      key is a sink:                                          query rotated by min(t, K),
+  - ring token k:     rotated by k - b, b = `ring_base(pos)` = S + W (lap(pos) - 1) with
+                      lap(x) = (max(x, S) - S) // W: the ring holds k >= pos - W >= b, so
+                      every ring rotation is in [0, 2W).
+When a chunk carries `pos` into a later lap, b moves by a multiple of W and every ring key is
+rotated back by that much after the chunk's write (`rebase`): at most once per key, since a key
+stays in the ring for fewer than W tokens. A query at stream index t (in a chunk starting at
+`pos`) scores a key with one of two rotations of itself ("variants"):
+  - RING: a ring key:  query rotated by t - b,
+  - SINK: a sink key:  query rotated by min(t, K),
 so every score sees exactly the SPEC distance d(t, k) (t - k for recent keys, min(t, K) - k for
-sinks) and every angle is below 2W: nothing depends on t in floating point. A visible recent key
-is never more than one lap behind its query because t - k <= W.
+sinks) with one query rotation for the whole ring, and every angle is below 2W + C: nothing
+depends on t in floating point. A dense cache never wraps: b = 0 for good.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from flax import struct
 
 from jaxsink.config import ModelConfig, StreamConfig
 
-RING_SAME, RING_PREV, SINK = 0, 1, 2
+RING, SINK = 0, 1
 
 
 @struct.dataclass
@@ -112,9 +116,19 @@ def slot_of(stream: StreamConfig, k: jax.Array) -> jax.Array:
     return jnp.where(k < stream.sinks, k, stream.sinks + ring_index(stream, k))
 
 
-def key_rotation(stream: StreamConfig, k: jax.Array) -> jax.Array:
-    """The position a key of stream index k is rotated by when cached: k (sink) or r(k)."""
-    return jnp.where(k < stream.sinks, k, ring_index(stream, k))
+def ring_base(stream: StreamConfig, pos: jax.Array) -> jax.Array:
+    """b: the stream index ring keys are rotated relative to after `pos` tokens (int32, any
+    shape): S + W (lap(pos) - 1) for a ring that wraps, 0 for a dense cache."""
+    if not stream.wraps:
+        return jnp.zeros_like(pos)
+    lap = jnp.floor_divide(jnp.maximum(pos, stream.sinks) - stream.sinks, stream.window)
+    return stream.sinks + stream.window * (lap - 1)
+
+
+def key_rotation(stream: StreamConfig, k: jax.Array, base: jax.Array) -> jax.Array:
+    """The position a key of stream index k is rotated by when cached under ring base `base`
+    (broadcast with k): k for a sink, k - base for a ring token."""
+    return jnp.where(k < stream.sinks, k, k - base)
 
 
 def slot_tokens(stream: StreamConfig, pos: jax.Array) -> jax.Array:
@@ -139,35 +153,25 @@ def visible(stream: StreamConfig, t: jax.Array, k: jax.Array) -> jax.Array:
     return (k >= 0) & (k <= t) & ((k < stream.sinks) | (k >= t - stream.window))
 
 
-def query_variant(stream: StreamConfig, t: jax.Array, k: jax.Array) -> jax.Array:
-    """Which rotation of query t scores key k: SINK, RING_SAME or RING_PREV ([B, C, T] int32)."""
-    S, W = stream.sinks, stream.window
-    same_lap = jnp.floor_divide(t - S, W) == jnp.floor_divide(k - S, W)
-    return jnp.where(k < S, SINK, jnp.where(same_lap, RING_SAME, RING_PREV)).astype(jnp.int32)
+def query_variant(stream: StreamConfig, k: jax.Array) -> jax.Array:
+    """Which rotation of the query scores key k: SINK or RING (int32, k's shape)."""
+    return jnp.where(k < stream.sinks, SINK, RING).astype(jnp.int32)
 
 
-def query_rotations(stream: StreamConfig, t: jax.Array) -> jax.Array:
-    """Positions of the three query variants of stream index t: [..., 3] int32 in variant order.
-
-    Dense mode never wraps and keeps no sinks, so only RING_SAME is used there (r(t) = t).
-    """
-    r = ring_index(stream, t)
-    sink_pos = jnp.minimum(t, stream.capacity)
-    return jnp.stack([r, r + stream.window, sink_pos], axis=-1)
+def query_rotations(stream: StreamConfig, t: jax.Array, base: jax.Array) -> jax.Array:
+    """Positions of the query variants of stream index t under ring base `base` (broadcast with
+    t): [..., 2] int32 in variant order (t - base, min(t, K))."""
+    return jnp.stack([t - base, jnp.minimum(t, stream.capacity)], axis=-1)
 
 
-def rotation_count(stream: StreamConfig) -> int:
-    """Every rotation is an integer below this (static): queries r(t) + W < 2W (r(t) < W when
-    the ring never wraps), sinks min(t, K) <= K, keys below max(S, W)."""
-    n = 2 * stream.window if stream.wraps else stream.window
-    return max(n, stream.capacity + 1 if stream.sinks else 0)
+def rotation_count(stream: StreamConfig, chunk: int) -> int:
+    """Every rotation of a chunk of `chunk` tokens is an integer below this (static): ring
+    queries t - b < 2W + C (t < W for a dense cache), ring keys and rebase shifts below them,
+    sinks min(t, K) <= K."""
+    ring = 2 * stream.window + chunk if stream.wraps else stream.window
+    return max(ring, stream.capacity + 1 if stream.sinks else 0)
 
 
 def used_variants(stream: StreamConfig) -> tuple[int, ...]:
     """The variants a stream can need (static): fewer variants, fewer score dot products."""
-    used = [RING_SAME]
-    if stream.wraps:
-        used.append(RING_PREV)
-    if stream.sinks:
-        used.append(SINK)
-    return tuple(used)
+    return (RING, SINK) if stream.sinks else (RING,)

@@ -112,17 +112,24 @@ def rotary(table: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
     return cos_sin[..., :1, :], cos_sin[..., 1:, :]
 
 
-def rotate(x: jax.Array, cos_sin: tuple[jax.Array, jax.Array], cfg: ModelConfig) -> jax.Array:
-    """Apply RoPE. x: [..., N, H]; cos_sin: `rotary` of one position per row of heads."""
+def rotate(
+    x: jax.Array, cos_sin: tuple[jax.Array, jax.Array], cfg: ModelConfig, axis: int = -1
+) -> jax.Array:
+    """Apply RoPE along `axis`, the head dim (default last: x [..., N, H]). cos_sin: `rotary`
+    of one position per row of heads, broadcasting against x with R/2 along `axis`."""
     cos, sin = cos_sin
-    rot, rest = x[..., : cfg.rotated_dim], x[..., cfg.rotated_dim :]
+    axis, R = axis % x.ndim, cfg.rotated_dim
+    rest = jax.lax.slice_in_dim(x, R, x.shape[axis], axis=axis)
     if cfg.rotary_interleaved:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(rot.shape)
+        x1 = jax.lax.slice_in_dim(x, 0, R, 2, axis=axis)
+        x2 = jax.lax.slice_in_dim(x, 1, R, 2, axis=axis)
+        pairs = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=axis + 1)
+        out = pairs.reshape(*x.shape[:axis], R, *x.shape[axis + 1 :])
     else:
-        x1, x2 = jnp.split(rot, 2, axis=-1)
-        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
+        x1 = jax.lax.slice_in_dim(x, 0, R // 2, axis=axis)
+        x2 = jax.lax.slice_in_dim(x, R // 2, R, axis=axis)
+        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=axis)
+    return jnp.concatenate([out, rest], axis=axis) if rest.shape[axis] else out
 
 
 def _activation(name: str):
@@ -136,7 +143,7 @@ def _activation(name: str):
 
 
 def _select_variant(scores: jax.Array, variant: jax.Array) -> jax.Array:
-    """scores [B, K, C, V, G, T], variant [B, C, T] -> each key's variant's scores
+    """scores [B, K, C, V, G, T], variant [B, 1, T] -> each key's variant's scores
     [B, K, C, G, T]."""
     out = scores[:, :, :, 0]
     for v in range(1, scores.shape[3]):
@@ -147,29 +154,37 @@ def _select_variant(scores: jax.Array, variant: jax.Array) -> jax.Array:
 def _attention_view(cache: kv.KVCache, valid: jax.Array, cfg: ModelConfig, dtype):
     """Everything about *which* keys each query sees, shared by all layers.
 
-    Returns the masks/variants against the cached slots (sinks, then ring) [B, C, S] and
-    against the chunk's own keys [B, C, J], the query rotations (`rotary` of [B, C, V]), the
-    key rotations (`rotary` of [B, C]), the slot each chunk token is written to ([B, C],
-    K = dropped), whether each dense ring block holds a visible key ([] bool; None for blocks
-    always attended) and, static, the cache blocks ((first slot, slots) each) and sink count.
+    Returns the masks against the cached slots (sinks, then ring) [B, C, S] and against the
+    chunk's own keys [B, C, J], the variant scoring each chunk key [B, 1, J], the query
+    rotations (`rotary` of [B, C, V]), the key rotations (`rotary` of [B, C]), the slot each
+    chunk token is written to ([B, C], K = dropped), the ring rebase after the write (None for
+    a cache that never wraps, else (whether any row moves to a later lap [] bool, `rotary` of
+    each row's shift [B])), whether each dense ring block holds a visible key ([] bool; None for
+    blocks always attended) and, static, the cache blocks ((first slot, slots) each) and sink
+    count.
     """
     stream = cache.stream
     S, W = stream.sinks, stream.window
+    B, C = valid.shape
     t = cache.pos[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1  # [B, C]
     pos_after = cache.pos + valid.sum(axis=1, dtype=jnp.int32)  # [B]
+    base = kv.ring_base(stream, cache.pos)  # [B]
     cached = kv.slot_tokens(stream, cache.pos)  # [B, S]: sink slots, then ring slots
     chunk = jnp.where(valid, t, -1)  # [B, J]
     tq = t[:, :, None]
-    table = jnp.asarray(rotary_table(kv.rotation_count(stream), cfg), dtype)  # [P, 2, R/2]
+    table = jnp.asarray(rotary_table(kv.rotation_count(stream, C), cfg), dtype)  # [P, 2, R/2]
     n_variants = len(kv.used_variants(stream))
     view = {
         "see_cached": kv.visible(stream, tq, cached[:, None, :]),
-        "var_cached": kv.query_variant(stream, tq, cached[:, None, :]),
         "see_chunk": kv.visible(stream, tq, chunk[:, None, :]),
-        "var_chunk": kv.query_variant(stream, tq, chunk[:, None, :]),
-        "q_rot": rotary(table, kv.query_rotations(stream, t)[..., :n_variants]),
-        "k_rot": rotary(table, kv.key_rotation(stream, t)),
+        "var_chunk": kv.query_variant(stream, chunk[:, None, :]),
+        "q_rot": rotary(table, kv.query_rotations(stream, t, base[:, None])[..., :n_variants]),
+        "k_rot": rotary(table, kv.key_rotation(stream, t, base[:, None])),
+        "rebase": None,
     }
+    if stream.wraps:
+        shift = kv.ring_base(stream, pos_after) - base  # [B], a multiple of W
+        view["rebase"] = (shift.max() > 0, rotary(table, shift))
     # A chunk token is written unless a later token of the same chunk takes its ring slot.
     kept = valid & ((t < S) | (t >= pos_after[:, None] - W))
     view["write_slot"] = jnp.where(kept, kv.slot_of(stream, t), stream.capacity)
@@ -189,7 +204,7 @@ def _group(q, keys, values, variant, seen):
     """Attention of the queries over one group of keys, as partial softmax statistics.
 
     q: [B, K, C, V', G, H] (the variants this group can need); keys [B, K, H, T]; values
-    [B, K, T, H]; variant: [B, C, T] index into V' (None: the only one); seen: [B, C, T].
+    [B, K, T, H]; variant: [B, 1, T] index into V' (None: the only one); seen: [B, C, T].
     Returns (peak [B, K, C, G, 1] the row max, mass [B, K, C, G, 1] the sum of exp(score -
     peak), weighted [B, K, C, G, H] float32 the exp-weighted values); `_combine` merges groups.
     """
@@ -245,19 +260,15 @@ def _attention(lp, h, lc: kv.LayerCache, view, cfg: ModelConfig):
     q = q.transpose(0, 3, 1, 2, 4, 5)  # [B, K, C, V, G, H]
 
     # Groups of keys, each scored by the query variants it can need: the chunk's own keys (any),
-    # the sink block (SINK only) and each ring block (the ring variants). A dense cache's block
-    # that no query of the chunk can see yet is skipped at run time.
+    # the sink block (SINK) and each ring block (RING). A dense cache's block that no query of
+    # the chunk can see yet is skipped at run time.
     chunk_keys, chunk_values = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
     parts = [_group(q, chunk_keys, chunk_values, view["var_chunk"], view["see_chunk"])]
-    q_ring = q[:, :, :, : min(n_var, kv.SINK)]
-    q_sink = q[:, :, :, kv.SINK : kv.SINK + 1]
     blocks = zip(view["blocks"], view["live"], lc.keys, lc.values, strict=True)
     for (start, n), live, keys, values in blocks:
+        variant = kv.SINK if start < view["n_sinks"] else kv.RING
         seen = view["see_cached"][..., start : start + n]  # [B, C, n]
-        if start < view["n_sinks"]:  # the sink block
-            args = (q_sink, keys, values, None, seen)
-        else:
-            args = (q_ring, keys, values, view["var_cached"][..., start : start + n], seen)
+        args = (q[:, :, :, variant : variant + 1], keys, values, None, seen)
         parts.append(
             _group(*args) if live is None else jax.lax.cond(live, _group, _skipped_group, *args)
         )
@@ -271,7 +282,8 @@ def _attention(lp, h, lc: kv.LayerCache, view, cfg: ModelConfig):
     out = out @ lp["wo"].reshape(K * G * H, -1)  # [B, C, D]
     if cfg.out_bias:
         out += lp["bo"]
-    return out, _write(lc, k, v, view["write_slot"], view["blocks"])
+    lc = _write(lc, k, v, view["write_slot"], view["blocks"])
+    return out, _rebase(lc, view["rebase"], view["blocks"], view["n_sinks"], cfg)
 
 
 def _mlp(lp, h, cfg: ModelConfig):
@@ -324,6 +336,25 @@ def _write(lc: kv.LayerCache, k_new, v_new, write_slot, blocks) -> kv.LayerCache
         keys.append(kb.at[rows, :, :, slot].set(k_new, mode="drop"))
         values.append(vb.at[rows, :, slot].set(v_new, mode="drop"))
     return kv.LayerCache(keys=tuple(keys), values=tuple(values))
+
+
+def _rebase(lc: kv.LayerCache, rebase, blocks, n_sinks: int, cfg: ModelConfig) -> kv.LayerCache:
+    """Rotate every ring key back by its row's shift of the ring base (see `jaxsink.cache`),
+    at run time only when some row's chunk entered a later lap (once per W tokens).
+    rebase: `view["rebase"]`, None for a cache that never wraps."""
+    if rebase is None:
+        return lc
+    moved, (cos, sin) = rebase  # cos, sin [B, 1, R/2]
+    back = (cos[..., None], -sin[..., None])  # [B, 1, R/2, 1]: rotation by -shift
+
+    def rotate_back(keys):  # [B, K, H, n]
+        return rotate(keys, back, cfg, axis=2)
+
+    keys = tuple(
+        kb if start < n_sinks else jax.lax.cond(moved, rotate_back, lambda x: x, kb)
+        for (start, _), kb in zip(blocks, lc.keys, strict=True)
+    )
+    return lc.replace(keys=keys)
 
 
 def logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
