@@ -10,8 +10,8 @@ Keys are cached *rotated by a small in-cache position*, never by the stream inde
                       lap(x) = (max(x, S) - S) // W: the ring holds k >= pos - W >= b, so
                       every ring rotation is in [0, 2W).
 When a chunk carries `pos` into a later lap, b moves by a multiple of W and every ring key is
-rotated back by that much after the chunk's write (`rebase`): at most once per key, since a key
-stays in the ring for fewer than W tokens. A query at stream index t (in a chunk starting at
+rotated back by that much after the chunk's write: at most twice per key (by the chunk that
+wrote it, and when the next lap begins), since a key stays in the ring for at most W tokens. A query at stream index t (in a chunk starting at
 `pos`) scores a key with one of two rotations of itself ("variants"):
   - RING: a ring key:  query rotated by t - b,
   - SINK: a sink key:  query rotated by min(t, K),

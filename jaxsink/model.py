@@ -165,7 +165,7 @@ def _attention_view(cache: kv.KVCache, valid: jax.Array, cfg: ModelConfig, dtype
     """
     stream = cache.stream
     S, W = stream.sinks, stream.window
-    B, C = valid.shape
+    C = valid.shape[1]
     t = cache.pos[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1  # [B, C]
     pos_after = cache.pos + valid.sum(axis=1, dtype=jnp.int32)  # [B]
     base = kv.ring_base(stream, cache.pos)  # [B]

@@ -144,7 +144,10 @@ def hf_worker(hf_model: str | None, jaxsink_model: str, threads: int) -> None:
     else:
         from tests.torch_reference import hf_llama_from_checkpoint
 
-        model = hf_llama_from_checkpoint(jaxsink_model)
+        try:
+            model = hf_llama_from_checkpoint(jaxsink_model)
+        except ValueError as e:
+            raise SystemExit(f"{e} (pass --hf-model)") from None
         source = f"rebuilt from {jaxsink_model}"
 
     def reply(obj):

@@ -100,7 +100,10 @@ def main(argv=None) -> int:
         nll = {m: np.load(Path(tmp) / "out" / f"nll_{m}.npy") for m in MODES}
 
     torch.set_num_threads(args.threads)
-    hf = hf_llama_from_checkpoint(model_dir)
+    try:
+        hf = hf_llama_from_checkpoint(model_dir)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     ref = {}
     for mode in args.ref_modes:
         print(f"reference loop, {mode}: {args.ref_tokens} tokens ...", file=sys.stderr)

@@ -61,7 +61,7 @@ def hf_llama_from_checkpoint(path):
     """A transformers Llama model holding exactly the weights of a jaxsink checkpoint.
 
     Only Llama-layout configs (no biases, no rotary fraction, HF rotate-half layout) are
-    rebuilt; anything else is refused.
+    rebuilt; anything else raises ValueError.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -82,7 +82,7 @@ def hf_llama_from_checkpoint(path):
         if bad
     ]
     if unsupported:
-        raise SystemExit(
+        raise ValueError(
             f"cannot rebuild a transformers model for {path} ({', '.join(unsupported)}): "
             "use the Hugging Face folder it came from"
         )
@@ -122,7 +122,7 @@ def hf_llama_from_checkpoint(path):
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
-        raise SystemExit(
+        raise ValueError(
             f"rebuilding the transformers model: missing {missing}, unexpected {unexpected}"
         )
     if cfg.tie_embeddings:
