@@ -110,6 +110,39 @@ def test_rows_are_independent_streams():
     assert list(np.asarray(cache.pos)) == [40, 23]
 
 
+@pytest.mark.parametrize(
+    "stream",
+    [StreamConfig(2, 5), StreamConfig(0, 9, "window"), StreamConfig(0, 40, "dense")],
+    ids=str,
+)
+def test_wide_batches_use_the_fused_form_and_match_rows_alone(stream, monkeypatch):
+    """From `_FUSED_MIN_PAIRS` batch rows x kv heads up, attention runs in its fused form (peak
+    recovered after the kernel); rows of such a batch, padded to different lengths, equal each
+    stream run alone in the plain form."""
+    monkeypatch.setattr(kv, "RING_BLOCK", 16)  # dense: blocks skipped while empty
+    cfg = tiny_config(num_heads=6, num_kv_heads=2)
+    lengths = [40, 23, 40, 1, 31, 40]
+    assert cfg.num_kv_heads < model._FUSED_MIN_PAIRS <= len(lengths) * cfg.num_kv_heads
+    params = to_params(random_flat_params(cfg, seed=15))
+    tokens = np.random.default_rng(16).integers(0, cfg.vocab_size, size=(6, 40)).astype(np.int32)
+    valid = np.arange(40)[None, :] < np.array(lengths)[:, None]
+    alone = [
+        feed(params, cfg, stream, tokens[i : i + 1, :n], chunk=1)[0][0]
+        for i, n in enumerate(lengths)
+    ]
+    for chunk in (1, 8):
+        cache, outs = kv.init_cache(cfg, stream, 6), []
+        for i in range(0, 40, chunk):
+            part = slice(i, i + chunk)
+            lg, cache = model.step(params, cache, tokens[:, part], valid[:, part], cfg)
+            outs.append(np.asarray(lg))
+        both = np.concatenate(outs, axis=1)
+        assert np.isfinite(both).all()
+        for row, n in enumerate(lengths):
+            np.testing.assert_allclose(both[row, :n], alone[row], atol=1e-4, rtol=0)
+        assert list(np.asarray(cache.pos)) == lengths
+
+
 def test_cache_slots_by_hand():
     """Which stream index sits in each slot, after each step of a small stream (S=2, W=3)."""
     stream = StreamConfig(2, 3)
@@ -154,15 +187,17 @@ def test_slot_blocks():
     assert kv.slot_blocks(StreamConfig(0, 2500, "dense")) == ((0, 834), (834, 833), (1667, 833))
 
 
+@pytest.mark.parametrize("batch", [2, 8], ids=["plain", "fused"])
 @pytest.mark.parametrize("chunk", [1, 8])
-def test_step_updates_the_cache_in_place(chunk):
+def test_step_updates_the_cache_in_place(chunk, batch):
     """The compiled step writes every layer's cache buffers in place: no copy of a cache-shaped
     array (a copy per layer per token would cost more than the attention itself), except in the
     branch that re-rotates the ring when a stream enters a new lap, once per W tokens."""
     cfg = tiny_config(num_layers=3)
+    assert (batch * cfg.num_kv_heads >= model._FUSED_MIN_PAIRS) == (batch == 8)
     params = to_params(random_flat_params(cfg))
-    cache = kv.init_cache(cfg, StreamConfig(4, 2100), 2)  # sinks + 3 ring blocks
-    tokens = jnp.zeros((2, chunk), jnp.int32)
+    cache = kv.init_cache(cfg, StreamConfig(4, 2100), batch)  # sinks + 3 ring blocks
+    tokens = jnp.zeros((batch, chunk), jnp.int32)
     hlo = model.step.lower(params, cache, tokens, tokens > 0, cfg=cfg).compile().as_text()
     cache_shapes = {
         "f32[{}]".format(",".join(map(str, x.shape))) for x in jax.tree.leaves(cache.layers)
