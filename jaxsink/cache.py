@@ -6,13 +6,15 @@ batch row is its own stream with its own position `pos[b]` (tokens consumed so f
 
 Keys are cached *rotated by a small in-cache position*, never by the stream index:
   - sink k (k < S):   rotated by k,
-  - ring token k:     rotated by k - b, b = `ring_base(pos)` = S + W (lap(pos) - 1) with
-                      lap(x) = (max(x, S) - S) // W: the ring holds k >= pos - W >= b, so
-                      every ring rotation is in [0, 2W).
+  - ring token k:     rotated by k - b, b = `ring_base(pos)` = S + W max(lap(pos) - 1, 0)
+                      with lap(x) = (max(x, S) - S) // W: the ring holds tokens k >= b with
+                      k >= pos - W, so every ring rotation is in [0, 2W) (in [0, W) during
+                      the first lap, as in a cache that never evicted).
 When a chunk carries `pos` into a later lap, b moves by a multiple of W and every ring key is
 rotated back by that much after the chunk's write: at most twice per key (by the chunk that
-wrote it, and when the next lap begins), since a key stays in the ring for at most W tokens. A query at stream index t (in a chunk starting at
-`pos`) scores a key with one of two rotations of itself ("variants"):
+wrote it, and when the next lap begins), since a key stays in the ring for at most W tokens.
+A query at stream index t (in a chunk starting at `pos`) scores a key with one of two rotations
+of itself ("variants"):
   - RING: a ring key:  query rotated by t - b,
   - SINK: a sink key:  query rotated by min(t, K),
 so every score sees exactly the SPEC distance d(t, k) (t - k for recent keys, min(t, K) - k for
@@ -118,11 +120,11 @@ def slot_of(stream: StreamConfig, k: jax.Array) -> jax.Array:
 
 def ring_base(stream: StreamConfig, pos: jax.Array) -> jax.Array:
     """b: the stream index ring keys are rotated relative to after `pos` tokens (int32, any
-    shape): S + W (lap(pos) - 1) for a ring that wraps, 0 for a dense cache."""
+    shape): S + W max(lap(pos) - 1, 0) for a ring that wraps, 0 for a dense cache."""
     if not stream.wraps:
         return jnp.zeros_like(pos)
     lap = jnp.floor_divide(jnp.maximum(pos, stream.sinks) - stream.sinks, stream.window)
-    return stream.sinks + stream.window * (lap - 1)
+    return stream.sinks + stream.window * jnp.maximum(lap - 1, 0)
 
 
 def key_rotation(stream: StreamConfig, k: jax.Array, base: jax.Array) -> jax.Array:
