@@ -282,16 +282,23 @@ def _attention(lp, h, lc: kv.LayerCache, view, cfg: ModelConfig):
     q = (q * jnp.asarray(H**-0.5, q.dtype)).reshape(B, C, n_var, K, G, H)
     q = q.transpose(0, 3, 1, 2, 4, 5)  # [B, K, C, V, G, H]
 
-    # Groups of keys, each scored by the query variants it can need: the chunk's own keys (any),
-    # the sink block (SINK) and each ring block (RING). A dense cache's block that no query of
-    # the chunk can see yet is skipped at run time.
-    chunk_keys, chunk_values = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
-    parts = [_group(q, chunk_keys, chunk_values, view["var_chunk"], view["see_chunk"])]
-    blocks = zip(view["blocks"], view["live"], lc.keys, lc.values, strict=True)
+    # Groups of keys, each scored by the query variants it can need: the sink block with the
+    # chunk's own keys (SINK or RING per key; small, so one group saves a group's fixed costs),
+    # then each ring block (RING). A dense cache's block that no query of the chunk can see yet
+    # is skipped at run time.
+    small_keys, small_values = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+    seen, variant = view["see_chunk"], view["var_chunk"]
+    blocks = list(zip(view["blocks"], view["live"], lc.keys, lc.values, strict=True))
+    if view["n_sinks"]:
+        (_, n), _, sink_keys, sink_values = blocks.pop(0)
+        small_keys = jnp.concatenate([sink_keys, small_keys], axis=-1)
+        small_values = jnp.concatenate([sink_values, small_values], axis=-2)
+        seen = jnp.concatenate([view["see_cached"][..., :n], seen], axis=-1)
+        variant = jnp.concatenate([jnp.full((B, 1, n), kv.SINK, variant.dtype), variant], -1)
+    parts = [_group(q, small_keys, small_values, variant, seen)]
     for (start, n), live, keys, values in blocks:
-        variant = kv.SINK if start < view["n_sinks"] else kv.RING
         seen = view["see_cached"][..., start : start + n]  # [B, C, n]
-        args = (q[:, :, :, variant : variant + 1], keys, values, None, seen)
+        args = (q[:, :, :, kv.RING : kv.RING + 1], keys, values, None, seen)
         parts.append(
             _group(*args) if live is None else jax.lax.cond(live, _group, _skipped_group, *args)
         )
