@@ -30,29 +30,13 @@ Transform = Callable[[np.ndarray, Shape], np.ndarray]
 
 
 def identity(w: np.ndarray, shape: Shape) -> np.ndarray:
-    """[X] -> [X]: norms, embeddings, unsplit biases."""
+    """[X] -> [X]: norms, embeddings, unsplit biases, torch Linear weights ([out, in] already)."""
     return w
 
 
-def transpose(w: np.ndarray, shape: Shape) -> np.ndarray:
-    """A torch Linear weight [out, in] -> [in, out]: [F, D] -> [D, F], [V, D] -> [D, V]."""
-    return w.T
-
-
-def linear_to_heads(w: np.ndarray, shape: Shape) -> np.ndarray:
-    """q/k/v_proj weight [N*H, D] -> [D, N, H] (shape is the target [D, N, H])."""
-    d, n, h = shape
-    return w.reshape(n, h, d).transpose(2, 0, 1)
-
-
-def linear_from_heads(w: np.ndarray, shape: Shape) -> np.ndarray:
-    """o_proj weight [D, N*H] -> [N, H, D] (shape is the target [N, H, D])."""
-    n, h, d = shape
-    return w.reshape(d, n, h).transpose(1, 2, 0)
-
-
-def bias_heads(w: np.ndarray, shape: Shape) -> np.ndarray:
-    """q/k/v_proj bias [N*H] -> [N, H]."""
+def split_heads(w: np.ndarray, shape: Shape) -> np.ndarray:
+    """A head axis made explicit, the layout kept (shape is the target): q/k/v_proj weight
+    [N*H, D] -> [N, H, D], o_proj weight [D, N*H] -> [D, N, H], q/k/v_proj bias [N*H] -> [N, H]."""
     return w.reshape(shape)
 
 
@@ -86,20 +70,20 @@ LLAMA = Table(
     rules=(
         Rule("model.embed_tokens.weight", "embed", identity),  # [V, D]
         Rule("model.norm.weight", "final_norm", identity),  # [D]
-        Rule("lm_head.weight", "lm_head", transpose),  # [V, D] -> [D, V]
+        Rule("lm_head.weight", "lm_head", identity),  # [V, D]
         Rule("model.layers.{i}.input_layernorm.weight", "layers.attn_norm", identity),
-        Rule(f"{_ATTN}.q_proj.weight", "layers.wq", linear_to_heads),
-        Rule(f"{_ATTN}.k_proj.weight", "layers.wk", linear_to_heads),
-        Rule(f"{_ATTN}.v_proj.weight", "layers.wv", linear_to_heads),
-        Rule(f"{_ATTN}.o_proj.weight", "layers.wo", linear_from_heads),
-        Rule(f"{_ATTN}.q_proj.bias", "layers.bq", bias_heads),
-        Rule(f"{_ATTN}.k_proj.bias", "layers.bk", bias_heads),
-        Rule(f"{_ATTN}.v_proj.bias", "layers.bv", bias_heads),
+        Rule(f"{_ATTN}.q_proj.weight", "layers.wq", split_heads),
+        Rule(f"{_ATTN}.k_proj.weight", "layers.wk", split_heads),
+        Rule(f"{_ATTN}.v_proj.weight", "layers.wv", split_heads),
+        Rule(f"{_ATTN}.o_proj.weight", "layers.wo", split_heads),
+        Rule(f"{_ATTN}.q_proj.bias", "layers.bq", split_heads),
+        Rule(f"{_ATTN}.k_proj.bias", "layers.bk", split_heads),
+        Rule(f"{_ATTN}.v_proj.bias", "layers.bv", split_heads),
         Rule(f"{_ATTN}.o_proj.bias", "layers.bo", identity),
         Rule("model.layers.{i}.post_attention_layernorm.weight", "layers.mlp_norm", identity),
-        Rule(f"{_MLP}.gate_proj.weight", "layers.w_gate", transpose),
-        Rule(f"{_MLP}.up_proj.weight", "layers.w_up", transpose),
-        Rule(f"{_MLP}.down_proj.weight", "layers.w_down", transpose),
+        Rule(f"{_MLP}.gate_proj.weight", "layers.w_gate", identity),  # [F, D]
+        Rule(f"{_MLP}.up_proj.weight", "layers.w_up", identity),
+        Rule(f"{_MLP}.down_proj.weight", "layers.w_down", identity),  # [D, F]
         Rule(f"{_MLP}.gate_proj.bias", "layers.b_gate", identity),
         Rule(f"{_MLP}.up_proj.bias", "layers.b_up", identity),
         Rule(f"{_MLP}.down_proj.bias", "layers.b_down", identity),

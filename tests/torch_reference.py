@@ -107,16 +107,16 @@ def hf_llama_from_checkpoint(path):
     sd = {"model.embed_tokens.weight": flat["embed"], "model.norm.weight": flat["final_norm"]}
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        sd[p + "self_attn.q_proj.weight"] = flat["layers.wq"][i].reshape(D, N * H).T
-        sd[p + "self_attn.k_proj.weight"] = flat["layers.wk"][i].reshape(D, K * H).T
-        sd[p + "self_attn.v_proj.weight"] = flat["layers.wv"][i].reshape(D, K * H).T
-        sd[p + "self_attn.o_proj.weight"] = flat["layers.wo"][i].reshape(N * H, D).T
-        sd[p + "mlp.gate_proj.weight"] = flat["layers.w_gate"][i].T
-        sd[p + "mlp.up_proj.weight"] = flat["layers.w_up"][i].T
-        sd[p + "mlp.down_proj.weight"] = flat["layers.w_down"][i].T
+        sd[p + "self_attn.q_proj.weight"] = flat["layers.wq"][i].reshape(N * H, D)
+        sd[p + "self_attn.k_proj.weight"] = flat["layers.wk"][i].reshape(K * H, D)
+        sd[p + "self_attn.v_proj.weight"] = flat["layers.wv"][i].reshape(K * H, D)
+        sd[p + "self_attn.o_proj.weight"] = flat["layers.wo"][i].reshape(D, N * H)
+        sd[p + "mlp.gate_proj.weight"] = flat["layers.w_gate"][i]
+        sd[p + "mlp.up_proj.weight"] = flat["layers.w_up"][i]
+        sd[p + "mlp.down_proj.weight"] = flat["layers.w_down"][i]
         sd[p + "input_layernorm.weight"] = flat["layers.attn_norm"][i]
         sd[p + "post_attention_layernorm.weight"] = flat["layers.mlp_norm"][i]
-    sd["lm_head.weight"] = flat["embed"] if cfg.tie_embeddings else flat["lm_head"].T
+    sd["lm_head.weight"] = flat["embed"] if cfg.tie_embeddings else flat["lm_head"]
     model = LlamaForCausalLM(hf_cfg)
     state = {k: torch.from_numpy(v.copy()) for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
