@@ -28,9 +28,9 @@ SEGMENT = 1024  # tokens per segment in the summary's per-segment perplexity
 def _nll_chunk(params, cache, tokens, targets, valid, cfg):
     mdl.TRACES["nll_chunk"] += 1
     hidden, cache = mdl.forward(params, cache, tokens, valid, cfg)
-    logits = mdl.logits(params, hidden, cfg)  # [B, C, V] float32
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit  # [B, C]
+    logits = mdl.logits(params, hidden, cfg)  # [V, B, C] float32
+    target_logit = jnp.take_along_axis(logits, targets[None], axis=0)[0]
+    nll = jax.nn.logsumexp(logits, axis=0) - target_logit  # [B, C]
     return jnp.where(valid, nll, 0.0), cache
 
 

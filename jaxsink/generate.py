@@ -68,24 +68,26 @@ def _nucleus(logits: jax.Array, top_p: float, iterations: int = 40) -> jax.Array
     return jnp.where(probs >= threshold[:, None], logits, -jnp.inf)
 
 
-def greedy(logits: jax.Array) -> jax.Array:
-    """The first index of each row's largest logit. logits: [B, V] -> [B] int32.
+def greedy(logits: jax.Array, axis: int = -1) -> jax.Array:
+    """The first index of each row's largest logit along `axis`, the vocabulary: logits [B, V]
+    (or [V, B] with axis 0) -> [B] int32.
 
     Two plain reductions (max, then the smallest index holding it): XLA:CPU runs them several
     times faster than `jnp.argmax`'s paired (value, index) reduction. A row without a largest
     value (NaN) gives the last index rather than one out of range.
     """
-    V = logits.shape[-1]
-    top = logits.max(axis=-1, keepdims=True)
-    first = jnp.min(jnp.where(logits == top, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+    V = logits.shape[axis]
+    top = logits.max(axis=axis, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, axis % logits.ndim)
+    first = jnp.min(jnp.where(logits == top, index, V), axis=axis)
     return jnp.minimum(first, V - 1)
 
 
-def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """Draw one token per row. logits: [B, V] float32 -> [B] int32."""
+def sample(logits: jax.Array, key: jax.Array, sampling: Sampling, axis: int = -1) -> jax.Array:
+    """Draw one token per row. logits: [B, V] float32 (or [V, B] with axis 0) -> [B] int32."""
     if sampling.temperature == 0:
-        return greedy(logits)
-    logits = logits / sampling.temperature
+        return greedy(logits, axis)
+    logits = jnp.moveaxis(logits, axis, -1) / sampling.temperature
     idx = None
     if sampling.top_k:
         logits, idx = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))  # [B, k]
@@ -105,6 +107,7 @@ def _decode_block(params, cache, logits, key, done, n_left, eos_ids, cfg, sampli
     """
     mdl.TRACES["decode_block"] += 1
     B = logits.shape[0]
+    logits = logits.T  # [V, B]: `mdl.logits`' layout
 
     def cond(c):
         i, *_, done, _ = c
@@ -113,7 +116,7 @@ def _decode_block(params, cache, logits, key, done, n_left, eos_ids, cfg, sampli
     def body(c):
         i, cache, logits, key, done, out = c
         key, sub = jax.random.split(key)
-        token = jnp.where(done, -1, sample(logits, sub, sampling))  # [B]
+        token = jnp.where(done, -1, sample(logits, sub, sampling, axis=0))  # [B]
         out = out.at[:, i].set(token)
         done = done | jnp.isin(token, eos_ids)
         live = (~done)[:, None]  # [B, 1]
@@ -122,7 +125,7 @@ def _decode_block(params, cache, logits, key, done, n_left, eos_ids, cfg, sampli
 
     init = (jnp.int32(0), cache, logits, key, done, jnp.full((B, block), -1, jnp.int32))
     i, cache, logits, key, done, out = jax.lax.while_loop(cond, body, init)
-    return out, i, cache, logits, key, done
+    return out, i, cache, logits.T, key, done
 
 
 decode_block = jax.jit(

@@ -395,15 +395,20 @@ def _rebase(lc: kv.LayerCache, rebase, blocks, n_sinks: int, cfg: ModelConfig) -
 
 
 def logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Next-token logits, float32. hidden: [..., D] -> [..., V]."""
+    """Next-token logits, float32, vocabulary-major: hidden [..., D] -> [V, ...].
+
+    Vocabulary-major because XLA:CPU runs the product several times faster when the vocabulary
+    is the output's major axis (SmolLM2, 16 tokens: 3.9 vs 5.5 ms; 128 tokens: 16 vs 69 ms),
+    so reductions over the vocabulary (sampling, log-softmax) run along axis 0.
+    """
     head = params["embed"] if cfg.tie_embeddings else params["lm_head"]  # [V, D]
-    return jnp.einsum("...d,vd->...v", hidden, head, preferred_element_type=jnp.float32)
+    return jnp.einsum("vd,...d->v...", head, hidden, preferred_element_type=jnp.float32)
 
 
 def _step(params, cache, tokens, valid, cfg):
     TRACES["step"] += 1
     hidden, cache = forward(params, cache, tokens, valid, cfg)
-    return logits(params, hidden, cfg), cache
+    return jnp.moveaxis(logits(params, hidden, cfg), 0, -1), cache
 
 
 step = jax.jit(_step, static_argnames=("cfg",), donate_argnames=("cache",))
@@ -418,7 +423,7 @@ def _last_logits(params, cache, tokens, valid, cfg):
     hidden, cache = forward(params, cache, tokens, valid, cfg)
     last = jnp.maximum(valid.sum(axis=1) - 1, 0)  # [B]
     h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
-    return logits(params, h, cfg), cache
+    return logits(params, h, cfg).T, cache
 
 
 last_logits = jax.jit(_last_logits, static_argnames=("cfg",), donate_argnames=("cache",))

@@ -606,8 +606,8 @@ class Bench:
             return y * jax.lax.rsqrt(jnp.mean(y * y) + 1e-6), None  # keep values bounded
 
         def head(params, x):
-            logits = mdl.logits(params, x[:, 0, 0][None], cfg)  # [1, V]
-            return params["embed"][jnp.argmax(logits, axis=-1)].T[:, :, None]  # next [D, 1, 1]
+            logits = mdl.logits(params, x[:, 0, 0], cfg)  # [V]
+            return params["embed"][jnp.argmax(logits)][:, None, None]  # next input [D, 1, 1]
 
         def per_layer(params, x, steps):  # like the model: one buffer per layer, unrolled
             def one(_, x):

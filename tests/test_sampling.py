@@ -60,6 +60,16 @@ def test_temperature_sampling_follows_the_distribution():
     np.testing.assert_allclose(freq, probs, atol=0.05)
 
 
+@pytest.mark.parametrize(
+    "sampling", [Sampling(), Sampling(temperature=0.8, top_k=10, top_p=0.9)], ids=["greedy", "topk"]
+)
+def test_vocabulary_major_logits_draw_the_same(sampling):
+    logits = _logits()  # the decode loop samples [V, B] logits along axis 0
+    key = jax.random.key(3)
+    want = sample(logits, key, sampling)
+    np.testing.assert_array_equal(sample(logits.T, key, sampling, axis=0), want)
+
+
 def test_same_seed_same_draws():
     logits = _logits()
     s = Sampling(temperature=0.8, top_k=10, top_p=0.9)
