@@ -17,6 +17,10 @@ Sections (select with `--sections decode,bounds,...`; all by default):
 - memory:    compilations, RSS, live device bytes and cache bytes at the start and the end of a
              long sink stream.
 - bf16:      the decode section's jaxsink run with bfloat16 weights and cache.
+- roofline:  a 1B-class Llama shape (Llama 3.2 1B's) with random weights in the run's dtype:
+             B = 1 sink decode tok/s against the bandwidth bound, (weight + cache bytes read per
+             step) / the measured bandwidth. With `--dtype bfloat16` on an accelerator, the
+             bound is its HBM bandwidth.
 
 Every timing excludes compilation (executables are compiled ahead of time), follows a warm-up,
 blocks on the results, and keeps the best of a few repeats; the jaxsink and transformers runs are
@@ -42,6 +46,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -53,7 +58,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the repository's jaxsink, however (or whether) it is installed
 
-SECTIONS = ("decode", "bounds", "flat", "recompute", "prefill", "batch", "memory", "bf16")
+SECTIONS = (
+    "decode",
+    "bounds",
+    "flat",
+    "recompute",
+    "prefill",
+    "batch",
+    "memory",
+    "bf16",
+    "roofline",
+)
 
 # Sizes of the full run and of the --quick smoke run.
 FULL = {
@@ -80,6 +95,9 @@ FULL = {
     "memory_tokens": 5120,
     "memory_decode_block": 16,
     "bf16_new": 32,
+    "roofline_shape": "llama-1b",
+    "roofline_prompt": 1100,
+    "roofline_steps": 64,
 }
 QUICK = {
     "prompt": 128,
@@ -105,7 +123,27 @@ QUICK = {
     "memory_tokens": 768,
     "memory_decode_block": 8,
     "bf16_new": 2,
+    "roofline_shape": "llama-1b-shallow",
+    "roofline_prompt": 64,
+    "roofline_steps": 2,
 }
+# Model shapes of the roofline section, run with random weights (Llama 3.2 1B's shape; the quick
+# run keeps its widths with 2 layers).
+LLAMA_1B = {
+    "architecture": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 2048,
+    "num_layers": 16,
+    "num_heads": 32,
+    "num_kv_heads": 8,
+    "head_dim": 64,
+    "intermediate_size": 8192,
+    "norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 131072,
+    "tie_embeddings": True,
+}
+ROOFLINE_SHAPES = {"llama-1b": LLAMA_1B, "llama-1b-shallow": {**LLAMA_1B, "num_layers": 2}}
 SHARED_BUSY_CORES = 0.25  # above this, a section's timings are flagged as taken on a busy machine
 SINKS, WINDOW = 4, 1020
 RECOMPUTE_BUDGET_S = 300  # skip a re-computation K estimated to take longer per token  # the product's default stream: K = 1024
@@ -364,13 +402,13 @@ class Bench:
 
     # ---- helpers ------------------------------------------------------------------------
 
-    def tokens(self, n: int, seed: int = 0, batch: int | None = None):
+    def tokens(self, n: int, seed: int = 0, batch: int | None = None, cfg=None):
         """Deterministic prompt ids: random ids away from the special tokens at the start."""
         import numpy as np
 
         rng = np.random.default_rng(seed)
         shape = (n,) if batch is None else (batch, n)
-        return rng.integers(100, self.cfg.vocab_size, shape).astype(np.int32)
+        return rng.integers(100, (cfg or self.cfg).vocab_size, shape).astype(np.int32)
 
     def compiled(self, name: str, fn, args: tuple, static: dict):
         """AOT-compile once per (function, argument shapes/dtypes, static args)."""
@@ -385,7 +423,7 @@ class Bench:
 
         return kv.init_cache(self.cfg, stream, batch, dtype or self.model.dtype)
 
-    def prefill(self, params, cache, ids, chunk: int):
+    def prefill(self, params, cache, ids, chunk: int, cfg=None):
         """Feed ids [B, T] in chunks of `chunk` (last one padded); returns (last logits [B, V], cache)."""
         import numpy as np
 
@@ -398,7 +436,7 @@ class Bench:
             "prefill",
             mdl.last_logits,
             (params, cache, zeros, zeros.astype(bool)),
-            {"cfg": self.cfg},
+            {"cfg": cfg or self.cfg},
         )
         logits = None
         for i in range(0, T, chunk):
@@ -408,23 +446,24 @@ class Bench:
             logits, cache = exe(params, cache, tokens, valid)
         return logits, cache
 
-    def decode_exe(self, params, cache, block: int):
+    def decode_exe(self, params, cache, block: int, cfg=None):
         """The jitted on-device greedy decode loop, compiled for this cache, `block` steps max."""
         import jax.numpy as jnp
 
         from jaxsink.generate import Sampling, decode_block
 
+        cfg = cfg or self.cfg
         B = cache.pos.shape[0]
         args = (
             params,
             cache,
-            jnp.zeros((B, self.cfg.vocab_size), jnp.float32),
+            jnp.zeros((B, cfg.vocab_size), jnp.float32),
             self.jax.random.key(0),
             jnp.zeros((B,), bool),
             jnp.int32(block),
             self._no_eos(),
         )
-        static = {"cfg": self.cfg, "sampling": Sampling(), "block": block}
+        static = {"cfg": cfg, "sampling": Sampling(), "block": block}
         return self.compiled("decode_block", decode_block, args, static)
 
     def _no_eos(self):
@@ -586,7 +625,6 @@ class Bench:
 
     def section_bounds(self) -> dict:
         import jax.numpy as jnp
-        import numpy as np
 
         from jaxsink import model as mdl
 
@@ -651,36 +689,13 @@ class Bench:
             "(XLA:CPU copies each layer's slice of a stacked weight before its product)"
         )
 
-        # Memory bandwidth: a jitted plain reduction over a large f32 array, best of several.
-        n = sz["bandwidth_bytes"] // 4
-        big = jax.block_until_ready(jnp.ones((n,), jnp.float32) * 1.5)
-        f_sum = jax.jit(jnp.sum).lower(big).compile()
-        side = int(np.sqrt(n))
-        mat = big[: side * side].reshape(side, side)
-        vec = jnp.ones((side,), jnp.float32)
-        f_mv = jax.jit(lambda a, b: a @ b).lower(mat, vec).compile()
-        jax.block_until_ready((f_sum(big), f_mv(mat, vec)))
-        t_sum, t_mv = [], []
-        for _ in range(5):
-            t = time.perf_counter()
-            jax.block_until_ready(f_sum(big))
-            t_sum.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            jax.block_until_ready(f_mv(mat, vec))
-            t_mv.append(time.perf_counter() - t)
-        bw = big.nbytes / min(t_sum)
-        bw_mv = mat.nbytes / min(t_mv)
-        del big, mat
+        res.update(self.bandwidth())
+        bw, bw_mv, n = (
+            res["bandwidth_bytes_per_s"],
+            res["bandwidth_matvec_bytes_per_s"],
+            res["bandwidth_array_bytes"] // 4,
+        )
         res.update(
-            bandwidth_array_bytes=n * 4,
-            bandwidth_bytes_per_s=bw,
-            bandwidth_matvec_bytes_per_s=bw_mv,
-            bandwidth_note=(
-                "bandwidth = bytes / best time of a jitted jnp.sum over the array (5 runs); "
-                "'matvec' = the same bytes read by a jitted matrix-vector product (rows times a "
-                "vector, the model's form; a diagnostic: XLA:CPU may run a plain reduction on "
-                "fewer threads than a dot)"
-            ),
             bandwidth_bound_tok_s=bw / weight_bytes,
             bandwidth_matvec_bound_tok_s=bw_mv / weight_bytes,
         )
@@ -709,6 +724,45 @@ class Bench:
             f"with matvec bandwidth: {res['bandwidth_matvec_bound_tok_s']:.2f} tok/s",
         )
         return res
+
+    def bandwidth(self) -> dict:
+        """Memory bandwidth (host RAM, or the accelerator's HBM): the best of several jitted
+        reads of a large float32 array, by a plain reduction and by a matrix-vector product.
+        Measured once per run."""
+        if getattr(self, "_bandwidth", None):
+            return self._bandwidth
+        import jax.numpy as jnp
+        import numpy as np
+
+        jax = self.jax
+        n = self.sizes["bandwidth_bytes"] // 4
+        big = jax.block_until_ready(jnp.ones((n,), jnp.float32) * 1.5)
+        f_sum = jax.jit(jnp.sum).lower(big).compile()
+        side = int(np.sqrt(n))
+        mat = big[: side * side].reshape(side, side)
+        vec = jnp.ones((side,), jnp.float32)
+        f_mv = jax.jit(lambda a, b: a @ b).lower(mat, vec).compile()
+        jax.block_until_ready((f_sum(big), f_mv(mat, vec)))
+        t_sum, t_mv = [], []
+        for _ in range(10):
+            t = time.perf_counter()
+            jax.block_until_ready(f_sum(big))
+            t_sum.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            jax.block_until_ready(f_mv(mat, vec))
+            t_mv.append(time.perf_counter() - t)
+        self._bandwidth = {
+            "bandwidth_array_bytes": n * 4,
+            "bandwidth_bytes_per_s": big.nbytes / min(t_sum),
+            "bandwidth_matvec_bytes_per_s": mat.nbytes / min(t_mv),
+            "bandwidth_note": (
+                "bandwidth = bytes / best time of a jitted jnp.sum over the array (10 runs); "
+                "'matvec' = the same bytes read by a jitted matrix-vector product (rows times a "
+                "vector, the model's form; a diagnostic: XLA:CPU may run a plain reduction on "
+                "fewer threads than a dot)"
+            ),
+        }
+        return self._bandwidth
 
     def section_flat(self) -> dict:
         import numpy as np
@@ -1032,6 +1086,8 @@ class Bench:
     def section_bf16(self) -> dict:
         import jax.numpy as jnp
 
+        if self.model.dtype == jnp.bfloat16:
+            return {"skipped": "the whole run is bfloat16 (--dtype): see the decode section"}
         params = self.jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), self.model.params)
         res = self.section_decode(params=params, label="bf16")
         del params
@@ -1048,6 +1104,68 @@ class Bench:
             res["note"]
             + "; weights and cache in bfloat16 (fewer new tokens, to keep the run short)"
         )
+        return res
+
+    def section_roofline(self) -> dict:
+        import numpy as np
+
+        from jaxsink import cache as kv
+        from jaxsink import model as mdl
+        from jaxsink.config import ModelConfig, StreamConfig
+
+        sz = self.sizes
+        cfg = ModelConfig(**ROOFLINE_SHAPES[sz["roofline_shape"]])
+        dtype = self.model.dtype
+        params = random_params(cfg, dtype)
+        stream = StreamConfig.for_mode("sink", SINKS, WINDOW)
+        cache = kv.init_cache(cfg, stream, 1, dtype)
+        P, steps = sz["roofline_prompt"], sz["roofline_steps"]
+        logits, cache = self.prefill(params, cache, self.tokens(P, seed=5, cfg=cfg)[None], 256, cfg)
+        exe = self.decode_exe(params, cache, steps, cfg)
+        self.run_decode(exe, params, cache, logits, steps)  # warm-up
+        runs = [
+            self.run_decode(exe, params, cache, logits, steps)[0]
+            for _ in range(max(sz["repeats"], sz["min_repeats"]))
+        ]
+        # Bytes one decode step must read: every weight (the embedding table only as a tied LM
+        # head: an untied one is read one row per token) and every cache slot (sink mode scores
+        # the whole ring whatever its fill).
+        weight_bytes = mdl.param_bytes(params)
+        if not cfg.tie_embeddings:
+            weight_bytes -= params["embed"].nbytes
+        cache_bytes = sum(x.nbytes for x in self.jax.tree.leaves(cache.layers))
+        del params, cache, logits, exe
+        bw = self.bandwidth()
+        step_bytes = weight_bytes + cache_bytes
+        res = {
+            "shape": sz["roofline_shape"],
+            "model_config": cfg.to_dict(),
+            "dtype": str(dtype),
+            "prompt_tokens": P,
+            "steps": steps,
+            "runs_s": runs,
+            "tok_s": steps / min(runs),
+            "tok_s_median": steps / float(np.median(runs)),
+            "weight_bytes_per_step": weight_bytes,
+            "cache_bytes_per_step": cache_bytes,
+            "bandwidth_bytes_per_s": bw["bandwidth_bytes_per_s"],
+            "bound_tok_s": bw["bandwidth_bytes_per_s"] / step_bytes,
+            "matvec_bound_tok_s": bw["bandwidth_matvec_bytes_per_s"] / step_bytes,
+            "note": (
+                "random weights (normal, std 0.02) in the run's dtype; B = 1 sink decode (S = 4, "
+                f"W = 1020) after a {P}-token prompt, on-device greedy loop; bound = bandwidth "
+                "(jnp.sum) / (weight + cache bytes per step)"
+            ),
+        }
+        res["fraction_of_bound"] = res["tok_s"] / res["bound_tok_s"]
+        self.row(
+            "roofline",
+            f"{sz['roofline_shape']} shape ({step_bytes / 1e9:.2f} GB/step), B=1 decode, {dtype}",
+            f"{res['tok_s']:.2f} tok/s",
+            f"{res['fraction_of_bound']:.2f} of the bandwidth bound ({res['bound_tok_s']:.2f} "
+            f"tok/s at {bw['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s)",
+        )
+        log(f"roofline: {res['tok_s']:.2f} tok/s, {res['fraction_of_bound']:.2f} of the bound")
         return res
 
     # ---- targets --------------------------------------------------------------------------
@@ -1104,6 +1222,43 @@ class Bench:
         return out
 
 
+def random_params(cfg, dtype, seed: int = 0):
+    """A params pytree for `cfg` in the model's runtime layout, made on device: normal weights
+    (std 0.02), norm weights 1, biases 0."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxsink import model as mdl
+    from jaxsink.checkpoint import param_shapes
+
+    # The runtime layout of one layer (fused q/k/v and gate/up), from a one-layer model of zeros.
+    shapes = param_shapes(dataclasses.replace(cfg, num_layers=1))
+    one = mdl.unflatten({n: np.zeros(s, np.float32) for n, s in shapes.items()})
+    key = jax.random.key(seed)
+
+    @functools.partial(jax.jit, static_argnums=(1, 2))
+    def make(key, shape, name):
+        if name.endswith("norm"):
+            return jnp.ones(shape, dtype)
+        if name.startswith("b"):
+            return jnp.zeros(shape, dtype)
+        return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+    def fill(tree, key):
+        keys = jax.random.split(key, len(tree))
+        return {
+            n: make(k, x.shape, n) for k, (n, x) in zip(keys, sorted(tree.items()), strict=True)
+        }
+
+    keys = jax.random.split(key, cfg.num_layers + 1)
+    params = fill({n: x for n, x in one.items() if n != "layers"}, keys[0])
+    params["layers"] = tuple(fill(one["layers"][0], k) for k in keys[1:])
+    return params
+
+
 def markdown(rows, targets: dict) -> str:
     lines = ["| section | measurement | value | note |", "|---|---|---|---|"]
     lines += [f"| {s} | {w} | {v} | {n} |" for s, w, v, n in rows]
@@ -1125,10 +1280,10 @@ def markdown(rows, targets: dict) -> str:
     return "\n".join(lines)
 
 
-def load_model(spec: str | None):
+def load_model(spec: str | None, dtype: str):
     import jaxsink
 
-    return jaxsink.load(spec, dtype="float32")
+    return jaxsink.load(spec, dtype=dtype)
 
 
 def parse_args(argv=None):
@@ -1143,6 +1298,13 @@ def parse_args(argv=None):
         default=None,
         help="Hugging Face folder with the same weights for the transformers baseline "
         "(default: a transformers Llama rebuilt from the jaxsink checkpoint's weights)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="weights and cache dtype of every section (default float32, the reference on CPU; "
+        "bfloat16 on an accelerator, where the transformers baseline is skipped)",
     )
     p.add_argument("--quick", action="store_true", help="small sizes for a CI smoke run (< 3 min)")
     p.add_argument(
@@ -1192,10 +1354,16 @@ def main(argv=None) -> int:
 
     import jax
 
-    model = load_model(args.model)
+    model = load_model(args.model, args.dtype)
     model_dir = str(model.path)
+    # transformers runs float32 on the CPU: a baseline only for a float32 run on the CPU.
+    baseline = args.dtype == "float32" and jax.default_backend() == "cpu"
+    if "decode" in args.sections and not baseline:
+        log(f"transformers baseline skipped ({args.dtype} on {jax.default_backend()})")
     worker = (
-        HFBaseline(args.hf_model, model_dir, args.threads) if "decode" in args.sections else None
+        HFBaseline(args.hf_model, model_dir, args.threads)
+        if "decode" in args.sections and baseline
+        else None
     )
     log(f"model {model_dir}; sections {','.join(args.sections)}{' (quick)' if args.quick else ''}")
     bench = Bench(args, model, sizes, worker)
@@ -1262,6 +1430,7 @@ def main(argv=None) -> int:
             "model_config": model.cfg.to_dict(),
             "quick": args.quick,
             "sizes": {k: list(v) if isinstance(v, tuple) else v for k, v in sizes.items()},
+            "dtype": args.dtype,
             "threads_torch": args.threads,
             "threads_jax": "XLA:CPU default pool (all cores)",
             "timing": "compile excluded (AOT), warm-up first, jax.block_until_ready, best of repeats",
