@@ -19,8 +19,8 @@ Sections (select with `--sections decode,bounds,...`; all by default):
 - bf16:      the decode section's jaxsink run with bfloat16 weights and cache.
 - roofline:  a 1B-class Llama shape (Llama 3.2 1B's) with random weights in the run's dtype:
              B = 1 sink decode tok/s against the bandwidth bound, (weight + cache bytes read per
-             step) / the measured bandwidth. With `--dtype bfloat16` on an accelerator, the
-             bound is its HBM bandwidth.
+             step) / the measured bandwidth, and aggregate decode at a larger batch. With
+             `--dtype bfloat16` on an accelerator, the bound is its HBM bandwidth.
 
 Every timing excludes compilation (executables are compiled ahead of time), follows a warm-up,
 blocks on the results, and keeps the best of a few repeats; the jaxsink and transformers runs are
@@ -149,8 +149,8 @@ LLAMA_1B = {
 }
 ROOFLINE_SHAPES = {"llama-1b": LLAMA_1B, "llama-1b-shallow": {**LLAMA_1B, "num_layers": 2}}
 SHARED_BUSY_CORES = 0.25  # above this, a section's timings are flagged as taken on a busy machine
-SINKS, WINDOW = 4, 1020
-RECOMPUTE_BUDGET_S = 300  # skip a re-computation K estimated to take longer per token  # the product's default stream: K = 1024
+SINKS, WINDOW = 4, 1020  # the product's default stream: K = 1024
+RECOMPUTE_BUDGET_S = 300  # skip a re-computation K estimated to take longer per token
 FLAT_POSITIONS = (2_000, 16_000, 100_000)
 
 TARGETS = {
@@ -1182,7 +1182,8 @@ class Bench:
             "roofline",
             f"{sz['roofline_shape']} shape, aggregate decode, B={B}",
             f"{res['batch']['aggregate_tok_s']:.2f} tok/s",
-            f"{res['batch']['vs_batch1']:.2f}x of B=1: the weights outweigh B rows of cache",
+            f"{res['batch']['vs_batch1']:.2f}x of B=1; {weight_bytes / 1e9:.2f} GB of weights, "
+            f"{B * cache_bytes / 1e9:.2f} GB of cache for {B} rows",
         )
         log(f"roofline: {res['tok_s']:.2f} tok/s, {res['fraction_of_bound']:.2f} of the bound")
         return res
@@ -1253,10 +1254,11 @@ def random_params(cfg, dtype, seed: int = 0):
     from jaxsink import model as mdl
     from jaxsink.checkpoint import param_shapes
 
-    # The runtime layout of one layer (fused q/k/v and gate/up), from a one-layer model of zeros.
+    # The runtime layout of a layer (fused q/k/v and gate/up), from one layer of zeros.
     shapes = param_shapes(dataclasses.replace(cfg, num_layers=1))
-    one = mdl.unflatten({n: np.zeros(s, np.float32) for n, s in shapes.items()})
-    key = jax.random.key(seed)
+    layer = {n: np.zeros(s, np.float32) for n, s in shapes.items() if n.startswith("layers.")}
+    layer = {n: w.shape for n, w in mdl.unflatten(layer)["layers"][0].items()}
+    top = {n: s for n, s in shapes.items() if not n.startswith("layers.")}
 
     @functools.partial(jax.jit, static_argnums=(1, 2))
     def make(key, shape, name):
@@ -1266,16 +1268,12 @@ def random_params(cfg, dtype, seed: int = 0):
             return jnp.zeros(shape, dtype)
         return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
-    def fill(tree, key):
-        keys = jax.random.split(key, len(tree))
-        return {
-            n: make(k, x.shape, n) for k, (n, x) in zip(keys, sorted(tree.items()), strict=True)
-        }
+    def fill(shapes, key):  # {name: shape} -> {name: array}
+        keys = jax.random.split(key, len(shapes))
+        return {n: make(k, s, n) for k, (n, s) in zip(keys, sorted(shapes.items()), strict=True)}
 
-    keys = jax.random.split(key, cfg.num_layers + 1)
-    params = fill({n: x for n, x in one.items() if n != "layers"}, keys[0])
-    params["layers"] = tuple(fill(one["layers"][0], k) for k in keys[1:])
-    return params
+    keys = jax.random.split(jax.random.key(seed), cfg.num_layers + 1)
+    return {**fill(top, keys[0]), "layers": tuple(fill(layer, k) for k in keys[1:])}
 
 
 def markdown(rows, targets: dict) -> str:
