@@ -268,9 +268,9 @@ def _attention(lp, h, lc: kv.LayerCache, view, cfg: ModelConfig):
     """Self-attention of a chunk over one layer's cached sink and ring slots plus its own keys,
     then the chunk's surviving keys/values written into that layer's cache.
 
-    h: [B, C, D]; lc: this layer's cache, one key [B, K, H, n] and value [B, K, n, H] buffer
-    per block of n slots (`view["blocks"]`).
-    Returns (out [B, C, D], the updated layer cache).
+    h: [D, B, C] (feature-major, see `forward`); lc: this layer's cache, one key [B, K, H, n]
+    and value [B, K, n, H] buffer per block of n slots (`view["blocks"]`).
+    Returns (out [D, B, C], the updated layer cache).
     Intermediates keep (batch, kv head) leading, like the cache, so every score and value
     product is one batched matrix product over B * K.
     """
