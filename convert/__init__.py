@@ -6,19 +6,22 @@
     convert("HuggingFaceTB/SmolLM2-135M-Instruct", "out/model", dtype="bfloat16")  # hub id
 
 The output is written atomically by `jaxsink.checkpoint.save_checkpoint`. Pickled checkpoints
-(`pytorch_model.bin`, `.pt`) are refused, never unpickled.
+(`pytorch_model.bin`, `.pt`) are refused, never unpickled. A Hugging Face folder without any
+tokenizer converts with a warning on stderr, into a checkpoint for token ids only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from jaxsink.checkpoint import DTYPES, FORMAT, CheckpointError, save_checkpoint
 
+from .architectures import FAMILIES
 from .errors import ConvertError
-from .gguf import GGUFSource, config_from_gguf, read_gguf
+from .gguf import GGUF_TABLE, GGUFSource, config_from_gguf, read_gguf
 from .hf import (
     PICKLE_SUFFIXES,
     SafetensorsSource,
@@ -28,7 +31,7 @@ from .hf import (
     read_hf_config,
     weight_files,
 )
-from .tables import TABLES, build_params
+from .tables import build_params
 from .tokenizer import gguf_tokenizer_files, hf_tokenizer_files
 
 __all__ = ["ConvertError", "convert", "declares_jaxsink"]
@@ -88,8 +91,14 @@ def _convert_hf(
     cfg = read_hf_config(src)
     files = weight_files(src)
     tokenizer_files = hf_tokenizer_files(src)
+    if "tokenizer.json" not in tokenizer_files:
+        print(
+            f"jaxsink-convert: warning: {label} has no tokenizer; token-id commands work, "
+            f"text commands need one: copy tokenizer.json into {out}",
+            file=sys.stderr,
+        )
     with SafetensorsSource(files) as source:
-        params = build_params(cfg, TABLES[cfg.architecture], source, dtype, progress)
+        params = build_params(cfg, FAMILIES[cfg.architecture].table(cfg), source, dtype, progress)
     return save_checkpoint(
         out, cfg, params, dtype, tokenizer_files, source=label, overwrite=overwrite
     )
@@ -100,7 +109,7 @@ def _convert_gguf(src: Path, out: Path, dtype: str, overwrite: bool, progress: b
     meta, reader = read_gguf(src)
     cfg = config_from_gguf(meta, [t.name for t in reader.tensors])
     tokenizer_files = gguf_tokenizer_files(meta)
-    params = build_params(cfg, TABLES[cfg.architecture], GGUFSource(reader, cfg), dtype, progress)
+    params = build_params(cfg, GGUF_TABLE, GGUFSource(reader, cfg), dtype, progress)
     label = str(src.resolve())
     return save_checkpoint(
         out, cfg, params, dtype, tokenizer_files, source=label, overwrite=overwrite

@@ -14,14 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from jaxsink.config import ModelConfig, RopeScaling
+from jaxsink.config import Attention, LayerSpec, Mlp, ModelConfig, Norm, RopeScaling, Rotary
 
 from .errors import ConvertError
-from .hf import REFUSED
-from .tables import GGUF_TO_HF, rename
+from .hf import refusal
+from .tables import GGUF_TO_HF, LLAMA, rename
 
 SUPPORTED = ("llama", "qwen2")
-PERMUTED_QK = ("llama",)  # architectures whose q/k rows llama.cpp's converter permutes
+PERMUTED_QK = ("llama",)
+GGUF_TABLE = LLAMA  # GGUF tensors are renamed to Llama's Hugging Face names (GGUF_TO_HF)  # architectures whose q/k rows llama.cpp's converter permutes
 
 # `{arch}.` metadata keys read here; any other key under the architecture prefix is refused.
 ARCH_KEYS = frozenset(
@@ -68,12 +69,8 @@ def config_from_gguf(meta: Mapping[str, Any], tensor_names: Collection[str]) -> 
     Biases and tied embeddings follow from which tensors exist, as in llama.cpp.
     """
     arch = meta.get("general.architecture")
-    if arch in REFUSED:
-        raise ConvertError(f"unsupported GGUF architecture {arch!r}: {REFUSED[arch]}")
     if arch not in SUPPORTED:
-        raise ConvertError(
-            f"unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED)})"
-        )
+        raise ConvertError("GGUF: " + refusal(arch, list(SUPPORTED)))
     _check_keys(arch, meta)
     if "rope_freqs.weight" in tensor_names:
         raise ConvertError(
@@ -99,22 +96,28 @@ def config_from_gguf(meta: Mapping[str, Any], tensor_names: Collection[str]) -> 
     tokens = meta.get("tokenizer.ggml.tokens") or ()
     eos_keys = ("eos_token_id", "eot_token_id", "eom_token_id")
     eos = [meta[f"tokenizer.ggml.{k}"] for k in eos_keys if f"tokenizer.ggml.{k}" in meta]
+    norm = Norm("rms", float(get("attention.layer_norm_rms_epsilon")))
+    attention = Attention(
+        num_heads=num_heads,
+        num_kv_heads=get("attention.head_count_kv", num_heads),
+        head_dim=head_dim,
+        position=Rotary(
+            theta=float(get("rope.freq_base", 10000.0)),  # llama.cpp's default
+            dim=head_dim,
+            scaling=_rope_scaling(arch, meta),
+        ),
+        query_scale=head_dim**-0.5,
+        qkv_bias="blk.0.attn_q.bias" in tensor_names,
+        out_bias="blk.0.attn_output.bias" in tensor_names,
+    )
+    mlp = Mlp(get("feed_forward_length"), "silu", bias="blk.0.ffn_up.bias" in tensor_names)
     return ModelConfig(
         architecture=arch,
         vocab_size=get("vocab_size", len(tokens) or None),
         hidden_size=hidden,
-        num_layers=get("block_count"),
-        num_heads=num_heads,
-        num_kv_heads=get("attention.head_count_kv", num_heads),
-        head_dim=head_dim,
-        intermediate_size=get("feed_forward_length"),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(get("rope.freq_base", 10000.0)),  # llama.cpp's default
+        layers=(LayerSpec(attention, mlp, norm),) * get("block_count"),
+        final_norm=norm,
         max_position_embeddings=get("context_length"),
-        rope_scaling=_rope_scaling(arch, meta),
-        qkv_bias="blk.0.attn_q.bias" in tensor_names,
-        out_bias="blk.0.attn_output.bias" in tensor_names,
-        mlp_bias="blk.0.ffn_up.bias" in tensor_names,
         tie_embeddings="output.weight" not in tensor_names,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(eos)),
@@ -168,7 +171,8 @@ class GGUFSource:
         self._tensors = {rename(t.name, GGUF_TO_HF) or t.name: t for t in reader.tensors}
         self._heads = {}
         if cfg.architecture in PERMUTED_QK:
-            self._heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
+            attention = cfg.layers[0].attention
+            self._heads = {"q_proj": attention.num_heads, "k_proj": attention.num_kv_heads}
 
     def names(self) -> list[str]:
         """Every tensor name (Hugging Face names where known)."""

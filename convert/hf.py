@@ -9,6 +9,7 @@ model, and converting it anyway would give a silently wrong model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
@@ -22,40 +23,21 @@ from jaxsink.config import ModelConfig, RopeScaling
 
 from .errors import ConvertError
 
-SUPPORTED = ("llama", "mistral", "qwen2")
-
 # Architectures we understand but cannot stream: their positions are learned absolute embeddings.
-REFUSED = {
-    name: (
-        f"{name} uses learned absolute position embeddings: a token's position is baked into its "
-        "input, so cached keys cannot be re-positioned when the window slides, which attention "
-        "sinks require; only rotary-position models (e.g. llama, mistral, qwen2) are supported"
-    )
-    for name in ("gpt2", "gpt_bigcode", "opt")
-}
+LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_neo", "opt")
 
-# transformers' own defaults for keys a config.json may omit (its config classes fill them the
-# same way). Keys not here and not in REQUIRED have no default: reading them fails loudly.
-HF_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": {"max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2},
-    "mistral": {"max_position_embeddings": 131072, "bos_token_id": 1, "eos_token_id": 2},
-    "qwen2": {"max_position_embeddings": 32768, "bos_token_id": None, "eos_token_id": None},
-}
-COMMON_DEFAULTS = {
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0,
-    "hidden_act": "silu",
-    "tie_word_embeddings": False,
-    "attention_bias": False,
-    "mlp_bias": False,
-}
-REQUIRED = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-)
+
+def refusal(arch: str, supported: list[str]) -> str:
+    """Why `arch` cannot be converted, naming the architectures that can."""
+    names = ", ".join(sorted(supported))
+    if arch in LEARNED_POSITIONS:
+        return (
+            f"unsupported architecture {arch!r}: it uses learned absolute position embeddings, so "
+            "a token's position is baked into its input and cached keys cannot be re-positioned "
+            f"when the window slides, which attention sinks require (supported: {names})"
+        )
+    return f"unsupported architecture {arch!r} (supported: {names})"
+
 
 # Keys that do not change the function the weights compute.
 HARMLESS = frozenset(
@@ -169,6 +151,37 @@ def read_hf_config(src: Path) -> ModelConfig:
         raise ConvertError(f"{cfg_file}: {e}") from None
 
 
+class ConfigReader:
+    """A Hugging Face config dict being read: every key taken is removed, so what is left at
+    the end is what nobody understood (`check_all_read`).
+
+    defaults: transformers' values for keys a config.json may omit.
+    """
+
+    def __init__(self, config: Mapping[str, Any], defaults: Mapping[str, Any]):
+        self.d = dict(config)
+        self.defaults = dict(defaults)
+
+    def take(self, key: str, default: Any = None) -> Any:
+        """The value of `key` (removed), else its transformers default, else `default`."""
+        value = self.d.pop(key, None)
+        if value is None:
+            value = self.defaults.get(key, default)
+        return value
+
+    def has(self, key: str) -> bool:
+        return self.d.get(key) is not None
+
+    def check_all_read(self, arch: str) -> None:
+        """Refuse, by name, every key no reader took and that is not harmless."""
+        unknown = sorted(set(self.d) - HARMLESS)
+        if unknown:
+            raise ConvertError(
+                f"config keys jaxsink does not understand for {arch}: {', '.join(unknown)} "
+                "(refusing to guess what they change)"
+            )
+
+
 def config_from_hf(
     config: Mapping[str, Any], generation: Mapping[str, Any] | None = None
 ) -> ModelConfig:
@@ -178,61 +191,23 @@ def config_from_hf(
     Raises ConvertError for an unsupported architecture, rope type, sliding window or any key
     this function does not understand.
     """
+    from .architectures import FAMILIES
+
     d = dict(config)
     arch = d.pop("model_type", None)
-    if arch in REFUSED:
-        raise ConvertError(f"unsupported architecture {arch!r}: {REFUSED[arch]}")
-    if arch not in SUPPORTED:
-        raise ConvertError(f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED)})")
-    missing = [k for k in REQUIRED if d.get(k) is None]
+    if arch not in FAMILIES:
+        raise ConvertError(refusal(arch, list(FAMILIES)))
+    family = FAMILIES[arch]
+    missing = [k for k in family.required if d.get(k) is None]
     if missing:
         raise ConvertError(f"missing required keys: {', '.join(missing)}")
-    defaults = COMMON_DEFAULTS | HF_DEFAULTS[arch]
-
-    def take(key: str) -> Any:
-        value = d.pop(key, None)
-        return defaults.get(key) if value is None else value
-
-    num_heads = take("num_attention_heads")
-    hidden = take("hidden_size")
-    num_layers = take("num_hidden_layers")
-    max_pos = take("max_position_embeddings")
-    rope_theta, rope_scaling = _rope(d, defaults["rope_theta"])
-    _check_sliding_window(arch, d, num_layers, max_pos)
-    if arch == "llama" and d.pop("pretraining_tp", 1) not in (1, None):
-        raise ConvertError("pretraining_tp other than 1 is not supported")
-    if d.pop("rope_interleaved", False):  # nanotron's flag; transformers ignores it
-        raise ConvertError("rope_interleaved true: the weights' rotary layout is ambiguous")
-    attention_bias = take("attention_bias") if arch == "llama" else False
-    mlp_bias = take("mlp_bias") if arch == "llama" else False
-    eos = _ids(take("eos_token_id")) + _ids((generation or {}).get("eos_token_id"))
-    cfg = ModelConfig(
-        architecture=arch,
-        vocab_size=take("vocab_size"),
-        hidden_size=hidden,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=d.pop("num_key_value_heads", None) or num_heads,
-        head_dim=d.pop("head_dim", None) or hidden // num_heads,
-        intermediate_size=take("intermediate_size"),
-        norm_eps=float(take("rms_norm_eps")),
-        rope_theta=rope_theta,
-        max_position_embeddings=max_pos,
-        rope_scaling=rope_scaling,
-        qkv_bias=arch == "qwen2" or attention_bias,
-        out_bias=attention_bias,
-        mlp_bias=mlp_bias,
-        hidden_act=take("hidden_act"),
-        tie_embeddings=bool(take("tie_word_embeddings")),
-        bos_token_id=take("bos_token_id"),
-        eos_token_ids=tuple(dict.fromkeys(eos)),
+    reader = ConfigReader(d, family.defaults)
+    cfg = family.read(arch, reader)
+    eos = _ids(reader.take("eos_token_id")) + _ids((generation or {}).get("eos_token_id"))
+    cfg = dataclasses.replace(
+        cfg, bos_token_id=reader.take("bos_token_id"), eos_token_ids=tuple(dict.fromkeys(eos))
     )
-    unknown = sorted(set(d) - HARMLESS)
-    if unknown:
-        raise ConvertError(
-            f"config keys jaxsink does not understand for {arch}: {', '.join(unknown)} "
-            "(refusing to guess what they change)"
-        )
+    reader.check_all_read(arch)
     return cfg
 
 
@@ -243,9 +218,19 @@ def _ids(value: int | list[int] | None) -> list[int]:
     return [int(v) for v in value] if isinstance(value, list) else [int(value)]
 
 
-def _rope(d: dict, default_theta: float) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, scaling) from 5.x `rope_parameters` or 4.x `rope_theta` + `rope_scaling`;
-    pops those keys from `d`."""
+@dataclasses.dataclass(frozen=True)
+class RopeSpec:
+    """What a config says about rotary positions: base, scaling, and the fraction of each
+    head rotated (None: not given)."""
+
+    theta: float
+    scaling: RopeScaling | None
+    partial: float | None = None
+
+
+def read_rope(d: dict, default_theta: float) -> RopeSpec:
+    """The rotary spec of 5.x `rope_parameters` or 4.x `rope_theta` + `rope_scaling`; pops
+    those keys from `d`."""
     params = d.pop("rope_parameters", None)
     legacy = d.pop("rope_scaling", None)
     top_theta = d.pop("rope_theta", None)
@@ -258,6 +243,8 @@ def _rope(d: dict, default_theta: float) -> tuple[float, RopeScaling | None]:
     theta = float(
         theta if theta is not None else top_theta if top_theta is not None else default_theta
     )
+    partial = spec.pop("partial_rotary_factor", None)
+    partial = None if partial is None else float(partial)
     kind = spec.pop("rope_type", None)
     legacy_kind = spec.pop("type", None)
     if kind is not None and legacy_kind is not None and kind != legacy_kind:
@@ -276,19 +263,20 @@ def _rope(d: dict, default_theta: float) -> tuple[float, RopeScaling | None]:
     if problems:
         raise ConvertError(f"rope type {kind!r}: {'; '.join(problems)}")
     if kind == "default":
-        return theta, None
+        return RopeSpec(theta, None, partial)
     if kind == "linear":
-        return theta, RopeScaling("linear", float(spec["factor"]))
-    return theta, RopeScaling(
+        return RopeSpec(theta, RopeScaling("linear", float(spec["factor"])), partial)
+    scaling = RopeScaling(
         "llama3",
         factor=float(spec["factor"]),
         low_freq_factor=float(spec["low_freq_factor"]),
         high_freq_factor=float(spec["high_freq_factor"]),
         original_max_position_embeddings=int(spec["original_max_position_embeddings"]),
     )
+    return RopeSpec(theta, scaling, partial)
 
 
-def _check_sliding_window(arch: str, d: dict, num_layers: int, max_pos: int) -> None:
+def check_sliding_window(arch: str, d: dict, num_layers: int, max_pos: int) -> None:
     """Accept (and pop) sliding-window keys only where no layer actually slides."""
     if arch == "mistral":
         window = d.pop("sliding_window", None)

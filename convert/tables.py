@@ -1,12 +1,13 @@
-"""Declarative name tables: source tensor -> jaxsink parameter -> named layout transform.
+"""Declarative name tables: source tensors -> jaxsink parameter -> named layout transform.
 
-A `Table` says, for one architecture, which Hugging Face tensor fills which jaxsink parameter
-(the names and shapes of `jaxsink.checkpoint.param_shapes`) and how its layout changes. `{i}` in a
-source name is the layer index; those tensors are stacked along a new leading layer axis L.
-`build_params` applies a table to any `TensorSource` (safetensors shards, a GGUF file), checking
-that every source tensor is used and every target filled, and naming the offenders otherwise.
+A `Table` says, for one architecture, which Hugging Face tensors fill which jaxsink parameter
+(the names and shapes of `jaxsink.checkpoint.param_shapes`, the `nnx.Param`s of the model) and
+how their layout changes: a rule may fuse several sources (q, k and v into one per-kv-head
+projection). `{i}` in a name is the layer index. `build_params` applies a table to any
+`TensorSource` (safetensors shards, a GGUF file), checking that every source tensor is used and
+every target filled, and naming the offenders otherwise.
 
-Letters: L layers, D hidden, N heads (query or kv), H head dim, F mlp, V vocab.
+Letters: L layers, D hidden, N heads, K kv heads, G = N / K, H head dim, F mlp, V vocab.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from jaxsink.config import ModelConfig
 from .errors import ConvertError
 
 Shape = tuple[int, ...]
-Transform = Callable[[np.ndarray, Shape], np.ndarray]
+Transform = Callable[..., np.ndarray]  # (source arrays..., target shape) -> array of that shape
 
 
 def identity(w: np.ndarray, shape: Shape) -> np.ndarray:
@@ -35,68 +36,100 @@ def identity(w: np.ndarray, shape: Shape) -> np.ndarray:
 
 
 def split_heads(w: np.ndarray, shape: Shape) -> np.ndarray:
-    """A head axis made explicit, the layout kept (shape is the target): q/k/v_proj weight
-    [N*H, D] -> [N, H, D], o_proj weight [D, N*H] -> [D, N, H], q/k/v_proj bias [N*H] -> [N, H]."""
+    """A head axis made explicit, the layout kept (shape is the target): an output projection
+    [D, N*H] -> [D, N, H]."""
     return w.reshape(shape)
+
+
+def fuse_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, shape: Shape) -> np.ndarray:
+    """Separate q [N*H, ...], k and v [K*H, ...] projections (weights [.., D] or biases) -> the
+    fused per-kv-head layout [K, G + 2, H, ...]: kv head k's G query heads, its key, its value."""
+    K, E, H, *rest = shape
+    q = q.reshape(K, E - 2, H, *rest)
+    return np.concatenate([q, k.reshape(K, 1, H, *rest), v.reshape(K, 1, H, *rest)], axis=1)
+
+
+def stack(*arrays_and_shape) -> np.ndarray:
+    """Several [F, ...] arrays (gate, then up) -> [n, F, ...]."""
+    *arrays, _ = arrays_and_shape
+    return np.stack(arrays)
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """One jaxsink parameter: its source tensor name (with `{i}` if per layer) and transform."""
+    """One jaxsink parameter (its name in `param_shapes`, with `{i}` for every layer that has
+    it) made from its source tensors (names with `{i}` for the layer) by `transform`."""
 
-    source: str
     target: str
+    sources: tuple[str, ...]
     transform: Transform
 
 
 @dataclasses.dataclass(frozen=True)
 class Table:
-    """The rules of one architecture.
+    """The rules of one architecture. A rule whose target the `ModelConfig` does not have (a
+    bias it lacks, a tied lm_head) is skipped.
 
     ignored_suffixes: source tensors that carry nothing (recomputed buffers), skipped silently.
     tied_copy: (copy, original): with tied embeddings a file may still hold the output matrix
       as a copy of the embedding; it is accepted only if it equals the original exactly.
+    aliases: (old name, name in the rules) of tensors older files name differently.
+    constants: (name, value) of source tensors the config already implies (e.g. stored ALiBi
+      slopes): accepted only if they hold that value.
     """
 
     rules: tuple[Rule, ...]
     ignored_suffixes: tuple[str, ...] = ()
     tied_copy: tuple[str, str] | None = None
+    aliases: tuple[tuple[str, str], ...] = ()
+    constants: tuple[tuple[str, np.ndarray], ...] = ()
 
 
-_ATTN = "model.layers.{i}.self_attn"
-_MLP = "model.layers.{i}.mlp"
+def layer_rules(prefix: str, names: Mapping[str, tuple[tuple[str, ...], Transform]]):
+    """Rules of per-layer parameters: target suffix -> (source suffixes, transform), both
+    under their layer (`layers.{i}.` and `prefix`)."""
+    return tuple(
+        Rule(f"layers.{{i}}.{target}", tuple(f"{prefix}.{s}" for s in sources), transform)
+        for target, (sources, transform) in names.items()
+    )
+
+
+def _llama_attention(attn: str) -> dict:
+    """The attention rules of Llama-named projections `{attn}.q_proj` ... `{attn}.o_proj`."""
+    return {
+        "attn.qkv": (tuple(f"{attn}.{p}_proj.weight" for p in "qkv"), fuse_qkv),
+        "attn.qkv_bias": (tuple(f"{attn}.{p}_proj.bias" for p in "qkv"), fuse_qkv),
+    }
+
 
 LLAMA = Table(
     rules=(
-        Rule("model.embed_tokens.weight", "embed", identity),  # [V, D]
-        Rule("model.norm.weight", "final_norm", identity),  # [D]
-        Rule("lm_head.weight", "lm_head", identity),  # [V, D]
-        Rule("model.layers.{i}.input_layernorm.weight", "layers.attn_norm", identity),
-        Rule(f"{_ATTN}.q_proj.weight", "layers.wq", split_heads),
-        Rule(f"{_ATTN}.k_proj.weight", "layers.wk", split_heads),
-        Rule(f"{_ATTN}.v_proj.weight", "layers.wv", split_heads),
-        Rule(f"{_ATTN}.o_proj.weight", "layers.wo", split_heads),
-        Rule(f"{_ATTN}.q_proj.bias", "layers.bq", split_heads),
-        Rule(f"{_ATTN}.k_proj.bias", "layers.bk", split_heads),
-        Rule(f"{_ATTN}.v_proj.bias", "layers.bv", split_heads),
-        Rule(f"{_ATTN}.o_proj.bias", "layers.bo", identity),
-        Rule("model.layers.{i}.post_attention_layernorm.weight", "layers.mlp_norm", identity),
-        Rule(f"{_MLP}.gate_proj.weight", "layers.w_gate", identity),  # [F, D]
-        Rule(f"{_MLP}.up_proj.weight", "layers.w_up", identity),
-        Rule(f"{_MLP}.down_proj.weight", "layers.w_down", identity),  # [D, F]
-        Rule(f"{_MLP}.gate_proj.bias", "layers.b_gate", identity),
-        Rule(f"{_MLP}.up_proj.bias", "layers.b_up", identity),
-        Rule(f"{_MLP}.down_proj.bias", "layers.b_down", identity),
+        Rule("embed", ("model.embed_tokens.weight",), identity),  # [V, D]
+        Rule("final_norm.scale", ("model.norm.weight",), identity),  # [D]
+        Rule("lm_head", ("lm_head.weight",), identity),  # [V, D]
+        *layer_rules(
+            "model.layers.{i}",
+            {
+                "norm.scale": (("input_layernorm.weight",), identity),
+                "mlp_norm.scale": (("post_attention_layernorm.weight",), identity),
+                **_llama_attention("self_attn"),
+                "attn.out": (("self_attn.o_proj.weight",), split_heads),
+                "attn.out_bias": (("self_attn.o_proj.bias",), identity),
+                "mlp.up": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), stack),
+                "mlp.up_bias": (("mlp.gate_proj.bias", "mlp.up_proj.bias"), stack),
+                "mlp.down": (("mlp.down_proj.weight",), identity),
+                "mlp.down_bias": (("mlp.down_proj.bias",), identity),
+            },
+        ),
     ),
     ignored_suffixes=("rotary_emb.inv_freq",),
     tied_copy=("lm_head.weight", "model.embed_tokens.weight"),
 )
 
-# Hugging Face model_type -> table. Mistral and Qwen2 name their tensors like Llama; which
-# optional rules apply (biases, lm_head) follows from the ModelConfig via param_shapes.
-TABLES: dict[str, Table] = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA}
+_ATTN = "model.layers.{i}.self_attn"
+_MLP = "model.layers.{i}.mlp"
 
-# llama.cpp tensor names -> Hugging Face names, so GGUF files reuse TABLES.
+# llama.cpp tensor names -> Hugging Face names, so GGUF files reuse the Llama table.
 GGUF_TO_HF: dict[str, str] = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -144,49 +177,71 @@ def build_params(
     """Every parameter of `param_shapes(cfg)` filled from `source` by `table`, cast to `dtype`.
 
     All names are checked before any tensor is read: a missing source tensor or an unused one is
-    a ConvertError naming them. Per-layer tensors are stacked into [L, ...].
+    a ConvertError naming them.
     """
     shapes = param_shapes(cfg)
+    source = _Renamed(source, dict(table.aliases))
     plan = _plan(cfg, table, shapes, source.names())
     out_dtype = DTYPES[dtype]
     params = {}
     total = sum(len(names) for _, names in plan.values())
     with tqdm(total=total, desc="converting", unit="tensor", disable=not progress) as bar:
         for target, (rule, names) in plan.items():
-            out = np.empty(shapes[target], out_dtype)
-            stacked = "{i}" in rule.source
-            shape = shapes[target][1:] if stacked else shapes[target]
-            for i, name in enumerate(names):
-                out[i if stacked else ...] = _apply(rule, name, source.load(name), shape)
-                bar.update()
-            params[target] = out
+            arrays = [source.load(name) for name in names]
+            params[target] = _apply(rule, target, names, arrays, shapes[target]).astype(out_dtype)
+            bar.update(len(names))
     _check_tied_copy(cfg, table, source)
+    _check_constants(table, source)
     return params
+
+
+class _Renamed:
+    """A `TensorSource` with some tensors renamed (`Table.aliases`)."""
+
+    def __init__(self, source: TensorSource, aliases: Mapping[str, str]):
+        self._source = source
+        self._new = {aliases.get(n, n): n for n in source.names()}
+
+    def names(self) -> list[str]:
+        return list(self._new)
+
+    def load(self, name: str) -> np.ndarray:
+        return self._source.load(self._new[name])
+
+
+def _check_constants(table: Table, source: TensorSource) -> None:
+    """Source tensors the config implies must hold exactly that value (float32 rounding)."""
+    for name, want in table.constants:
+        if name in source.names():
+            got = source.load(name).astype(np.float32)
+            if got.shape != want.shape or not np.allclose(got, want, rtol=1e-6, atol=0):
+                raise ConvertError(
+                    f"tensor {name} differs from the value its config implies; "
+                    "a checkpoint with modified values there is not supported"
+                )
 
 
 def _plan(
     cfg: ModelConfig, table: Table, shapes: Mapping[str, Shape], available: Collection[str]
 ) -> dict[str, tuple[Rule, list[str]]]:
     """target -> (rule, source names), after checking the names on both sides."""
-    rules = {r.target: r for r in table.rules if r.target in shapes}
-    uncovered = sorted(set(shapes) - set(rules))
+    plan = {}
+    for rule in table.rules:
+        layers = range(cfg.num_layers) if "{i}" in rule.target else [None]
+        for i in layers:
+            target = rule.target.format(i=i)
+            if target in shapes and target not in plan:
+                plan[target] = (rule, [s.format(i=i) for s in rule.sources])
+    uncovered = sorted(set(shapes) - set(plan), key=_natural)
     if uncovered:
         raise ConvertError(f"no {cfg.architecture} conversion rule for {_list(uncovered)}")
-    plan = {
-        target: (
-            rule,
-            [rule.source.format(i=i) for i in range(cfg.num_layers)]
-            if "{i}" in rule.source
-            else [rule.source],
-        )
-        for target, rule in rules.items()
-    }
     wanted = {name for _, names in plan.values() for name in names}
     missing = sorted(wanted - set(available), key=_natural)
     if missing:
         raise ConvertError(f"missing source tensors: {_list(missing)}")
     unused = set(available) - wanted
     unused = {n for n in unused if not n.endswith(table.ignored_suffixes)}
+    unused -= {name for name, _ in table.constants}
     if cfg.tie_embeddings and table.tied_copy:
         unused.discard(table.tied_copy[0])
     if unused:
@@ -197,21 +252,25 @@ def _plan(
     return plan
 
 
-def _apply(rule: Rule, name: str, array: np.ndarray, shape: Shape) -> np.ndarray:
-    """`rule.transform` on one source tensor, checking dtype and shapes."""
-    if array.dtype.kind != "f" and array.dtype != ml_dtypes.bfloat16:
-        raise ConvertError(
-            f"tensor {name} has dtype {array.dtype}; only float tensors can be converted "
-            "(quantized Hugging Face checkpoints are not supported)"
-        )
+def _apply(
+    rule: Rule, target: str, names: list[str], arrays: list[np.ndarray], shape: Shape
+) -> np.ndarray:
+    """`rule.transform` on the source tensors of one parameter, checking dtypes and shapes."""
+    for name, array in zip(names, arrays, strict=True):
+        if array.dtype.kind != "f" and array.dtype != ml_dtypes.bfloat16:
+            raise ConvertError(
+                f"tensor {name} has dtype {array.dtype}; only float tensors can be converted "
+                "(quantized Hugging Face checkpoints are not supported)"
+            )
     try:
-        out = rule.transform(array, shape)
+        out = rule.transform(*arrays, shape)
     except ValueError:
         out = None
     if out is None or out.shape != shape:
+        sizes = ", ".join(f"{n} {tuple(a.shape)}" for n, a in zip(names, arrays, strict=True))
         raise ConvertError(
-            f"tensor {name} has shape {tuple(array.shape)}, which does not fit {rule.target} "
-            f"(per-layer shape {shape}) under {rule.transform.__name__}"
+            f"source tensors {sizes} do not fit {target} (shape {shape}) under "
+            f"{rule.transform.__name__}"
         )
     return out
 

@@ -1,9 +1,15 @@
 """Tokenizer files for a checkpoint: copied from a Hugging Face folder or rebuilt from GGUF.
 
+A Hugging Face folder without `tokenizer.json` gets one from transformers: from a SentencePiece
+`tokenizer.model` (Llama 2, Mistral, Yi) as `LlamaTokenizerFast` converts it, which needs the
+`sentencepiece` and `protobuf` packages; from slow vocabulary files (`vocab.json` + `merges.txt`)
+by `AutoTokenizer`. A folder with no tokenizer at all gives a checkpoint without one.
+
 A GGUF file has no `tokenizer.json`, only llama.cpp metadata (`tokenizer.ggml.*`). For byte-level
-BPE vocabularies (`tokenizer.ggml.model == "gpt2"`) we rebuild the same tokenizer transformers
-builds from that metadata (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`), with the public
-`tokenizers` API.
+BPE (`tokenizer.ggml.model == "gpt2"`) and SentencePiece BPE (`"llama"`) vocabularies we rebuild
+the same tokenizer transformers builds from that metadata
+(`AutoTokenizer.from_pretrained(dir, gguf_file=...)`), with the public `tokenizers` API: loading a
+GGUF through transformers itself may need torch, which conversion does without.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConvertError
+from .hf import read_json
 
 HF_TOKENIZER_FILES = (
     "tokenizer.json",
@@ -23,6 +30,8 @@ HF_TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 HF_EXTRA_FILES = ("generation_config.json",)
+SENTENCEPIECE_MODEL = "tokenizer.model"
+SLOW_VOCAB_FILES = ("vocab.json", "merges.txt", "vocab.txt")  # what AutoTokenizer builds from
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
@@ -59,21 +68,34 @@ PRE_TOKENIZER_SPLITS = {
 def hf_tokenizer_files(src: Path) -> dict[str, bytes]:
     """Tokenizer (and generation config) files of a Hugging Face folder, by name.
 
-    Without `tokenizer.json`, transformers is asked to build one (e.g. from `tokenizer.model`).
+    Without `tokenizer.json`, transformers builds one: `LlamaTokenizerFast` from a SentencePiece
+    `tokenizer.model` (honouring `tokenizer_config.json`: `add_bos_token`, `legacy`, special
+    tokens; BOS is added unless it says not to, LlamaTokenizer's documented default, which
+    transformers 5 applies only when the file states it), `AutoTokenizer` from slow vocabulary
+    files. A folder with neither gives no `tokenizer.json` (a checkpoint for token ids only).
     """
     names = HF_TOKENIZER_FILES + HF_EXTRA_FILES
     files = {name: (src / name).read_bytes() for name in names if (src / name).is_file()}
-    if "tokenizer.json" not in files:
-        files |= _build_fast_tokenizer(src)
+    if "tokenizer.json" in files:
+        return files
+    if (src / SENTENCEPIECE_MODEL).is_file():
+        config = (
+            read_json(src / "tokenizer_config.json") if "tokenizer_config.json" in files else {}
+        )
+        defaults = {} if "add_bos_token" in config else {"add_bos_token": True}
+        return files | _build_fast_tokenizer(src, "LlamaTokenizerFast", **defaults)
+    if any((src / name).is_file() for name in SLOW_VOCAB_FILES):
+        return files | _build_fast_tokenizer(src, "AutoTokenizer")
     return files
 
 
-def _build_fast_tokenizer(src: Path) -> dict[str, bytes]:
-    """The tokenizer files transformers writes for `src` (which has no tokenizer.json)."""
+def _build_fast_tokenizer(src: Path, loader: str, **overrides: Any) -> dict[str, bytes]:
+    """The tokenizer files transformers writes for `src` (which has no tokenizer.json), loading it
+    with `transformers.<loader>.from_pretrained(src, **overrides)`."""
     try:
-        from transformers import AutoTokenizer
+        import transformers
 
-        tokenizer = AutoTokenizer.from_pretrained(str(src))
+        tokenizer = getattr(transformers, loader).from_pretrained(str(src), **overrides)
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer.save_pretrained(tmp)
             built = {
@@ -83,7 +105,7 @@ def _build_fast_tokenizer(src: Path) -> dict[str, bytes]:
             }
     except Exception as e:  # transformers raises many types; all mean "no tokenizer"
         raise ConvertError(
-            f"{src} has no tokenizer.json and transformers could not build one: {e}"
+            f"{src} has no tokenizer.json and transformers' {loader} could not build one: {e}"
         ) from None
     if "tokenizer.json" not in built:
         raise ConvertError(f"{src} has no tokenizer.json and transformers did not write one")
@@ -93,25 +115,27 @@ def _build_fast_tokenizer(src: Path) -> dict[str, bytes]:
 def gguf_tokenizer_files(meta: Mapping[str, Any]) -> dict[str, bytes]:
     """`tokenizer.json` and `tokenizer_config.json` rebuilt from GGUF metadata (`key -> value`).
 
-    Only byte-level BPE (`tokenizer.ggml.model == "gpt2"`) is supported.
+    Byte-level BPE (`tokenizer.ggml.model == "gpt2"`) and SentencePiece BPE (`"llama"`) are
+    supported.
     """
     kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
+    if kind not in GGUF_TOKENIZER_BUILDERS:
         raise ConvertError(
-            f"GGUF tokenizer model {kind!r} is not supported yet (only byte-level BPE, 'gpt2'); "
-            "convert the original Hugging Face model instead"
+            f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2' and "
+            "SentencePiece 'llama'); convert the original Hugging Face model instead"
         )
     tokens = meta.get("tokenizer.ggml.tokens")
-    merges = meta.get("tokenizer.ggml.merges")
-    if not tokens or merges is None:
-        raise ConvertError("GGUF tokenizer metadata lacks tokenizer.ggml.tokens or .merges")
+    if not tokens:
+        raise ConvertError("GGUF tokenizer metadata lacks tokenizer.ggml.tokens")
     ids = {name: meta[key] for name, key in SPECIAL_IDS.items() if meta.get(key) is not None}
     if bad := {name: i for name, i in ids.items() if not 0 <= i < len(tokens)}:
         raise ConvertError(f"GGUF special token ids out of range: {bad}")
     specials = {name: tokens[i] for name, i in ids.items()}
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and "bos_token" in specials
+    # llama.cpp and transformers add BOS to a SentencePiece vocabulary the file says nothing of
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))
+    add_bos = add_bos and "bos_token" in specials
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and "eos_token" in specials
-    tokenizer = _byte_level_bpe(tokens, merges, meta.get("tokenizer.ggml.pre"))
+    tokenizer = GGUF_TOKENIZER_BUILDERS[kind](meta)
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)  # 1: normal
     if len(types) != len(tokens):
         raise ConvertError(f"GGUF has {len(tokens)} tokens but {len(types)} token types")
@@ -132,10 +156,14 @@ def gguf_tokenizer_files(meta: Mapping[str, Any]) -> dict[str, bytes]:
     }
 
 
-def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None):
-    """A byte-level BPE tokenizer over `tokens` (respelled into the byte alphabet if needed)."""
+def _byte_level_bpe(meta: Mapping[str, Any]):
+    """A byte-level BPE tokenizer over the GGUF tokens (respelled into the byte alphabet if
+    needed) and merges, splitting text as `tokenizer.ggml.pre` names."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
+    tokens, merges = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.merges")
+    if merges is None:
+        raise ConvertError("GGUF tokenizer metadata lacks tokenizer.ggml.merges")
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
     vocab = {
@@ -152,7 +180,7 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None):
             fuse_unk=False,
         )
     )
-    split = PRE_TOKENIZER_SPLITS.get(pre or "")
+    split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre") or "")
     if split is None:
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
@@ -164,6 +192,58 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None):
         )
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
+
+
+def _sentencepiece_bpe(meta: Mapping[str, Any]):
+    """A SentencePiece BPE vocabulary as transformers' LlamaTokenizer (non-legacy) runs it: merges
+    recovered from the token scores, bytes for unknown characters (`<0x41>` tokens), spaces as
+    "▁" and one "▁" before the text unless `tokenizer.ggml.add_space_prefix` is false."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokens, scores = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise ConvertError("GGUF SentencePiece vocabulary lacks a score per token")
+    vocab = {token: index for index, token in enumerate(tokens)}
+    tokenizer = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges_from_scores(vocab, dict(zip(tokens, scores, strict=True))),
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if prefix else "never", split=False
+    )
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        steps.append(decoders.Strip(content=" ", left=1))
+    tokenizer.decoder = decoders.Sequence(steps)
+    return tokenizer
+
+
+def merges_from_scores(vocab: Mapping[str, int], scores: Mapping[str, float]) -> list[tuple]:
+    """The BPE merges a SentencePiece vocabulary implies (it stores none), best first.
+
+    Each token that splits into two tokens of the vocabulary gives one merge per such split; a
+    higher score merges first, then a longer left, then a longer right part, then vocabulary
+    order: transformers' `generate_merges` with scores.
+    """
+    merges = []
+    for token, score in scores.items():
+        splits = [(token[:i], token[i:]) for i in range(1, len(token))]
+        pairs = sorted(
+            ((left, right) for left, right in splits if left in vocab and right in vocab),
+            key=lambda pair: (vocab[pair[0]], vocab[pair[1]]),
+        )
+        merges += [(score, left, right) for left, right in pairs]
+    merges.sort(key=lambda m: (-m[0], -len(m[1]), -len(m[2])))
+    return [(left, right) for _, left, right in merges]
+
+
+# `tokenizer.ggml.model` -> the builder of its tokenizer (model, pre-tokenizer, decoder)
+GGUF_TOKENIZER_BUILDERS = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
 
 
 def _add_special_tokens(tokenizer, tokens: list[str], types: list[int], specials: dict) -> None:

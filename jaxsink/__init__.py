@@ -4,10 +4,11 @@ from jaxsink.cache import KVCache, init_cache
 from jaxsink.config import ConfigError, JaxsinkError, ModelConfig, StreamConfig
 from jaxsink.generate import Generation, Sampling, generate
 from jaxsink.loading import Model, load
-from jaxsink.model import forward, logits, step
+from jaxsink.model import Decoder, forward, last_logits, logits, step
 
 __all__ = [
     "ConfigError",
+    "Decoder",
     "Generation",
     "JaxsinkError",
     "KVCache",
@@ -18,6 +19,7 @@ __all__ = [
     "forward",
     "generate",
     "init_cache",
+    "last_logits",
     "load",
     "logits",
     "step",

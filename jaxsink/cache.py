@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxsink.config import ModelConfig, StreamConfig
+from jaxsink.config import ConfigError, ModelConfig, StreamConfig
 
 RING, SINK = 0, 1
 
@@ -88,16 +88,26 @@ def slot_blocks(stream: StreamConfig) -> tuple[tuple[int, int], ...]:
 
 
 def init_cache(cfg: ModelConfig, stream: StreamConfig, batch: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache for `batch` streams, every row at position 0."""
-    B, K, H = batch, cfg.num_kv_heads, cfg.head_dim
+    """An empty cache for `batch` streams, every row at position 0.
+
+    Raises ConfigError if the model sets a `position_limit` the cache's positions could reach.
+    """
+    if cfg.position_limit is not None and stream.capacity >= cfg.position_limit:
+        raise ConfigError(
+            f"a cache of {stream.capacity} slots reaches in-cache position {stream.capacity}, "
+            f"where this {cfg.architecture} model's attention changes (seq_length "
+            f"{cfg.position_limit}: logn scaling / dynamic NTK); use sinks + window below it"
+        )
     blocks = slot_blocks(stream)
-    layers = tuple(
-        LayerCache(
+
+    def layer_cache(attention):
+        B, K, H = batch, attention.num_kv_heads, attention.head_dim
+        return LayerCache(
             keys=tuple(jnp.zeros((B, K, H, n), dtype) for _, n in blocks),
             values=tuple(jnp.zeros((B, K, n, H), dtype) for _, n in blocks),
         )
-        for _ in range(cfg.num_layers)
-    )
+
+    layers = tuple(layer_cache(spec.attention) for spec in cfg.layers)
     return KVCache(layers=layers, pos=jnp.zeros((batch,), jnp.int32), stream=stream)
 
 
@@ -153,6 +163,13 @@ def visible(stream: StreamConfig, t: jax.Array, k: jax.Array) -> jax.Array:
     t: [B, C, 1], k: [B, 1, T] -> [B, C, T] bool.
     """
     return (k >= 0) & (k <= t) & ((k < stream.sinks) | (k >= t - stream.window))
+
+
+def distance(stream: StreamConfig, t: jax.Array, k: jax.Array) -> jax.Array:
+    """SPEC: the distance d(t, k) the position encoding sees, t - k for a recent key and
+    min(t, K) - k for a sink (a dense cache has no sinks: always t - k). Broadcasts t with k,
+    e.g. t [B, C, 1], k [B, 1, T] -> [B, C, T] int32 (meaningless where k is not visible)."""
+    return jnp.where(k < stream.sinks, jnp.minimum(t, stream.capacity), t) - k
 
 
 def query_variant(stream: StreamConfig, k: jax.Array) -> jax.Array:

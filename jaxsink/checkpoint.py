@@ -1,10 +1,9 @@
 """The jaxsink checkpoint: a folder with `config.json`, `model.safetensors` and tokenizer files.
 
-Parameters are a flat dict of arrays named like `layers.wq`; per-layer weights are stacked along
-a leading layer axis and attention weights keep explicit head axes (see `param_shapes`), so a
-`Mesh` can shard them by name (heads, mlp, vocab) without reshaping. Matrices are output-major,
-[out, in] like a torch Linear: the layout the model's products read fastest (see
-`jaxsink.model.unflatten`), so conversion mostly reshapes.
+The weights are the `nnx.Param`s of `jaxsink.model.Decoder`, each stored under its path in the
+module (`embed`, `layers.0.attn.qkv`, ...), in exactly the layout the model runs on (see
+`param_shapes`): loading is reading, and the logical axis names the module gives each weight
+shard it on a `Mesh`. `config.json` holds the `ModelConfig`, one description per layer.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import numpy as np
 from jaxsink.config import ConfigError, JaxsinkError, ModelConfig
 
 FORMAT = "jaxsink"
-FORMAT_VERSION = 2  # 2: matrices output-major (1: input-major)
+FORMAT_VERSION = 3  # 3: the NNX module's parameters, per layer (2: stacked layers)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -33,39 +32,10 @@ class CheckpointError(JaxsinkError):
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter's name and shape. Letters: L layers, D hidden, N heads, K kv heads,
-    H head dim, F mlp, V vocab."""
-    L, D, N, K, H, F, V = (
-        cfg.num_layers,
-        cfg.hidden_size,
-        cfg.num_heads,
-        cfg.num_kv_heads,
-        cfg.head_dim,
-        cfg.intermediate_size,
-        cfg.vocab_size,
-    )
-    shapes = {
-        "embed": (V, D),
-        "final_norm": (D,),
-        "layers.attn_norm": (L, D),
-        "layers.wq": (L, N, H, D),
-        "layers.wk": (L, K, H, D),
-        "layers.wv": (L, K, H, D),
-        "layers.wo": (L, D, N, H),
-        "layers.mlp_norm": (L, D),
-        "layers.w_gate": (L, F, D),
-        "layers.w_up": (L, F, D),
-        "layers.w_down": (L, D, F),
-    }
-    if cfg.qkv_bias:
-        shapes |= {"layers.bq": (L, N, H), "layers.bk": (L, K, H), "layers.bv": (L, K, H)}
-    if cfg.out_bias:
-        shapes["layers.bo"] = (L, D)
-    if cfg.mlp_bias:
-        shapes |= {"layers.b_gate": (L, F), "layers.b_up": (L, F), "layers.b_down": (L, D)}
-    if not cfg.tie_embeddings:
-        shapes["lm_head"] = (V, D)
-    return shapes
+    """Every weight's name and shape: the `jaxsink.model.Decoder` module's own parameters."""
+    from jaxsink.model import param_shapes as module_shapes
+
+    return module_shapes(cfg)
 
 
 def check_params(cfg: ModelConfig, params: Mapping[str, np.ndarray]) -> None:
@@ -97,7 +67,8 @@ def save_checkpoint(
     renamed onto `out` only once complete, so a failure leaves nothing at `out` (and an
     existing `out` is replaced only when `overwrite` and only after success).
 
-    tokenizer_files: file name -> contents (at least `tokenizer.json`).
+    tokenizer_files: file name -> contents (`tokenizer.json` and its companions; none for a
+      model converted without a tokenizer, which then takes token ids only).
     """
     from safetensors.numpy import save_file
 
@@ -106,8 +77,6 @@ def save_checkpoint(
         raise ConfigError(f"unknown dtype {dtype!r} (expected one of {sorted(DTYPES)})")
     if out.exists() and not overwrite:
         raise CheckpointError(f"output {out} already exists (pass --overwrite to replace it)")
-    if "tokenizer.json" not in tokenizer_files:
-        raise CheckpointError("a checkpoint needs tokenizer.json")
     check_params(cfg, params)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -220,8 +220,7 @@ def cmd_ppl(args) -> int:
         for r in results:
             np.save(out / f"nll_{r.mode}.npy", r.nll)
         if args.plot:
-            cfg = model.cfg
-            per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
+            per_token = model.cfg.cache_bytes_per_token(model.dtype.itemsize)
             plot(
                 results, str(out / "ppl.png"), f"{model.path.name}: streaming perplexity", per_token
             )

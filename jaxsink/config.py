@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import Literal
 
 import numpy as np
 
 Mode = Literal["sink", "window", "dense"]
 RopeScalingKind = Literal["linear", "llama3"]
+NormKind = Literal["rms", "rms_plus_one", "layer"]
+ResidualKind = Literal["sequential", "parallel", "parallel_shared"]
 
 
 class JaxsinkError(ValueError):
@@ -40,75 +43,28 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Shape and numerics of a decoder-only transformer, shared by every architecture.
+class Rotary:
+    """Rotary positions (RoPE) on the first `dim` features of every query and key head.
 
-    One generic block is configured by these flags (see `jaxsink.model`); conversion fills them
-    from a Hugging Face config or GGUF metadata.
+    interleaved: False for the Hugging Face "rotate_half" layout (pairs (i, i + dim/2)), True
+    for GPT-J's pairs (2i, 2i + 1).
     """
 
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
-    rope_scaling: RopeScaling | None = None
-    rotary_dim: int | None = None  # None: the whole head_dim is rotated
-    rotary_interleaved: bool = False  # False: HF "rotate_half" layout; True: GPT-J pairs
-    qkv_bias: bool = False
-    out_bias: bool = False
-    mlp_bias: bool = False
-    hidden_act: str = "silu"
-    tie_embeddings: bool = False
-    bos_token_id: int | None = None
-    eos_token_ids: tuple[int, ...] = ()
+    theta: float
+    dim: int
+    interleaved: bool = False
+    scaling: RopeScaling | None = None
 
     def __post_init__(self):
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-            "intermediate_size",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
-                f"({self.num_kv_heads})"
-            )
-        if self.rotary_dim is not None and (
-            self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim
-        ):
-            raise ConfigError(
-                f"rotary_dim must be even and in (0, head_dim], got {self.rotary_dim}"
-            )
-        if self.hidden_act not in ACTIVATIONS:
-            raise ConfigError(
-                f"unsupported hidden_act {self.hidden_act!r} (supported: {sorted(ACTIVATIONS)})"
-            )
-
-    @property
-    def rotated_dim(self) -> int:
-        return self.head_dim if self.rotary_dim is None else self.rotary_dim
+        if self.dim < 2 or self.dim % 2:
+            raise ConfigError(f"rotary dim must be even and >= 2, got {self.dim}")
 
     def inv_freq(self) -> np.ndarray:
-        """Rotary inverse frequencies, float32 [rotated_dim // 2], with scaling applied."""
-        dim = self.rotated_dim
-        inv = 1.0 / (
-            self.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)
-        )
+        """Rotary inverse frequencies, float32 [dim // 2], with scaling applied."""
+        dim = self.dim
+        inv = 1.0 / (self.theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
         inv = inv.astype(np.float32)
-        s = self.rope_scaling
+        s = self.scaling
         if s is None:
             return inv
         if s.kind == "linear":
@@ -125,22 +81,226 @@ class ModelConfig:
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return np.where(medium, smoothed, scaled).astype(np.float32)
 
+
+@dataclasses.dataclass(frozen=True)
+class Alibi:
+    """ALiBi: every score of query head n gets `-slopes[n] * d(t, k)`, d the streaming
+    contract's in-cache distance (the paper's "contiguous linear bias"), added after the query
+    scale. One slope per query head, in score units (a model that scales the bias with the
+    scores, like Falcon, has its slopes multiplied by the query scale here)."""
+
+    slopes: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    """A normalization over the last feature axis.
+
+    kind: `rms` (x / rms(x) * w), `rms_plus_one` (Gemma: x / rms(x) * (1 + w)) or `layer`
+    (LayerNorm: (x - mean) / std * w, plus a bias if `bias`).
+    """
+
+    kind: NormKind
+    eps: float
+    bias: bool = False
+
+    def __post_init__(self):
+        if self.kind not in typing.get_args(NormKind):
+            raise ConfigError(f"unknown norm kind {self.kind!r}")
+        if self.bias and self.kind != "layer":
+            raise ConfigError("only LayerNorm has a bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class Attention:
+    """One layer's self-attention: heads, projections and how positions enter the scores.
+
+    qkv_bias / out_bias: biases on the q, k, v projections / the output projection.
+    clip_qkv: q, k and v (biases included) clamped to [-clip_qkv, clip_qkv] (MPT), or None.
+    query_scale: the factor of q . k (1 / sqrt(head_dim) in most models).
+    qk_norm: a norm of every query and key head over head_dim, one weight row per head, or
+      None. position: `Rotary`, `Alibi` or None (no positions: the layer sees an unordered set).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    position: Rotary | Alibi | None
+    query_scale: float
+    qkv_bias: bool = False
+    out_bias: bool = False
+    clip_qkv: float | None = None
+    qk_norm: Norm | None = None
+
+    def __post_init__(self):
+        for name in ("num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+        if isinstance(self.position, Rotary) and self.position.dim > self.head_dim:
+            raise ConfigError(f"rotary dim {self.position.dim} exceeds head_dim {self.head_dim}")
+        if isinstance(self.position, Alibi) and len(self.position.slopes) != self.num_heads:
+            raise ConfigError(
+                f"ALiBi needs one slope per head ({self.num_heads}), got "
+                f"{len(self.position.slopes)}"
+            )
+
+    @property
+    def group(self) -> int:
+        """G: query heads per kv head."""
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class Mlp:
+    """One layer's MLP: `down(act(gate(x)) * up(x))` if gated, else `down(act(up(x)))`."""
+
+    size: int
+    activation: str
+    gated: bool = True
+    bias: bool = False
+
+    def __post_init__(self):
+        if self.size < 1:
+            raise ConfigError(f"mlp size must be >= 1, got {self.size}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"unsupported activation {self.activation!r} (supported: {sorted(ACTIVATIONS)})"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """Everything that makes one decoder layer what it is (layers of one model may differ).
+
+    residual: `sequential` (x += attn(norm(x)); x += mlp(mlp_norm(x))), `parallel`
+    (x += attn(norm(x)) + mlp(mlp_norm(x))) or `parallel_shared` (one norm feeds both:
+    x += attn(norm(x)) + mlp(norm(x))).
+    """
+
+    attention: Attention
+    mlp: Mlp
+    norm: Norm
+    residual: ResidualKind = "sequential"
+
+    def __post_init__(self):
+        if self.residual not in typing.get_args(ResidualKind):
+            raise ConfigError(f"unknown residual kind {self.residual!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer: one `LayerSpec` per layer plus what surrounds the layers.
+
+    The model (`jaxsink.model`), its parameter shapes, the conversion tables and the test
+    references all derive from this one description; conversion fills it from a Hugging Face
+    config or GGUF metadata.
+
+    embed_scale: the embedding rows are multiplied by it (Gemma: sqrt(hidden_size)).
+    logit_scale: the final logits are multiplied by it (muP models).
+    lm_head_bias: the output projection has a bias.
+    position_limit: in-cache positions from this one on would change the computation in ways
+      the streaming contract does not follow (Qwen v1's logn attention and dynamic NTK, which
+      act past its `seq_length`): a cache that large is refused. None: no limit.
+    """
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    layers: tuple[LayerSpec, ...]
+    final_norm: Norm
+    max_position_embeddings: int
+    tie_embeddings: bool = False
+    embed_scale: float = 1.0
+    logit_scale: float = 1.0
+    lm_head_bias: bool = False
+    position_limit: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.layers:
+            raise ConfigError("a model needs at least one layer")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def cache_bytes_per_token(self, itemsize: int) -> int:
+        """Bytes one cached token takes over all layers (a key and a value per kv head)."""
+        return sum(
+            2 * s.attention.num_kv_heads * s.attention.head_dim * itemsize for s in self.layers
+        )
+
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["eos_token_ids"] = list(self.eos_token_ids)
-        return d
+        return _to_json(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
-        d = dict(d)
-        if d.get("rope_scaling") is not None:
-            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
-        return cls(**d)
+        return _from_json(cls, d)
+
+
+def _to_json(obj):
+    """A config dataclass as JSON data; a `Rotary` / `Alibi` / `Norm` value under a field
+    typed as a union records its class name under "kind" (`Norm` carries its own)."""
+    if dataclasses.is_dataclass(obj):
+        out = {f.name: _to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if isinstance(obj, Rotary | Alibi):
+            out = {"type": type(obj).__name__.lower(), **out}
+        return out
+    if isinstance(obj, tuple):
+        return [_to_json(x) for x in obj]
+    return obj
+
+
+_POSITIONS = {"rotary": Rotary, "alibi": Alibi}
+
+
+def _from_json(cls, d):
+    """The inverse of `_to_json` for config class `cls`; unknown keys are refused by name."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{cls.__name__} must be a JSON object, got {d!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    d = dict(d)
+    d.pop("type", None)
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} config keys: {', '.join(unknown)}")
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for name, value in d.items():
+        out[name] = _field_from_json(hints[name], value)
+    try:
+        return cls(**out)
+    except TypeError as e:
+        raise ConfigError(f"bad {cls.__name__} config: {e}") from None
+
+
+def _field_from_json(hint, value):
+    """One field's value from JSON, following its type hint."""
+    if value is None:
+        return None
+    args = typing.get_args(hint)
+    if hint is LayerSpec or hint in (Attention, Mlp, Norm, RopeScaling):
+        return _from_json(hint, value)
+    if Rotary in args:  # the position union
+        kind = value.get("type") if isinstance(value, dict) else None
+        if kind not in _POSITIONS:
+            raise ConfigError(f"unknown position kind {kind!r} (expected rotary or alibi)")
+        return _from_json(_POSITIONS[kind], value)
+    if Norm in args or RopeScaling in args:
+        return _from_json(Norm if Norm in args else RopeScaling, value)
+    if typing.get_origin(hint) is tuple:
+        item = args[0]
+        return tuple(_field_from_json(item, v) for v in value)
+    return value
 
 
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")

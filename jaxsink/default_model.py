@@ -107,12 +107,13 @@ def resolve_model(
 
 
 def is_checkpoint(path: Path) -> bool:
-    """Whether `path` holds a complete jaxsink checkpoint (config, weights and tokenizer)."""
+    """Whether `path` holds a complete jaxsink checkpoint (config and weights; the tokenizer is
+    optional, see `jaxsink.tokenizer`)."""
     try:
         read_config(path)
     except (CheckpointError, ConfigError, KeyError, TypeError, OSError):
         return False
-    return (path / WEIGHTS_FILE).is_file() and (path / "tokenizer.json").is_file()
+    return (path / WEIGHTS_FILE).is_file()
 
 
 def fetch_pypi_files(

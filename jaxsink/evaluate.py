@@ -15,6 +15,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxsink import cache as kv
 from jaxsink import model as mdl
@@ -25,17 +26,18 @@ from jaxsink.loading import Model
 SEGMENT = 1024  # tokens per segment in the summary's per-segment perplexity
 
 
-def _nll_chunk(params, cache, tokens, targets, valid, cfg):
+def _nll_chunk(weights, cache, tokens, targets, valid, graphdef):
     mdl.TRACES["nll_chunk"] += 1
-    hidden, cache = mdl.forward(params, cache, tokens, valid, cfg)
-    logits = mdl.logits(params, hidden, cfg)  # [V, B, C] float32
+    module = nnx.merge(graphdef, weights)
+    hidden, cache = module(cache, tokens, valid)
+    logits = module.logits(hidden)  # [V, B, C] float32
     target_logit = jnp.take_along_axis(logits, targets[None], axis=0)[0]
     nll = jax.nn.logsumexp(logits, axis=0) - target_logit  # [B, C]
     return jnp.where(valid, nll, 0.0), cache
 
 
-nll_chunk = jax.jit(_nll_chunk, static_argnames=("cfg",), donate_argnames=("cache",))
-nll_chunk.__doc__ = """Jitted `(params, cache, tokens [B, C], targets [B, C], valid [B, C]) ->
+nll_chunk = jax.jit(_nll_chunk, static_argnames=("graphdef",), donate_argnames=("cache",))
+nll_chunk.__doc__ = """Jitted `(weights, cache, tokens [B, C], targets [B, C], valid [B, C]) ->
 (nll [B, C] float32, cache)`: -log p(target | the token's SPEC view), 0 where not valid."""
 
 
@@ -129,8 +131,8 @@ def stream_nll(
     cache_bytes = cache.nbytes
     traces = sum(mdl.TRACES.values())
     ids0, valid0 = np.zeros((1, chunk), np.int32), np.zeros((1, chunk), bool)
-    args = (model.params, cache, ids0, ids0, valid0)
-    exe, compile_seconds = compiled(nll_chunk, "nll_chunk", args, {"cfg": model.cfg})
+    args = (model.weights, cache, ids0, ids0, valid0)
+    exe, compile_seconds = compiled(nll_chunk, "nll_chunk", args, {"graphdef": model.graphdef})
 
     out = np.zeros(n, np.float32)
     chunk_seconds = []
@@ -142,7 +144,7 @@ def stream_nll(
         valid = np.zeros((1, chunk), bool)
         tokens[0, :m], targets[0, :m], valid[0, :m] = ids[i : i + m], ids[i + 1 : i + m + 1], True
         t0 = time.perf_counter()
-        nll, cache = exe(model.params, cache, tokens, targets, valid)
+        nll, cache = exe(model.weights, cache, tokens, targets, valid)
         out[i : i + m] = np.asarray(nll)[0, :m]
         chunk_seconds.append(time.perf_counter() - t0)
         bar.update(m)

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxsink import cache as kv
 from jaxsink import model as mdl
@@ -97,7 +98,7 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling, axis: int = -1
     return choice if idx is None else jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
 
 
-def _decode_block(params, cache, logits, key, done, n_left, eos_ids, cfg, sampling, block):
+def _decode_block(weights, cache, logits, key, done, n_left, eos_ids, graphdef, sampling, block):
     """Up to min(block, n_left) decode steps on device.
 
     Each step samples a token from `logits` [B, V], records it, and (for rows not finished)
@@ -106,8 +107,9 @@ def _decode_block(params, cache, logits, key, done, n_left, eos_ids, cfg, sampli
     key, done).
     """
     mdl.TRACES["decode_block"] += 1
+    module = nnx.merge(graphdef, weights)
     B = logits.shape[0]
-    logits = logits.T  # [V, B]: `mdl.logits`' layout
+    logits = logits.T  # [V, B]: `Decoder.logits`' layout
 
     def cond(c):
         i, *_, done, _ = c
@@ -120,8 +122,8 @@ def _decode_block(params, cache, logits, key, done, n_left, eos_ids, cfg, sampli
         out = out.at[:, i].set(token)
         done = done | jnp.isin(token, eos_ids)
         live = (~done)[:, None]  # [B, 1]
-        hidden, cache = mdl.forward(params, cache, jnp.maximum(token, 0)[:, None], live, cfg)
-        return i + 1, cache, mdl.logits(params, hidden[:, 0], cfg), key, done, out
+        hidden, cache = module(cache, jnp.maximum(token, 0)[:, None], live)
+        return i + 1, cache, module.logits(hidden[:, 0]), key, done, out
 
     init = (jnp.int32(0), cache, logits, key, done, jnp.full((B, block), -1, jnp.int32))
     i, cache, logits, key, done, out = jax.lax.while_loop(cond, body, init)
@@ -129,7 +131,9 @@ def _decode_block(params, cache, logits, key, done, n_left, eos_ids, cfg, sampli
 
 
 decode_block = jax.jit(
-    _decode_block, static_argnames=("cfg", "sampling", "block"), donate_argnames=("cache", "logits")
+    _decode_block,
+    static_argnames=("graphdef", "sampling", "block"),
+    donate_argnames=("cache", "logits"),
 )
 
 
@@ -226,14 +230,14 @@ class Generation:
         tokens = np.zeros((1, C), np.int32)
         valid = np.zeros((1, C), bool)
         prefill, t_pre = compiled(
-            mdl.last_logits, "prefill", (m.params, cache, tokens, valid), {"cfg": cfg}
+            mdl.last_logits, "prefill", (m.weights, cache, tokens, valid), {"graphdef": m.graphdef}
         )
         eos = jnp.asarray(cfg.eos_token_ids or m.tokenizer.eos_token_ids or (-2,), jnp.int32)
         key = jax.random.key(self.seed)
         done = jnp.zeros((1,), bool)
         logits0 = jnp.zeros((1, cfg.vocab_size), jnp.float32)
-        block_args = (m.params, cache, logits0, key, done, jnp.int32(1), eos)
-        static = {"cfg": cfg, "sampling": self.sampling, "block": self.block}
+        block_args = (m.weights, cache, logits0, key, done, jnp.int32(1), eos)
+        static = {"graphdef": m.graphdef, "sampling": self.sampling, "block": self.block}
         block_fn, t_blk = compiled(decode_block, "decode_block", block_args, static)
         st.compile_s = t_pre + t_blk
         st.compiles = sum(mdl.TRACES.values()) - traces_before
@@ -246,7 +250,7 @@ class Generation:
             tokens[0, : len(part)] = part
             valid = np.zeros((1, C), bool)
             valid[0, : len(part)] = True
-            logits, cache = prefill(m.params, cache, tokens, valid)
+            logits, cache = prefill(m.weights, cache, tokens, valid)
         jax.block_until_ready(logits)
         st.prefill_s = time.perf_counter() - start
 
@@ -257,7 +261,7 @@ class Generation:
         while remaining > 0:
             n_left = jnp.int32(1 if first_at is None else min(self.block, remaining))
             out, steps, cache, logits, key, done = block_fn(
-                m.params, cache, logits, key, done, n_left, eos
+                m.weights, cache, logits, key, done, n_left, eos
             )
             # Host-side indexing only: slicing device arrays would compile per distinct shape.
             new = [int(x) for x in np.asarray(out)[0, : int(steps)] if x >= 0]

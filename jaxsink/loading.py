@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxsink import model as mdl
 from jaxsink.checkpoint import DTYPES, load_params, read_config
@@ -17,16 +18,27 @@ from jaxsink.tokenizer import Tokenizer
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """A loaded model: static config, params pytree on device, tokenizer."""
+    """A loaded model: static config, the network as NNX (graph definition + weights state on
+    device), tokenizer.
+
+    `module` is the `nnx.Module` itself (`jaxsink.model.Decoder`); `graphdef` and `weights`
+    are its `nnx.split`, what the jitted entry points take (`weights` as an argument,
+    `graphdef` static).
+    """
 
     cfg: ModelConfig
-    params: mdl.Params
+    graphdef: nnx.GraphDef
+    weights: nnx.State
     tokenizer: Tokenizer
     path: Path
 
     @property
+    def module(self) -> mdl.Decoder:
+        return nnx.merge(self.graphdef, self.weights)
+
+    @property
     def dtype(self):
-        return self.params["embed"].dtype
+        return self.weights["embed"][...].dtype
 
 
 def load(spec: str | os.PathLike | None = None, dtype: str | None = None) -> Model:
@@ -46,7 +58,11 @@ def load(spec: str | os.PathLike | None = None, dtype: str | None = None) -> Mod
         raise ConfigError(f"unknown dtype {dtype!r} (expected one of {sorted(DTYPES)})")
     flat = load_params(path, cfg)
     target = jnp.dtype(DTYPES[dtype])
-    params = jax.block_until_ready(mdl.unflatten(flat, target))
+    graphdef, weights = jax.block_until_ready(mdl.from_flat(cfg, flat, target))
     return Model(
-        cfg=cfg, params=params, tokenizer=Tokenizer(path, cfg.eos_token_ids), path=Path(path)
+        cfg=cfg,
+        graphdef=graphdef,
+        weights=weights,
+        tokenizer=Tokenizer(path, cfg.eos_token_ids),
+        path=Path(path),
     )

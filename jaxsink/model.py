@@ -1,35 +1,45 @@
-"""One generic decoder block, unrolled over per-layer buffers, reading and writing the sink +
-ring cache.
+"""The network: one generic Flax NNX decoder block, configured per layer, reading and writing
+the sink + ring cache.
 
-`forward(params, cache, tokens, valid, cfg)` is a pure function of explicit pytrees. Static (a
-change recompiles): `cfg`, `cache.stream` and every shape (batch B, chunk length C, capacity K).
-Everything that moves with the stream (`cache.pos`, the tokens, which of them are valid) is an
-array, so one compilation serves a stream of any length.
+`Decoder(cfg)` is an `nnx.Module` whose every weight is an `nnx.Param` with logical axis names
+(`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`; see `LOGICAL_AXES`), readable with
+`nnx.get_partition_spec`. The cache is never module state: `Decoder.__call__(cache, tokens,
+valid)` takes it and returns the new one, and the jitted entry points (`step`, `last_logits`)
+are pure functions of `(weights, cache, tokens, valid)`, with the module's `nnx.GraphDef`
+static: `nnx.merge` rebuilds the module inside the trace.
+
+Static (a change recompiles): the graph definition (the `ModelConfig` included),
+`cache.stream` and every shape (batch B, chunk length C, capacity K). Everything that moves
+with the stream (`cache.pos`, the tokens, which of them are valid) is an array, so one
+compilation serves a stream of any length.
 
 Letters in shape comments and einsum strings: B batch, C chunk (queries), S cache slots (keys:
 the sink slots, the ring slots or both, as each comment says), W ring slots, J chunk keys,
-D hidden, N query heads, K kv heads, G query heads per kv head, H head dim, F mlp, V vocab (or,
-next to query tensors, the query rotation variants: see `jaxsink.cache`), P rotary positions.
+D hidden, N query heads, K kv heads, G query heads per kv head, E = G + 2 (a kv head's query
+heads, its key and its value), H head dim, F mlp, V vocab (or, next to query tensors, the query
+rotation variants: see `jaxsink.cache`), P rotary positions.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxsink import cache as kv
+from jaxsink import config as C
 from jaxsink.config import ModelConfig
-
-Params = dict  # {"embed", "final_norm", ["lm_head"], "layers": ({name: array}, ...) per layer}
 
 # Python-side trace counter: jit traces once per compilation, so this counts compilations of
 # the model's jitted entry points (tests assert on it).
 TRACES: collections.Counter = collections.Counter()
+
+# Every logical axis a weight dimension may carry (None: never sharded).
+LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp")
 
 _MASKED = -1e30  # finite, so a row with nothing visible (padding) gives no NaN
 # Batch rows x kv heads from which a group's attention runs as one fused multi-threaded kernel
@@ -37,80 +47,53 @@ _MASKED = -1e30  # finite, so a row with nothing visible (padding) gives no NaN
 _FUSED_MIN_PAIRS = 12
 
 
-def unflatten(flat: Mapping[str, np.ndarray | jax.Array], dtype=None) -> Params:
-    """Checkpoint arrays (`embed`, stacked `layers.wq` [L, ...], ...) -> the params pytree on
-    device, cast to `dtype` (default: kept), in the layout the model runs on:
-
-    - each layer its own buffers: XLA:CPU copies a slice of a stacked [L, ...] weight before a
-      matrix product reads it, which would double the bytes a decode step moves;
-    - q/k/v fused per kv head, `w_qkv` [K, G + 2, H, D] (the G query heads of kv head k, then
-      its key and its value), and gate/up fused, `w_gate_up` [2, F, D]: one larger matrix
-      product each, faster than three or two small ones, and still split along kv heads / F
-      for sharding;
-    - every matrix output-major as stored ([out, in]), multiplying feature-major activations
-      ([in, tokens], see `forward`). On XLA:CPU with SmolLM2's shapes this is 8-14% faster
-      than [tokens, in] x [in, out] at one token and as fast or faster at 16 to 256 tokens
-      (a decode step: 16.1 -> 13.5 ms); [tokens, in] x [out, in] is fast at one token only
-      (15-60% slower at 16).
-    """
-    params: Params = {}
-    stacked = {}
-    for name, value in flat.items():
-        if name.startswith("layers."):
-            stacked[name.removeprefix("layers.")] = np.asarray(value)
-        else:
-            params[name] = jnp.asarray(value, dtype)
-    n_layers = {w.shape[0] for w in stacked.values()}
-    if len(n_layers) > 1:
-        raise ValueError(f"stacked layer weights disagree on the layer count: {sorted(n_layers)}")
-    params["layers"] = tuple(
-        {
-            name: jnp.asarray(w, dtype)
-            for name, w in _fuse_layer({n: w[i] for n, w in stacked.items()}).items()
-        }
-        for i in range(max(n_layers, default=0))
-    )
-    return params
+def _param(shape: tuple[int, ...], names: tuple[str | None, ...], dtype, fill: float = 0.0):
+    """A weight of `shape` whose dimensions carry the logical axis `names` (for sharding)."""
+    return nnx.Param(jnp.full(shape, fill, dtype), out_sharding=names, eager_sharding=False)
 
 
-def _fuse_layer(w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One layer's checkpoint weights (`wq` [N, H, D], `wk`, `wv` [K, H, D], `w_gate`, `w_up`
-    [F, D], biases alike) -> the fused runtime layout of `unflatten`."""
-    N, H, D = w["wq"].shape
-    K = w["wk"].shape[0]
-    out = {n: w.pop(n) for n in ("attn_norm", "mlp_norm", "wo", "w_down", "bo", "b_down") if n in w}
-    qkv = [w.pop("wq").reshape(K, N // K, H, D), w.pop("wk")[:, None], w.pop("wv")[:, None]]
-    out["w_qkv"] = np.concatenate(qkv, axis=1)
-    out["w_gate_up"] = np.stack([w.pop("w_gate"), w.pop("w_up")])
-    if "bq" in w:
-        out["b_qkv"] = np.concatenate(
-            [w.pop("bq").reshape(K, N // K, H), w.pop("bk")[:, None], w.pop("bv")[:, None]], axis=1
-        )
-    if "b_gate" in w:
-        out["b_gate_up"] = np.stack([w.pop("b_gate"), w.pop("b_up")], axis=0)
-    if w:
-        raise ValueError(f"unexpected layer weights: {sorted(w)}")
-    return out
+# --- norms, rotary, activations ------------------------------------------------------------
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float, axis: int = -1) -> jax.Array:
-    """RMSNorm computed in float32, returned in x's dtype (as HF Llama), over `axis` (D):
-    x [..., D] by default; weight [D], broadcast along `axis`."""
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + eps)
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    return weight.reshape(shape) * x32.astype(x.dtype)
+class Norm(nnx.Module):
+    """`config.Norm` over the trailing feature axes `shape` (or, with `axis=0`, the leading
+    one of a feature-major tensor). Computed in float32, returned in the input's dtype."""
+
+    def __init__(self, spec: C.Norm, shape: tuple[int, ...], names, dtype):
+        self.spec = spec
+        self.scale = _param(shape, names, dtype, 0.0 if spec.kind == "rms_plus_one" else 1.0)
+        self.bias = _param(shape, names, dtype) if spec.bias else None
+
+    def __call__(self, x: jax.Array, axis: int = -1) -> jax.Array:
+        """x: [..., *shape] (axis -1), or [D, ...] with axis 0 -> same shape."""
+        spec, axis = self.spec, axis % x.ndim
+        x32 = x.astype(jnp.float32)
+        if spec.kind == "layer":
+            x32 = x32 - jnp.mean(x32, axis=axis, keepdims=True)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + spec.eps)
+
+        def along(w):  # weight [*shape] aligned with x's axis
+            return w.reshape(w.shape + (1,) * (x.ndim - 1 - axis)) if axis < x.ndim - 1 else w
+
+        w = along(self.scale[...])
+        if spec.kind == "rms":  # as Hugging Face Llama: scale times the input-dtype normal
+            return w * x32.astype(x.dtype)
+        if spec.kind == "rms_plus_one":  # as Gemma: (1 + w) applied in float32
+            return (x32 * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+        out = x32 * w.astype(jnp.float32)
+        if self.bias is not None:
+            out = out + along(self.bias[...]).astype(jnp.float32)
+        return out.astype(x.dtype)
 
 
-def rotary_table(n_positions: int, cfg: ModelConfig) -> np.ndarray:
+def rotary_table(n_positions: int, rotary: C.Rotary) -> np.ndarray:
     """cos and sin of the RoPE angles at positions 0 .. P-1: [P, 2, R/2] float32.
 
     Made on the host (the angles in float32, as Hugging Face computes them, their cos/sin in
     float64) and read by index on device: computed there, XLA would evaluate cos/sin again
     inside every layer's rotation, for every head.
     """
-    angles = np.arange(n_positions, dtype=np.float32)[:, None] * cfg.inv_freq()  # [P, R/2]
+    angles = np.arange(n_positions, dtype=np.float32)[:, None] * rotary.inv_freq()  # [P, R/2]
     angles = angles.astype(np.float64)
     return np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
 
@@ -122,14 +105,14 @@ def rotary(table: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def rotate(
-    x: jax.Array, cos_sin: tuple[jax.Array, jax.Array], cfg: ModelConfig, axis: int = -1
+    x: jax.Array, cos_sin: tuple[jax.Array, jax.Array], spec: C.Rotary, axis: int = -1
 ) -> jax.Array:
     """Apply RoPE along `axis`, the head dim (default last: x [..., N, H]). cos_sin: `rotary`
     of one position per row of heads, broadcasting against x with R/2 along `axis`."""
     cos, sin = cos_sin
-    axis, R = axis % x.ndim, cfg.rotated_dim
+    axis, R = axis % x.ndim, spec.dim
     rest = jax.lax.slice_in_dim(x, R, x.shape[axis], axis=axis)
-    if cfg.rotary_interleaved:
+    if spec.interleaved:
         x1 = jax.lax.slice_in_dim(x, 0, R, 2, axis=axis)
         x2 = jax.lax.slice_in_dim(x, 1, R, 2, axis=axis)
         pairs = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=axis + 1)
@@ -141,59 +124,62 @@ def rotate(
     return jnp.concatenate([out, rest], axis=axis) if rest.shape[axis] else out
 
 
-def _activation(name: str):
-    return {
-        "silu": jax.nn.silu,
-        "relu": jax.nn.relu,
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    }[name]
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
 
 
-def _select_variant(scores: jax.Array, variant: jax.Array) -> jax.Array:
-    """scores [B, K, C, V, G, T], variant [B, 1, T] -> each key's variant's scores
-    [B, K, C, G, T]."""
-    out = scores[:, :, :, 0]
-    for v in range(1, scores.shape[3]):
-        out = jnp.where((variant == v)[:, None, :, None, :], scores[:, :, :, v], out)
-    return out
+# --- which keys each query sees (shared by all layers) --------------------------------------
 
 
 def _attention_view(cache: kv.KVCache, valid: jax.Array, cfg: ModelConfig, dtype):
-    """Everything about *which* keys each query sees, shared by all layers.
+    """Everything about *which* keys each query sees and at which distance, shared by layers.
 
-    Returns the masks against the cached slots (sinks, then ring) [B, C, S] and against the
-    chunk's own keys [B, C, J], the variant scoring each chunk key [B, 1, J], the query
-    rotations (`rotary` of [B, C, V]), the key rotations (`rotary` of [B, C]), the slot each
-    chunk token is written to ([B, C], K = dropped), the ring rebase after the write (None for
-    a cache that never wraps, else (whether any row moves to a later lap [] bool, `rotary` of
-    each row's shift [B])), whether each dense ring block holds a visible key ([] bool; None for
-    blocks always attended) and, static, the cache blocks ((first slot, slots) each) and sink
-    count.
+    Returns a dict: the masks against the cached slots (sinks, then ring) [B, C, S] and against
+    the chunk's own keys [B, C, J]; the variant scoring each chunk key [B, 1, J]; per distinct
+    `Rotary` of the layers, its query rotations (`rotary` of [B, C, V]), key rotations (`rotary`
+    of [B, C]) and ring rebase (None for a cache that never wraps, else (whether any row moves
+    to a later lap [] bool, `rotary` of each row's shift [B])); if a layer uses ALiBi, the
+    contract's distances d(t, k) float32 to the cached slots [B, C, S] and to the chunk
+    [B, C, J]; the slot each chunk token is written to ([B, C], K = dropped); whether each
+    dense ring block holds a visible key ([] bool; None for blocks always attended) and, static,
+    the cache blocks ((first slot, slots) each) and sink count.
     """
     stream = cache.stream
     S, W = stream.sinks, stream.window
-    C = valid.shape[1]
+    C_ = valid.shape[1]
     t = cache.pos[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1  # [B, C]
     pos_after = cache.pos + valid.sum(axis=1, dtype=jnp.int32)  # [B]
     base = kv.ring_base(stream, cache.pos)  # [B]
     cached = kv.slot_tokens(stream, cache.pos)  # [B, S]: sink slots, then ring slots
     chunk = jnp.where(valid, t, -1)  # [B, J]
     tq = t[:, :, None]
-    table = jnp.asarray(rotary_table(kv.rotation_count(stream, C), cfg), dtype)  # [P, 2, R/2]
-    n_variants = len(kv.used_variants(stream))
     view = {
         "see_cached": kv.visible(stream, tq, cached[:, None, :]),
         "see_chunk": kv.visible(stream, tq, chunk[:, None, :]),
         "var_chunk": kv.query_variant(stream, chunk[:, None, :]),
-        "q_rot": rotary(table, kv.query_rotations(stream, t, base[:, None])[..., :n_variants]),
-        "k_rot": rotary(table, kv.key_rotation(stream, t, base[:, None])),
-        "rebase": None,
+        "n_variants": len(kv.used_variants(stream)),
+        "rotary": {},
     }
-    if stream.wraps:
-        shift = kv.ring_base(stream, pos_after) - base  # [B], a multiple of W
-        view["rebase"] = (shift.max() > 0, rotary(table, shift))
+    positions = [layer.attention.position for layer in cfg.layers]
+    n_rot = kv.rotation_count(stream, C_)
+    q_pos = kv.query_rotations(stream, t, base[:, None])[..., : view["n_variants"]]  # [B, C, V]
+    k_pos = kv.key_rotation(stream, t, base[:, None])  # [B, C]
+    shift = kv.ring_base(stream, pos_after) - base  # [B], a multiple of W
+    for spec in dict.fromkeys(p for p in positions if isinstance(p, C.Rotary)):
+        table = jnp.asarray(rotary_table(n_rot, spec), dtype)  # [P, 2, R/2]
+        view["rotary"][spec] = {
+            "q": rotary(table, q_pos),
+            "k": rotary(table, k_pos),
+            "rebase": (shift.max() > 0, rotary(table, shift)) if stream.wraps else None,
+        }
+    if any(isinstance(p, C.Alibi) for p in positions):
+        view["dist_cached"] = kv.distance(stream, tq, cached[:, None, :]).astype(jnp.float32)
+        view["dist_chunk"] = kv.distance(stream, tq, chunk[:, None, :]).astype(jnp.float32)
     # A chunk token is written unless a later token of the same chunk takes its ring slot.
     kept = valid & ((t < S) | (t >= pos_after[:, None] - W))
     view["write_slot"] = jnp.where(kept, kv.slot_of(stream, t), stream.capacity)
@@ -209,38 +195,66 @@ def _attention_view(cache: kv.KVCache, valid: jax.Array, cfg: ModelConfig, dtype
     return view
 
 
-def _group(q, keys, values, variant, seen):
+# --- the one meaning of attention -----------------------------------------------------------
+
+
+def _score(raw: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """A score from the scaled product q . k (float32): plus the position bias (ALiBi), if any.
+    Every attention path scores through this function, so a change of meaning is made here."""
+    return raw if bias is None else raw + bias
+
+
+def _mask(scores: jax.Array, seen: jax.Array) -> jax.Array:
+    """Scores of keys a query does not see (`seen` False) set to a large finite negative."""
+    return jnp.where(seen, scores, _MASKED)
+
+
+def _select_variant(scores: jax.Array, variant: jax.Array) -> jax.Array:
+    """scores [B, K, C, V, G, T], variant [B, 1, T] -> each key's variant's scores
+    [B, K, C, G, T]."""
+    out = scores[:, :, :, 0]
+    for v in range(1, scores.shape[3]):
+        out = jnp.where((variant == v)[:, None, :, None, :], scores[:, :, :, v], out)
+    return out
+
+
+def _group(q, keys, values, variant, seen, bias):
     """Attention of the queries over one group of keys, as partial softmax statistics.
 
-    q: [B, K, C, V', G, H] (the variants this group can need); keys [B, K, H, T]; values
-    [B, K, T, H]; variant: [B, 1, T] index into V' (None: V' = 1); seen: [B, C, T].
+    q: [B, K, C, V', G, H] (scaled; the variants this group can need); keys [B, K, H, T];
+    values [B, K, T, H]; variant: [B, 1, T] index into V' (None: V' = 1); seen: [B, C, T];
+    bias: [B, K, C, G, T] float32 or None (`_score`).
     Returns (peak [B, K, C, G, 1] the row max, mass [B, K, C, G, 1] the sum of exp(score -
     peak), weighted [B, K, C, G, H] float32 the exp-weighted values); `_combine` merges groups.
     """
     f32 = jnp.float32
-    B, K, C, V, G, H = q.shape
+    B, K, C_, V, G, H = q.shape
     T = keys.shape[-1]
-    rows = q.reshape(B, K, C * V * G, H)  # one [rows, H] x [H, T] product per (b, kv head)
-    scores = jnp.einsum("bkrh,bkht->bkrt", rows, keys, preferred_element_type=f32)
+    rows = q.reshape(B, K, C_ * V * G, H)  # one [rows, H] x [H, T] product per (b, kv head)
+    raw = jnp.einsum("bkrh,bkht->bkrt", rows, keys, preferred_element_type=f32)
     if variant is None and B * K >= _FUSED_MIN_PAIRS:
-        # XLA:CPU fuses product, mask, max and exp into one kernel that runs on every core,
-        # but only if the max has no other use: the peak is recovered outside the kernel as
-        # the score of the key with the largest weight, one [H] product per row.
-        visible = jnp.broadcast_to(seen[:, None, :, None, :], (B, 1, C, G, T))
-        visible = visible.reshape(B, 1, C * G, T)
-        scores = scores + jnp.where(visible, 0.0, _MASKED)
+        # Fast path (XLA:CPU, tested equal to the plain one): product, score, mask, max and exp
+        # fuse into one kernel that runs on every core, but only if the max has no other use,
+        # so the peak is recovered outside the kernel as the score of the key with the
+        # largest weight, one [H] product per row.
+        bias_rows = None if bias is None else bias.reshape(B, K, C_ * G, T)
+        visible = jnp.broadcast_to(seen[:, None, :, None, :], (B, 1, C_, G, T))
+        visible = visible.reshape(B, 1, C_ * G, T)
+        scores = _mask(_score(raw, bias_rows), visible)
         weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))  # [B, K, R, T]
         top = weights.max(axis=-1, keepdims=True)
         first = jnp.min(jnp.where(weights == top, jnp.arange(T), T), axis=-1)  # [B, K, R]
-        first = jnp.minimum(first, T - 1)[:, :, None, :]  # [B, K, 1, R]
-        best = jnp.take_along_axis(keys, first, axis=-1)  # [B, K, H, R]
+        first = jnp.minimum(first, T - 1)[..., None]  # [B, K, R, 1]
+        best = jnp.take_along_axis(keys, first.swapaxes(-1, -2), axis=-1)  # [B, K, H, R]
         peak = jnp.einsum("bkrh,bkhr->bkr", rows, best, preferred_element_type=f32)
-        peak = jnp.where(visible.any(axis=-1), peak, _MASKED).reshape(B, K, C, G, 1)
-        weights = weights.reshape(B, K, C, G, T)
+        if bias_rows is not None:
+            peak = _score(peak, jnp.take_along_axis(bias_rows, first, axis=-1)[..., 0])
+        peak = _mask(peak, visible.any(axis=-1)).reshape(B, K, C_, G, 1)
+        weights = weights.reshape(B, K, C_, G, T)
     else:
-        scores = scores.reshape(B, K, C, V, G, T)
-        scores = scores[:, :, :, 0] if variant is None else _select_variant(scores, variant)
-        scores = jnp.where(seen[:, None, :, None, :], scores, _MASKED)  # [B, K, C, G, T]
+        raw = raw.reshape(B, K, C_, V, G, T)
+        raw = raw[:, :, :, 0] if variant is None else _select_variant(raw, variant)
+        scores = _mask(_score(raw, bias), seen[:, None, :, None, :])  # [B, K, C, G, T]
         peak = scores.max(axis=-1, keepdims=True)
         weights = jnp.exp(scores - peak)
     weighted = jnp.einsum(
@@ -251,9 +265,9 @@ def _group(q, keys, values, variant, seen):
 
 def _skipped_group(q, *_):
     """`_group`'s result for keys no query sees: no mass."""
-    B, K, C, _, G, H = q.shape
-    zeros = jnp.zeros((B, K, C, G, 1), jnp.float32)
-    return zeros + _MASKED, zeros, jnp.zeros((B, K, C, G, H), jnp.float32)
+    B, K, C_, _, G, H = q.shape
+    zeros = jnp.zeros((B, K, C_, G, 1), jnp.float32)
+    return zeros + _MASKED, zeros, jnp.zeros((B, K, C_, G, H), jnp.float32)
 
 
 def _combine(parts):
@@ -264,100 +278,227 @@ def _combine(parts):
     return sum(weighted * c for (_, _, weighted), c in zip(parts, scales, strict=True)) / total
 
 
-def _attention(lp, h, lc: kv.LayerCache, view, cfg: ModelConfig):
-    """Self-attention of a chunk over one layer's cached sink and ring slots plus its own keys,
-    then the chunk's surviving keys/values written into that layer's cache.
+def _alibi_bias(slopes: tuple[float, ...], dist: jax.Array, K: int) -> jax.Array:
+    """-slope[n] * d: slopes of the N query heads, dist [B, C, T] -> [B, K, C, G, T]."""
+    s = jnp.asarray(slopes, jnp.float32).reshape(K, -1)  # [K, G]
+    return -s[None, :, None, :, None] * dist[:, None, :, None, :]
 
-    h: [D, B, C] (feature-major, see `forward`); lc: this layer's cache, one key [B, K, H, n]
-    and value [B, K, n, H] buffer per block of n slots (`view["blocks"]`).
-    Returns (out [D, B, C], the updated layer cache).
-    Intermediates keep (batch, kv head) leading, like the cache, so every score and value
-    product is one batched matrix product over B * K.
+
+def _after(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """x [B, ...] made to depend on `rows` [B] without changing it: each batch row on its own
+    row only, and a non-finite value never leaking in (0 * inf would be NaN)."""
+    zero = jnp.where(jnp.isfinite(rows), rows, 0) * 0
+    return x + zero.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Self-attention of a chunk over one layer's cached sink and ring slots plus its own keys.
+
+    Weights: `qkv` [K, E, H, D] (per kv head its G query heads, its key, its value: one product
+    for all three, split along kv heads for sharding), `out` [D, N, H]; optional `qkv_bias`
+    [K, E, H], `out_bias` [D], and `q_norm` [N, H] / `k_norm` [K, H] (per-head qk-norm).
     """
-    _, B, C = h.shape
-    K, H = cfg.num_kv_heads, cfg.head_dim
-    G = cfg.num_heads // K
-    qkv = jnp.einsum("kehd,dbc->kehbc", lp["w_qkv"], h)  # [K, G + 2, H, B, C]
-    if cfg.qkv_bias:
-        qkv += lp["b_qkv"][..., None, None]
-    qkv = qkv.transpose(3, 4, 0, 1, 2)  # [B, C, K, G + 2, H]
-    q = qkv[:, :, :, :G].reshape(B, C, K * G, H)
-    k = rotate(qkv[:, :, :, G], view["k_rot"], cfg)  # [B, C, K, H]
-    v = qkv[:, :, :, G + 1]  # [B, C, K, H]
-    n_var = view["q_rot"][0].shape[2]
-    q = rotate(jnp.broadcast_to(q[:, :, None], (B, C, n_var, K * G, H)), view["q_rot"], cfg)
-    q = (q * jnp.asarray(H**-0.5, q.dtype)).reshape(B, C, n_var, K, G, H)
-    q = q.transpose(0, 3, 1, 2, 4, 5)  # [B, K, C, V, G, H]
 
-    # Groups of keys, each scored by the query variants it can need: the sink block with the
-    # chunk's own keys (SINK or RING per key; small, so one group saves a group's fixed costs),
-    # then each ring block (RING). A dense cache's block that no query of the chunk can see yet
-    # is skipped at run time.
-    small_keys, small_values = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
-    seen, variant = view["see_chunk"], view["var_chunk"]
-    blocks = list(zip(view["blocks"], view["live"], lc.keys, lc.values, strict=True))
-    if view["n_sinks"]:
-        (_, n), _, sink_keys, sink_values = blocks.pop(0)
-        small_keys = jnp.concatenate([sink_keys, small_keys], axis=-1)
-        small_values = jnp.concatenate([sink_values, small_values], axis=-2)
-        seen = jnp.concatenate([view["see_cached"][..., :n], seen], axis=-1)
-        variant = jnp.concatenate([jnp.full((B, 1, n), kv.SINK, variant.dtype), variant], -1)
-    parts = [_group(q, small_keys, small_values, variant, seen)]
-    for (start, n), live, keys, values in blocks:
-        seen = view["see_cached"][..., start : start + n]  # [B, C, n]
-        args = (q[:, :, :, kv.RING : kv.RING + 1], keys, values, None, seen)
-        parts.append(
-            _group(*args) if live is None else jax.lax.cond(live, _group, _skipped_group, *args)
+    def __init__(self, spec: C.Attention, hidden: int, dtype):
+        self.spec = spec
+        K, E, H, N = spec.num_kv_heads, spec.group + 2, spec.head_dim, spec.num_heads
+        self.qkv = _param((K, E, H, hidden), ("kv_heads", None, "head_dim", "embed"), dtype)
+        self.qkv_bias = (
+            _param((K, E, H), ("kv_heads", None, "head_dim"), dtype) if spec.qkv_bias else None
         )
-    out = _combine(parts).astype(v.dtype)  # [B, K, C, G, H]
-    # The written keys/values are made to depend on `out`, which read the whole old cache: only
-    # a data dependence lets XLA prove the write comes after the reads and do it in place
-    # (an optimization_barrier does not); otherwise it copies every cache buffer twice.
-    after_reads = out.reshape(-1)[0] * 0
-    k, v = k + after_reads, v + after_reads
-    out = out.transpose(1, 3, 4, 0, 2).reshape(K * G * H, B, C)
-    out = jnp.einsum("dn,nbc->dbc", lp["wo"].reshape(-1, K * G * H), out)  # [D, B, C]
-    if cfg.out_bias:
-        out += lp["bo"][:, None, None]
-    lc = _write(lc, k, v, view["write_slot"], view["blocks"])
-    return out, _rebase(lc, view["rebase"], view["blocks"], view["n_sinks"], cfg)
+        self.out = _param((hidden, N, H), ("embed", "heads", "head_dim"), dtype)
+        self.out_bias = _param((hidden,), ("embed",), dtype) if spec.out_bias else None
+        qk = spec.qk_norm
+        self.q_norm = None if qk is None else Norm(qk, (N, H), ("heads", "head_dim"), dtype)
+        self.k_norm = None if qk is None else Norm(qk, (K, H), ("kv_heads", "head_dim"), dtype)
+
+    def __call__(self, h: jax.Array, lc: kv.LayerCache, view: dict):
+        """h: [D, B, C] (feature-major, see `Decoder`); lc: this layer's cache, one key
+        [B, K, H, n] and value [B, K, n, H] buffer per block of n slots (`view["blocks"]`).
+        Returns (out [D, B, C], the updated layer cache): the chunk's surviving keys/values
+        are written into the cache after attention read it.
+        Intermediates keep (batch, kv head) leading, like the cache, so every score and value
+        product is one batched matrix product over B * K.
+        """
+        spec = self.spec
+        _, B, C_ = h.shape
+        K, G, H = spec.num_kv_heads, spec.group, spec.head_dim
+        qkv = jnp.einsum("kehd,dbc->kehbc", self.qkv[...], h)  # [K, E, H, B, C]
+        if self.qkv_bias is not None:
+            qkv += self.qkv_bias[...][..., None, None]
+        if spec.clip_qkv is not None:
+            qkv = jnp.clip(qkv, -spec.clip_qkv, spec.clip_qkv)
+        qkv = qkv.transpose(3, 4, 0, 1, 2)  # [B, C, K, E, H]
+        q = qkv[:, :, :, :G].reshape(B, C_, K * G, H)
+        k = qkv[:, :, :, G]  # [B, C, K, H]
+        v = qkv[:, :, :, G + 1]  # [B, C, K, H]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        position = spec.position
+        rot = view["rotary"][position] if isinstance(position, C.Rotary) else None
+        n_var = view["n_variants"] if rot is not None else 1
+        q = jnp.broadcast_to(q[:, :, None], (B, C_, n_var, K * G, H))
+        if rot is not None:
+            q, k = rotate(q, rot["q"], position), rotate(k, rot["k"], position)
+        q = (q * jnp.asarray(spec.query_scale, q.dtype)).reshape(B, C_, n_var, K, G, H)
+        q = q.transpose(0, 3, 1, 2, 4, 5)  # [B, K, C, V, G, H]
+
+        def bias(dist):  # the ALiBi term of a group's scores [B, K, C, G, T], or None
+            if not isinstance(position, C.Alibi):
+                return None
+            return _alibi_bias(position.slopes, dist, K)
+
+        # Groups of keys, each scored by the query variants it can need: the sink block with
+        # the chunk's own keys (SINK or RING per key; small, so one group saves a group's fixed
+        # costs), then each ring block (RING). A dense cache's block that no query of the chunk
+        # can see yet is skipped at run time.
+        small_keys, small_values = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+        seen, variant = view["see_chunk"], view["var_chunk"] if rot is not None else None
+        dist = view.get("dist_chunk")
+        blocks = list(zip(view["blocks"], view["live"], lc.keys, lc.values, strict=True))
+        if view["n_sinks"]:
+            (_, n), _, sink_keys, sink_values = blocks.pop(0)
+            small_keys = jnp.concatenate([sink_keys, small_keys], axis=-1)
+            small_values = jnp.concatenate([sink_values, small_values], axis=-2)
+            seen = jnp.concatenate([view["see_cached"][..., :n], seen], axis=-1)
+            if variant is not None:
+                sinks = jnp.full((B, 1, n), kv.SINK, variant.dtype)
+                variant = jnp.concatenate([sinks, variant], -1)
+            if dist is not None:
+                dist = jnp.concatenate([view["dist_cached"][..., :n], dist], axis=-1)
+        parts = [_group(q, small_keys, small_values, variant, seen, bias(dist))]
+        for (start, n), live, keys, values in blocks:
+            seen = view["see_cached"][..., start : start + n]  # [B, C, n]
+            dist = view.get("dist_cached")
+            block_bias = None if dist is None else bias(dist[..., start : start + n])
+            args = (q[:, :, :, kv.RING : kv.RING + 1], keys, values, None, seen, block_bias)
+            parts.append(
+                _group(*args) if live is None else jax.lax.cond(live, _group, _skipped_group, *args)
+            )
+        out = _combine(parts).astype(v.dtype)  # [B, K, C, G, H]
+        # The written keys/values are made to depend on `out`, which read the whole old cache:
+        # only a data dependence lets XLA prove the write comes after the reads and do it in
+        # place (an optimization_barrier does not); otherwise it copies every cache buffer
+        # twice. Row by row, so a non-finite row cannot reach another row's cache.
+        first = out[:, 0, 0, 0, 0]  # [B]
+        k, v = _after(k, first), _after(v, first)
+        out = out.transpose(1, 3, 4, 0, 2).reshape(K * G * H, B, C_)
+        out = jnp.einsum("dn,nbc->dbc", self.out[...].reshape(-1, K * G * H), out)  # [D, B, C]
+        if self.out_bias is not None:
+            out += self.out_bias[...][:, None, None]
+        lc = _write(lc, k, v, view["write_slot"], view["blocks"])
+        if rot is not None:
+            lc = _rebase(lc, rot["rebase"], view["blocks"], view["n_sinks"], position)
+        return out, lc
 
 
-def _mlp(lp, h, cfg: ModelConfig):
-    """Gated MLP, feature-major. h: [D, B, C] -> [D, B, C]."""
-    gate_up = jnp.einsum("tfd,dbc->tfbc", lp["w_gate_up"], h)  # [2, F, B, C]
-    if cfg.mlp_bias:
-        gate_up += lp["b_gate_up"][..., None, None]
-    hidden = _activation(cfg.hidden_act)(gate_up[0]) * gate_up[1]  # [F, B, C]
-    out = jnp.einsum("df,fbc->dbc", lp["w_down"], hidden)
-    return out + lp["b_down"][:, None, None] if cfg.mlp_bias else out
+class Mlp(nnx.Module):
+    """Gated (`up` [2, F, D]: gate, then up) or plain (`up` [F, D]) MLP, then `down` [D, F];
+    optional biases `up_bias` [2, F] / [F] and `down_bias` [D]."""
+
+    def __init__(self, spec: C.Mlp, hidden: int, dtype):
+        self.spec = spec
+        F = spec.size
+        lead = (2,) if spec.gated else ()
+        self.up = _param((*lead, F, hidden), (*(None,) * len(lead), "mlp", "embed"), dtype)
+        self.up_bias = (
+            _param((*lead, F), (*(None,) * len(lead), "mlp"), dtype) if spec.bias else None
+        )
+        self.down = _param((hidden, F), ("embed", "mlp"), dtype)
+        self.down_bias = _param((hidden,), ("embed",), dtype) if spec.bias else None
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        """Feature-major: h [D, B, C] -> [D, B, C]."""
+        act = ACTIVATIONS[self.spec.activation]
+        up = jnp.einsum("...fd,dbc->...fbc", self.up[...], h)  # [2, F, B, C] or [F, B, C]
+        if self.up_bias is not None:
+            up += self.up_bias[...][..., None, None]
+        hidden = act(up[0]) * up[1] if self.spec.gated else act(up)  # [F, B, C]
+        out = jnp.einsum("df,fbc->dbc", self.down[...], hidden)
+        return out if self.down_bias is None else out + self.down_bias[...][:, None, None]
 
 
-def forward(
-    params: Params, cache: kv.KVCache, tokens: jax.Array, valid: jax.Array, cfg: ModelConfig
-) -> tuple[jax.Array, kv.KVCache]:
-    """Run a chunk of tokens through the model, reading and updating the cache.
+class Block(nnx.Module):
+    """One decoder layer as its `LayerSpec` says: norms, residual kind, attention, MLP."""
 
-    tokens: [B, C] int32; valid: [B, C] bool (False = padding: the token is skipped, its stream
-    index is not consumed). Each valid query sees exactly its own SPEC window, so a chunk gives
-    the same result as feeding its tokens one by one.
-    Returns (final hidden states [B, C, D] after the final norm, updated cache).
+    def __init__(self, spec: C.LayerSpec, hidden: int, dtype):
+        self.spec = spec
+        self.norm = Norm(spec.norm, (hidden,), (None,), dtype)
+        shared = spec.residual == "parallel_shared"
+        self.mlp_norm = None if shared else Norm(spec.norm, (hidden,), (None,), dtype)
+        self.attn = Attention(spec.attention, hidden, dtype)
+        self.mlp = Mlp(spec.mlp, hidden, dtype)
 
-    Layers run unrolled over per-layer weight and cache buffers (see `unflatten`): compile time
-    grows with depth, but no step copies a layer's weights or cache.
+    def __call__(self, x: jax.Array, lc: kv.LayerCache, view: dict):
+        """x: [D, B, C] -> (x [D, B, C], the layer's updated cache)."""
+        h = self.norm(x, axis=0)
+        attn, lc = self.attn(h, lc, view)
+        if self.spec.residual == "sequential":
+            x = x + attn
+            return x + self.mlp(self.mlp_norm(x, axis=0)), lc
+        mlp_in = h if self.mlp_norm is None else self.mlp_norm(x, axis=0)
+        return x + attn + self.mlp(mlp_in), lc
+
+
+class Decoder(nnx.Module):
+    """The whole network: embedding, one `Block` per `cfg.layers` entry, final norm, output
+    projection. Weights: `embed` [V, D], `layers[i]`, `final_norm`, and unless tied `lm_head`
+    [V, D]; `lm_head_bias` [V] if the config says so.
+
+    Layers run unrolled over per-layer weight and cache buffers: XLA:CPU copies a slice of a
+    stacked [L, ...] weight before a matrix product reads it, which would double the bytes a
+    decode step moves; compile time grows with depth instead (the persistent compilation cache
+    hides it after the first run). Activations between the products are feature-major
+    ([D, tokens]) and every matrix output-major ([out, in]): on XLA:CPU with SmolLM2's shapes
+    8-14% faster than [tokens, in] x [in, out] at one token and as fast or faster at 16 to 256.
     """
-    valid = valid.astype(bool)
-    view = _attention_view(cache, valid, cfg, params["embed"].dtype)
-    x = params["embed"][tokens].transpose(2, 0, 1)  # [D, B, C]
-    new_layers = []
-    for lp, lc in zip(params["layers"], cache.layers, strict=True):
-        attn, lc = _attention(lp, rms_norm(x, lp["attn_norm"], cfg.norm_eps, 0), lc, view, cfg)
-        x = x + attn
-        x = x + _mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps, 0), cfg)
-        new_layers.append(lc)
-    x = rms_norm(x.transpose(1, 2, 0), params["final_norm"], cfg.norm_eps)
-    pos = cache.pos + valid.sum(axis=1, dtype=jnp.int32)
-    return x, cache.replace(layers=tuple(new_layers), pos=pos)
+
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32):
+        self.cfg = cfg
+        V, D = cfg.vocab_size, cfg.hidden_size
+        self.embed = _param((V, D), ("vocab", "embed"), dtype)
+        self.layers = nnx.List([Block(spec, D, dtype) for spec in cfg.layers])
+        self.final_norm = Norm(cfg.final_norm, (D,), (None,), dtype)
+        self.lm_head = None if cfg.tie_embeddings else _param((V, D), ("vocab", "embed"), dtype)
+        self.lm_head_bias = _param((V,), ("vocab",), dtype) if cfg.lm_head_bias else None
+
+    def __call__(self, cache: kv.KVCache, tokens: jax.Array, valid: jax.Array):
+        """Run a chunk of tokens through the model, reading and updating the cache.
+
+        tokens: [B, C] int32; valid: [B, C] bool (False = padding: the token is skipped, its
+        stream index is not consumed). Each valid query sees exactly its own window of the
+        streaming contract, so a chunk gives the same result as feeding its tokens one by one.
+        Returns (final hidden states [B, C, D] after the final norm, updated cache).
+        """
+        cfg = self.cfg
+        valid = valid.astype(bool)
+        embed = self.embed[...]
+        view = _attention_view(cache, valid, cfg, embed.dtype)
+        x = embed[tokens].transpose(2, 0, 1)  # [D, B, C]
+        if cfg.embed_scale != 1.0:
+            x = x * jnp.asarray(cfg.embed_scale, x.dtype)
+        new_layers = []
+        for block, lc in zip(self.layers, cache.layers, strict=True):
+            x, lc = block(x, lc, view)
+            new_layers.append(lc)
+        x = self.final_norm(x.transpose(1, 2, 0))
+        pos = cache.pos + valid.sum(axis=1, dtype=jnp.int32)
+        return x, cache.replace(layers=tuple(new_layers), pos=pos)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Next-token logits, float32, vocabulary-major: hidden [..., D] -> [V, ...].
+
+        Vocabulary-major because XLA:CPU runs the product several times faster when the
+        vocabulary is the output's major axis (SmolLM2, 16 tokens: 3.9 vs 5.5 ms; 128 tokens:
+        16 vs 69 ms), so reductions over the vocabulary (sampling, log-softmax) run along axis 0.
+        """
+        cfg = self.cfg
+        head = (self.embed if self.lm_head is None else self.lm_head)[...]  # [V, D]
+        out = jnp.einsum("vd,...d->v...", head, hidden, preferred_element_type=jnp.float32)
+        if self.lm_head_bias is not None:
+            bias = self.lm_head_bias[...].astype(jnp.float32)
+            out = out + bias.reshape(bias.shape + (1,) * (out.ndim - 1))
+        return out * cfg.logit_scale if cfg.logit_scale != 1.0 else out
 
 
 def _write(lc: kv.LayerCache, k_new, v_new, write_slot, blocks) -> kv.LayerCache:
@@ -375,17 +516,17 @@ def _write(lc: kv.LayerCache, k_new, v_new, write_slot, blocks) -> kv.LayerCache
     return kv.LayerCache(keys=tuple(keys), values=tuple(values))
 
 
-def _rebase(lc: kv.LayerCache, rebase, blocks, n_sinks: int, cfg: ModelConfig) -> kv.LayerCache:
+def _rebase(lc: kv.LayerCache, rebase, blocks, n_sinks: int, spec: C.Rotary) -> kv.LayerCache:
     """Rotate every ring key back by its row's shift of the ring base (see `jaxsink.cache`),
     at run time only when some row's chunk entered a later lap (once per W tokens).
-    rebase: `view["rebase"]`, None for a cache that never wraps."""
+    rebase: the view's entry, None for a cache that never wraps."""
     if rebase is None:
         return lc
     moved, (cos, sin) = rebase  # cos, sin [B, 1, R/2]
     back = (cos[..., None], -sin[..., None])  # [B, 1, R/2, 1]: rotation by -shift
 
     def rotate_back(keys):  # [B, K, H, n]
-        return rotate(keys, back, cfg, axis=2)
+        return rotate(keys, back, spec, axis=2)
 
     keys = tuple(
         kb if start < n_sinks else jax.lax.cond(moved, rotate_back, lambda x: x, kb)
@@ -394,43 +535,79 @@ def _rebase(lc: kv.LayerCache, rebase, blocks, n_sinks: int, cfg: ModelConfig) -
     return lc.replace(keys=keys)
 
 
-def logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Next-token logits, float32, vocabulary-major: hidden [..., D] -> [V, ...].
-
-    Vocabulary-major because XLA:CPU runs the product several times faster when the vocabulary
-    is the output's major axis (SmolLM2, 16 tokens: 3.9 vs 5.5 ms; 128 tokens: 16 vs 69 ms),
-    so reductions over the vocabulary (sampling, log-softmax) run along axis 0.
-    """
-    head = params["embed"] if cfg.tie_embeddings else params["lm_head"]  # [V, D]
-    return jnp.einsum("vd,...d->v...", head, hidden, preferred_element_type=jnp.float32)
+# --- pure entry points ----------------------------------------------------------------------
 
 
-def _step(params, cache, tokens, valid, cfg):
+def forward(weights: nnx.State, cache: kv.KVCache, tokens, valid, graphdef: nnx.GraphDef):
+    """`Decoder.__call__` as a pure function of the weights' state: -> (hidden [B, C, D],
+    cache)."""
+    return nnx.merge(graphdef, weights)(cache, tokens, valid)
+
+
+def logits(weights: nnx.State, hidden: jax.Array, graphdef: nnx.GraphDef) -> jax.Array:
+    """`Decoder.logits` as a pure function: hidden [..., D] -> float32 [V, ...]."""
+    return nnx.merge(graphdef, weights).logits(hidden)
+
+
+def _step(weights, cache, tokens, valid, graphdef):
     TRACES["step"] += 1
-    hidden, cache = forward(params, cache, tokens, valid, cfg)
-    return jnp.moveaxis(logits(params, hidden, cfg), 0, -1), cache
+    module = nnx.merge(graphdef, weights)
+    hidden, cache = module(cache, tokens, valid)
+    return jnp.moveaxis(module.logits(hidden), 0, -1), cache
 
 
-step = jax.jit(_step, static_argnames=("cfg",), donate_argnames=("cache",))
-step.__doc__ = """Jitted `(params, cache, tokens [B, C], valid [B, C]) -> (logits [B, C, V], cache)`.
+step = jax.jit(_step, static_argnames=("graphdef",), donate_argnames=("cache",))
+step.__doc__ = """Jitted `(weights, cache, tokens [B, C], valid [B, C], graphdef) -> (logits
+[B, C, V] float32, cache)`: `weights`, `graphdef` from `nnx.split(Decoder)` (`Model.weights`,
+`Model.graphdef`).
 
 The cache is donated (updated in place): do not reuse the cache passed in.
 """
 
 
-def _last_logits(params, cache, tokens, valid, cfg):
+def _last_logits(weights, cache, tokens, valid, graphdef):
     TRACES["last_logits"] += 1
-    hidden, cache = forward(params, cache, tokens, valid, cfg)
+    module = nnx.merge(graphdef, weights)
+    hidden, cache = module(cache, tokens, valid)
     last = jnp.maximum(valid.sum(axis=1) - 1, 0)  # [B]
     h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
-    return logits(params, h, cfg).T, cache
+    return module.logits(h).T, cache
 
 
-last_logits = jax.jit(_last_logits, static_argnames=("cfg",), donate_argnames=("cache",))
+last_logits = jax.jit(_last_logits, static_argnames=("graphdef",), donate_argnames=("cache",))
 last_logits.__doc__ = """Jitted prefill chunk: like `step`, but only the logits of each row's last
 valid token ([B, V]), which skips the vocabulary projection of every other position."""
 
 
-def param_bytes(params: Params) -> int:
-    """Total bytes of a params pytree."""
-    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
+def abstract(cfg: ModelConfig, dtype=jnp.float32) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, weights state of `jax.ShapeDtypeStruct`s) of `Decoder(cfg)`, allocating
+    nothing: the shapes and logical axes every checkpoint and conversion follow."""
+    return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, dtype)))
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight's checkpoint name (its path in the module, dot-joined, e.g.
+    `layers.0.attn.qkv`) and shape, derived from the module itself."""
+    _, state = abstract(cfg)
+    return {_name(path): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
+
+
+def _name(path) -> str:
+    return ".".join(map(str, path))
+
+
+def from_flat(
+    cfg: ModelConfig, flat: dict[str, np.ndarray], dtype
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, weights) of `Decoder(cfg)` holding the checkpoint arrays `flat` (names of
+    `param_shapes`), each its own device buffer, cast to `dtype`."""
+    graphdef, state = abstract(cfg, dtype)
+    flat_state = nnx.to_flat_state(state)
+    for path, var in flat_state:
+        var.set_value(jnp.asarray(flat[_name(path)], dtype))
+    return graphdef, nnx.from_flat_state(flat_state)
+
+
+def param_bytes(weights) -> int:
+    """Total bytes of a weights pytree."""
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(weights))

@@ -2,7 +2,8 @@
 
 No transformers import at run time: a checkpoint carries `tokenizer.json`, and optionally
 `tokenizer_config.json` (special tokens, `add_bos_token`, `chat_template`) and
-`chat_template.jinja`.
+`chat_template.jinja`. A checkpoint converted from a source without any tokenizer has none of
+these: it serves token ids only, and its `Tokenizer` refuses text with a CheckpointError.
 """
 
 from __future__ import annotations
@@ -21,20 +22,31 @@ def _token_text(value) -> str | None:
     return value
 
 
+def no_tokenizer_message(path: Path) -> str:
+    """What to do with a checkpoint that has no tokenizer, in one line."""
+    return (
+        f"{path} has no tokenizer, so it takes token ids only (jaxsink ppl --tokens); for text, "
+        f"copy tokenizer.json and tokenizer_config.json from the model's source into {path}, "
+        "or put its tokenizer.model next to the source's weights and convert again"
+    )
+
+
 class Tokenizer:
-    """A checkpoint's tokenizer: `encode`, incremental `decode`, chat template, EOS ids."""
+    """A checkpoint's tokenizer: `encode`, incremental `decode`, chat template, EOS ids.
+
+    Without `tokenizer.json` in the checkpoint it still loads (EOS ids then come from
+    `eos_token_ids` alone, `vocab_size` is None) and every text method raises CheckpointError.
+    """
 
     def __init__(self, path: str | Path, eos_token_ids: Sequence[int] = ()):
         from tokenizers import Tokenizer as HFTokenizer
 
-        path = Path(path)
-        tok_file = path / "tokenizer.json"
-        if not tok_file.is_file():
-            raise CheckpointError(f"missing tokenizer file {tok_file}")
-        self._tok = HFTokenizer.from_file(str(tok_file))
-        cfg_file = path / "tokenizer_config.json"
+        self.path = Path(path)
+        tok_file = self.path / "tokenizer.json"
+        self._tok = HFTokenizer.from_file(str(tok_file)) if tok_file.is_file() else None
+        cfg_file = self.path / "tokenizer_config.json"
         self.config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-        template_file = path / "chat_template.jinja"
+        template_file = self.path / "chat_template.jinja"
         self.chat_template = (
             template_file.read_text()
             if template_file.is_file()
@@ -42,16 +54,28 @@ class Tokenizer:
         )
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
-        self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+        self.bos_token_id = self._token_id(self.bos_token)
         eos = set(eos_token_ids)
-        if self.eos_token and self._tok.token_to_id(self.eos_token) is not None:
-            eos.add(self._tok.token_to_id(self.eos_token))
+        if self._token_id(self.eos_token) is not None:
+            eos.add(self._token_id(self.eos_token))
         self.eos_token_ids = tuple(sorted(eos))
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = (
+            None if self._tok is None else self._tok.get_vocab_size(with_added_tokens=True)
+        )
+
+    def _token_id(self, token: str | None) -> int | None:
+        """The id of a special token named in tokenizer_config.json, if the vocabulary has it."""
+        return self._tok.token_to_id(token) if token and self._tok is not None else None
+
+    def _backend(self):
+        """The `tokenizers.Tokenizer`; CheckpointError when the checkpoint has none."""
+        if self._tok is None:
+            raise CheckpointError(no_tokenizer_message(self.path))
+        return self._tok
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`. BOS is added when the tokenizer's own rules say so."""
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self._backend().encode(text, add_special_tokens=add_special_tokens).ids
         if (
             add_special_tokens
             and self.config.get("add_bos_token")
@@ -62,12 +86,13 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self._backend().decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
         self, messages: Sequence[dict], add_generation_prompt: bool = True
     ) -> str:
         """Render `messages` ([{"role", "content"}]) with the checkpoint's jinja2 chat template."""
+        self._backend()  # no tokenizer says more than "no chat template"
         if not self.chat_template:
             raise CheckpointError("this model has no chat template (run without --chat)")
         import jinja2

@@ -6,7 +6,7 @@ Sections (select with `--sections decode,bounds,...`; all by default):
              decode loop against transformers (PyTorch) on the same weights, same prompt and thread
              count: `generate()` and a plain loop of one-token forwards through its DynamicCache.
 - bounds:    a jitted pass over the same weights alone (the matrix-vector products of every
-             layer and the LM head, no attention, scanned over layers like the model) and
+             layer and the LM head, no attention, layers unrolled like the model) and
              weight bytes / memory bandwidth (a jitted `jnp.sum` over >= 1 GiB).
 - flat:      sink-mode per-token decode latency at stream positions 2k, 16k and 100k, and dense
              mode's latency at capacities 2k, 8k and 16k (really allocated).
@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -54,6 +55,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # JAX is imported lazily: the transformers worker never imports it
+    from flax import nnx
+
+    from jaxsink.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the repository's jaxsink, however (or whether) it is installed
@@ -132,7 +139,7 @@ QUICK = {
     "roofline_batch_steps": 2,
 }
 # Model shapes of the roofline section, run with random weights (Llama 3.2 1B's shape; the quick
-# run keeps its widths with 2 layers).
+# run keeps its widths with 2 layers). `roofline_config` makes the `ModelConfig`.
 LLAMA_1B = {
     "architecture": "llama",
     "vocab_size": 128256,
@@ -392,12 +399,27 @@ def reset_peak_rss() -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Net:
+    """A network a section runs: its config, the module's graph definition (static: a change
+    recompiles) and its weights state (an argument of every entry point)."""
+
+    cfg: ModelConfig
+    graphdef: nnx.GraphDef
+    weights: nnx.State
+
+    @property
+    def dtype(self):
+        return self.weights["embed"][...].dtype
+
+
 class Bench:
     def __init__(self, args, model, sizes: dict, worker: HFBaseline | None):
         import jax
 
         self.args, self.model, self.sizes, self.worker = args, model, sizes, worker
         self.cfg = model.cfg
+        self.net = Net(model.cfg, model.graphdef, model.weights)
         self.jax = jax
         self.rng_seed = 0
         self.compile_s = 0.0
@@ -427,7 +449,7 @@ class Bench:
 
         return kv.init_cache(self.cfg, stream, batch, dtype or self.model.dtype)
 
-    def prefill(self, params, cache, ids, chunk: int, cfg=None):
+    def prefill(self, net: Net, cache, ids, chunk: int):
         """Feed ids [B, T] in chunks of `chunk` (last one padded); returns (last logits [B, V], cache)."""
         import numpy as np
 
@@ -439,35 +461,34 @@ class Bench:
         exe = self.compiled(
             "prefill",
             mdl.last_logits,
-            (params, cache, zeros, zeros.astype(bool)),
-            {"cfg": cfg or self.cfg},
+            (net.weights, cache, zeros, zeros.astype(bool)),
+            {"graphdef": net.graphdef},
         )
         logits = None
         for i in range(0, T, chunk):
             part = ids[:, i : i + chunk]
             tokens, valid = np.zeros((B, chunk), np.int32), np.zeros((B, chunk), bool)
             tokens[:, : part.shape[1]], valid[:, : part.shape[1]] = part, True
-            logits, cache = exe(params, cache, tokens, valid)
+            logits, cache = exe(net.weights, cache, tokens, valid)
         return logits, cache
 
-    def decode_exe(self, params, cache, block: int, cfg=None):
+    def decode_exe(self, net: Net, cache, block: int):
         """The jitted on-device greedy decode loop, compiled for this cache, `block` steps max."""
         import jax.numpy as jnp
 
         from jaxsink.generate import Sampling, decode_block
 
-        cfg = cfg or self.cfg
         B = cache.pos.shape[0]
         args = (
-            params,
+            net.weights,
             cache,
-            jnp.zeros((B, cfg.vocab_size), jnp.float32),
+            jnp.zeros((B, net.cfg.vocab_size), jnp.float32),
             self.jax.random.key(0),
             jnp.zeros((B,), bool),
             jnp.int32(block),
             self._no_eos(),
         )
-        static = {"cfg": cfg, "sampling": Sampling(), "block": block}
+        static = {"graphdef": net.graphdef, "sampling": Sampling(), "block": block}
         return self.compiled("decode_block", decode_block, args, static)
 
     def _no_eos(self):
@@ -475,7 +496,7 @@ class Bench:
 
         return jnp.asarray([-2], jnp.int32)  # no token is ever -2: every row runs all its steps
 
-    def run_decode(self, exe, params, cache, logits, steps: int):
+    def run_decode(self, exe, net: Net, cache, logits, steps: int):
         """Run `steps` greedy decode steps on copies of (cache, logits) (both are donated).
 
         Returns (seconds, tokens [B, steps] as numpy, the cache after).
@@ -490,24 +511,24 @@ class Bench:
         key = jax.random.key(0)
         n = jnp.int32(steps)
         t = time.perf_counter()
-        out, n_run, cache, *_ = exe(params, cache, logits, key, done, n, self._no_eos())
+        out, n_run, cache, *_ = exe(net.weights, cache, logits, key, done, n, self._no_eos())
         jax.block_until_ready((out, cache))
         seconds = time.perf_counter() - t
         assert int(n_run) == steps, f"decode ran {int(n_run)} of {steps} steps"
         return seconds, np.asarray(out)[:, :steps], cache
 
-    def decode_runs(self, params, cfg, stream, batch: int, prompt: int, steps: int) -> list:
+    def decode_runs(self, net: Net, stream, batch: int, prompt: int, steps: int) -> list:
         """Seconds of each timed run (after a warm-up) of `steps` greedy decode steps of `batch`
         streams, each row prefilled in one chunk with its own `prompt` random tokens."""
         from jaxsink import cache as kv
 
-        ids = self.tokens(prompt, seed=4, batch=batch, cfg=cfg)
-        cache = kv.init_cache(cfg, stream, batch, params["embed"].dtype)
-        logits, cache = self.prefill(params, cache, ids, min(prompt, 256), cfg)
-        exe = self.decode_exe(params, cache, steps, cfg)
-        self.run_decode(exe, params, cache, logits, steps)  # warm-up
+        ids = self.tokens(prompt, seed=4, batch=batch, cfg=net.cfg)
+        cache = kv.init_cache(net.cfg, stream, batch, net.dtype)
+        logits, cache = self.prefill(net, cache, ids, min(prompt, 256))
+        exe = self.decode_exe(net, cache, steps)
+        self.run_decode(exe, net, cache, logits, steps)  # warm-up
         return [
-            self.run_decode(exe, params, cache, logits, steps)[0]
+            self.run_decode(exe, net, cache, logits, steps)[0]
             for _ in range(max(self.sizes["repeats"], self.sizes["min_repeats"]))
         ]
 
@@ -521,23 +542,23 @@ class Bench:
 
     # ---- sections -------------------------------------------------------------------------
 
-    def section_decode(self, params=None, label: str = "decode") -> dict:
+    def section_decode(self, net: Net | None = None, label: str = "decode") -> dict:
         import numpy as np
 
         from jaxsink.config import StreamConfig
 
-        bf16 = params is not None
-        params = params if bf16 else self.model.params
+        bf16 = net is not None
+        net = net if bf16 else self.net
         sz = self.sizes
         P = sz["prompt"]
         n = sz["bf16_new"] if bf16 else sz["new"]
         ids = self.tokens(P)
         stream = StreamConfig.for_mode("sink", SINKS, WINDOW)
-        dtype = params["embed"].dtype
+        dtype = net.dtype
         cache = self.init_cache(stream, 1, dtype)
-        logits, cache = self.prefill(params, cache, ids[None], 256)
-        exe = self.decode_exe(params, cache, n)
-        self.run_decode(exe, params, cache, logits, min(n, 4))  # warm-up
+        logits, cache = self.prefill(net, cache, ids[None], 256)
+        exe = self.decode_exe(net, cache, n)
+        self.run_decode(exe, net, cache, logits, min(n, 4))  # warm-up
         res = {
             "prompt_tokens": P,
             "new_tokens": n,
@@ -561,7 +582,7 @@ class Bench:
             res.update(hf_loop_runs=[], hf_generate_runs=[], hf_run_cap_s=sz["hf_max_s"])
         js_tokens = None
         for r in range(sz["repeats"]):
-            secs, toks, _ = self.run_decode(exe, params, cache, logits, n)
+            secs, toks, _ = self.run_decode(exe, net, cache, logits, n)
             js_tokens = toks[0]
             res["jaxsink_runs_s"].append(secs)
             log(f"{label}: jaxsink run {r + 1}: {n / secs:.2f} tok/s")
@@ -644,59 +665,79 @@ class Bench:
 
     def section_bounds(self) -> dict:
         import jax.numpy as jnp
+        from flax import nnx
 
         from jaxsink import model as mdl
 
-        jax, cfg, params = self.jax, self.cfg, self.model.params
+        jax, cfg, net = self.jax, self.cfg, self.net
         sz = self.sizes
         res = {}
 
-        G = cfg.num_heads // cfg.num_kv_heads
+        def matrices(block: mdl.Block) -> dict:  # the weights of a block the pass multiplies by
+            return {
+                "qkv": block.attn.qkv[...],  # [K, G + 2, H, D]
+                "out": block.attn.out[...],  # [D, N, H]
+                "up": block.mlp.up[...],  # [2, F, D]: gate, then up
+                "down": block.mlp.down[...],  # [D, F]
+            }
 
         def layer(x, lp):  # x: [D, B=1, C=1]; the model's matrix products, without attention
-            qkv = jnp.einsum("kehd,dbc->kehbc", lp["w_qkv"], x)  # [K, G + 2, H, 1, 1]
+            G = lp["qkv"].shape[1] - 2
+            qkv = jnp.einsum("kehd,dbc->kehbc", lp["qkv"], x)  # [K, G + 2, H, 1, 1]
             attn = qkv[:, :G].reshape(-1, 1, 1)
-            o = jnp.einsum("dn,nbc->dbc", lp["wo"].reshape(cfg.hidden_size, -1), attn)
-            gate_up = jnp.einsum("tfd,dbc->tfbc", lp["w_gate_up"], x)
-            d = jnp.einsum("df,fbc->dbc", lp["w_down"], jax.nn.silu(gate_up[0]) * gate_up[1])
+            o = jnp.einsum("dn,nbc->dbc", lp["out"].reshape(cfg.hidden_size, -1), attn)
+            gate_up = jnp.einsum("tfd,dbc->tfbc", lp["up"], x)  # [2, F, 1, 1]
+            d = jnp.einsum("df,fbc->dbc", lp["down"], jax.nn.silu(gate_up[0]) * gate_up[1])
             y = x + o + d + qkv[:, G:].sum() * 1e-6
             return y * jax.lax.rsqrt(jnp.mean(y * y) + 1e-6), None  # keep values bounded
 
-        def head(params, x):
-            logits = mdl.logits(params, x[:, 0, 0], cfg)  # [V]
-            return params["embed"][jnp.argmax(logits)][:, None, None]  # next input [D, 1, 1]
+        def head(module: mdl.Decoder, x):
+            logits = module.logits(x[:, 0, 0])  # [V]
+            return module.embed[...][jnp.argmax(logits)][:, None, None]  # next input [D, 1, 1]
 
-        def per_layer(params, x, steps):  # like the model: one buffer per layer, unrolled
+        def per_layer(weights, x, graphdef, steps):  # like the model: one buffer per layer
+            module = nnx.merge(graphdef, weights)
+
             def one(_, x):
-                for lp in params["layers"]:
-                    x, _ = layer(x, lp)
-                return head(params, x)
+                for block in module.layers:
+                    x, _ = layer(x, matrices(block))
+                return head(module, x)
 
             return jax.lax.fori_loop(0, steps, one, x)
 
-        def scanned(params, stacked, x, steps):  # diagnostic: lax.scan over stacked [L, ...]
+        def scanned(weights, stacked, x, graphdef, steps):  # diagnostic: scan over [L, ...]
+            module = nnx.merge(graphdef, weights)
+
             def one(_, x):
                 x, _ = jax.lax.scan(layer, x, stacked)
-                return head(params, x)
+                return head(module, x)
 
             return jax.lax.fori_loop(0, steps, one, x)
 
         steps = sz["bounds_steps"]
-        x0 = params["embed"][:1].T[:, :, None]  # [D, 1, 1]
-        f_list = jax.jit(per_layer, static_argnums=2).lower(params, x0, steps).compile()
-        stacked = jax.tree.map(lambda *ws: jnp.stack(ws), *params["layers"])
-        f_scan = jax.jit(scanned, static_argnums=3).lower(params, stacked, x0, steps).compile()
-        jax.block_until_ready((f_scan(params, stacked, x0), f_list(params, x0)))
+        weights, static = net.weights, {"graphdef": net.graphdef, "steps": steps}
+        x0 = weights["embed"][...][:1].T[:, :, None]  # [D, 1, 1]
+        f_list = (
+            jax.jit(per_layer, static_argnames=tuple(static)).lower(weights, x0, **static).compile()
+        )
+        blocks = nnx.merge(net.graphdef, weights).layers
+        stacked = jax.tree.map(lambda *ws: jnp.stack(ws), *map(matrices, blocks))
+        f_scan = (
+            jax.jit(scanned, static_argnames=tuple(static))
+            .lower(weights, stacked, x0, **static)
+            .compile()
+        )
+        jax.block_until_ready((f_scan(weights, stacked, x0), f_list(weights, x0)))
         t_scan, t_list = [], []
         for _ in range(max(sz["repeats"], sz["min_repeats"])):
             t = time.perf_counter()
-            jax.block_until_ready(f_scan(params, stacked, x0))
+            jax.block_until_ready(f_scan(weights, stacked, x0))
             t_scan.append(time.perf_counter() - t)
             t = time.perf_counter()
-            jax.block_until_ready(f_list(params, x0))
+            jax.block_until_ready(f_list(weights, x0))
             t_list.append(time.perf_counter() - t)
-        del stacked
-        weight_bytes = mdl.param_bytes(params)
+        del stacked, blocks
+        weight_bytes = mdl.param_bytes(weights)
         res["weight_bytes"] = weight_bytes
         res["weights_only_pass_tok_s"] = steps / min(t_list)
         res["weights_only_pass_stacked_scan_tok_s"] = steps / min(t_scan)
@@ -788,13 +829,13 @@ class Bench:
 
         from jaxsink.config import StreamConfig
 
-        sz, params = self.sizes, self.model.params
+        sz, net = self.sizes, self.net
         steps, fill = sz["flat_steps"], sz["flat_fill"]
         stream = StreamConfig.for_mode("sink", SINKS, WINDOW)
         cache = self.init_cache(stream)
-        logits, cache = self.prefill(params, cache, self.tokens(fill, seed=1)[None], 256)
-        exe = self.decode_exe(params, cache, steps)
-        self.run_decode(exe, params, cache, logits, steps)  # warm-up
+        logits, cache = self.prefill(net, cache, self.tokens(fill, seed=1)[None], 256)
+        exe = self.decode_exe(net, cache, steps)
+        self.run_decode(exe, net, cache, logits, steps)  # warm-up
         traces = self.traces()
         shifts = {p: round((p - fill) / WINDOW) * WINDOW for p in FLAT_POSITIONS}
         caches = {p: cache.replace(pos=cache.pos + shifts[p]) for p in FLAT_POSITIONS}
@@ -802,7 +843,7 @@ class Bench:
         toks = {}
         for _ in range(max(sz["repeats"], sz["min_repeats"])):
             for p in FLAT_POSITIONS:  # interleaved, so machine noise hits every position alike
-                secs, out, _ = self.run_decode(exe, params, caches[p], logits, steps)
+                secs, out, _ = self.run_decode(exe, net, caches[p], logits, steps)
                 runs[p].append(secs / steps)
                 toks[p] = out[0]
         sink = []
@@ -843,10 +884,10 @@ class Bench:
             dcache = self.init_cache(dstream)
             dcache = dcache.replace(pos=dcache.pos + (cap - steps - 1))
             dlogits = logits
-            dexe = self.decode_exe(params, dcache, steps)
-            self.run_decode(dexe, params, dcache, dlogits, steps)
+            dexe = self.decode_exe(net, dcache, steps)
+            self.run_decode(dexe, net, dcache, dlogits, steps)
             best = min(
-                self.run_decode(dexe, params, dcache, dlogits, steps)[0]
+                self.run_decode(dexe, net, dcache, dlogits, steps)[0]
                 for _ in range(max(sz["repeats"], sz["min_repeats"]))
             )
             dense.append(
@@ -875,7 +916,7 @@ class Bench:
         from jaxsink import model as mdl
         from jaxsink.config import StreamConfig
 
-        sz, params, jax = self.sizes, self.model.params, self.jax
+        sz, net, jax = self.sizes, self.net, self.jax
         out, skipped, prev = [], [], None
         for K in sz["recompute_ks"]:
             # Re-computation grows about quadratically in K: skip a K whose estimate (from the
@@ -891,18 +932,18 @@ class Bench:
             exe = self.compiled(
                 "prefill",
                 mdl.last_logits,
-                (params, self.init_cache(dstream), ids, valid),
-                {"cfg": self.cfg},
+                (net.weights, self.init_cache(dstream), ids, valid),
+                {"graphdef": net.graphdef},
             )
             slow = estimate > 20
             reps = 1 if slow else max(sz["repeats"], sz["min_repeats"])
             if not slow:
-                jax.block_until_ready(exe(params, self.init_cache(dstream), ids, valid))
+                jax.block_until_ready(exe(net.weights, self.init_cache(dstream), ids, valid))
             times = []
             for _ in range(reps):
                 fresh = jax.block_until_ready(self.init_cache(dstream))
                 t = time.perf_counter()
-                jax.block_until_ready(exe(params, fresh, ids, valid))
+                jax.block_until_ready(exe(net.weights, fresh, ids, valid))
                 times.append(time.perf_counter() - t)
             recompute = min(times)
             prev = (K, recompute)
@@ -910,12 +951,12 @@ class Bench:
             scache = self.init_cache(sstream)
             scache = scache.replace(pos=scache.pos + 2 * K)  # a full ring (cost is shape-bound)
             steps = sz["recompute_steps"]
-            sexe = self.decode_exe(params, scache, steps)
+            sexe = self.decode_exe(net, scache, steps)
             logits = np.zeros((1, self.cfg.vocab_size), np.float32)
-            self.run_decode(sexe, params, scache, logits, steps)
+            self.run_decode(sexe, net, scache, logits, steps)
             sink = (
                 min(
-                    self.run_decode(sexe, params, scache, logits, steps)[0]
+                    self.run_decode(sexe, net, scache, logits, steps)[0]
                     for _ in range(max(sz["repeats"], sz["min_repeats"]))
                 )
                 / steps
@@ -953,7 +994,7 @@ class Bench:
 
         from jaxsink.config import StreamConfig
 
-        sz, params, jax = self.sizes, self.model.params, self.jax
+        sz, net, jax = self.sizes, self.net, self.jax
         stream = StreamConfig.for_mode("sink", SINKS, WINDOW)
         out = []
         for C in sz["prefill_chunks"]:
@@ -963,14 +1004,14 @@ class Bench:
             n = max(n, C)
             ids = self.tokens(n, seed=3)[None]
             jax.block_until_ready(
-                self.prefill(params, self.init_cache(stream), ids[:, :C], C)
+                self.prefill(net, self.init_cache(stream), ids[:, :C], C)
             )  # warm-up
             cache = jax.block_until_ready(self.init_cache(stream))
             chunk_s = []
             t0 = time.perf_counter()
             for i in range(0, n, C):
                 t = time.perf_counter()
-                logits, cache = self.prefill(params, cache, ids[:, i : i + C], C)
+                logits, cache = self.prefill(net, cache, ids[:, i : i + C], C)
                 jax.block_until_ready(logits)
                 chunk_s.append(time.perf_counter() - t)
             total = time.perf_counter() - t0
@@ -1001,12 +1042,12 @@ class Bench:
     def section_batch(self) -> dict:
         from jaxsink.config import StreamConfig
 
-        sz, params = self.sizes, self.model.params
+        sz, net = self.sizes, self.net
         stream = StreamConfig.for_mode("sink", SINKS, WINDOW)
         steps = sz["batch_steps"]
         out = []
         for B in sz["batches"]:
-            best = min(self.decode_runs(params, self.cfg, stream, B, sz["batch_prompt"], steps))
+            best = min(self.decode_runs(net, stream, B, sz["batch_prompt"], steps))
             out.append(
                 {"batch": B, "aggregate_tok_s": B * steps / best, "ms_per_step": best / steps * 1e3}
             )
@@ -1030,7 +1071,7 @@ class Bench:
 
         from jaxsink.config import StreamConfig
 
-        sz, params, jax = self.sizes, self.model.params, self.jax
+        sz, net, jax = self.sizes, self.net, self.jax
         stream = StreamConfig.for_mode("sink", SINKS, WINDOW)
         block, C = sz["memory_decode_block"], 256
         ids = self.tokens(sz["memory_tokens"], seed=5)
@@ -1047,14 +1088,14 @@ class Bench:
             }
 
         cache = self.init_cache(stream)
-        exe = self.decode_exe(params, cache, block)
+        exe = self.decode_exe(net, cache, block)
         done, key, eos = jnp.zeros((1,), bool), jax.random.key(0), self._no_eos()
         i, start = 0, None
         while i < len(ids):
-            logits, cache = self.prefill(params, cache, ids[None, i : i + C], C)
+            logits, cache = self.prefill(net, cache, ids[None, i : i + C], C)
             i += C
             _, _, cache, logits, key, done = exe(
-                params, cache, logits, key, done, jnp.int32(block), eos
+                net.weights, cache, logits, key, done, jnp.int32(block), eos
             )
             if start is None:
                 start = snapshot(cache)
@@ -1098,9 +1139,10 @@ class Bench:
 
         if self.model.dtype == jnp.bfloat16:
             return {"skipped": "the whole run is bfloat16 (--dtype): see the decode section"}
-        params = self.jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), self.model.params)
-        res = self.section_decode(params=params, label="bf16")
-        del params
+        weights = self.jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), self.net.weights)
+        net = dataclasses.replace(self.net, weights=weights)
+        res = self.section_decode(net=net, label="bf16")
+        del weights, net
         f32 = self.results.get("decode", {}).get("jaxsink_tok_s")
         if f32:
             res["vs_float32"] = res["jaxsink_tok_s"] / f32
@@ -1121,25 +1163,25 @@ class Bench:
 
         from jaxsink import cache as kv
         from jaxsink import model as mdl
-        from jaxsink.config import ModelConfig, StreamConfig
+        from jaxsink.config import StreamConfig
 
         sz = self.sizes
-        cfg = ModelConfig(**ROOFLINE_SHAPES[sz["roofline_shape"]])
+        cfg = roofline_config(ROOFLINE_SHAPES[sz["roofline_shape"]])
         dtype = self.model.dtype
-        params = random_params(cfg, dtype)
+        net = random_net(cfg, dtype)
         stream = StreamConfig.for_mode("sink", SINKS, WINDOW)
         P, steps = sz["roofline_prompt"], sz["roofline_steps"]
-        runs = self.decode_runs(params, cfg, stream, 1, P, steps)
+        runs = self.decode_runs(net, stream, 1, P, steps)
         B, batch_steps = sz["roofline_batch"], sz["roofline_batch_steps"]
-        batch_runs = self.decode_runs(params, cfg, stream, B, sz["batch_prompt"], batch_steps)
+        batch_runs = self.decode_runs(net, stream, B, sz["batch_prompt"], batch_steps)
         # Bytes one decode step must read: every weight (the embedding table only as a tied LM
         # head: an untied one is read one row per token) and every cache slot (sink mode scores
         # the whole ring whatever its fill).
-        weight_bytes = mdl.param_bytes(params)
+        weight_bytes = mdl.param_bytes(net.weights)
         if not cfg.tie_embeddings:
-            weight_bytes -= params["embed"].nbytes
+            weight_bytes -= net.weights["embed"][...].nbytes
         cache_bytes = kv.cache_bytes(cfg, stream, 1, dtype)
-        del params
+        del net
         bw = self.bandwidth()
         step_bytes = weight_bytes + cache_bytes
         res = {
@@ -1242,38 +1284,56 @@ class Bench:
         return out
 
 
-def random_params(cfg, dtype, seed: int = 0):
-    """A params pytree for `cfg` in the model's runtime layout, made on device: normal weights
-    (std 0.02), norm weights 1, biases 0."""
-    import dataclasses
+def roofline_config(shape: dict) -> ModelConfig:
+    """The Llama-style config of a `ROOFLINE_SHAPES` entry: every layer alike (grouped-query
+    attention with rotary positions, a gated SiLU MLP, RMS norms)."""
+    from jaxsink.config import Attention, LayerSpec, Mlp, ModelConfig, Norm, Rotary
 
+    H, norm = shape["head_dim"], Norm("rms", shape["norm_eps"])
+    attention = Attention(
+        num_heads=shape["num_heads"],
+        num_kv_heads=shape["num_kv_heads"],
+        head_dim=H,
+        position=Rotary(shape["rope_theta"], H),
+        query_scale=H**-0.5,
+    )
+    layer = LayerSpec(attention, Mlp(shape["intermediate_size"], "silu"), norm)
+    return ModelConfig(
+        architecture=shape["architecture"],
+        vocab_size=shape["vocab_size"],
+        hidden_size=shape["hidden_size"],
+        layers=(layer,) * shape["num_layers"],
+        final_norm=norm,
+        max_position_embeddings=shape["max_position_embeddings"],
+        tie_embeddings=shape["tie_embeddings"],
+    )
+
+
+def random_net(cfg: ModelConfig, dtype, seed: int = 0) -> Net:
+    """`cfg`'s network with random weights in `dtype`, made on device, each weight from its own
+    key: normal weights (std 0.02), norm scales 1, biases 0."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
+    from flax import nnx
 
     from jaxsink import model as mdl
-    from jaxsink.checkpoint import param_shapes
-
-    # The runtime layout of a layer (fused q/k/v and gate/up), from one layer of zeros.
-    shapes = param_shapes(dataclasses.replace(cfg, num_layers=1))
-    layer = {n: np.zeros(s, np.float32) for n, s in shapes.items() if n.startswith("layers.")}
-    layer = {n: w.shape for n, w in mdl.unflatten(layer)["layers"][0].items()}
-    top = {n: s for n, s in shapes.items() if not n.startswith("layers.")}
 
     @functools.partial(jax.jit, static_argnums=(1, 2))
-    def make(key, shape, name):
-        if name.endswith("norm"):
+    def make(key, shape, kind):
+        if kind == "scale":
             return jnp.ones(shape, dtype)
-        if name.startswith("b"):
+        if kind == "bias":
             return jnp.zeros(shape, dtype)
         return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
-    def fill(shapes, key):  # {name: shape} -> {name: array}
-        keys = jax.random.split(key, len(shapes))
-        return {n: make(k, s, n) for k, (n, s) in zip(keys, sorted(shapes.items()), strict=True)}
-
-    keys = jax.random.split(jax.random.key(seed), cfg.num_layers + 1)
-    return {**fill(top, keys[0]), "layers": tuple(fill(layer, k) for k in keys[1:])}
+    graphdef, state = mdl.abstract(cfg, dtype)  # shapes only: nothing allocated yet
+    flat = nnx.to_flat_state(state)
+    keys = jax.random.split(jax.random.key(seed), len(flat))
+    for key, (path, var) in zip(keys, flat, strict=True):
+        name = str(path[-1])  # e.g. "qkv", "scale" (a norm's), "out_bias"
+        kind = "scale" if name == "scale" else "bias" if name.endswith("bias") else "normal"
+        var.set_value(make(key, tuple(var.shape), kind))
+    return Net(cfg, graphdef, nnx.from_flat_state(flat))
 
 
 def markdown(rows, targets: dict) -> str:

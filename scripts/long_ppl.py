@@ -112,13 +112,13 @@ def interleaved_cost(
     cache = kv.init_cache(model.cfg, stream, 1, model.dtype)
     zeros, falses = np.zeros((1, chunk), np.int32), np.zeros((1, chunk), bool)
     exe = evaluate.nll_chunk.lower(
-        model.params, cache, zeros, zeros, falses, cfg=model.cfg
+        model.weights, cache, zeros, zeros, falses, graphdef=model.graphdef
     ).compile()
     valid = np.ones((1, chunk), bool)
     fill = stream.capacity + chunk
     for i in range(0, fill, chunk):
         tokens, targets = ids[None, i : i + chunk], ids[None, i + 1 : i + chunk + 1]
-        _, cache = exe(model.params, cache, tokens, targets, valid)
+        _, cache = exe(model.weights, cache, tokens, targets, valid)
     times = {p: [] for p in positions}
     for _ in range(reps):
         for p in positions:
@@ -128,7 +128,7 @@ def interleaved_cost(
             at_p = at_p.replace(pos=jnp.full((1,), i, jnp.int32))
             jax.block_until_ready(at_p)
             t0 = time.perf_counter()
-            nll, _ = exe(model.params, at_p, tokens, targets, valid)
+            nll, _ = exe(model.weights, at_p, tokens, targets, valid)
             np.asarray(nll)
             times[p].append(time.perf_counter() - t0)
     return [
@@ -253,7 +253,7 @@ def main(argv=None) -> int:
     cfg = model.cfg
     longest = max(args.n_tokens, args.dense_tokens, window_tokens)
     ids, files = read_stream(model, longest)
-    bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
+    bytes_per_token = cfg.cache_bytes_per_token(model.dtype.itemsize)
     print(
         f"{model.path.name}: {len(ids) - 1} tokens from {len(files)} plays; "
         f"sink {args.n_tokens}, window {window_tokens}, dense {args.dense_tokens}; "

@@ -192,7 +192,7 @@ def feed(model, cache: kv.KVCache, ids: np.ndarray, chunk: int) -> kv.KVCache:
     """The cache after feeding `ids` in chunks of `chunk` (the last one padded and masked)."""
     for i in range(0, len(ids), chunk):
         tokens, valid = padded(ids[i : i + chunk], chunk)
-        _, cache = mdl.last_logits(model.params, cache, tokens, valid, cfg=model.cfg)
+        _, cache = mdl.last_logits(model.weights, cache, tokens, valid, graphdef=model.graphdef)
     return jax.block_until_ready(cache)
 
 
@@ -200,13 +200,12 @@ def answer(model, cache: kv.KVCache, q_ids: list[int], q_len: int, n_answer: int
     """Greedy answer tokens for one question asked on a copy of `cache` (an independent stream)."""
     cache = copy_cache(cache)
     tokens, valid = padded(q_ids, q_len)
-    logits, cache = mdl.last_logits(model.params, cache, tokens, valid, cfg=model.cfg)
+    logits, cache = mdl.last_logits(model.weights, cache, tokens, valid, graphdef=model.graphdef)
     out = [int(np.argmax(np.asarray(logits)[0]))]
     one = np.ones((1, 1), bool)
     for _ in range(n_answer - 1):
-        logits, cache = mdl.step(
-            model.params, cache, np.asarray([[out[-1]]], np.int32), one, cfg=model.cfg
-        )
+        token = np.asarray([[out[-1]]], np.int32)
+        logits, cache = mdl.step(model.weights, cache, token, one, graphdef=model.graphdef)
         out.append(int(np.argmax(np.asarray(logits)[0, 0])))
     return out
 

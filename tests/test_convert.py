@@ -89,37 +89,39 @@ def save_hf(folder: Path, config, seed: int = 0, **save_kwargs):
 
 
 def expected_params(sd: dict, cfg) -> dict:
-    """The jaxsink layout of a Hugging Face state dict, written independently of the tables."""
-    n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    """The jaxsink layout of a Llama-named state dict, written independently of the tables:
+    q/k/v rows regrouped per kv head, gate and up stacked, the output projection's heads split."""
+    attn = cfg.layers[0].attention
+    n, k, h, d = attn.num_heads, attn.num_kv_heads, attn.head_dim, cfg.hidden_size
 
-    def stack(suffix, f=lambda w: w):
-        return np.stack([f(sd[f"model.layers.{i}.{suffix}"]) for i in range(cfg.num_layers)])
+    def per_kv_head(layer, kind):  # q, k, v [X*h, ...] -> [k, n/k + 2, h, ...]
+        q, kk, v = (sd[f"{layer}self_attn.{x}_proj.{kind}"] for x in "qkv")
+        rest = q.shape[1:]
+        groups = [q.reshape(k, n // k, h, *rest), kk.reshape(k, 1, h, *rest)]
+        return np.concatenate([*groups, v.reshape(k, 1, h, *rest)], axis=1)
 
-    out = {
-        "embed": sd["model.embed_tokens.weight"],
-        "final_norm": sd["model.norm.weight"],
-        "layers.attn_norm": stack("input_layernorm.weight"),
-        "layers.mlp_norm": stack("post_attention_layernorm.weight"),
-        "layers.wq": stack("self_attn.q_proj.weight", lambda w: w.reshape(n, h, d)),
-        "layers.wk": stack("self_attn.k_proj.weight", lambda w: w.reshape(k, h, d)),
-        "layers.wv": stack("self_attn.v_proj.weight", lambda w: w.reshape(k, h, d)),
-        "layers.wo": stack("self_attn.o_proj.weight", lambda w: w.reshape(d, n, h)),
-        "layers.w_gate": stack("mlp.gate_proj.weight"),
-        "layers.w_up": stack("mlp.up_proj.weight"),
-        "layers.w_down": stack("mlp.down_proj.weight"),
-    }
-    if cfg.qkv_bias:
-        out["layers.bq"] = stack("self_attn.q_proj.bias", lambda b: b.reshape(n, h))
-        out["layers.bk"] = stack("self_attn.k_proj.bias", lambda b: b.reshape(k, h))
-        out["layers.bv"] = stack("self_attn.v_proj.bias", lambda b: b.reshape(k, h))
-    if cfg.out_bias:
-        out["layers.bo"] = stack("self_attn.o_proj.bias")
-    if cfg.mlp_bias:
+    out = {"embed": sd["model.embed_tokens.weight"], "final_norm.scale": sd["model.norm.weight"]}
+    for i in range(cfg.num_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
         out |= {
-            "layers.b_gate": stack("mlp.gate_proj.bias"),
-            "layers.b_up": stack("mlp.up_proj.bias"),
-            "layers.b_down": stack("mlp.down_proj.bias"),
+            dst + "norm.scale": sd[src + "input_layernorm.weight"],
+            dst + "mlp_norm.scale": sd[src + "post_attention_layernorm.weight"],
+            dst + "attn.qkv": per_kv_head(src, "weight"),
+            dst + "attn.out": sd[src + "self_attn.o_proj.weight"].reshape(d, n, h),
+            dst + "mlp.up": np.stack(
+                [sd[src + "mlp.gate_proj.weight"], sd[src + "mlp.up_proj.weight"]]
+            ),
+            dst + "mlp.down": sd[src + "mlp.down_proj.weight"],
         }
+        if attn.qkv_bias:
+            out[dst + "attn.qkv_bias"] = per_kv_head(src, "bias")
+        if attn.out_bias:
+            out[dst + "attn.out_bias"] = sd[src + "self_attn.o_proj.bias"]
+        if cfg.layers[0].mlp.bias:
+            out[dst + "mlp.up_bias"] = np.stack(
+                [sd[src + "mlp.gate_proj.bias"], sd[src + "mlp.up_proj.bias"]]
+            )
+            out[dst + "mlp.down_bias"] = sd[src + "mlp.down_proj.bias"]
     if not cfg.tie_embeddings:
         out["lm_head"] = sd["lm_head.weight"]
     return out
@@ -176,11 +178,17 @@ def test_hf_folder_converts_exactly(tmp_path, case):
     out = convert(tmp_path / "hf", tmp_path / "out", progress=False)
     cfg, meta, params = load(out)
     assert meta["dtype"] == "float32"
-    assert (cfg.architecture, cfg.num_kv_heads, cfg.head_dim) == (arch, hf.num_key_value_heads, H)
+    assert (
+        cfg.architecture,
+        cfg.layers[0].attention.num_kv_heads,
+        cfg.layers[0].attention.head_dim,
+    ) == (arch, hf.num_key_value_heads, H)
     assert cfg.tie_embeddings == hf.tie_word_embeddings
-    assert cfg.qkv_bias == (arch == "qwen2" or bool(overrides.get("attention_bias")))
-    assert cfg.rope_theta == hf.rope_parameters["rope_theta"]
-    assert cfg.norm_eps == hf.rms_norm_eps
+    assert cfg.layers[0].attention.qkv_bias == (
+        arch == "qwen2" or bool(overrides.get("attention_bias"))
+    )
+    assert cfg.layers[0].attention.position.theta == hf.rope_parameters["rope_theta"]
+    assert cfg.final_norm.eps == hf.rms_norm_eps
     assert_params_equal(params, expected_params(sd, cfg))
     assert (out / "tokenizer.json").read_bytes() == (
         tmp_path / "hf" / "tokenizer.json"
@@ -191,8 +199,8 @@ def test_hf_folder_converts_exactly(tmp_path, case):
 def test_llama3_rope_scaling_is_read(tmp_path):
     _, overrides = CASES["llama3-rope"]
     cfg = config_from_hf(hf_config("llama", **overrides).to_dict())
-    assert cfg.rope_theta == 500000.0
-    assert cfg.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 128)
+    assert cfg.layers[0].attention.position.theta == 500000.0
+    assert cfg.layers[0].attention.position.scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 128)
 
 
 def test_sharded_equals_single_file(tmp_path):
@@ -317,7 +325,10 @@ def test_pickled_checkpoint_is_refused_unread(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (dict(model_type="mamba"), r"unsupported architecture 'mamba' \(supported: llama"),
+        (
+            dict(model_type="mamba"),
+            r"unsupported architecture 'mamba' \(supported: .*gpt_neox.*llama",
+        ),
         (dict(quantization_config={"bits": 4}), "quantization_config"),
         (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "'yarn'"),
         (dict(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}), "'dynamic'"),
@@ -434,19 +445,24 @@ def test_config_matrix(case):
             cfg.vocab_size,
             cfg.hidden_size,
             cfg.num_layers,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            cfg.intermediate_size,
+            cfg.layers[0].attention.num_heads,
+            cfg.layers[0].attention.num_kv_heads,
+            cfg.layers[0].attention.head_dim,
+            cfg.layers[0].mlp.size,
         )
         assert got == (arch, V, D, L, N, hf.num_key_value_heads, getattr(hf, "head_dim", H), F), (
             form
         )
-        assert cfg.rope_theta == rope["rope_theta"] and cfg.rope_scaling == scaling, form
-        assert cfg.norm_eps == hf.rms_norm_eps and cfg.max_position_embeddings == 256, form
+        assert (
+            cfg.layers[0].attention.position.theta == rope["rope_theta"]
+            and cfg.layers[0].attention.position.scaling == scaling
+        ), form
+        assert cfg.final_norm.eps == hf.rms_norm_eps and cfg.max_position_embeddings == 256, form
         assert cfg.tie_embeddings == hf.tie_word_embeddings, form
-        assert cfg.qkv_bias == (arch == "qwen2" or getattr(hf, "attention_bias", False)), form
-        assert cfg.out_bias == getattr(hf, "attention_bias", False), form
+        assert cfg.layers[0].attention.qkv_bias == (
+            arch == "qwen2" or getattr(hf, "attention_bias", False)
+        ), form
+        assert cfg.layers[0].attention.out_bias == getattr(hf, "attention_bias", False), form
         assert (cfg.bos_token_id, list(cfg.eos_token_ids)) == (hf.bos_token_id, eos), form
 
 
@@ -511,9 +527,22 @@ def byte_level_vocab() -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def write_gguf(path: Path, arch: str, sd: dict, hf, add_bos: bool = True, tokenizer_model="gpt2"):
-    """A float32 GGUF as llama.cpp's converter writes it (q/k rows permuted for llama)."""
+def write_byte_level_vocab(w: gguf.GGUFWriter, model: str = "gpt2") -> None:
+    """The tokenizer metadata of `byte_level_vocab`, stated as tokenizer model `model`."""
     tokens, types, merges = byte_level_vocab()
+    w.add_tokenizer_model(model)
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+
+
+def write_gguf(path: Path, arch: str, sd: dict, hf, add_bos: bool = True, vocab=None):
+    """A float32 GGUF as llama.cpp's converter writes it (q/k rows permuted for llama).
+
+    vocab: writes the tokenizer's vocabulary metadata into the `gguf.GGUFWriter` it is given
+    (default `write_byte_level_vocab`); ids 1 and 2 are BOS and EOS (and pad).
+    """
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny")
     w.add_block_count(hf.num_hidden_layers)
@@ -524,14 +553,10 @@ def write_gguf(path: Path, arch: str, sd: dict, hf, add_bos: bool = True, tokeni
     w.add_head_count_kv(hf.num_key_value_heads)
     w.add_rope_freq_base(hf.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(hf.rms_norm_eps)
-    w.add_vocab_size(len(tokens))
+    w.add_vocab_size(hf.vocab_size)
     w.add_rope_dimension_count(H)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model(tokenizer_model)
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
+    (vocab or write_byte_level_vocab)(w)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_pad_token_id(2)
@@ -565,9 +590,17 @@ def test_gguf_converts_to_hf_weights(tmp_path, arch, tied):
         del sd["lm_head.weight"]
     write_gguf(tmp_path / "tiny.gguf", arch, sd, hf)
     cfg, _, params = load(convert(tmp_path / "tiny.gguf", tmp_path / "out", progress=False))
-    assert (cfg.architecture, cfg.vocab_size, cfg.num_kv_heads) == (arch, vocab, K)
-    assert cfg.tie_embeddings == tied and cfg.qkv_bias == (arch == "qwen2")
-    assert (cfg.bos_token_id, cfg.eos_token_ids, cfg.rope_theta) == (1, (2,), 10000.0)
+    assert (cfg.architecture, cfg.vocab_size, cfg.layers[0].attention.num_kv_heads) == (
+        arch,
+        vocab,
+        K,
+    )
+    assert cfg.tie_embeddings == tied and cfg.layers[0].attention.qkv_bias == (arch == "qwen2")
+    assert (cfg.bos_token_id, cfg.eos_token_ids, cfg.layers[0].attention.position.theta) == (
+        1,
+        (2,),
+        10000.0,
+    )
     assert_params_equal(params, expected_params(sd, cfg))
 
 
@@ -597,11 +630,14 @@ def assert_tokenizers_match(out: Path, ref) -> None:
         assert getattr(ours_auto, name) == getattr(ref, name), name
 
 
-def test_sentencepiece_gguf_tokenizer_is_refused(tmp_path):
+def test_unknown_gguf_tokenizer_is_refused(tmp_path):
+    """(SentencePiece GGUF vocabularies convert: see test_tokenizers.py.)"""
     hf = hf_config("llama", vocab_size=len(byte_level_vocab()[0]))
     sd = {k: v.numpy() for k, v in tiny_model(hf).state_dict().items()}
-    write_gguf(tmp_path / "tiny.gguf", "llama", sd, hf, tokenizer_model="llama")
-    with pytest.raises(ConvertError, match="tokenizer model 'llama' is not supported"):
+    write_gguf(
+        tmp_path / "tiny.gguf", "llama", sd, hf, vocab=lambda w: write_byte_level_vocab(w, "bert")
+    )
+    with pytest.raises(ConvertError, match="tokenizer model 'bert' is not supported"):
         convert(tmp_path / "tiny.gguf", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -683,9 +719,17 @@ def test_smollm2_matches_transformers(smollm2_dir, smollm2_transformers):
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
     cfg, meta, params = load(smollm2_dir)
     hf = model.config
-    assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (30, 9, 3, 64)
+    assert (
+        cfg.num_layers,
+        cfg.layers[0].attention.num_heads,
+        cfg.layers[0].attention.num_kv_heads,
+        cfg.layers[0].attention.head_dim,
+    ) == (30, 9, 3, 64)
     assert cfg.tie_embeddings and hf.tie_word_embeddings
-    assert cfg.rope_theta == hf.rope_parameters["rope_theta"] and cfg.norm_eps == hf.rms_norm_eps
+    assert (
+        cfg.layers[0].attention.position.theta == hf.rope_parameters["rope_theta"]
+        and cfg.final_norm.eps == hf.rms_norm_eps
+    )
     assert meta["dtype"] == "float32"
     assert_params_equal(params, expected_params(sd, cfg), atol=1e-6)
 

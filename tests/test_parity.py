@@ -29,7 +29,7 @@ def test_dense_logits_match_transformers(tmp_path, arch, kv):
     with torch.no_grad():
         want = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
     stream = jaxsink.StreamConfig(0, 64, "dense")
-    got, _ = feed(model.params, model.cfg, stream, ids, chunk=16)
+    got, _ = feed(model, stream, ids, chunk=16)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
@@ -56,7 +56,7 @@ def test_llama_variants_match_transformers(tmp_path, overrides):
     ids = np.random.default_rng(1).integers(0, VOCAB, size=(1, 200)).astype(np.int32)
     with torch.no_grad():
         want = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
-    got, _ = feed(model.params, model.cfg, jaxsink.StreamConfig(0, 256, "dense"), ids, chunk=64)
+    got, _ = feed(model, jaxsink.StreamConfig(0, 256, "dense"), ids, chunk=64)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 

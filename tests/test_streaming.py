@@ -1,4 +1,4 @@
-"""The streaming contract (SPEC.md) on tiny random models: windows, positions, chunks, compiles."""
+"""The streaming contract (docs/streaming-contract.md) on tiny random models: windows, positions, chunks, compiles."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from jaxsink import cache as kv
 from jaxsink import model
 from jaxsink.config import StreamConfig
 from tests.spec_reference import spec_view, stream_logits
-from tests.tiny import feed, random_flat_params, tiny_config, to_params
+from tests.tiny import feed, random_flat_params, tiny_config, tiny_model
 
 
 @pytest.mark.parametrize(
@@ -26,7 +26,7 @@ def test_matches_spec_reference_over_many_evictions(stream):
     flat = random_flat_params(cfg, seed=1)
     tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, size=(1, 48)).astype(np.int32)
     want = stream_logits(flat, cfg, tokens[0], stream.sinks, stream.window)
-    got, _ = feed(to_params(flat), cfg, stream, tokens, chunk=1)
+    got, _ = feed(tiny_model(cfg, flat), stream, tokens, chunk=1)
     np.testing.assert_allclose(got[0], want, atol=2e-4, rtol=0)
 
 
@@ -35,7 +35,7 @@ def test_dense_matches_spec_reference():
     flat = random_flat_params(cfg, seed=3)
     tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, size=(1, 30)).astype(np.int32)
     want = stream_logits(flat, cfg, tokens[0], 0, 30, dense=True)
-    got, _ = feed(to_params(flat), cfg, StreamConfig(0, 30, "dense"), tokens, chunk=8)
+    got, _ = feed(tiny_model(cfg, flat), StreamConfig(0, 30, "dense"), tokens, chunk=8)
     np.testing.assert_allclose(got[0], want, atol=2e-4, rtol=0)
 
 
@@ -44,24 +44,24 @@ def test_dense_matches_spec_reference():
 )
 def test_chunks_equal_token_by_token(stream):
     cfg = tiny_config(num_heads=6, num_kv_heads=2)
-    params = to_params(random_flat_params(cfg, seed=5))
+    m = tiny_model(cfg, random_flat_params(cfg, seed=5))
     tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, size=(2, 300)).astype(np.int32)
-    one, _ = feed(params, cfg, stream, tokens, chunk=1)
+    one, _ = feed(m, stream, tokens, chunk=1)
     for chunk in (7, 64):
-        many, _ = feed(params, cfg, stream, tokens, chunk=chunk)
+        many, _ = feed(m, stream, tokens, chunk=chunk)
         np.testing.assert_allclose(many, one, atol=1e-4, rtol=1e-4)
 
 
 def test_one_compile_and_constant_cache_over_a_long_stream():
     cfg = tiny_config()
-    params = to_params(random_flat_params(cfg))
+    m = tiny_model(cfg, random_flat_params(cfg))
     stream = StreamConfig(4, 28)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(1, 3000)).astype(np.int32)
     cache = kv.init_cache(cfg, stream, 1)
     shapes_before = jax.tree.map(lambda x: (x.shape, x.dtype), cache)
     bytes_before = cache.nbytes
     model.TRACES.clear()
-    _, cache = feed(params, cfg, stream, tokens, chunk=16, cache=cache)
+    _, cache = feed(m, stream, tokens, chunk=16, cache=cache)
     assert model.TRACES["step"] == 1
     assert int(cache.pos[0]) == 3000
     assert jax.tree.map(lambda x: (x.shape, x.dtype), cache) == shapes_before
@@ -71,29 +71,29 @@ def test_one_compile_and_constant_cache_over_a_long_stream():
 def test_position_precision_far_into_the_stream():
     """Same cache contents at t ~ 4,000 and t ~ 4,000,000 (a multiple of W apart): same logits."""
     cfg = tiny_config()
-    params = to_params(random_flat_params(cfg, seed=7))
+    m = tiny_model(cfg, random_flat_params(cfg, seed=7))
     stream = StreamConfig(4, 60)
     tokens = (
         np.random.default_rng(8).integers(0, cfg.vocab_size, size=(1, 4000 + 64)).astype(np.int32)
     )
-    _, near = feed(params, cfg, stream, tokens[:, :4000], chunk=64)
+    _, near = feed(m, stream, tokens[:, :4000], chunk=64)
     shift = (4_000_000 // stream.window) * stream.window
     far = jax.tree.map(jnp.copy, near).replace(pos=near.pos + shift)  # near is donated below
-    near_logits, _ = feed(params, cfg, stream, tokens[:, 4000:], chunk=16, cache=near)
-    far_logits, _ = feed(params, cfg, stream, tokens[:, 4000:], chunk=16, cache=far)
+    near_logits, _ = feed(m, stream, tokens[:, 4000:], chunk=16, cache=near)
+    far_logits, _ = feed(m, stream, tokens[:, 4000:], chunk=16, cache=far)
     np.testing.assert_array_equal(near_logits, far_logits)
 
 
 def test_rows_are_independent_streams():
     """Rows at different stream positions in one batch equal the same streams run alone."""
     cfg = tiny_config()
-    params = to_params(random_flat_params(cfg, seed=9))
+    m = tiny_model(cfg, random_flat_params(cfg, seed=9))
     stream = StreamConfig(2, 6)
     rng = np.random.default_rng(10)
     a = rng.integers(0, cfg.vocab_size, size=(1, 40)).astype(np.int32)
     b = rng.integers(0, cfg.vocab_size, size=(1, 23)).astype(np.int32)
-    alone_a, _ = feed(params, cfg, stream, a, chunk=5)
-    alone_b, _ = feed(params, cfg, stream, b, chunk=5)
+    alone_a, _ = feed(m, stream, a, chunk=5)
+    alone_b, _ = feed(m, stream, b, chunk=5)
     # Feed both rows together; row b's chunks are padded past its end.
     tokens = np.zeros((2, 40), np.int32)
     tokens[0], tokens[1, :23] = a[0], b[0]
@@ -102,7 +102,9 @@ def test_rows_are_independent_streams():
     cache = kv.init_cache(cfg, stream, 2)
     outs = []
     for i in range(0, 40, 5):
-        lg, cache = model.step(params, cache, tokens[:, i : i + 5], valid[:, i : i + 5], cfg)
+        lg, cache = model.step(
+            m.weights, cache, tokens[:, i : i + 5], valid[:, i : i + 5], graphdef=m.graphdef
+        )
         outs.append(np.asarray(lg))
     both = np.concatenate(outs, axis=1)
     np.testing.assert_allclose(both[0], alone_a[0], atol=2e-5)
@@ -122,19 +124,22 @@ def test_wide_batches_use_the_fused_form_and_match_rows_alone(stream, monkeypatc
     monkeypatch.setattr(kv, "RING_BLOCK", 16)  # dense: blocks skipped while empty
     cfg = tiny_config(num_heads=6, num_kv_heads=2)
     lengths = [40, 23, 40, 1, 31, 40]
-    assert cfg.num_kv_heads < model._FUSED_MIN_PAIRS <= len(lengths) * cfg.num_kv_heads
-    params = to_params(random_flat_params(cfg, seed=15))
+    assert (
+        cfg.layers[0].attention.num_kv_heads
+        < model._FUSED_MIN_PAIRS
+        <= len(lengths) * cfg.layers[0].attention.num_kv_heads
+    )
+    m = tiny_model(cfg, random_flat_params(cfg, seed=15))
     tokens = np.random.default_rng(16).integers(0, cfg.vocab_size, size=(6, 40)).astype(np.int32)
     valid = np.arange(40)[None, :] < np.array(lengths)[:, None]
-    alone = [
-        feed(params, cfg, stream, tokens[i : i + 1, :n], chunk=1)[0][0]
-        for i, n in enumerate(lengths)
-    ]
+    alone = [feed(m, stream, tokens[i : i + 1, :n], chunk=1)[0][0] for i, n in enumerate(lengths)]
     for chunk in (1, 8):
         cache, outs = kv.init_cache(cfg, stream, 6), []
         for i in range(0, 40, chunk):
             part = slice(i, i + chunk)
-            lg, cache = model.step(params, cache, tokens[:, part], valid[:, part], cfg)
+            lg, cache = model.step(
+                m.weights, cache, tokens[:, part], valid[:, part], graphdef=m.graphdef
+            )
             outs.append(np.asarray(lg))
         both = np.concatenate(outs, axis=1)
         assert np.isfinite(both).all()
@@ -178,7 +183,7 @@ def test_cache_in_blocks_matches_spec_reference(stream, monkeypatch):
     dense = stream.mode == "dense"
     want = stream_logits(flat, cfg, tokens[0], stream.sinks, stream.window, dense=dense)
     for chunk in (1, 7):
-        got, _ = feed(to_params(flat), cfg, stream, tokens, chunk=chunk)
+        got, _ = feed(tiny_model(cfg, flat), stream, tokens, chunk=chunk)
         np.testing.assert_allclose(got[0], want, atol=2e-4, rtol=0)
 
 
@@ -194,11 +199,15 @@ def test_step_updates_the_cache_in_place(chunk, batch):
     array (a copy per layer per token would cost more than the attention itself), except in the
     branch that re-rotates the ring when a stream enters a new lap, once per W tokens."""
     cfg = tiny_config(num_layers=3)
-    assert (batch * cfg.num_kv_heads >= model._FUSED_MIN_PAIRS) == (batch == 8)
-    params = to_params(random_flat_params(cfg))
+    assert (batch * cfg.layers[0].attention.num_kv_heads >= model._FUSED_MIN_PAIRS) == (batch == 8)
+    m = tiny_model(cfg, random_flat_params(cfg))
     cache = kv.init_cache(cfg, StreamConfig(4, 2100), batch)  # sinks + 3 ring blocks
     tokens = jnp.zeros((batch, chunk), jnp.int32)
-    hlo = model.step.lower(params, cache, tokens, tokens > 0, cfg=cfg).compile().as_text()
+    hlo = (
+        model.step.lower(m.weights, cache, tokens, tokens > 0, graphdef=m.graphdef)
+        .compile()
+        .as_text()
+    )
     cache_shapes = {
         "f32[{}]".format(",".join(map(str, x.shape))) for x in jax.tree.leaves(cache.layers)
     }

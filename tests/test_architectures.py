@@ -1,0 +1,177 @@
+"""Every architecture family, converted from a tiny random checkpoint (transformers' own config
+and model classes, or for Qwen v1 and BTLM the reference written from their published code),
+against its PyTorch original in dense mode and against the streaming reference (which reads the
+same per-layer description) in sink mode; chunked equals one-by-one; one compile per shape."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import jaxsink
+from jaxsink import model as mdl
+from jaxsink.checkpoint import load_params
+from jaxsink.config import Alibi, Rotary, StreamConfig
+from jaxsink.convert import convert
+from tests import published_models
+from tests.spec_reference import stream_logits
+from tests.tiny import feed
+
+VOCAB = 97
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+
+# name -> (transformers config class, its kwargs)
+TRANSFORMERS = {
+    "llama-biases": (
+        transformers.LlamaConfig,
+        SMALL | dict(intermediate_size=48, attention_bias=True, mlp_bias=True),
+    ),
+    "gpt_neox-parallel": (transformers.GPTNeoXConfig, SMALL | dict(intermediate_size=48)),
+    "gpt_neox-sequential": (
+        transformers.GPTNeoXConfig,
+        SMALL | dict(intermediate_size=48, use_parallel_residual=False, rotary_pct=0.5),
+    ),
+    "gptj": (
+        transformers.GPTJConfig,
+        dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_inner=48),
+    ),
+    "falcon-rw-mqa": (transformers.FalconConfig, SMALL),
+    "falcon-new-gqa": (
+        transformers.FalconConfig,
+        SMALL | dict(new_decoder_architecture=True, num_kv_heads=2, bias=True),
+    ),
+    "falcon-alibi-sequential": (
+        transformers.FalconConfig,
+        SMALL | dict(alibi=True, multi_query=False, parallel_attn=False, bias=True),
+    ),
+    "mpt-clip": (
+        transformers.MptConfig,
+        dict(
+            vocab_size=VOCAB,
+            d_model=32,
+            n_layers=2,
+            n_heads=4,
+            expansion_ratio=4,  # transformers' MPT hard-codes 4
+            attn_config=dict(clip_qkv=0.6),  # transformers ignores alibi_bias_max
+        ),
+    ),
+    "stablelm": (
+        transformers.StableLmConfig,
+        SMALL | dict(intermediate_size=48, num_key_value_heads=4),
+    ),
+    "stablelm-parallel-qkbias-qknorm": (
+        transformers.StableLmConfig,
+        SMALL
+        | dict(
+            intermediate_size=48,
+            num_key_value_heads=2,
+            use_qkv_bias=True,
+            qk_layernorm=True,
+            use_parallel_residual=True,
+        ),
+    ),
+    "phi": (transformers.PhiConfig, SMALL | dict(intermediate_size=48)),
+    "phi-qknorm": (transformers.PhiConfig, SMALL | dict(intermediate_size=48, qk_layernorm=True)),
+    "gemma-mqa": (
+        transformers.GemmaConfig,
+        SMALL | dict(intermediate_size=48, num_key_value_heads=1, head_dim=8),
+    ),
+}
+PUBLISHED = {"qwen": published_models.build_tiny_qwen, "btlm": published_models.build_tiny_btlm}
+CASES = sorted(TRANSFORMERS) + sorted(PUBLISHED)
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    """Every weight random at a scale where layout mistakes change the logits: matrices
+    N(0, 1/fan_in), norms 1 + N(0, 0.2), biases N(0, 0.2)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, p.shape[-1] ** -0.5)
+            elif "norm" in name or "ln" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+
+
+def build(case: str, path):
+    """(PyTorch model in eval mode, its folder: config.json + safetensors, no tokenizer)."""
+    if case in PUBLISHED:
+        return PUBLISHED[case](path), path
+    cls, kwargs = TRANSFORMERS[case]
+    config = cls(**kwargs)
+    # transformers' eager Falcon adds ALiBi twice (to the scores and again in the mask)
+    kernel = "sdpa" if case.startswith("falcon") else "eager"
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=kernel)
+    _randomize(model)
+    model.eval().save_pretrained(path)
+    return model, path
+
+
+@pytest.fixture(scope="module", params=CASES)
+def family(request, tmp_path_factory):
+    """(case, PyTorch model, the converted jaxsink model, its flat checkpoint arrays)."""
+    path = tmp_path_factory.mktemp(request.param)
+    torch_model, src = build(request.param, path / "src")
+    convert(src, path / "out", progress=False)
+    model = jaxsink.load(path / "out")
+    return request.param, torch_model, model, load_params(path / "out", model.cfg)
+
+
+def _torch_logits(torch_model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        out = torch_model(torch.tensor(ids, dtype=torch.long))
+    return (out.logits if hasattr(out, "logits") else out).float().numpy()
+
+
+def test_dense_logits_match_pytorch(family):
+    _, torch_model, model, _ = family
+    ids = np.random.default_rng(0).integers(0, VOCAB, size=(2, 40)).astype(np.int32)
+    got, _ = feed(model, StreamConfig(0, 48, "dense"), ids, chunk=16)
+    np.testing.assert_allclose(got, _torch_logits(torch_model, ids), atol=1e-4, rtol=0)
+
+
+def test_sink_stream_matches_the_streaming_reference(family):
+    """S = 2, W = 5 over 40 tokens (many evictions), chunk 1 and 8, one compile per shape."""
+    _, _, model, flat = family
+    ids = np.random.default_rng(1).integers(0, VOCAB, size=(1, 40)).astype(np.int32)
+    want = stream_logits(flat, model.cfg, ids[0], 2, 5)
+    for chunk in (1, 8):
+        before = mdl.TRACES["step"]
+        got, _ = feed(model, StreamConfig(2, 5), ids, chunk=chunk)
+        assert mdl.TRACES["step"] - before <= 1  # at most one compile for this shape
+        np.testing.assert_allclose(got[0], want, atol=1e-4, rtol=0)
+
+
+def test_family_config_is_what_its_code_computes(family):
+    """The per-layer description carries each family's defining traits."""
+    case, _, model, _ = family
+    layer = model.cfg.layers[0]
+    position = layer.attention.position
+    traits = {
+        "gpt_neox-parallel": lambda: (position.dim, layer.residual) == (2, "parallel"),
+        "gpt_neox-sequential": lambda: (position.dim, layer.residual) == (4, "sequential"),
+        "gptj": lambda: position.interleaved and position.dim == 4 and model.cfg.lm_head_bias,
+        "falcon-rw-mqa": lambda: (
+            layer.attention.num_kv_heads == 1 and layer.residual == "parallel_shared"
+        ),
+        "falcon-new-gqa": lambda: (
+            layer.attention.num_kv_heads == 2 and layer.residual == "parallel"
+        ),
+        "falcon-alibi-sequential": lambda: (
+            isinstance(position, Alibi) and layer.residual == "sequential"
+        ),
+        "mpt-clip": lambda: isinstance(position, Alibi) and layer.attention.clip_qkv == 0.6,
+        "stablelm": lambda: isinstance(position, Rotary) and position.dim == 2,
+        "stablelm-parallel-qkbias-qknorm": lambda: layer.attention.qk_norm is not None,
+        "phi": lambda: position.dim == 4 and model.cfg.lm_head_bias,
+        "phi-qknorm": lambda: layer.attention.qk_norm is not None and layer.attention.qk_norm.bias,
+        "gemma-mqa": lambda: layer.norm.kind == "rms_plus_one" and model.cfg.embed_scale == 32**0.5,
+        "llama-biases": lambda: layer.attention.out_bias and layer.mlp.bias,
+        "qwen": lambda: layer.mlp.gated and model.cfg.position_limit == published_models.SEQ_LENGTH,
+        "btlm": lambda: isinstance(position, Alibi) and model.cfg.logit_scale != 1.0,
+    }
+    assert traits[case]()
