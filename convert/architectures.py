@@ -23,11 +23,14 @@ from .errors import ConvertError
 from .hf import HARMLESS, ConfigReader, RopeSpec, check_sliding_window, read_rope
 from .tables import (
     LLAMA,
-    Rule,
     Table,
     fuse_qkv,
     identity,
     layer_rules,
+    linear,
+    llama_attention,
+    norm,
+    outer,
     split_heads,
     stack,
 )
@@ -244,29 +247,19 @@ def _gpt_neox(arch: str, r: ConfigReader) -> ModelConfig:
     )
 
 
-_NEOX = "gpt_neox.layers.{i}"
 GPT_NEOX = Table(
     rules=(
-        Rule("embed", ("gpt_neox.embed_in.weight",), identity),
-        Rule("final_norm.scale", ("gpt_neox.final_layer_norm.weight",), identity),
-        Rule("final_norm.bias", ("gpt_neox.final_layer_norm.bias",), identity),
-        Rule("lm_head", ("lm_head.weight",), identity),
+        *outer("gpt_neox.embed_in", "gpt_neox.final_layer_norm"),
         *layer_rules(
-            _NEOX,
+            "gpt_neox.layers.{i}",
             {
-                "norm.scale": (("input_layernorm.weight",), identity),
-                "norm.bias": (("input_layernorm.bias",), identity),
-                "mlp_norm.scale": (("post_attention_layernorm.weight",), identity),
-                "mlp_norm.bias": (("post_attention_layernorm.bias",), identity),
+                **norm("norm", "input_layernorm"),
+                **norm("mlp_norm", "post_attention_layernorm"),
                 # rows per head: [N, 3 (q, k, v), H]: already [K = N, G + 2 = 3, H]
-                "attn.qkv": (("attention.query_key_value.weight",), split_heads),
-                "attn.qkv_bias": (("attention.query_key_value.bias",), split_heads),
-                "attn.out": (("attention.dense.weight",), split_heads),
-                "attn.out_bias": (("attention.dense.bias",), identity),
-                "mlp.up": (("mlp.dense_h_to_4h.weight",), identity),
-                "mlp.up_bias": (("mlp.dense_h_to_4h.bias",), identity),
-                "mlp.down": (("mlp.dense_4h_to_h.weight",), identity),
-                "mlp.down_bias": (("mlp.dense_4h_to_h.bias",), identity),
+                **linear("attn.qkv", "attention.query_key_value", split_heads, split_heads),
+                **linear("attn.out", "attention.dense", split_heads),
+                **linear("mlp.up", "mlp.dense_h_to_4h"),
+                **linear("mlp.down", "mlp.dense_4h_to_h"),
             },
         ),
     ),
@@ -308,25 +301,17 @@ def _gptj(arch: str, r: ConfigReader) -> ModelConfig:
     )
 
 
-_GPTJ = "transformer.h.{i}"
 GPTJ = Table(
     rules=(
-        Rule("embed", ("transformer.wte.weight",), identity),
-        Rule("final_norm.scale", ("transformer.ln_f.weight",), identity),
-        Rule("final_norm.bias", ("transformer.ln_f.bias",), identity),
-        Rule("lm_head", ("lm_head.weight",), identity),
-        Rule("lm_head_bias", ("lm_head.bias",), identity),
+        *outer("transformer.wte", "transformer.ln_f"),
         *layer_rules(
-            _GPTJ,
+            "transformer.h.{i}",
             {
-                "norm.scale": (("ln_1.weight",), identity),
-                "norm.bias": (("ln_1.bias",), identity),
+                **norm("norm", "ln_1"),
                 "attn.qkv": (tuple(f"attn.{p}_proj.weight" for p in "qkv"), fuse_qkv),
-                "attn.out": (("attn.out_proj.weight",), split_heads),
-                "mlp.up": (("mlp.fc_in.weight",), identity),
-                "mlp.up_bias": (("mlp.fc_in.bias",), identity),
-                "mlp.down": (("mlp.fc_out.weight",), identity),
-                "mlp.down_bias": (("mlp.fc_out.bias",), identity),
+                **linear("attn.out", "attn.out_proj", split_heads),
+                **linear("mlp.up", "mlp.fc_in"),
+                **linear("mlp.down", "mlp.fc_out"),
             },
         ),
     ),
@@ -391,32 +376,25 @@ def _falcon(arch: str, r: ConfigReader) -> ModelConfig:
 def _falcon_table(cfg: ModelConfig) -> Table:
     """Falcon names its norms after the residual kind: two parallel ones `ln_attn`/`ln_mlp`."""
     two = cfg.layers[0].residual == "parallel"
-    norm, mlp_norm = (
+    attn_norm, mlp_norm = (
         ("ln_attn", "ln_mlp") if two else ("input_layernorm", "post_attention_layernorm")
     )
     return Table(
         rules=(
-            Rule("embed", ("transformer.word_embeddings.weight",), identity),
-            Rule("final_norm.scale", ("transformer.ln_f.weight",), identity),
-            Rule("final_norm.bias", ("transformer.ln_f.bias",), identity),
-            Rule("lm_head", ("lm_head.weight",), identity),
+            *outer("transformer.word_embeddings", "transformer.ln_f"),
             *layer_rules(
                 "transformer.h.{i}",
                 {
-                    "norm.scale": ((f"{norm}.weight",), identity),
-                    "norm.bias": ((f"{norm}.bias",), identity),
-                    "mlp_norm.scale": ((f"{mlp_norm}.weight",), identity),
-                    "mlp_norm.bias": ((f"{mlp_norm}.bias",), identity),
+                    **norm("norm", attn_norm),
+                    **norm("mlp_norm", mlp_norm),
                     # [K, G + 2, H] (grouped), [1, N + 2, H] (multi-query) or [N, 3, H] rows:
                     # each already the fused layout
-                    "attn.qkv": (("self_attention.query_key_value.weight",), split_heads),
-                    "attn.qkv_bias": (("self_attention.query_key_value.bias",), split_heads),
-                    "attn.out": (("self_attention.dense.weight",), split_heads),
-                    "attn.out_bias": (("self_attention.dense.bias",), identity),
-                    "mlp.up": (("mlp.dense_h_to_4h.weight",), identity),
-                    "mlp.up_bias": (("mlp.dense_h_to_4h.bias",), identity),
-                    "mlp.down": (("mlp.dense_4h_to_h.weight",), identity),
-                    "mlp.down_bias": (("mlp.dense_4h_to_h.bias",), identity),
+                    **linear(
+                        "attn.qkv", "self_attention.query_key_value", split_heads, split_heads
+                    ),
+                    **linear("attn.out", "self_attention.dense", split_heads),
+                    **linear("mlp.up", "mlp.dense_h_to_4h"),
+                    **linear("mlp.down", "mlp.dense_4h_to_h"),
                 },
             ),
         ),
@@ -477,18 +455,16 @@ _MPT_ATTN_DEFAULTS = {"attn_type": "multihead_attention", "alibi": True, "alibi_
 
 MPT = Table(
     rules=(
-        Rule("embed", ("transformer.wte.weight",), identity),
-        Rule("final_norm.scale", ("transformer.norm_f.weight",), identity),
-        Rule("lm_head", ("lm_head.weight",), identity),
+        *outer("transformer.wte", "transformer.norm_f"),
         *layer_rules(
             "transformer.blocks.{i}",
             {
-                "norm.scale": (("norm_1.weight",), identity),
-                "mlp_norm.scale": (("norm_2.weight",), identity),
-                "attn.qkv": (("attn.Wqkv.weight",), fuse_thirds),
-                "attn.out": (("attn.out_proj.weight",), split_heads),
-                "mlp.up": (("ffn.up_proj.weight",), identity),
-                "mlp.down": (("ffn.down_proj.weight",), identity),
+                **norm("norm", "norm_1"),
+                **norm("mlp_norm", "norm_2"),
+                **linear("attn.qkv", "attn.Wqkv", fuse_thirds, fuse_thirds),
+                **linear("attn.out", "attn.out_proj", split_heads),
+                **linear("mlp.up", "ffn.up_proj"),
+                **linear("mlp.down", "ffn.down_proj"),
             },
         ),
     ),
@@ -545,18 +521,7 @@ def _stablelm_table(cfg: ModelConfig) -> Table:
         ),
     }
     return Table(
-        rules=(
-            *LLAMA.rules,
-            Rule("final_norm.bias", ("model.norm.bias",), identity),
-            *layer_rules(
-                "model.layers.{i}",
-                {
-                    "norm.bias": (("input_layernorm.bias",), identity),
-                    "mlp_norm.bias": (("post_attention_layernorm.bias",), identity),
-                    **heads,
-                },
-            ),
-        ),
+        rules=(*LLAMA.rules, *layer_rules("model.layers.{i}", heads)),
         ignored_suffixes=LLAMA.ignored_suffixes,
         tied_copy=LLAMA.tied_copy,
     )
@@ -600,28 +565,19 @@ def _phi(arch: str, r: ConfigReader) -> ModelConfig:
 
 PHI = Table(
     rules=(
-        Rule("embed", ("model.embed_tokens.weight",), identity),
-        Rule("final_norm.scale", ("model.final_layernorm.weight",), identity),
-        Rule("final_norm.bias", ("model.final_layernorm.bias",), identity),
-        Rule("lm_head", ("lm_head.weight",), identity),
-        Rule("lm_head_bias", ("lm_head.bias",), identity),
+        *outer("model.embed_tokens", "model.final_layernorm"),
         *layer_rules(
             "model.layers.{i}",
             {
-                "norm.scale": (("input_layernorm.weight",), identity),
-                "norm.bias": (("input_layernorm.bias",), identity),
-                "attn.qkv": (tuple(f"self_attn.{p}_proj.weight" for p in "qkv"), fuse_qkv),
-                "attn.qkv_bias": (tuple(f"self_attn.{p}_proj.bias" for p in "qkv"), fuse_qkv),
-                "attn.out": (("self_attn.dense.weight",), split_heads),
-                "attn.out_bias": (("self_attn.dense.bias",), identity),
+                **norm("norm", "input_layernorm"),
+                **llama_attention("self_attn"),
+                **linear("attn.out", "self_attn.dense", split_heads),
                 "attn.q_norm.scale": (("self_attn.q_layernorm.weight",), tile_heads),
                 "attn.q_norm.bias": (("self_attn.q_layernorm.bias",), tile_heads),
                 "attn.k_norm.scale": (("self_attn.k_layernorm.weight",), tile_heads),
                 "attn.k_norm.bias": (("self_attn.k_layernorm.bias",), tile_heads),
-                "mlp.up": (("mlp.fc1.weight",), identity),
-                "mlp.up_bias": (("mlp.fc1.bias",), identity),
-                "mlp.down": (("mlp.fc2.weight",), identity),
-                "mlp.down_bias": (("mlp.fc2.bias",), identity),
+                **linear("mlp.up", "mlp.fc1"),
+                **linear("mlp.down", "mlp.fc2"),
             },
         ),
     ),
@@ -697,22 +653,17 @@ _QWEN_IGNORED = (
 
 QWEN = Table(
     rules=(
-        Rule("embed", ("transformer.wte.weight",), identity),
-        Rule("final_norm.scale", ("transformer.ln_f.weight",), identity),
-        Rule("lm_head", ("lm_head.weight",), identity),
+        *outer("transformer.wte", "transformer.ln_f"),
         *layer_rules(
             "transformer.h.{i}",
             {
-                "norm.scale": (("ln_1.weight",), identity),
-                "mlp_norm.scale": (("ln_2.weight",), identity),
-                "attn.qkv": (("attn.c_attn.weight",), fuse_thirds),
-                "attn.qkv_bias": (("attn.c_attn.bias",), fuse_thirds),
-                "attn.out": (("attn.c_proj.weight",), split_heads),
-                "attn.out_bias": (("attn.c_proj.bias",), identity),
+                **norm("norm", "ln_1"),
+                **norm("mlp_norm", "ln_2"),
+                **linear("attn.qkv", "attn.c_attn", fuse_thirds, fuse_thirds),
+                **linear("attn.out", "attn.c_proj", split_heads),
                 "mlp.up": (("mlp.w2.weight", "mlp.w1.weight"), stack),  # w2 is the gate
                 "mlp.up_bias": (("mlp.w2.bias", "mlp.w1.bias"), stack),
-                "mlp.down": (("mlp.c_proj.weight",), identity),
-                "mlp.down_bias": (("mlp.c_proj.bias",), identity),
+                **linear("mlp.down", "mlp.c_proj"),
             },
         ),
     ),
@@ -782,24 +733,16 @@ def _btlm_table(cfg: ModelConfig) -> Table:
     slopes = np.asarray(bloom_slopes(n), np.float32)[:, None]
     return Table(
         rules=(
-            Rule("embed", ("transformer.wte.weight",), identity),
-            Rule("final_norm.scale", ("transformer.ln_f.weight",), identity),
-            Rule("final_norm.bias", ("transformer.ln_f.bias",), identity),
-            Rule("lm_head", ("lm_head.weight",), identity),
+            *outer("transformer.wte", "transformer.ln_f"),
             *layer_rules(
                 "transformer.h.{i}",
                 {
-                    "norm.scale": (("ln_1.weight",), identity),
-                    "norm.bias": (("ln_1.bias",), identity),
-                    "mlp_norm.scale": (("ln_2.weight",), identity),
-                    "mlp_norm.bias": (("ln_2.bias",), identity),
-                    "attn.qkv": (("attn.c_attn.weight",), conv_thirds),
-                    "attn.qkv_bias": (("attn.c_attn.bias",), fuse_thirds),
-                    "attn.out": (("attn.c_proj.weight",), conv_out),
-                    "attn.out_bias": (("attn.c_proj.bias",), identity),
+                    **norm("norm", "ln_1"),
+                    **norm("mlp_norm", "ln_2"),
+                    **linear("attn.qkv", "attn.c_attn", conv_thirds, fuse_thirds),
+                    **linear("attn.out", "attn.c_proj", conv_out),
                     **up,
-                    "mlp.down": (("mlp.c_proj.weight",), transposed),
-                    "mlp.down_bias": (("mlp.c_proj.bias",), identity),
+                    **linear("mlp.down", "mlp.c_proj", transposed),
                 },
             ),
         ),

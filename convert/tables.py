@@ -94,7 +94,30 @@ def layer_rules(prefix: str, names: Mapping[str, tuple[tuple[str, ...], Transfor
     )
 
 
-def _llama_attention(attn: str) -> dict:
+def norm(target: str, source: str) -> dict:
+    """A norm's scale and, where the config gives it one, bias: `{source}.weight/.bias`."""
+    return {
+        f"{target}.scale": ((f"{source}.weight",), identity),
+        f"{target}.bias": ((f"{source}.bias",), identity),
+    }
+
+
+def linear(target: str, source: str, transform: Transform = identity, bias=identity) -> dict:
+    """A projection `{source}.weight` and, where the config gives it one, its bias."""
+    return {
+        target: ((f"{source}.weight",), transform),
+        f"{target}_bias": ((f"{source}.bias",), bias),
+    }
+
+
+def outer(embed: str, final_norm: str, lm_head: str = "lm_head") -> tuple[Rule, ...]:
+    """The rules outside the layers: embedding, final norm, output projection (and biases)."""
+    names = {"embed": ((f"{embed}.weight",), identity)}
+    names |= norm("final_norm", final_norm) | linear("lm_head", lm_head)
+    return tuple(Rule(target, sources, f) for target, (sources, f) in names.items())
+
+
+def llama_attention(attn: str) -> dict:
     """The attention rules of Llama-named projections `{attn}.q_proj` ... `{attn}.o_proj`."""
     return {
         "attn.qkv": (tuple(f"{attn}.{p}_proj.weight" for p in "qkv"), fuse_qkv),
@@ -104,21 +127,17 @@ def _llama_attention(attn: str) -> dict:
 
 LLAMA = Table(
     rules=(
-        Rule("embed", ("model.embed_tokens.weight",), identity),  # [V, D]
-        Rule("final_norm.scale", ("model.norm.weight",), identity),  # [D]
-        Rule("lm_head", ("lm_head.weight",), identity),  # [V, D]
+        *outer("model.embed_tokens", "model.norm"),
         *layer_rules(
             "model.layers.{i}",
             {
-                "norm.scale": (("input_layernorm.weight",), identity),
-                "mlp_norm.scale": (("post_attention_layernorm.weight",), identity),
-                **_llama_attention("self_attn"),
-                "attn.out": (("self_attn.o_proj.weight",), split_heads),
-                "attn.out_bias": (("self_attn.o_proj.bias",), identity),
+                **norm("norm", "input_layernorm"),
+                **norm("mlp_norm", "post_attention_layernorm"),
+                **llama_attention("self_attn"),
+                **linear("attn.out", "self_attn.o_proj", split_heads),
                 "mlp.up": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), stack),
                 "mlp.up_bias": (("mlp.gate_proj.bias", "mlp.up_proj.bias"), stack),
-                "mlp.down": (("mlp.down_proj.weight",), identity),
-                "mlp.down_bias": (("mlp.down_proj.bias",), identity),
+                **linear("mlp.down", "mlp.down_proj"),
             },
         ),
     ),

@@ -1,4 +1,4 @@
-"""The fixed-shape sink + ring KV cache and the SPEC index arithmetic over it.
+"""The fixed-shape sink + ring KV cache and the contract's index arithmetic over it.
 
 Slots `0 .. S-1` hold the first S tokens of the stream (sinks) forever; slots `S .. S+W-1` are a
 ring: stream token k >= S lives in slot `S + (k - S) mod W` until token k + W replaces it. Each
@@ -17,7 +17,7 @@ A query at stream index t (in a chunk starting at `pos`) scores a key with one o
 of itself ("variants"):
   - RING: a ring key:  query rotated by t - b,
   - SINK: a sink key:  query rotated by min(t, K),
-so every score sees exactly the SPEC distance d(t, k) (t - k for recent keys, min(t, K) - k for
+so every score sees exactly the contract's distance d(t, k) (t - k for recent keys, min(t, K) - k for
 sinks) with one query rotation for the whole ring, and every angle is below 2W + C: nothing
 depends on t in floating point. A dense cache never wraps: b = 0 for good.
 """
@@ -158,7 +158,7 @@ def slot_tokens(stream: StreamConfig, pos: jax.Array) -> jax.Array:
 
 
 def visible(stream: StreamConfig, t: jax.Array, k: jax.Array) -> jax.Array:
-    """SPEC: query t sees key k (k <= t) iff k < S or k >= t - W. Empty keys (k < 0) are unseen.
+    """The contract: query t sees key k (k <= t) iff k < S or k >= t - W. Empty keys (k < 0) are unseen.
 
     t: [B, C, 1], k: [B, 1, T] -> [B, C, T] bool.
     """
@@ -166,7 +166,7 @@ def visible(stream: StreamConfig, t: jax.Array, k: jax.Array) -> jax.Array:
 
 
 def distance(stream: StreamConfig, t: jax.Array, k: jax.Array) -> jax.Array:
-    """SPEC: the distance d(t, k) the position encoding sees, t - k for a recent key and
+    """The contract: the distance d(t, k) the position encoding sees, t - k for a recent key and
     min(t, K) - k for a sink (a dense cache has no sinks: always t - k). Broadcasts t with k,
     e.g. t [B, C, 1], k [B, 1, T] -> [B, C, T] int32 (meaningless where k is not visible)."""
     return jnp.where(k < stream.sinks, jnp.minimum(t, stream.capacity), t) - k

@@ -308,7 +308,7 @@ ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
 @dataclasses.dataclass(frozen=True)
 class StreamConfig:
-    """Which tokens are kept (SPEC.md): `sinks` first tokens + a ring of `window` recent ones.
+    """Which tokens are kept (docs/streaming-contract.md): `sinks` first tokens + a ring of `window` recent ones.
 
     Modes: `sink` (S, W as given), `window` (S = 0, W = sinks + window: same capacity K),
     `dense` (no eviction: capacity `window` = the whole stream, S = 0).
@@ -343,7 +343,7 @@ class StreamConfig:
     def for_mode(
         cls, mode: Mode, sinks: int = 4, window: int = 1020, dense_capacity: int | None = None
     ) -> StreamConfig:
-        """The cache for `mode` at the same capacity K = sinks + window (SPEC "Modes")."""
+        """The cache for `mode` at the same capacity K = sinks + window (the contract's "Modes")."""
         if sinks < 0:
             raise ConfigError(f"sinks must be >= 0, got {sinks}")
         if window < 1:

@@ -1,7 +1,7 @@
 """Streaming perplexity: the exact per-token NLL of a long stream in sink, window or dense mode.
 
 The stream runs in large fixed chunks, yet every token's NLL is the one it gets when fed alone
-with its SPEC window (chunks are exact per token): fast and exact at once.
+with its window under the contract (chunks are exact per token): fast and exact at once.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _nll_chunk(weights, cache, tokens, targets, valid, graphdef):
 
 nll_chunk = jax.jit(_nll_chunk, static_argnames=("graphdef",), donate_argnames=("cache",))
 nll_chunk.__doc__ = """Jitted `(weights, cache, tokens [B, C], targets [B, C], valid [B, C]) ->
-(nll [B, C] float32, cache)`: -log p(target | the token's SPEC view), 0 where not valid."""
+(nll [B, C] float32, cache)`: -log p(target | the token's view under the contract), 0 where not valid."""
 
 
 @dataclasses.dataclass

@@ -873,7 +873,7 @@ class Bench:
             "note": (
                 f"the cache is filled by {fill} real prefill tokens (chunks of 256); the 16k and "
                 f"100k points reuse that cache with pos advanced by a multiple of W = {WINDOW}: "
-                "once the ring is full the cache state depends only on pos mod W (SPEC, position "
+                "once the ring is full the cache state depends only on pos mod W (the contract, position "
                 "precision), so the same contents are valid there; greedy tokens at every position "
                 "are compared with the 2k run"
             ),

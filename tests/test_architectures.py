@@ -9,12 +9,16 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 import jaxsink
+from jaxsink import cache as kv
 from jaxsink import model as mdl
 from jaxsink.checkpoint import load_params
+from jaxsink.cli import main as cli_main
 from jaxsink.config import Alibi, Rotary, StreamConfig
 from jaxsink.convert import convert
+from jaxsink.convert.cli import main as convert_main
 from tests import published_models
 from tests.spec_reference import stream_logits
 from tests.tiny import feed
@@ -175,3 +179,93 @@ def test_family_config_is_what_its_code_computes(family):
         "btlm": lambda: isinstance(position, Alibi) and model.cfg.logit_scale != 1.0,
     }
     assert traits[case]()
+
+
+def test_loaded_model_is_an_nnx_module_with_partition_specs(family):
+    _, _, model, _ = family
+    specs = nnx.to_flat_state(nnx.get_partition_spec(nnx.state(model.module, nnx.Param)))
+    assert len(specs) == len(load_params(model.path, model.cfg))
+    for path, spec in specs:
+        assert spec.get_value() is not None, path
+
+
+# --- the commands, as a user runs them ------------------------------------------------------
+
+CLI_CASES = ["gpt_neox-parallel", "falcon-alibi-sequential", "phi-qknorm", "btlm"]
+
+
+def _nll(torch_model, ids: np.ndarray) -> np.ndarray:
+    logits = _torch_logits(torch_model, ids[None, :-1])[0].astype(np.float64)
+    top = logits.max(axis=-1)
+    lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=-1))
+    return lse - logits[np.arange(len(ids) - 1), ids[1:]]
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_convert_and_ppl_commands(tmp_path, case):
+    """`jaxsink-convert DIR OUT`, then `jaxsink ppl --tokens`: dense per-token NLL equal to
+    PyTorch's; sink mode equal at chunk 1, 8 and the default; a cache longer than the stream
+    equal to dense."""
+    torch_model, src = build(case, tmp_path / "src")
+    out = tmp_path / "out"
+    assert convert_main([str(src), str(out)]) == 0
+    ids = np.random.default_rng(3).integers(0, VOCAB, size=61)
+    np.save(tmp_path / "ids.npy", ids)
+
+    def ppl(name: str, mode: str, *flags: str) -> np.ndarray:
+        folder = tmp_path / name
+        argv = ["ppl", "--model", str(out), "--tokens", str(tmp_path / "ids.npy")]
+        argv += ["--n-tokens", "60", "--mode", mode, "--quiet", "--out", str(folder), *flags]
+        assert cli_main(argv) == 0
+        return np.load(folder / f"nll_{mode}.npy")
+
+    dense = ppl("dense", "dense")
+    np.testing.assert_allclose(dense, _nll(torch_model, ids), atol=1e-4, rtol=0)
+    small = ["--sinks", "2", "--window", "5"]
+    by_chunk = [ppl(f"c{c}", "sink", *small, "--chunk", str(c)) for c in (1, 8)]
+    by_chunk.append(ppl("default", "sink", *small))
+    for nll in by_chunk[1:]:
+        np.testing.assert_allclose(nll, by_chunk[0], atol=1e-5, rtol=0)
+    assert np.abs(by_chunk[0] - dense).max() > 1e-3  # evictions did change the stream
+    wide = ppl("wide", "sink", "--sinks", "2", "--window", "62")
+    np.testing.assert_allclose(wide, dense, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4),
+        transformers.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            ffn_dim=48,
+            word_embed_proj_dim=32,
+        ),
+    ],
+    ids=["gpt2", "opt"],
+)
+def test_learned_positions_are_refused(tmp_path, capsys, config):
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
+    capsys.readouterr()  # transformers' own progress output
+    assert convert_main([str(tmp_path / "src"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "learned absolute position" in err and "gpt_neox" in err and "llama" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_qwen_caches_that_reach_seq_length_are_refused(tmp_path):
+    """Qwen v1's logn attention and dynamic NTK act from `seq_length` on: a cache whose in-cache
+    positions could get there is refused, one just below it runs."""
+    published_models.build_tiny_qwen(tmp_path / "src", seq_length=16)
+    convert(tmp_path / "src", tmp_path / "out", progress=False)
+    model = jaxsink.load(tmp_path / "out")
+    assert model.cfg.position_limit == 16
+    with pytest.raises(jaxsink.ConfigError, match="seq_length 16"):
+        kv.init_cache(model.cfg, StreamConfig(4, 12), 1)
+    ids = np.random.default_rng(4).integers(0, VOCAB, size=(1, 40)).astype(np.int32)
+    got, _ = feed(model, StreamConfig(4, 11), ids, chunk=8)
+    flat = load_params(tmp_path / "out", model.cfg)
+    np.testing.assert_allclose(got[0], stream_logits(flat, model.cfg, ids[0], 4, 11), atol=1e-4)

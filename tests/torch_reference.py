@@ -1,4 +1,4 @@
-"""The reference loop of SPEC.md built from a transformers PyTorch model (test-only: needs torch).
+"""The reference loop of the streaming contract built from a transformers PyTorch model (test-only: needs torch).
 
 One token per forward, as StreamingLLM's pos-shift mode and `attention_sinks` 0.4.0 do: every
 layer's keys are cached *before* RoPE; after each token the cache is evicted down to the S sinks
@@ -21,7 +21,7 @@ def _rope(x, cos, sin):
 
 @torch.inference_mode()
 def reference_nll(hf_model, ids, sinks: int, window: int, dense: bool = False) -> np.ndarray:
-    """Per-token NLL [N] of ids (N + 1 tokens) under SPEC semantics, float64 accumulation."""
+    """Per-token NLL [N] of ids (N + 1 tokens) under the streaming contract, float64 accumulation."""
     core = hf_model.model
     cfg = hf_model.config
     n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
