@@ -233,8 +233,7 @@ def _gpt_neox(arch: str, r: ConfigReader) -> ModelConfig:
     norm = Norm("layer", float(r.take("layer_norm_eps")), bias=True)
     mlp = Mlp(r.take("intermediate_size"), r.take("hidden_act"), gated=False, bias=True)
     residual = "parallel" if r.take("use_parallel_residual") else "sequential"
-    for key in ("classifier_dropout", "hidden_dropout"):
-        r.take(key)
+    r.ignore("classifier_dropout", "hidden_dropout")
     return _uniform(
         arch,
         r,
@@ -286,8 +285,7 @@ def _gptj(arch: str, r: ConfigReader) -> ModelConfig:
     norm = Norm("layer", float(r.take("layer_norm_epsilon")), bias=True)
     size = r.take("n_inner") or 4 * hidden
     mlp = Mlp(size, r.take("activation_function"), gated=False, bias=True)
-    for key in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
-        r.take(key)
+    r.ignore("embd_pdrop", "attn_pdrop", "resid_pdrop")
     return _uniform(
         arch,
         r,
@@ -359,8 +357,7 @@ def _falcon(arch: str, r: ConfigReader) -> ModelConfig:
     norm = Norm("layer", float(r.take("layer_norm_epsilon")), bias=True)
     size = r.take("ffn_hidden_size") or 4 * hidden
     mlp = Mlp(size, r.take("activation"), gated=False, bias=biased)
-    for key in ("hidden_dropout", "attention_dropout"):
-        r.take(key)
+    r.ignore("hidden_dropout", "attention_dropout")
     return _uniform(
         arch,
         r,
@@ -437,8 +434,7 @@ def _mpt(arch: str, r: ConfigReader) -> ModelConfig:
     _require(r, "norm_type", ("low_precision_layernorm", "layernorm"), "this MPT norm_type")
     norm = Norm("layer", float(r.take("layer_norm_epsilon")))
     mlp = Mlp(r.take("expansion_ratio") * hidden, "gelu", gated=False)
-    for key in ("resid_pdrop", "emb_pdrop", "init_device", "learned_pos_emb"):
-        r.take(key)
+    r.ignore("resid_pdrop", "emb_pdrop", "init_device", "learned_pos_emb")
     return _uniform(
         arch,
         r,
@@ -493,7 +489,7 @@ def _stablelm(arch: str, r: ConfigReader) -> ModelConfig:
     norm = Norm("layer", eps, bias=True)
     mlp = Mlp(r.take("intermediate_size"), r.take("hidden_act"))
     residual = "parallel_shared" if r.take("use_parallel_residual") else "sequential"
-    r.take("hidden_dropout")
+    r.ignore("hidden_dropout")
     return _uniform(
         arch,
         r,
@@ -548,8 +544,7 @@ def _phi(arch: str, r: ConfigReader) -> ModelConfig:
     )
     norm = Norm("layer", eps, bias=True)
     mlp = Mlp(r.take("intermediate_size"), r.take("hidden_act"), gated=False, bias=True)
-    for key in ("resid_pdrop", "embd_pdrop"):
-        r.take(key)
+    r.ignore("resid_pdrop", "embd_pdrop")
     return _uniform(
         arch,
         r,
@@ -616,8 +611,7 @@ def _qwen(arch: str, r: ConfigReader) -> ModelConfig:
     )
     norm = Norm("rms", float(r.take("layer_norm_epsilon")))
     mlp = Mlp(r.take("intermediate_size") // 2, "silu", gated=True, bias=biased)
-    for key in _QWEN_IGNORED:
-        r.take(key)
+    r.ignore(*_QWEN_IGNORED)
     return _uniform(
         arch,
         r,
@@ -702,8 +696,7 @@ def _btlm(arch: str, r: ConfigReader) -> ModelConfig:
         attention = Attention(num_heads, num_heads, head_dim, Alibi(slopes), s, True, True)
         return LayerSpec(attention, mlp, norm)
 
-    for key in ("attn_pdrop", "embd_pdrop", "resid_pdrop", "reorder_and_upcast_attn", "auto_map"):
-        r.take(key)
+    r.ignore("attn_pdrop", "embd_pdrop", "resid_pdrop", "reorder_and_upcast_attn", "auto_map")
     return ModelConfig(
         architecture=arch,
         vocab_size=r.take("vocab_size"),

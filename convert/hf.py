@@ -169,8 +169,10 @@ class ConfigReader:
             value = self.defaults.get(key, default)
         return value
 
-    def has(self, key: str) -> bool:
-        return self.d.get(key) is not None
+    def ignore(self, *keys: str) -> None:
+        """Drop keys that change nothing at inference (dropout, precision, kernel choice)."""
+        for key in keys:
+            self.d.pop(key, None)
 
     def check_all_read(self, arch: str) -> None:
         """Refuse, by name, every key no reader took and that is not harmless."""

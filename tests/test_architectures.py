@@ -50,6 +50,20 @@ TRANSFORMERS = {
         transformers.FalconConfig,
         SMALL | dict(alibi=True, multi_query=False, parallel_attn=False, bias=True),
     ),
+    "falcon-new-one-norm": (
+        transformers.FalconConfig,
+        SMALL | dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1),
+    ),
+    "falcon-alibi-parallel-mqa": (transformers.FalconConfig, SMALL | dict(alibi=True)),
+    "gpt_neox-no-bias": (
+        transformers.GPTNeoXConfig,
+        SMALL | dict(intermediate_size=48, attention_bias=False),
+    ),
+    "gptj-full-rotary": (
+        transformers.GPTJConfig,
+        dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=8, n_inner=48),
+    ),
+    "phi-gqa": (transformers.PhiConfig, SMALL | dict(intermediate_size=48, num_key_value_heads=2)),
     "mpt-clip": (
         transformers.MptConfig,
         dict(
@@ -158,6 +172,13 @@ def test_family_config_is_what_its_code_computes(family):
     traits = {
         "gpt_neox-parallel": lambda: (position.dim, layer.residual) == (2, "parallel"),
         "gpt_neox-sequential": lambda: (position.dim, layer.residual) == (4, "sequential"),
+        "gpt_neox-no-bias": lambda: not (layer.attention.qkv_bias or layer.attention.out_bias),
+        "gptj-full-rotary": lambda: position.interleaved and position.dim == 8,
+        "falcon-new-one-norm": lambda: layer.residual == "parallel_shared",
+        "falcon-alibi-parallel-mqa": lambda: (
+            isinstance(position, Alibi) and layer.attention.num_kv_heads == 1
+        ),
+        "phi-gqa": lambda: layer.attention.num_kv_heads == 2,
         "gptj": lambda: position.interleaved and position.dim == 4 and model.cfg.lm_head_bias,
         "falcon-rw-mqa": lambda: (
             layer.attention.num_kv_heads == 1 and layer.residual == "parallel_shared"

@@ -107,12 +107,13 @@ def test_mixed_layers_keep_their_own_cache_shapes():
     assert cfg.cache_bytes_per_token(4) == 4 * 2 * (2 * 8 + 16 + 4 * 4)
 
 
-@pytest.mark.parametrize("batch", [3, 6])
+@pytest.mark.parametrize("batch", [3, 6], ids=["plain", "fused"])
 @pytest.mark.parametrize("bad_row", [0, 1])
 def test_a_non_finite_row_leaves_the_other_rows_unchanged(batch, bad_row):
     """A token whose embedding is NaN poisons its own row only: the cache write's dependence
     on the attention output is per row and never carries a non-finite value."""
     cfg = dataclasses.replace(kind_config("alibi"), tie_embeddings=False)  # finite logits
+    assert (batch * 2 >= model._FUSED_MIN_PAIRS) == (batch == 6)
     flat = random_flat_params(cfg, seed=5)
     poison = 7
     flat["embed"][poison] = np.nan

@@ -117,11 +117,18 @@ def test_rows_are_independent_streams():
     [StreamConfig(2, 5), StreamConfig(0, 9, "window"), StreamConfig(0, 40, "dense")],
     ids=str,
 )
-def test_wide_batches_match_rows_alone(stream, monkeypatch):
-    """Rows of a wide batch, padded to different lengths, equal each stream run alone."""
+def test_wide_batches_use_the_fused_form_and_match_rows_alone(stream, monkeypatch):
+    """From `_FUSED_MIN_PAIRS` batch rows x kv heads up, attention runs in its fused form (peak
+    recovered after the kernel); rows of such a batch, padded to different lengths, equal each
+    stream run alone in the plain form."""
     monkeypatch.setattr(kv, "RING_BLOCK", 16)  # dense: blocks skipped while empty
     cfg = tiny_config(num_heads=6, num_kv_heads=2)
     lengths = [40, 23, 40, 1, 31, 40]
+    assert (
+        cfg.layers[0].attention.num_kv_heads
+        < model._FUSED_MIN_PAIRS
+        <= len(lengths) * cfg.layers[0].attention.num_kv_heads
+    )
     m = tiny_model(cfg, random_flat_params(cfg, seed=15))
     tokens = np.random.default_rng(16).integers(0, cfg.vocab_size, size=(6, 40)).astype(np.int32)
     valid = np.arange(40)[None, :] < np.array(lengths)[:, None]
@@ -185,13 +192,14 @@ def test_slot_blocks():
     assert kv.slot_blocks(StreamConfig(0, 2500, "dense")) == ((0, 834), (834, 833), (1667, 833))
 
 
-@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("batch", [2, 8], ids=["plain", "fused"])
 @pytest.mark.parametrize("chunk", [1, 8])
 def test_step_updates_the_cache_in_place(chunk, batch):
     """The compiled step writes every layer's cache buffers in place: no copy of a cache-shaped
     array (a copy per layer per token would cost more than the attention itself), except in the
     branch that re-rotates the ring when a stream enters a new lap, once per W tokens."""
     cfg = tiny_config(num_layers=3)
+    assert (batch * cfg.layers[0].attention.num_kv_heads >= model._FUSED_MIN_PAIRS) == (batch == 8)
     m = tiny_model(cfg, random_flat_params(cfg))
     cache = kv.init_cache(cfg, StreamConfig(4, 2100), batch)  # sinks + 3 ring blocks
     tokens = jnp.zeros((batch, chunk), jnp.int32)
