@@ -20,7 +20,7 @@ import numpy as np
 from jaxsink.config import Alibi, Attention, LayerSpec, Mlp, ModelConfig, Norm, Rotary
 
 from .errors import ConvertError
-from .hf import HARMLESS, ConfigReader, RopeSpec, check_sliding_window, read_rope
+from .hf import ConfigReader, RopeSpec, check_sliding_window, read_rope
 from .tables import (
     LLAMA,
     Table,
@@ -422,9 +422,8 @@ def _mpt(arch: str, r: ConfigReader) -> ModelConfig:
     scale = attn.take("softmax_scale") or head_dim**-0.5
     clip = attn.take("clip_qkv")
     slopes = mpt_slopes(num_heads, float(attn.take("alibi_bias_max")))
-    leftover = sorted(set(attn.d) - _MPT_ATTN_HARMLESS - HARMLESS)
-    if leftover:
-        raise ConvertError(f"attn_config keys jaxsink does not understand: {', '.join(leftover)}")
+    attn.ignore(*_MPT_ATTN_HARMLESS)
+    attn.check_all_read(f"{arch}'s attn_config")
     attention = Attention(
         num_heads, num_heads, head_dim, Alibi(tuple(slopes)), scale, clip_qkv=clip or None
     )

@@ -21,8 +21,8 @@ from .hf import refusal
 from .tables import GGUF_TO_HF, LLAMA, rename
 
 SUPPORTED = ("llama", "qwen2")
-PERMUTED_QK = ("llama",)
-GGUF_TABLE = LLAMA  # GGUF tensors are renamed to Llama's Hugging Face names (GGUF_TO_HF)  # architectures whose q/k rows llama.cpp's converter permutes
+PERMUTED_QK = ("llama",)  # architectures whose q/k rows llama.cpp's converter permutes
+GGUF_TABLE = LLAMA  # GGUF tensors are renamed to Llama's Hugging Face names (GGUF_TO_HF)
 
 # `{arch}.` metadata keys read here; any other key under the architecture prefix is refused.
 ARCH_KEYS = frozenset(

@@ -174,12 +174,13 @@ class ConfigReader:
         for key in keys:
             self.d.pop(key, None)
 
-    def check_all_read(self, arch: str) -> None:
-        """Refuse, by name, every key no reader took and that is not harmless."""
+    def check_all_read(self, what: str) -> None:
+        """Refuse, by name, every key no reader took and that is not harmless. what: whose
+        keys they are (an architecture, or a nested config of one)."""
         unknown = sorted(set(self.d) - HARMLESS)
         if unknown:
             raise ConvertError(
-                f"config keys jaxsink does not understand for {arch}: {', '.join(unknown)} "
+                f"config keys jaxsink does not understand for {what}: {', '.join(unknown)} "
                 "(refusing to guess what they change)"
             )
 
