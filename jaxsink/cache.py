@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxsink.config import ConfigError, ModelConfig, StreamConfig
+from jaxsink.config import Attention, ConfigError, ModelConfig, StreamConfig
 
 RING, SINK = 0, 1
 
@@ -43,10 +43,13 @@ class LayerCache:
     reads without a transposing copy.
 
     keys: one [B, Hkv, H, n] per block; values: one [B, Hkv, n, H] per block (n slots each).
+    stream: static: which tokens this layer keeps (`layer_stream`): the cache's stream for a
+      full layer, a ring of its own for a native sliding-window layer.
     """
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
+    stream: StreamConfig = struct.field(pytree_node=False)
 
 
 @struct.dataclass
@@ -56,7 +59,8 @@ class KVCache:
     layers: one `LayerCache` per layer, each its own buffers: a layer reads and updates its
       cache in place, where slicing one stacked [L, ...] array would copy it.
     pos:  [B] int32, tokens consumed so far by each row (the stream index of its next token).
-    stream: static: which tokens are kept. Changing it recompiles.
+    stream: static: which tokens the full layers keep (native sliding-window layers keep their
+      own window: `layer_stream`). Changing it recompiles.
     """
 
     layers: tuple[LayerCache, ...]
@@ -87,9 +91,32 @@ def slot_blocks(stream: StreamConfig) -> tuple[tuple[int, int], ...]:
     return tuple(zip(starts, sizes, strict=True))
 
 
-def init_cache(cfg: ModelConfig, stream: StreamConfig, batch: int, dtype=jnp.float32) -> KVCache:
+def layer_stream(attention: Attention, stream: StreamConfig) -> StreamConfig:
+    """Which tokens a layer keeps in a cache whose full layers follow `stream` (static).
+
+    A full layer: `stream` itself. A native sliding-window layer of w: a ring of its own w - 1
+    slots and no sinks (the query's own key is the w-th), whatever `stream` says; a dense cache
+    shorter than that keeps its `stream` (it never evicts, so it is already exact).
+    """
+    w = attention.sliding_window
+    if w is None:
+        return stream
+    if stream.mode == "dense" and stream.window <= w - 1:
+        return stream
+    return StreamConfig(0, w - 1, "window")
+
+
+def init_cache(
+    cfg: ModelConfig,
+    stream: StreamConfig,
+    batch: int,
+    dtype=jnp.float32,
+    native_windows: bool = True,
+) -> KVCache:
     """An empty cache for `batch` streams, every row at position 0.
 
+    native_windows: False gives every layer `stream`'s cache, as if no layer had a native
+      sliding window (only to measure what the native windows save).
     Raises ConfigError if the model sets a `position_limit` the cache's positions could reach.
     """
     if cfg.position_limit is not None and stream.capacity >= cfg.position_limit:
@@ -98,22 +125,30 @@ def init_cache(cfg: ModelConfig, stream: StreamConfig, batch: int, dtype=jnp.flo
             f"where this {cfg.architecture} model's attention changes (seq_length "
             f"{cfg.position_limit}: logn scaling / dynamic NTK); use sinks + window below it"
         )
-    blocks = slot_blocks(stream)
 
     def layer_cache(attention):
         B, K, H = batch, attention.num_kv_heads, attention.head_dim
+        own = layer_stream(attention, stream) if native_windows else stream
+        blocks = slot_blocks(own)
         return LayerCache(
             keys=tuple(jnp.zeros((B, K, H, n), dtype) for _, n in blocks),
             values=tuple(jnp.zeros((B, K, n, H), dtype) for _, n in blocks),
+            stream=own,
         )
 
     layers = tuple(layer_cache(spec.attention) for spec in cfg.layers)
     return KVCache(layers=layers, pos=jnp.zeros((batch,), jnp.int32), stream=stream)
 
 
-def cache_bytes(cfg: ModelConfig, stream: StreamConfig, batch: int, dtype=jnp.float32) -> int:
+def cache_bytes(
+    cfg: ModelConfig,
+    stream: StreamConfig,
+    batch: int,
+    dtype=jnp.float32,
+    native_windows: bool = True,
+) -> int:
     """Bytes `init_cache` allocates, computed without allocating."""
-    shapes = jax.eval_shape(lambda: init_cache(cfg, stream, batch, dtype))
+    shapes = jax.eval_shape(lambda: init_cache(cfg, stream, batch, dtype, native_windows))
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
 

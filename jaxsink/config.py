@@ -15,9 +15,11 @@ from typing import Literal
 import numpy as np
 
 Mode = Literal["sink", "window", "dense"]
-RopeScalingKind = Literal["linear", "llama3"]
+RopeScalingKind = Literal["linear", "llama3", "yarn", "longrope"]
 NormKind = Literal["rms", "rms_plus_one", "layer"]
 ResidualKind = Literal["sequential", "parallel", "parallel_shared"]
+NormPlacement = Literal["pre", "post", "pre_post"]
+QkNormScope = Literal["head", "all"]
 
 
 class JaxsinkError(ValueError):
@@ -32,7 +34,19 @@ class ConfigError(JaxsinkError):
 class RopeScaling:
     """Rotary frequency scaling (the `rope_scaling` / `rope_parameters` of Hugging Face configs).
 
-    `linear` divides every frequency by `factor`; `llama3` is Llama 3.1's band-wise rescaling.
+    - `linear` divides every frequency by `factor`.
+    - `llama3` is Llama 3.1's band-wise rescaling (`low_freq_factor`, `high_freq_factor`).
+    - `yarn` (gpt-oss) blends each frequency with itself divided by `factor` along a ramp set by
+      `beta_fast` / `beta_slow`, and scales cos and sin by `attention_factor`.
+    - `longrope` (Phi-3) divides the frequencies by `short_factor`, or by `long_factor` when the
+      positions reach past `original_max_position_embeddings`, and scales cos and sin by
+      `attention_factor`. Hugging Face switches per forward call, by the largest position of the
+      call; a stream's positions are in-cache positions, so jaxsink decides once per cache: long
+      factors iff its largest in-cache position reaches `original_max_position_embeddings`.
+
+    attention_factor: None for the family's default (yarn: 0.1 ln(factor) + 1, or the ratio
+      of the `mscale` / `mscale_all_dim` forms; longrope: sqrt(1 + ln(factor) / ln(original
+      max)); 1 for the others).
     """
 
     kind: RopeScalingKind
@@ -40,6 +54,37 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    attention_factor: float | None = None
+
+    def __post_init__(self):
+        if self.kind not in typing.get_args(RopeScalingKind):
+            raise ConfigError(f"unknown rope scaling {self.kind!r}")
+        if self.kind == "longrope" and (self.short_factor is None or self.long_factor is None):
+            raise ConfigError("longrope scaling needs short_factor and long_factor")
+
+    def cos_sin_scale(self) -> float:
+        """The factor cos and sin are multiplied by (Hugging Face's `attention_scaling`)."""
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.kind == "yarn":
+
+            def mscale(scale, m=1.0):
+                return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+            if self.mscale and self.mscale_all_dim:
+                return mscale(self.factor, self.mscale) / mscale(self.factor, self.mscale_all_dim)
+            return mscale(self.factor)
+        if self.kind == "longrope" and self.factor > 1:
+            original = self.original_max_position_embeddings
+            return math.sqrt(1 + math.log(self.factor) / math.log(original))
+        return 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,16 +104,29 @@ class Rotary:
         if self.dim < 2 or self.dim % 2:
             raise ConfigError(f"rotary dim must be even and >= 2, got {self.dim}")
 
-    def inv_freq(self) -> np.ndarray:
-        """Rotary inverse frequencies, float32 [dim // 2], with scaling applied."""
+    def cos_sin_scale(self) -> float:
+        """What cos and sin are multiplied by: 1 unless the scaling says otherwise."""
+        return 1.0 if self.scaling is None else self.scaling.cos_sin_scale()
+
+    def inv_freq(self, n_positions: int = 0) -> np.ndarray:
+        """Rotary inverse frequencies, float32 [dim // 2], with scaling applied, for positions
+        below `n_positions` (which only longrope's choice of factors depends on)."""
         dim = self.dim
-        inv = 1.0 / (self.theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
-        inv = inv.astype(np.float32)
+        exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
+        inv = (1.0 / (self.theta**exponents)).astype(np.float32)
         s = self.scaling
         if s is None:
             return inv
         if s.kind == "linear":
             return (inv / np.float32(s.factor)).astype(np.float32)
+        if s.kind == "longrope":
+            long = n_positions > s.original_max_position_embeddings
+            ext = np.asarray(s.long_factor if long else s.short_factor, np.float32)
+            if ext.shape != inv.shape:
+                raise ConfigError(f"longrope factors must have {dim // 2} entries, got {ext.size}")
+            return (1.0 / (ext * (self.theta**exponents).astype(np.float32))).astype(np.float32)
+        if s.kind == "yarn":
+            return _yarn_inv_freq(self.theta, dim, s)
         # llama3: long wavelengths scaled by `factor`, short kept, a smooth band in between.
         low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
         high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
@@ -80,6 +138,31 @@ class Rotary:
         smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _yarn_inv_freq(theta: float, dim: int, s: RopeScaling) -> np.ndarray:
+    """YaRN's blend of extrapolated and interpolated frequencies, as Hugging Face computes it
+    (float32 arithmetic on the frequencies, float64 on the ramp's bounds)."""
+    pos_freqs = (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)).astype(
+        np.float32
+    )
+    original = s.original_max_position_embeddings
+
+    def correction_dim(rotations):
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolation = (1 - ramp).astype(np.float32)
+    inv_extrapolated = (1.0 / pos_freqs).astype(np.float32)
+    inv_interpolated = (1.0 / (np.float32(s.factor) * pos_freqs)).astype(np.float32)
+    inv = inv_interpolated * (1 - extrapolation) + inv_extrapolated * extrapolation
+    return inv.astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +201,17 @@ class Attention:
     qkv_bias / out_bias: biases on the q, k, v projections / the output projection.
     clip_qkv: q, k and v (biases included) clamped to [-clip_qkv, clip_qkv] (MPT), or None.
     query_scale: the factor of q . k (1 / sqrt(head_dim) in most models).
-    qk_norm: a norm of every query and key head over head_dim, one weight row per head, or
-      None. position: `Rotary`, `Alibi` or None (no positions: the layer sees an unordered set).
+    qk_norm: a norm of the queries and keys (before positions), one weight row per head, or
+      None; qk_norm_scope `head`: each head normalized over head_dim (Qwen3, Gemma 3, StableLM),
+      `all`: all heads of the projection together (OLMo 2).
+    position: `Rotary`, `Alibi` or None (no positions: the layer sees an unordered set).
+    sliding_window: None for a full layer (the streaming contract's sinks + window), or w for a
+      native sliding-window layer: the query sees its own key and the w - 1 before it, at their
+      true distances, and no sinks (Hugging Face's `sliding_window`).
+    softcap: scores capped as `softcap * tanh(score / softcap)` before the mask (Gemma 2), or
+      None.
+    learned_sinks: one learned logit per query head joins every softmax's denominator with a
+      value of zero (gpt-oss's `sinks`).
     """
 
     num_heads: int
@@ -131,8 +223,18 @@ class Attention:
     out_bias: bool = False
     clip_qkv: float | None = None
     qk_norm: Norm | None = None
+    qk_norm_scope: QkNormScope = "head"
+    sliding_window: int | None = None
+    softcap: float | None = None
+    learned_sinks: bool = False
 
     def __post_init__(self):
+        if self.qk_norm_scope not in typing.get_args(QkNormScope):
+            raise ConfigError(f"unknown qk-norm scope {self.qk_norm_scope!r}")
+        if self.sliding_window is not None and self.sliding_window < 2:
+            raise ConfigError(f"sliding_window must be >= 2, got {self.sliding_window}")
+        if self.softcap is not None and self.softcap <= 0:
+            raise ConfigError(f"attention softcap must be > 0, got {self.softcap}")
         for name in ("num_heads", "num_kv_heads", "head_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -156,13 +258,41 @@ class Attention:
 
 
 @dataclasses.dataclass(frozen=True)
+class Experts:
+    """A mixture of experts: `num` expert MLPs, each token routed to `top_k` of them.
+
+    The router's logits (`router(x)`, plus a bias if `router_bias`) give every expert a
+    probability by softmax; a token's output is the sum of its top-k experts' outputs weighted by
+    their probabilities, renormalized to sum to one if `normalize` (Mixtral, gpt-oss: the same as
+    a softmax over the top-k logits), as they are otherwise (Qwen3-MoE without norm_topk_prob).
+    """
+
+    num: int
+    top_k: int
+    normalize: bool = True
+    router_bias: bool = False
+
+    def __post_init__(self):
+        if not 1 <= self.top_k <= self.num:
+            raise ConfigError(f"experts: need 1 <= top_k <= num, got {self.top_k} of {self.num}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Mlp:
-    """One layer's MLP: `down(act(gate(x)) * up(x))` if gated, else `down(act(up(x)))`."""
+    """One layer's MLP: `down(act(gate(x)) * up(x))` if gated, else `down(act(up(x)))`.
+
+    activation `clamped_swiglu` (gpt-oss, gated only): gate clamped above at `limit`, up to
+    [-limit, limit], then `gate * sigmoid(alpha * gate) * (up + 1)`.
+    experts: None for one dense MLP, else a mixture of `experts.num` MLPs of this shape.
+    """
 
     size: int
     activation: str
     gated: bool = True
     bias: bool = False
+    experts: Experts | None = None
+    alpha: float = 1.0
+    limit: float | None = None
 
     def __post_init__(self):
         if self.size < 1:
@@ -171,6 +301,8 @@ class Mlp:
             raise ConfigError(
                 f"unsupported activation {self.activation!r} (supported: {sorted(ACTIVATIONS)})"
             )
+        if self.activation == "clamped_swiglu" and (not self.gated or self.limit is None):
+            raise ConfigError("clamped_swiglu needs a gated MLP and a limit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,16 +312,24 @@ class LayerSpec:
     residual: `sequential` (x += attn(norm(x)); x += mlp(mlp_norm(x))), `parallel`
     (x += attn(norm(x)) + mlp(mlp_norm(x))) or `parallel_shared` (one norm feeds both:
     x += attn(norm(x)) + mlp(norm(x))).
+    norms (sequential only): where the norms sit around each residual branch: `pre` (as above),
+    `post` (x += post_attn_norm(attn(x)); x += post_mlp_norm(mlp(x)): OLMo 2) or `pre_post`
+    (both: x += post_attn_norm(attn(norm(x))), then the same for the MLP: Gemma 2 and 3).
     """
 
     attention: Attention
     mlp: Mlp
     norm: Norm
     residual: ResidualKind = "sequential"
+    norms: NormPlacement = "pre"
 
     def __post_init__(self):
         if self.residual not in typing.get_args(ResidualKind):
             raise ConfigError(f"unknown residual kind {self.residual!r}")
+        if self.norms not in typing.get_args(NormPlacement):
+            raise ConfigError(f"unknown norm placement {self.norms!r}")
+        if self.norms != "pre" and self.residual != "sequential":
+            raise ConfigError(f"{self.norms} norms need a sequential residual")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +341,10 @@ class ModelConfig:
     config or GGUF metadata.
 
     embed_scale: the embedding rows are multiplied by it (Gemma: sqrt(hidden_size)).
+    embed_norm: a norm of the embeddings before the first layer (Bloom), or None.
     logit_scale: the final logits are multiplied by it (muP models).
+    final_softcap: the final logits capped as `final_softcap * tanh(logit / final_softcap)`
+      after `logit_scale` (Gemma 2), or None.
     lm_head_bias: the output projection has a bias.
     position_limit: in-cache positions from this one on would change the computation in ways
       the streaming contract does not follow (Qwen v1's logn attention and dynamic NTK, which
@@ -216,7 +359,9 @@ class ModelConfig:
     max_position_embeddings: int
     tie_embeddings: bool = False
     embed_scale: float = 1.0
+    embed_norm: Norm | None = None
     logit_scale: float = 1.0
+    final_softcap: float | None = None
     lm_head_bias: bool = False
     position_limit: int | None = None
     bos_token_id: int | None = None
@@ -234,9 +379,12 @@ class ModelConfig:
         return len(self.layers)
 
     def cache_bytes_per_token(self, itemsize: int) -> int:
-        """Bytes one cached token takes over all layers (a key and a value per kv head)."""
+        """Bytes one cached token takes over the full layers (a key and a value per kv head):
+        what a dense cache grows by per token (native sliding layers keep their own window)."""
         return sum(
-            2 * s.attention.num_kv_heads * s.attention.head_dim * itemsize for s in self.layers
+            2 * s.attention.num_kv_heads * s.attention.head_dim * itemsize
+            for s in self.layers
+            if s.attention.sliding_window is None
         )
 
     def to_dict(self) -> dict:
@@ -290,6 +438,8 @@ def _field_from_json(hint, value):
     args = typing.get_args(hint)
     if hint is LayerSpec or hint in (Attention, Mlp, Norm, RopeScaling):
         return _from_json(hint, value)
+    if Experts in args:
+        return _from_json(Experts, value)
     if Rotary in args:  # the position union
         kind = value.get("type") if isinstance(value, dict) else None
         if kind not in _POSITIONS:
@@ -297,13 +447,14 @@ def _field_from_json(hint, value):
         return _from_json(_POSITIONS[kind], value)
     if Norm in args or RopeScaling in args:
         return _from_json(Norm if Norm in args else RopeScaling, value)
-    if typing.get_origin(hint) is tuple:
-        item = args[0]
+    tuples = [a for a in (hint, *args) if typing.get_origin(a) is tuple]
+    if tuples and isinstance(value, list):
+        item = typing.get_args(tuples[0])[0]
         return tuple(_field_from_json(item, v) for v in value)
     return value
 
 
-ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "clamped_swiglu")
 
 
 @dataclasses.dataclass(frozen=True)

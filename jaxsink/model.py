@@ -39,7 +39,7 @@ from jaxsink.config import ModelConfig
 TRACES: collections.Counter = collections.Counter()
 
 # Every logical axis a weight dimension may carry (None: never sharded).
-LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp")
+LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "experts")
 
 _MASKED = -1e30  # finite, so a row with nothing visible (padding) gives no NaN
 # Batch rows x kv heads from which a group's attention runs as one fused multi-threaded kernel
@@ -56,21 +56,24 @@ def _param(shape: tuple[int, ...], names: tuple[str | None, ...], dtype, fill: f
 
 
 class Norm(nnx.Module):
-    """`config.Norm` over the trailing feature axes `shape` (or, with `axis=0`, the leading
-    one of a feature-major tensor). Computed in float32, returned in the input's dtype."""
+    """`config.Norm` with a weight of `shape`, applied to x [..., *shape] (or, with `axis=0`,
+    over the leading axis of a feature-major tensor). Statistics over the last `joint` axes of
+    `shape` (1: each row of a per-head weight on its own; 2: every head together). Computed in
+    float32, returned in the input's dtype."""
 
-    def __init__(self, spec: C.Norm, shape: tuple[int, ...], names, dtype):
-        self.spec = spec
+    def __init__(self, spec: C.Norm, shape: tuple[int, ...], names, dtype, joint: int = 1):
+        self.spec, self.joint = spec, joint
         self.scale = _param(shape, names, dtype, 0.0 if spec.kind == "rms_plus_one" else 1.0)
         self.bias = _param(shape, names, dtype) if spec.bias else None
 
     def __call__(self, x: jax.Array, axis: int = -1) -> jax.Array:
         """x: [..., *shape] (axis -1), or [D, ...] with axis 0 -> same shape."""
         spec, axis = self.spec, axis % x.ndim
+        stats = tuple(range(x.ndim - self.joint, x.ndim)) if axis == x.ndim - 1 else axis
         x32 = x.astype(jnp.float32)
         if spec.kind == "layer":
-            x32 = x32 - jnp.mean(x32, axis=axis, keepdims=True)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + spec.eps)
+            x32 = x32 - jnp.mean(x32, axis=stats, keepdims=True)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=stats, keepdims=True) + spec.eps)
 
         def along(w):  # weight [*shape] aligned with x's axis
             return w.reshape(w.shape + (1,) * (x.ndim - 1 - axis)) if axis < x.ndim - 1 else w
@@ -86,16 +89,22 @@ class Norm(nnx.Module):
         return out.astype(x.dtype)
 
 
-def rotary_table(n_positions: int, rotary: C.Rotary) -> np.ndarray:
-    """cos and sin of the RoPE angles at positions 0 .. P-1: [P, 2, R/2] float32.
+def rotary_table(
+    n_positions: int, rotary: C.Rotary, span: int = 0, scaled: bool = True
+) -> np.ndarray:
+    """cos and sin of the RoPE angles at positions 0 .. P-1: [P, 2, R/2] float32, times the
+    scaling's cos/sin factor if `scaled` (a rotation that moves cached keys must not scale
+    them again). span: how many in-cache positions the cache has (longrope's choice).
 
     Made on the host (the angles in float32, as Hugging Face computes them, their cos/sin in
     float64) and read by index on device: computed there, XLA would evaluate cos/sin again
     inside every layer's rotation, for every head.
     """
-    angles = np.arange(n_positions, dtype=np.float32)[:, None] * rotary.inv_freq()  # [P, R/2]
+    inv_freq = rotary.inv_freq(span)
+    angles = np.arange(n_positions, dtype=np.float32)[:, None] * inv_freq  # [P, R/2]
     angles = angles.astype(np.float64)
-    return np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    scale = rotary.cos_sin_scale() if scaled else 1.0
+    return (scale * np.stack([np.cos(angles), np.sin(angles)], axis=1)).astype(np.float32)
 
 
 def rotary(table: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -133,11 +142,22 @@ ACTIVATIONS = {
 }
 
 
+def _gated(spec: C.Mlp, gate: jax.Array, up: jax.Array) -> jax.Array:
+    """The gated MLP's hidden activation from its gate and up projections (same shapes)."""
+    if spec.activation == "clamped_swiglu":
+        gate = jnp.minimum(gate, spec.limit)
+        up = jnp.clip(up, -spec.limit, spec.limit)
+        return gate * jax.nn.sigmoid(spec.alpha * gate) * (up + 1)
+    return ACTIVATIONS[spec.activation](gate) * up
+
+
 # --- which keys each query sees (shared by all layers) --------------------------------------
 
 
-def _attention_view(cache: kv.KVCache, valid: jax.Array, cfg: ModelConfig, dtype):
-    """Everything about *which* keys each query sees and at which distance, shared by layers.
+def _attention_view(stream: C.StreamConfig, pos: jax.Array, valid: jax.Array, positions, dtype):
+    """Everything about *which* keys each query sees and at which distance, shared by the
+    layers whose caches follow `stream` (their `position`s listed in `positions`), for rows at
+    stream positions `pos` [B] reading a chunk with `valid` [B, C].
 
     Returns a dict: the masks against the cached slots (sinks, then ring) [B, C, S] and against
     the chunk's own keys [B, C, J]; the variant scoring each chunk key [B, 1, J]; per distinct
@@ -149,13 +169,12 @@ def _attention_view(cache: kv.KVCache, valid: jax.Array, cfg: ModelConfig, dtype
     dense ring block holds a visible key ([] bool; None for blocks always attended) and, static,
     the cache blocks ((first slot, slots) each) and sink count.
     """
-    stream = cache.stream
     S, W = stream.sinks, stream.window
     C_ = valid.shape[1]
-    t = cache.pos[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1  # [B, C]
-    pos_after = cache.pos + valid.sum(axis=1, dtype=jnp.int32)  # [B]
-    base = kv.ring_base(stream, cache.pos)  # [B]
-    cached = kv.slot_tokens(stream, cache.pos)  # [B, S]: sink slots, then ring slots
+    t = pos[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1  # [B, C]
+    pos_after = pos + valid.sum(axis=1, dtype=jnp.int32)  # [B]
+    base = kv.ring_base(stream, pos)  # [B]
+    cached = kv.slot_tokens(stream, pos)  # [B, S]: sink slots, then ring slots
     chunk = jnp.where(valid, t, -1)  # [B, J]
     tq = t[:, :, None]
     view = {
@@ -165,17 +184,20 @@ def _attention_view(cache: kv.KVCache, valid: jax.Array, cfg: ModelConfig, dtype
         "n_variants": len(kv.used_variants(stream)),
         "rotary": {},
     }
-    positions = [layer.attention.position for layer in cfg.layers]
     n_rot = kv.rotation_count(stream, C_)
     q_pos = kv.query_rotations(stream, t, base[:, None])[..., : view["n_variants"]]  # [B, C, V]
     k_pos = kv.key_rotation(stream, t, base[:, None])  # [B, C]
     shift = kv.ring_base(stream, pos_after) - base  # [B], a multiple of W
+    span = stream.capacity + 1 if stream.wraps else stream.capacity  # in-cache positions
     for spec in dict.fromkeys(p for p in positions if isinstance(p, C.Rotary)):
-        table = jnp.asarray(rotary_table(n_rot, spec), dtype)  # [P, 2, R/2]
+        table = jnp.asarray(rotary_table(n_rot, spec, span), dtype)  # [P, 2, R/2]
+        plain = table
+        if spec.cos_sin_scale() != 1.0:
+            plain = jnp.asarray(rotary_table(n_rot, spec, span, scaled=False), dtype)
         view["rotary"][spec] = {
             "q": rotary(table, q_pos),
             "k": rotary(table, k_pos),
-            "rebase": (shift.max() > 0, rotary(table, shift)) if stream.wraps else None,
+            "rebase": (shift.max() > 0, rotary(plain, shift)) if stream.wraps else None,
         }
     if any(isinstance(p, C.Alibi) for p in positions):
         view["dist_cached"] = kv.distance(stream, tq, cached[:, None, :]).astype(jnp.float32)
@@ -198,9 +220,12 @@ def _attention_view(cache: kv.KVCache, valid: jax.Array, cfg: ModelConfig, dtype
 # --- the one meaning of attention -----------------------------------------------------------
 
 
-def _score(raw: jax.Array, bias: jax.Array | None) -> jax.Array:
-    """A score from the scaled product q . k (float32): plus the position bias (ALiBi), if any.
-    Every attention path scores through this function, so a change of meaning is made here."""
+def _score(raw: jax.Array, bias: jax.Array | None, softcap: float | None) -> jax.Array:
+    """A score from the scaled product q . k (float32): soft-capped (Gemma 2), then plus the
+    position bias (ALiBi), if any. Every attention path scores through this function, so a
+    change of meaning is made here (the learned sink logits join in `_combine`)."""
+    if softcap is not None:
+        raw = softcap * jnp.tanh(raw / softcap)
     return raw if bias is None else raw + bias
 
 
@@ -218,12 +243,12 @@ def _select_variant(scores: jax.Array, variant: jax.Array) -> jax.Array:
     return out
 
 
-def _group(q, keys, values, variant, seen, bias):
+def _group(q, keys, values, variant, seen, bias, softcap):
     """Attention of the queries over one group of keys, as partial softmax statistics.
 
     q: [B, K, C, V', G, H] (scaled; the variants this group can need); keys [B, K, H, T];
     values [B, K, T, H]; variant: [B, 1, T] index into V' (None: V' = 1); seen: [B, C, T];
-    bias: [B, K, C, G, T] float32 or None (`_score`).
+    bias: [B, K, C, G, T] float32 or None; softcap: static (`_score`).
     Returns (peak [B, K, C, G, 1] the row max, mass [B, K, C, G, 1] the sum of exp(score -
     peak), weighted [B, K, C, G, H] float32 the exp-weighted values); `_combine` merges groups.
     """
@@ -242,21 +267,21 @@ def _group(q, keys, values, variant, seen, bias):
         visible = visible.reshape(B, 1, C_ * G, T)
         # `_mask` as an added term: a select splits the kernel in two (SmolLM2, B = 16 decode
         # step 104 vs 83 ms); adding -1e30 gives the same scores.
-        scores = _score(raw, bias_rows) + jnp.where(visible, 0.0, _MASKED)
+        scores = _score(raw, bias_rows, softcap) + jnp.where(visible, 0.0, _MASKED)
         weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))  # [B, K, R, T]
         top = weights.max(axis=-1, keepdims=True)
         first = jnp.min(jnp.where(weights == top, jnp.arange(T), T), axis=-1)  # [B, K, R]
         first = jnp.minimum(first, T - 1)[..., None]  # [B, K, R, 1]
         best = jnp.take_along_axis(keys, first.swapaxes(-1, -2), axis=-1)  # [B, K, H, R]
         peak = jnp.einsum("bkrh,bkhr->bkr", rows, best, preferred_element_type=f32)
-        if bias_rows is not None:
-            peak = _score(peak, jnp.take_along_axis(bias_rows, first, axis=-1)[..., 0])
+        peak_bias = None if bias_rows is None else jnp.take_along_axis(bias_rows, first, -1)[..., 0]
+        peak = _score(peak, peak_bias, softcap)
         peak = _mask(peak, visible.any(axis=-1)).reshape(B, K, C_, G, 1)
         weights = weights.reshape(B, K, C_, G, T)
     else:
         raw = raw.reshape(B, K, C_, V, G, T)
         raw = raw[:, :, :, 0] if variant is None else _select_variant(raw, variant)
-        scores = _mask(_score(raw, bias), seen[:, None, :, None, :])  # [B, K, C, G, T]
+        scores = _mask(_score(raw, bias, softcap), seen[:, None, :, None, :])  # [B, K, C, G, T]
         peak = scores.max(axis=-1, keepdims=True)
         weights = jnp.exp(scores - peak)
     weighted = jnp.einsum(
@@ -272,8 +297,13 @@ def _skipped_group(q, *_):
     return zeros + _MASKED, zeros, jnp.zeros((B, K, C_, G, H), jnp.float32)
 
 
-def _combine(parts):
-    """Merge `_group` results into the softmax-weighted values [B, K, C, G, H] float32."""
+def _combine(parts, sinks: jax.Array | None):
+    """Merge `_group` results into the softmax-weighted values [B, K, C, G, H] float32.
+    sinks: learned sink logits [K, G] (float32) that join every softmax's denominator with a
+    value of zero (gpt-oss), or None."""
+    if sinks is not None:
+        peak = jnp.broadcast_to(sinks[None, :, None, :, None], parts[0][0].shape)
+        parts = [*parts, (peak, jnp.ones_like(peak), 0.0)]
     top = functools.reduce(jnp.maximum, [peak for peak, _, _ in parts])
     scales = [jnp.exp(peak - top) for peak, _, _ in parts]
     total = sum(mass * c for (_, mass, _), c in zip(parts, scales, strict=True))
@@ -298,7 +328,8 @@ class Attention(nnx.Module):
 
     Weights: `qkv` [K, E, H, D] (per kv head its G query heads, its key, its value: one product
     for all three, split along kv heads for sharding), `out` [D, N, H]; optional `qkv_bias`
-    [K, E, H], `out_bias` [D], and `q_norm` [N, H] / `k_norm` [K, H] (per-head qk-norm).
+    [K, E, H], `out_bias` [D], `q_norm` [N, H] / `k_norm` [K, H] (qk-norm, one weight row per
+    head) and `sinks` [N] (learned sink logits).
     """
 
     def __init__(self, spec: C.Attention, hidden: int, dtype):
@@ -310,9 +341,12 @@ class Attention(nnx.Module):
         )
         self.out = _param((hidden, N, H), ("embed", "heads", "head_dim"), dtype)
         self.out_bias = _param((hidden,), ("embed",), dtype) if spec.out_bias else None
-        qk = spec.qk_norm
-        self.q_norm = None if qk is None else Norm(qk, (N, H), ("heads", "head_dim"), dtype)
-        self.k_norm = None if qk is None else Norm(qk, (K, H), ("kv_heads", "head_dim"), dtype)
+        qk, joint = spec.qk_norm, 2 if spec.qk_norm_scope == "all" else 1
+        self.q_norm = None if qk is None else Norm(qk, (N, H), ("heads", "head_dim"), dtype, joint)
+        self.k_norm = (
+            None if qk is None else Norm(qk, (K, H), ("kv_heads", "head_dim"), dtype, joint)
+        )
+        self.sinks = _param((N,), ("heads",), dtype) if spec.learned_sinks else None
 
     def __call__(self, h: jax.Array, lc: kv.LayerCache, view: dict):
         """h: [D, B, C] (feature-major, see `Decoder`); lc: this layer's cache, one key
@@ -335,7 +369,7 @@ class Attention(nnx.Module):
         k = qkv[:, :, :, G]  # [B, C, K, H]
         v = qkv[:, :, :, G + 1]  # [B, C, K, H]
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q), self.k_norm(k)  # [B, C, N, H], [B, C, K, H]
         position = spec.position
         rot = view["rotary"][position] if isinstance(position, C.Rotary) else None
         n_var = view["n_variants"] if rot is not None else 1
@@ -368,16 +402,18 @@ class Attention(nnx.Module):
                 variant = jnp.concatenate([sinks, variant], -1)
             if dist is not None:
                 dist = jnp.concatenate([view["dist_cached"][..., :n], dist], axis=-1)
-        parts = [_group(q, small_keys, small_values, variant, seen, bias(dist))]
+        group = functools.partial(_group, softcap=spec.softcap)
+        parts = [group(q, small_keys, small_values, variant, seen, bias(dist))]
         for (start, n), live, keys, values in blocks:
             seen = view["see_cached"][..., start : start + n]  # [B, C, n]
             dist = view.get("dist_cached")
             block_bias = None if dist is None else bias(dist[..., start : start + n])
             args = (q[:, :, :, kv.RING : kv.RING + 1], keys, values, None, seen, block_bias)
             parts.append(
-                _group(*args) if live is None else jax.lax.cond(live, _group, _skipped_group, *args)
+                group(*args) if live is None else jax.lax.cond(live, group, _skipped_group, *args)
             )
-        out = _combine(parts).astype(v.dtype)  # [B, K, C, G, H]
+        sinks = None if self.sinks is None else self.sinks[...].astype(jnp.float32).reshape(K, G)
+        out = _combine(parts, sinks).astype(v.dtype)  # [B, K, C, G, H]
         # The written keys/values are made to depend on `out`, which read the whole old cache:
         # only a data dependence lets XLA prove the write comes after the reads and do it in
         # place (an optimization_barrier does not); otherwise it copies every cache buffer
@@ -396,28 +432,84 @@ class Attention(nnx.Module):
 
 class Mlp(nnx.Module):
     """Gated (`up` [2, F, D]: gate, then up) or plain (`up` [F, D]) MLP, then `down` [D, F];
-    optional biases `up_bias` [2, F] / [F] and `down_bias` [D]."""
+    optional biases `up_bias` [2, F] / [F] and `down_bias` [D].
+
+    A mixture of experts (`spec.experts`) stacks E such MLPs on a leading `experts` axis
+    (`up` [E, 2, F, D], `down` [E, D, F], biases [E, ...]) and adds a `router` [E, D] with an
+    optional `router_bias` [E].
+    """
 
     def __init__(self, spec: C.Mlp, hidden: int, dtype):
         self.spec = spec
-        F = spec.size
-        lead = (2,) if spec.gated else ()
-        self.up = _param((*lead, F, hidden), (*(None,) * len(lead), "mlp", "embed"), dtype)
-        self.up_bias = (
-            _param((*lead, F), (*(None,) * len(lead), "mlp"), dtype) if spec.bias else None
+        F, moe = spec.size, spec.experts
+        lead = ((moe.num,) if moe else ()) + ((2,) if spec.gated else ())
+        names = (("experts",) if moe else ()) + ((None,) if spec.gated else ())
+        self.up = _param((*lead, F, hidden), (*names, "mlp", "embed"), dtype)
+        self.up_bias = _param((*lead, F), (*names, "mlp"), dtype) if spec.bias else None
+        lead, names = lead[:1] if moe else (), names[:1] if moe else ()
+        self.down = _param((*lead, hidden, F), (*names, "embed", "mlp"), dtype)
+        self.down_bias = _param((*lead, hidden), (*names, "embed"), dtype) if spec.bias else None
+        self.router = _param((moe.num, hidden), ("experts", "embed"), dtype) if moe else None
+        self.router_bias = (
+            _param((moe.num,), ("experts",), dtype) if moe and moe.router_bias else None
         )
-        self.down = _param((hidden, F), ("embed", "mlp"), dtype)
-        self.down_bias = _param((hidden,), ("embed",), dtype) if spec.bias else None
+
+    def _hidden(self, up: jax.Array, axis: int) -> jax.Array:
+        """The activation from the up projection, whose gate / up halves (if gated) are the
+        two entries of `axis` (removed in the result)."""
+        if not self.spec.gated:
+            return ACTIVATIONS[self.spec.activation](up)
+        gate, up = (jnp.take(up, i, axis=axis) for i in (0, 1))
+        return _gated(self.spec, gate, up)
 
     def __call__(self, h: jax.Array) -> jax.Array:
         """Feature-major: h [D, B, C] -> [D, B, C]."""
-        act = ACTIVATIONS[self.spec.activation]
+        if self.spec.experts is not None:
+            return self._experts(h)
         up = jnp.einsum("...fd,dbc->...fbc", self.up[...], h)  # [2, F, B, C] or [F, B, C]
         if self.up_bias is not None:
             up += self.up_bias[...][..., None, None]
-        hidden = act(up[0]) * up[1] if self.spec.gated else act(up)  # [F, B, C]
-        out = jnp.einsum("df,fbc->dbc", self.down[...], hidden)
+        out = jnp.einsum("df,fbc->dbc", self.down[...], self._hidden(up, 0))
         return out if self.down_bias is None else out + self.down_bias[...][:, None, None]
+
+    def _experts(self, h: jax.Array) -> jax.Array:
+        """The mixture: each token's top-k experts, weighted by their router probabilities.
+
+        Few tokens (top-k experts of every token fewer than E) gather the chosen experts'
+        weights and read only those; more run every expert on every token and weight the
+        outputs, unchosen experts by zero. Both compute the same sums."""
+        moe = self.spec.experts
+        D, B, C_ = h.shape
+        logits = jnp.einsum("ed,dbc->bce", self.router[...], h, preferred_element_type=jnp.float32)
+        if self.router_bias is not None:
+            logits += self.router_bias[...].astype(jnp.float32)
+        probs = jax.nn.softmax(logits, axis=-1)  # [B, C, E]
+        top, chosen = jax.lax.top_k(probs, moe.top_k)  # [B, C, k]
+        if moe.normalize:
+            top = top / top.sum(axis=-1, keepdims=True)
+        top = top.astype(h.dtype)
+        if B * C_ * moe.top_k < moe.num:
+            tokens = h.reshape(D, B * C_)
+            up = self.up[...][chosen.reshape(-1)]  # [T k, (2,) F, D]
+            up = up.reshape(B * C_, moe.top_k, *up.shape[1:])
+            up = jnp.einsum("tk...fd,dt->tk...f", up, tokens)  # [T, k, (2,) F]
+            if self.up_bias is not None:
+                up += self.up_bias[...][chosen.reshape(B * C_, moe.top_k)]
+            hidden = self._hidden(up, 2)  # [T, k, F]
+            down = self.down[...][chosen.reshape(B * C_, moe.top_k)]  # [T, k, D, F]
+            out = jnp.einsum("tkdf,tkf->tkd", down, hidden)
+            if self.down_bias is not None:
+                out += self.down_bias[...][chosen.reshape(B * C_, moe.top_k)]
+            out = jnp.einsum("tkd,tk->dt", out, top.reshape(B * C_, moe.top_k))
+            return out.reshape(D, B, C_)
+        weights = (jax.nn.one_hot(chosen, moe.num, dtype=h.dtype) * top[..., None]).sum(-2)
+        up = jnp.einsum("e...fd,dbc->e...fbc", self.up[...], h)  # [E, (2,) F, B, C]
+        if self.up_bias is not None:
+            up += self.up_bias[...][..., None, None]
+        out = jnp.einsum("edf,efbc->edbc", self.down[...], self._hidden(up, 1))  # [E, D, B, C]
+        if self.down_bias is not None:
+            out += self.down_bias[...][..., None, None]
+        return jnp.einsum("edbc,bce->dbc", out, weights)
 
 
 class Block(nnx.Module):
@@ -425,19 +517,28 @@ class Block(nnx.Module):
 
     def __init__(self, spec: C.LayerSpec, hidden: int, dtype):
         self.spec = spec
-        self.norm = Norm(spec.norm, (hidden,), (None,), dtype)
-        shared = spec.residual == "parallel_shared"
-        self.mlp_norm = None if shared else Norm(spec.norm, (hidden,), (None,), dtype)
+
+        def norm(wanted: bool):
+            return Norm(spec.norm, (hidden,), (None,), dtype) if wanted else None
+
+        pre, post = spec.norms in ("pre", "pre_post"), spec.norms in ("post", "pre_post")
+        self.norm = norm(pre)
+        self.mlp_norm = norm(pre and spec.residual != "parallel_shared")
+        self.post_attn_norm, self.post_mlp_norm = norm(post), norm(post)
         self.attn = Attention(spec.attention, hidden, dtype)
         self.mlp = Mlp(spec.mlp, hidden, dtype)
 
     def __call__(self, x: jax.Array, lc: kv.LayerCache, view: dict):
         """x: [D, B, C] -> (x [D, B, C], the layer's updated cache)."""
-        h = self.norm(x, axis=0)
+
+        def apply(norm, y):  # an optional norm over the feature axis
+            return y if norm is None else norm(y, axis=0)
+
+        h = apply(self.norm, x)
         attn, lc = self.attn(h, lc, view)
         if self.spec.residual == "sequential":
-            x = x + attn
-            return x + self.mlp(self.mlp_norm(x, axis=0)), lc
+            x = x + apply(self.post_attn_norm, attn)
+            return x + apply(self.post_mlp_norm, self.mlp(apply(self.mlp_norm, x))), lc
         mlp_in = h if self.mlp_norm is None else self.mlp_norm(x, axis=0)
         return x + attn + self.mlp(mlp_in), lc
 
@@ -459,6 +560,9 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         V, D = cfg.vocab_size, cfg.hidden_size
         self.embed = _param((V, D), ("vocab", "embed"), dtype)
+        self.embed_norm = (
+            None if cfg.embed_norm is None else Norm(cfg.embed_norm, (D,), (None,), dtype)
+        )
         self.layers = nnx.List([Block(spec, D, dtype) for spec in cfg.layers])
         self.final_norm = Norm(cfg.final_norm, (D,), (None,), dtype)
         self.lm_head = None if cfg.tie_embeddings else _param((V, D), ("vocab", "embed"), dtype)
@@ -475,13 +579,30 @@ class Decoder(nnx.Module):
         cfg = self.cfg
         valid = valid.astype(bool)
         embed = self.embed[...]
-        view = _attention_view(cache, valid, cfg, embed.dtype)
+        # One view per cache layout: the full layers' sinks + ring, each native window's ring.
+        streams = [lc.stream for lc in cache.layers]
+        views = {
+            stream: _attention_view(
+                stream,
+                cache.pos,
+                valid,
+                [
+                    s.attention.position
+                    for s, ls in zip(cfg.layers, streams, strict=True)
+                    if ls == stream
+                ],
+                embed.dtype,
+            )
+            for stream in dict.fromkeys(streams)
+        }
         x = embed[tokens].transpose(2, 0, 1)  # [D, B, C]
         if cfg.embed_scale != 1.0:
             x = x * jnp.asarray(cfg.embed_scale, x.dtype)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x, axis=0)
         new_layers = []
         for block, lc in zip(self.layers, cache.layers, strict=True):
-            x, lc = block(x, lc, view)
+            x, lc = block(x, lc, views[lc.stream])
             new_layers.append(lc)
         x = self.final_norm(x.transpose(1, 2, 0))
         pos = cache.pos + valid.sum(axis=1, dtype=jnp.int32)
@@ -500,7 +621,11 @@ class Decoder(nnx.Module):
         if self.lm_head_bias is not None:
             bias = self.lm_head_bias[...].astype(jnp.float32)
             out = out + bias.reshape(bias.shape + (1,) * (out.ndim - 1))
-        return out * cfg.logit_scale if cfg.logit_scale != 1.0 else out
+        if cfg.logit_scale != 1.0:
+            out = out * cfg.logit_scale
+        if cfg.final_softcap is not None:
+            out = cfg.final_softcap * jnp.tanh(out / cfg.final_softcap)
+        return out
 
 
 def _write(lc: kv.LayerCache, k_new, v_new, write_slot, blocks) -> kv.LayerCache:
@@ -515,7 +640,7 @@ def _write(lc: kv.LayerCache, k_new, v_new, write_slot, blocks) -> kv.LayerCache
         # Indexing [rows, ..., slot] puts the [B, C] index axes first: updates are [B, C, K, H].
         keys.append(kb.at[rows, :, :, slot].set(k_new, mode="drop"))
         values.append(vb.at[rows, :, slot].set(v_new, mode="drop"))
-    return kv.LayerCache(keys=tuple(keys), values=tuple(values))
+    return lc.replace(keys=tuple(keys), values=tuple(values))
 
 
 def _rebase(lc: kv.LayerCache, rebase, blocks, n_sinks: int, spec: C.Rotary) -> kv.LayerCache:

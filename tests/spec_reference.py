@@ -6,7 +6,8 @@ as jaxsink, but nothing else of it: every token's keys and values are computed o
 token is processed, and kept un-rotated for the whole stream (nothing is ever evicted here). For
 each query the visible set and the distances d(t, k) are recomputed from scratch with the
 contract's formulas; RoPE is applied at the "cache order" positions (the query at L = min(t, K),
-each visible key at L - d(t, k)) and ALiBi adds -slope * d(t, k).
+each visible key at L - d(t, k)) and ALiBi adds -slope * d(t, k). A native sliding-window
+layer of w sees the keys t - w < k <= t at their true distances (its query at min(t, w - 1)).
 """
 
 from __future__ import annotations
@@ -18,17 +19,17 @@ import numpy as np
 from jaxsink.config import Alibi, ModelConfig, Norm, Rotary
 
 
-def _norm(x, spec: Norm, w, b=None):
-    """x [..., F] normalized over its last axis as `spec` says."""
+def _norm(x, spec: Norm, w, b=None, axes=(-1,)):
+    """x [..., F] normalized over `axes` (default its last) as `spec` says."""
     if spec.kind == "layer":
-        x = x - x.mean(axis=-1, keepdims=True)
-    x = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + spec.eps)
+        x = x - x.mean(axis=axes, keepdims=True)
+    x = x / np.sqrt(np.mean(x * x, axis=axes, keepdims=True) + spec.eps)
     x = x * (1 + w) if spec.kind == "rms_plus_one" else x * w
     return x if b is None else x + b
 
 
 def _act(name, x):
-    if name == "silu":
+    if name in ("silu", "clamped_swiglu"):
         return x / (1 + np.exp(-x))
     if name == "relu":
         return np.maximum(x, 0)
@@ -39,10 +40,11 @@ def _act(name, x):
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))  # tanh forms
 
 
-def _rope(x, pos, spec: Rotary):
-    """x [..., H] rotated at integer position `pos` in the spec's layout."""
-    ang = pos * spec.inv_freq().astype(np.float64)
-    cos, sin = np.cos(ang), np.sin(ang)
+def _rope(x, pos, spec: Rotary, span: int):
+    """x [..., H] rotated at integer position `pos` in the spec's layout, its rotated part
+    scaled by the scaling's cos/sin factor; span: the in-cache positions (longrope)."""
+    ang = pos * spec.inv_freq(span).astype(np.float64)
+    cos, sin = np.cos(ang) * spec.cos_sin_scale(), np.sin(ang) * spec.cos_sin_scale()
     r = spec.dim
     if spec.interleaved:
         x1, x2 = x[..., 0:r:2], x[..., 1:r:2]
@@ -55,8 +57,11 @@ def _rope(x, pos, spec: Rotary):
     return np.concatenate([out, x[..., r:]], axis=-1)
 
 
-def spec_view(t: int, sinks: int, window: int, dense: bool = False):
-    """Visible keys of query t and their distances d(t, k), straight from the contract."""
+def spec_view(t: int, sinks: int, window: int, dense: bool = False, native: int | None = None):
+    """Visible keys of query t and their distances d(t, k), straight from the contract (for a
+    full layer, or a native sliding-window layer of `native` tokens)."""
+    if native is not None:
+        return [(k, t - k) for k in range(max(t - native + 1, 0), t + 1)]
     if dense:
         return [(k, t - k) for k in range(t + 1)]
     capacity = sinks + window
@@ -69,6 +74,40 @@ def spec_view(t: int, sinks: int, window: int, dense: bool = False):
     return out
 
 
+def _gated(m, gate, up):
+    if m.activation == "clamped_swiglu":
+        gate, up = np.minimum(gate, m.limit), np.clip(up, -m.limit, m.limit)
+        return gate / (1 + np.exp(-m.alpha * gate)) * (up + 1)
+    return _act(m.activation, gate) * up
+
+
+def _mlp(m, lp, h, prefix="mlp."):
+    """One dense MLP (or expert: its weights already picked) on h [D]."""
+    up = np.einsum("...fd,d->...f", lp[prefix + "up"], h)
+    if m.bias:
+        up = up + lp[prefix + "up_bias"]
+    act = _gated(m, up[0], up[1]) if m.gated else _act(m.activation, up)
+    y = lp[prefix + "down"] @ act
+    return y + lp[prefix + "down_bias"] if m.bias else y
+
+
+def _moe(m, lp, h):
+    """The mixture: softmax over the router's logits, the top-k experts, their outputs weighted
+    by those probabilities (renormalized if the config says so)."""
+    logits = lp["mlp.router"] @ h
+    if m.experts.router_bias:
+        logits = logits + lp["mlp.router_bias"]
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    top = np.argsort(-probs, kind="stable")[: m.experts.top_k]
+    weights = probs[top] / probs[top].sum() if m.experts.normalize else probs[top]
+    out = 0.0
+    for e, w in zip(top, weights, strict=True):
+        expert = {k: v[e] for k, v in lp.items() if k.startswith("mlp.") and k != "mlp.router"}
+        out = out + w * _mlp(m, expert, h)
+    return out
+
+
 def stream_logits(
     flat: dict, cfg: ModelConfig, tokens, sinks: int, window: int, dense: bool = False
 ):
@@ -78,16 +117,24 @@ def stream_logits(
     keys = [[] for _ in range(L)]  # un-rotated, per layer, per token: [Kh, H]
     values = [[] for _ in range(L)]
     capacity = sinks + window
+    full_span = len(tokens) if dense else capacity + 1  # in-cache positions (longrope)
     out = []
     for t, tok in enumerate(tokens):
         x = p["embed"][tok] * cfg.embed_scale
-        view = spec_view(t, sinks, window, dense)
-        q_pos = t if dense else min(t, capacity)
+        if cfg.embed_norm is not None:
+            x = _norm(x, cfg.embed_norm, p["embed_norm.scale"], p.get("embed_norm.bias"))
         for i, spec in enumerate(cfg.layers):
             lp = {k.removeprefix(f"layers.{i}."): v for k, v in p.items()}
             a = spec.attention
             G = a.group
-            h = _norm(x, spec.norm, lp["norm.scale"], lp.get("norm.bias"))
+            w = a.sliding_window
+            view = spec_view(t, sinks, window, dense, native=w)
+            if w is None:
+                q_pos, span = (t if dense else min(t, capacity)), full_span
+            else:
+                q_pos, span = min(t, w - 1), w
+            pre = spec.norms in ("pre", "pre_post")
+            h = _norm(x, spec.norm, lp["norm.scale"], lp.get("norm.bias")) if pre else x
             qkv = np.einsum("d,kehd->keh", h, lp["attn.qkv"])  # [K, G + 2, H]
             if a.qkv_bias:
                 qkv = qkv + lp["attn.qkv_bias"]
@@ -96,42 +143,53 @@ def stream_logits(
             q = qkv[:, :G].reshape(a.num_heads, a.head_dim)
             k, v = qkv[:, G], qkv[:, G + 1]
             if a.qk_norm is not None:
-                q = _norm(q, a.qk_norm, lp["attn.q_norm.scale"], lp.get("attn.q_norm.bias"))
-                k = _norm(k, a.qk_norm, lp["attn.k_norm.scale"], lp.get("attn.k_norm.bias"))
+                axes = (-2, -1) if a.qk_norm_scope == "all" else (-1,)
+                q = _norm(q, a.qk_norm, lp["attn.q_norm.scale"], lp.get("attn.q_norm.bias"), axes)
+                k = _norm(k, a.qk_norm, lp["attn.k_norm.scale"], lp.get("attn.k_norm.bias"), axes)
             keys[i].append(k)
             values[i].append(v)
             att = np.zeros((a.num_heads, a.head_dim))
+            rotary = a.position if isinstance(a.position, Rotary) else None
             for n in range(a.num_heads):
                 kvh = n // G
-                qn = q[n] if not isinstance(a.position, Rotary) else _rope(q[n], q_pos, a.position)
+                qn = q[n] if rotary is None else _rope(q[n], q_pos, rotary, span)
                 scores = []
                 for kk, d in view:
                     key = keys[i][kk][kvh]
-                    if isinstance(a.position, Rotary):
-                        key = _rope(key, q_pos - d, a.position)
+                    if rotary is not None:
+                        key = _rope(key, q_pos - d, rotary, span)
                     s = a.query_scale * (qn @ key)
+                    if a.softcap is not None:
+                        s = a.softcap * np.tanh(s / a.softcap)
                     if isinstance(a.position, Alibi):
                         s -= a.position.slopes[n] * d
                     scores.append(s)
                 scores = np.array(scores)
-                w = np.exp(scores - scores.max())
-                w /= w.sum()
-                att[n] = sum(wi * values[i][kk][kvh] for wi, (kk, _) in zip(w, view, strict=True))
+                top = scores.max()
+                if a.learned_sinks:
+                    top = max(top, lp["attn.sinks"][n])
+                wts = np.exp(scores - top)
+                total = wts.sum() + (np.exp(lp["attn.sinks"][n] - top) if a.learned_sinks else 0)
+                wts /= total
+                att[n] = sum(wi * values[i][kk][kvh] for wi, (kk, _) in zip(wts, view, strict=True))
             attn = np.einsum("nh,dnh->d", att, lp["attn.out"])
             if a.out_bias:
                 attn = attn + lp["attn.out_bias"]
 
             def mlp(hm, lp=lp, m=spec.mlp):
-                up = np.einsum("...fd,d->...f", lp["mlp.up"], hm)
-                if m.bias:
-                    up = up + lp["mlp.up_bias"]
-                act = _act(m.activation, up[0]) * up[1] if m.gated else _act(m.activation, up)
-                y = lp["mlp.down"] @ act
-                return y + lp["mlp.down_bias"] if m.bias else y
+                return _mlp(m, lp, hm) if m.experts is None else _moe(m, lp, hm)
+
+            def post(name, y, lp=lp, spec=spec):
+                if spec.norms == "pre":
+                    return y
+                return _norm(y, spec.norm, lp[f"{name}.scale"], lp.get(f"{name}.bias"))
 
             if spec.residual == "sequential":
-                x = x + attn
-                x = x + mlp(_norm(x, spec.norm, lp["mlp_norm.scale"], lp.get("mlp_norm.bias")))
+                x = x + post("post_attn_norm", attn)
+                hm = (
+                    _norm(x, spec.norm, lp["mlp_norm.scale"], lp.get("mlp_norm.bias")) if pre else x
+                )
+                x = x + post("post_mlp_norm", mlp(hm))
             elif spec.residual == "parallel":
                 h2 = _norm(x, spec.norm, lp["mlp_norm.scale"], lp.get("mlp_norm.bias"))
                 x = x + attn + mlp(h2)
@@ -142,5 +200,8 @@ def stream_logits(
         logits = head @ x
         if cfg.lm_head_bias:
             logits = logits + p["lm_head_bias"]
-        out.append(logits * cfg.logit_scale)
+        logits = logits * cfg.logit_scale
+        if cfg.final_softcap is not None:
+            logits = cfg.final_softcap * np.tanh(logits / cfg.final_softcap)
+        out.append(logits)
     return np.stack(out)

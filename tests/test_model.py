@@ -13,7 +13,18 @@ from flax import nnx
 
 from jaxsink import cache as kv
 from jaxsink import model
-from jaxsink.config import Alibi, Attention, LayerSpec, Mlp, ModelConfig, Norm, Rotary, StreamConfig
+from jaxsink.config import (
+    Alibi,
+    Attention,
+    Experts,
+    LayerSpec,
+    Mlp,
+    ModelConfig,
+    Norm,
+    RopeScaling,
+    Rotary,
+    StreamConfig,
+)
 from tests.spec_reference import stream_logits
 from tests.tiny import feed, random_flat_params, tiny_config, tiny_model
 
@@ -81,10 +92,80 @@ def mixed_config() -> ModelConfig:
     return ModelConfig("llama", 97, 32, layers, Norm("rms", 1e-5), 128, tie_embeddings=True)
 
 
-@pytest.mark.parametrize("name", [*KINDS, "mixed-layers"])
+def modern_config(name: str) -> ModelConfig:
+    """Two or three layers of today's layer kinds: native sliding windows next to full layers,
+    learned sink logits, soft-capping, post-norms, qk-norm scopes, experts, rope scalings."""
+    rms, plus_one = Norm("rms", 1e-5), Norm("rms_plus_one", 1e-6)
+    yarn = RopeScaling("yarn", 4.0, original_max_position_embeddings=16, truncate=False)
+    longrope = RopeScaling(
+        "longrope",
+        4.0,
+        original_max_position_embeddings=6,
+        short_factor=(1.0, 1.5, 2.0, 3.0),
+        long_factor=(1.0, 2.0, 4.0, 8.0),
+    )
+    experts = Experts(4, 2, normalize=True, router_bias=True)
+    if name == "gpt-oss":  # sliding + full, learned sinks, yarn, experts with clamped swiglu
+        attn = Attention(4, 2, 8, Rotary(150.0, 8, scaling=yarn), 8**-0.5, qkv_bias=True)
+        attn = dataclasses.replace(attn, out_bias=True, learned_sinks=True)
+        mlp = Mlp(12, "clamped_swiglu", bias=True, experts=experts, alpha=1.702, limit=1.0)
+        layers = (
+            LayerSpec(dataclasses.replace(attn, sliding_window=4), mlp, rms),
+            LayerSpec(attn, mlp, rms),
+        )
+        return ModelConfig("gpt_oss", 97, 32, layers, rms, 128)
+    if name == "gemma2":  # sandwich norms, attention and final soft-caps, sliding + full
+        attn = Attention(4, 2, 8, Rotary(10000.0, 8), 0.3, softcap=2.0)
+        mlp = Mlp(24, "gelu_pytorch_tanh")
+        layers = (
+            LayerSpec(dataclasses.replace(attn, sliding_window=4), mlp, plus_one, norms="pre_post"),
+            LayerSpec(attn, mlp, plus_one, norms="pre_post"),
+        )
+        return ModelConfig(
+            "gemma2", 97, 32, layers, plus_one, 128, True, embed_scale=32**0.5, final_softcap=3.0
+        )
+    if name == "gemma3":  # per-head qk-norm, a rope base per layer kind, linear scaling
+        local = Attention(4, 1, 8, Rotary(10.0, 8), 0.3, qk_norm=plus_one, sliding_window=3)
+        full = dataclasses.replace(
+            local,
+            position=Rotary(1000.0, 8, scaling=RopeScaling("linear", 4.0)),
+            sliding_window=None,
+        )
+        mlp = Mlp(24, "gelu_pytorch_tanh")
+        layers = tuple(LayerSpec(a, mlp, plus_one, norms="pre_post") for a in (local, local, full))
+        return ModelConfig("gemma3_text", 97, 32, layers, plus_one, 128, True, embed_scale=32**0.5)
+    if name == "olmo2-qwen3moe":  # post-norms only with all-heads qk-norm; experts, no bias
+        olmo = Attention(4, 2, 8, Rotary(500.0, 8), 8**-0.5, qk_norm=rms, qk_norm_scope="all")
+        layers = (
+            LayerSpec(olmo, Mlp(24, "silu"), rms, norms="post"),
+            LayerSpec(olmo, Mlp(12, "silu", experts=Experts(4, 3, normalize=False)), rms),
+        )
+        return ModelConfig("olmo2", 97, 32, layers, rms, 128)
+    if name == "smollm3-phi3":  # a layer without rotary; longrope; fused in one model
+        attn = Attention(4, 2, 8, Rotary(100.0, 8, scaling=longrope), 8**-0.5)
+        layers = (
+            LayerSpec(attn, Mlp(24, "silu"), rms),
+            LayerSpec(dataclasses.replace(attn, position=None), Mlp(24, "silu"), rms),
+        )
+        return ModelConfig("smollm3", 97, 32, layers, rms, 128, True)
+    if name == "bloom":  # embedding LayerNorm, ALiBi
+        norm = Norm("layer", 1e-5, bias=True)
+        attn = Attention(4, 4, 8, SLOPES, 8**-0.5, qkv_bias=True, out_bias=True)
+        layers = (LayerSpec(attn, Mlp(32, "gelu_new", gated=False, bias=True), norm),) * 2
+        return ModelConfig("bloom", 97, 32, layers, norm, 128, True, embed_norm=norm)
+    raise KeyError(name)
+
+
+MODERN = ("gpt-oss", "gemma2", "gemma3", "olmo2-qwen3moe", "smollm3-phi3", "bloom")
+
+
+@pytest.mark.parametrize("name", [*KINDS, "mixed-layers", *MODERN])
 def test_layer_kinds_match_the_streaming_reference(name):
     """Sink mode over many evictions (chunk 1 and 7) and dense mode, for every layer kind."""
-    cfg = mixed_config() if name == "mixed-layers" else kind_config(name)
+    if name in MODERN:
+        cfg = modern_config(name)
+    else:
+        cfg = mixed_config() if name == "mixed-layers" else kind_config(name)
     flat = random_flat_params(cfg, seed=3)
     m = tiny_model(cfg, flat)
     tokens = np.random.default_rng(4).integers(0, 97, size=(1, 30)).astype(np.int32)
