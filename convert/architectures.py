@@ -17,12 +17,14 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from jaxsink.config import Alibi, Attention, LayerSpec, Mlp, ModelConfig, Norm, Rotary
+from jaxsink.config import Alibi, Attention, Experts, LayerSpec, Mlp, ModelConfig, Norm, Rotary
 
+from . import mxfp4
 from .errors import ConvertError
-from .hf import ConfigReader, RopeSpec, check_sliding_window, read_rope
+from .hf import ConfigReader, RopeSpec, layer_windows, read_rope
 from .tables import (
     LLAMA,
+    Rule,
     Table,
     fuse_qkv,
     identity,
@@ -31,8 +33,11 @@ from .tables import (
     llama_attention,
     norm,
     outer,
+    packed,
+    split_halves,
     split_heads,
     stack,
+    stack_experts,
 )
 
 
@@ -123,6 +128,53 @@ def _uniform(
     )
 
 
+def _model(arch: str, r: ConfigReader, layers, final_norm: Norm, **model) -> ModelConfig:
+    """A model of the given layers."""
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=r.take("vocab_size"),
+        hidden_size=model.pop("hidden_size"),
+        layers=tuple(layers),
+        final_norm=final_norm,
+        **model,
+    )
+
+
+def _sliding(attention: Attention, window: int | None) -> Attention:
+    """`attention` as a native sliding-window layer of `window` (None: full)."""
+    return attention if window is None else dataclasses.replace(attention, sliding_window=window)
+
+
+def _windows(arch: str, r: ConfigReader, num_layers: int, max_pos: int) -> tuple:
+    """Each layer's native sliding window, as the family's transformers config derives it when
+    the config gives no `layer_types`: Mistral, Mixtral, Phi-3, StarCoder2 and Qwen3-MoE slide
+    every layer, Qwen2 / Qwen3 the layers from `max_window_layers` on, Gemma 2 and gpt-oss every
+    other layer (the first sliding), Gemma 3 all but every `sliding_window_pattern`-th."""
+    types = r.take("layer_types")
+    if arch in ("qwen2", "qwen3", "qwen3_moe"):
+        use = r.take("use_sliding_window", False)
+        window = r.take("sliding_window")
+        if not use:  # transformers drops the window unless use_sliding_window
+            window = None
+        first = r.take("max_window_layers", 28) if arch != "qwen3_moe" else 0
+        if arch == "qwen3_moe":
+            r.ignore("max_window_layers")  # Qwen3-MoE slides every layer when it slides
+        every = [i >= first for i in range(num_layers)]
+    else:
+        window = r.take("sliding_window")
+        if arch in ("gemma2", "gpt_oss"):
+            every = [(i + 1) % 2 != 0 for i in range(num_layers)]
+        elif arch == "gemma3_text":
+            pattern = r.take("sliding_window_pattern", 6)
+            r.ignore("_sliding_window_pattern")
+            every = [(i + 1) % pattern != 0 for i in range(num_layers)]
+        else:
+            every = [True] * num_layers
+    if types is None and window is not None:
+        types = ["sliding_attention" if s else "full_attention" for s in every]
+    return layer_windows(types, window, num_layers, max_pos)
+
+
 def _require(r: ConfigReader, key: str, allowed: tuple, what: str) -> Any:
     """A key that must hold one of `allowed` values, else a refusal naming `what`."""
     value = r.take(key)
@@ -166,6 +218,14 @@ _LLAMA_DEFAULTS = {
     "mlp_bias": False,
 }
 _REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+# transformers' defaults shared by the families added since (each overrides its own)
+_MODERN = {
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+}
 _LLAMA_REQUIRED = (*_REQUIRED, "intermediate_size")
 
 
@@ -174,8 +234,8 @@ def _llama(arch: str, r: ConfigReader) -> ModelConfig:
     embedding scale)."""
     num_heads, hidden = r.take("num_attention_heads"), r.take("hidden_size")
     num_layers, max_pos = r.take("num_hidden_layers"), r.take("max_position_embeddings")
-    rope = read_rope(r.d, r.defaults["rope_theta"])
-    check_sliding_window(arch, r.d, num_layers, max_pos)
+    rope = read_rope(r.d, r.defaults["rope_theta"], max_pos)
+    windows = _windows(arch, r, num_layers, max_pos)
     if arch == "llama" and r.take("pretraining_tp", 1) != 1:
         raise ConvertError("pretraining_tp other than 1 is not supported")
     if r.take("rope_interleaved", False):  # nanotron's flag; transformers ignores it
@@ -199,11 +259,10 @@ def _llama(arch: str, r: ConfigReader) -> ModelConfig:
     )
     norm = Norm("rms_plus_one" if gemma else "rms", float(r.take("rms_norm_eps")))
     mlp = Mlp(r.take("intermediate_size"), act, gated=True, bias=mlp_bias)
-    return _uniform(
+    return _model(
         arch,
         r,
-        LayerSpec(attention, mlp, norm),
-        num_layers,
+        [LayerSpec(_sliding(attention, w), mlp, norm) for w in windows],
         norm,
         hidden_size=hidden,
         max_position_embeddings=max_pos,
@@ -744,6 +803,538 @@ def _btlm_table(cfg: ModelConfig) -> Table:
     )
 
 
+# --- today's families: Qwen3, Qwen3-MoE, Mixtral, SmolLM3, OLMo 2, StarCoder2, Phi-3, Gemma 2,
+# Gemma 3, gpt-oss, Bloom ----------------------------------------------------------------------
+
+
+def _heads(r: ConfigReader, hidden: int) -> tuple[int, int, int]:
+    """(query heads, kv heads, head dim) of a Llama-style config."""
+    num_heads = r.take("num_attention_heads")
+    head_dim = r.take("head_dim") or hidden // num_heads
+    return num_heads, r.take("num_key_value_heads") or num_heads, head_dim
+
+
+def _full_rotary(rope: RopeSpec, head_dim: int) -> Rotary:
+    """Rotary over the whole head: these families' code ignores `partial_rotary_factor`."""
+    return Rotary(rope.theta, head_dim, False, rope.scaling)
+
+
+def _num_experts(r: ConfigReader) -> int:
+    """`num_experts` (hub configs) or `num_local_experts` (saved by transformers 5)."""
+    a, b = r.d.pop("num_experts", None), r.d.pop("num_local_experts", None)
+    if a is not None and b is not None and a != b:
+        raise ConvertError(f"num_experts {a} disagrees with num_local_experts {b}")
+    value = a if a is not None else b
+    return int(value if value is not None else r.defaults.get("num_experts", 0))
+
+
+_ROUTER_TRAINING = ("router_aux_loss_coef", "output_router_logits", "router_jitter_noise")
+
+
+def _llama_like(arch: str, r: ConfigReader) -> ModelConfig:
+    """Qwen3, Qwen3-MoE, Mixtral, SmolLM3, OLMo 2 and StarCoder2: Llama's layer with each
+    family's differences (qk-norm, experts, layers without rotary, post-norms, LayerNorms and
+    biases, native sliding windows)."""
+    hidden, num_layers = r.take("hidden_size"), r.take("num_hidden_layers")
+    max_pos = r.take("max_position_embeddings")
+    num_heads, kv_heads, head_dim = _heads(r, hidden)
+    rope = read_rope(r.d, r.defaults["rope_theta"], max_pos)
+    rotary = _full_rotary(rope, head_dim)
+    starcoder = arch == "starcoder2"
+    if starcoder:
+        norm = Norm("layer", float(r.take("norm_epsilon")), bias=True)
+        biased = mlp_bias = bool(r.take("use_bias"))
+    else:
+        norm = Norm("rms", float(r.take("rms_norm_eps")))
+        biased = bool(r.take("attention_bias", False))
+        mlp_bias = bool(r.take("mlp_bias", False))
+    qk_norm = norm if arch in ("qwen3", "qwen3_moe", "olmo2") else None
+    attention = Attention(
+        num_heads,
+        kv_heads,
+        head_dim,
+        rotary,
+        head_dim**-0.5,
+        qkv_bias=biased,
+        out_bias=biased,
+        qk_norm=qk_norm,
+        qk_norm_scope="all" if arch == "olmo2" else "head",
+    )
+    act = r.take("hidden_act")
+    dense = Mlp(r.take("intermediate_size"), act, gated=not starcoder, bias=mlp_bias)
+    mlps = [dense] * num_layers
+    if arch == "mixtral":
+        experts = Experts(_num_experts(r), r.take("num_experts_per_tok"), normalize=True)
+        mlps = [dataclasses.replace(dense, experts=experts)] * num_layers
+    elif arch == "qwen3_moe":
+        n = _num_experts(r)
+        only = set(r.take("mlp_only_layers") or ())
+        step = r.take("decoder_sparse_step")
+        if n > 0:
+            top_k, normalize = r.take("num_experts_per_tok"), bool(r.take("norm_topk_prob"))
+            moe = Mlp(r.take("moe_intermediate_size"), act, experts=Experts(n, top_k, normalize))
+            mlps = [
+                moe if i not in only and (i + 1) % step == 0 else dense for i in range(num_layers)
+            ]
+    positions = [rotary] * num_layers
+    if arch == "smollm3":
+        positions, types = _smollm3_positions(r, rotary, num_layers)
+        windows = layer_windows(types, r.take("sliding_window"), num_layers, max_pos)
+    else:
+        windows = _windows(arch, r, num_layers, max_pos)
+    r.ignore(*_ROUTER_TRAINING, "residual_dropout", "embedding_dropout")
+    layers = [
+        LayerSpec(
+            dataclasses.replace(attention, position=position, sliding_window=window),
+            mlp,
+            norm,
+            norms="post" if arch == "olmo2" else "pre",
+        )
+        for position, window, mlp in zip(positions, windows, mlps, strict=True)
+    ]
+    return _model(
+        arch,
+        r,
+        layers,
+        norm,
+        hidden_size=hidden,
+        max_position_embeddings=max_pos,
+        tie_embeddings=bool(r.take("tie_word_embeddings")),
+    )
+
+
+def _smollm3_positions(r: ConfigReader, rotary: Rotary, num_layers: int):
+    """SmolLM3's `no_rope_layers` (1: rotary, 0: none; by default every
+    `no_rope_layer_interval`-th layer has none) and its layer kinds (only rotary-free layers
+    may slide, with `use_sliding_window`)."""
+    interval = r.take("no_rope_layer_interval")
+    uses = r.take("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(num_layers)]
+    if len(uses) != num_layers or set(uses) - {0, 1}:
+        raise ConvertError(f"no_rope_layers must list 0 or 1 for {num_layers} layers")
+    types = r.take("layer_types")
+    if types is None and r.take("use_sliding_window"):
+        types = ["full_attention" if use else "sliding_attention" for use in uses]
+    else:
+        r.ignore("use_sliding_window")
+    return [rotary if use else None for use in uses], types
+
+
+def _moe_rules(cfg: ModelConfig, prefixes: tuple[str, ...], router: str, names: tuple) -> dict:
+    """The expert rules of a mixture (none for a dense model): router `{prefix}.{router}`, and
+    the experts either per expert (`{prefix}.experts.{e}.{gate, up, down}.weight`, one prefix
+    of `prefixes` each) or fused (`mlp.experts.gate_up_proj` [E, 2F, D], `down_proj` [E, D, F],
+    as transformers 5 holds them)."""
+    num = next((s.mlp.experts.num for s in cfg.layers if s.mlp.experts), 0)
+    if not num:
+        return {}
+    gate, up, down = names
+
+    def each(prefix, part):
+        return tuple(f"{prefix}.experts.{e}.{part}.weight" for e in range(num))
+
+    return {
+        "mlp.router": [((f"{p}.{router}.weight",), identity) for p in prefixes],
+        "mlp.up": [((*each(p, gate), *each(p, up)), stack_experts) for p in prefixes]
+        + [(("mlp.experts.gate_up_proj",), split_halves)],
+        "mlp.down": [(each(p, down), stack_experts) for p in prefixes]
+        + [(("mlp.experts.down_proj",), identity)],
+    }
+
+
+def _llama_like_table(cfg: ModelConfig) -> Table:
+    """Llama's names, plus each family's: qk-norms (one row per head, or one for all heads),
+    post-norms (OLMo 2), StarCoder2's MLP, the experts of Mixtral and Qwen3-MoE."""
+    arch = cfg.architecture
+    layer = {
+        **norm("norm", "input_layernorm"),
+        **norm("mlp_norm", "post_attention_layernorm"),
+        **llama_attention("self_attn"),
+        **linear("attn.out", "self_attn.o_proj", split_heads),
+        "mlp.up": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), stack),
+        "mlp.up_bias": (("mlp.gate_proj.bias", "mlp.up_proj.bias"), stack),
+        **linear("mlp.down", "mlp.down_proj"),
+        # Qwen3: one row [H] for every head; OLMo 2: [N * H] over all heads
+        "attn.q_norm.scale": (("self_attn.q_norm.weight",), split_heads_or_tile),
+        "attn.k_norm.scale": (("self_attn.k_norm.weight",), split_heads_or_tile),
+    }
+    if arch == "olmo2":
+        layer |= norm("post_attn_norm", "post_attention_layernorm")
+        layer |= norm("post_mlp_norm", "post_feedforward_layernorm")
+    if arch == "starcoder2":
+        layer |= linear("mlp.up", "mlp.c_fc") | linear("mlp.down", "mlp.c_proj")
+    if arch == "mixtral":
+        layer |= _moe_rules(cfg, ("block_sparse_moe", "mlp"), "gate", ("w1", "w3", "w2"))
+    if arch == "qwen3_moe":
+        moe = _moe_rules(cfg, ("mlp",), "gate", ("gate_proj", "up_proj", "down_proj"))
+        layer |= {k: [layer[k], *v] if k in layer else v for k, v in moe.items()}
+    return Table(
+        rules=(*outer("model.embed_tokens", "model.norm"), *layer_rules("model.layers.{i}", layer)),
+        ignored_suffixes=LLAMA.ignored_suffixes,
+        tied_copy=LLAMA.tied_copy,
+    )
+
+
+def split_heads_or_tile(w: np.ndarray, shape) -> np.ndarray:
+    """A qk-norm weight: [N * H] (all heads) -> [N, H], or one row [H] for every head."""
+    return w.reshape(shape) if w.size == np.prod(shape) else tile_heads(w, shape)
+
+
+# Phi-3
+
+
+def _phi3(arch: str, r: ConfigReader) -> ModelConfig:
+    hidden, num_layers = r.take("hidden_size"), r.take("num_hidden_layers")
+    max_pos = r.take("max_position_embeddings")
+    num_heads, kv_heads, head_dim = _heads(r, hidden)
+    for key in ("rope_parameters", "rope_scaling"):  # Phi-3 reads "su" and "yarn" as longrope
+        if isinstance(r.d.get(key), dict):
+            spec = dict(r.d[key])
+            for k in ("rope_type", "type"):
+                if spec.get(k) in ("su", "yarn"):
+                    spec[k] = "longrope"
+            r.d[key] = spec
+    original = r.take("original_max_position_embeddings")
+    rope = read_rope(r.d, r.defaults["rope_theta"], max_pos, original)
+    partial = _partial(r, rope, "partial_rotary_factor", 1.0)
+    attention = Attention(
+        num_heads, kv_heads, head_dim, _rotary(rope, head_dim, partial), head_dim**-0.5
+    )
+    norm = Norm("rms", float(r.take("rms_norm_eps")))
+    mlp = Mlp(r.take("intermediate_size"), r.take("hidden_act"))
+    windows = _windows(arch, r, num_layers, max_pos)
+    r.ignore("resid_pdrop", "embd_pdrop")
+    return _model(
+        arch,
+        r,
+        [LayerSpec(_sliding(attention, w), mlp, norm) for w in windows],
+        norm,
+        hidden_size=hidden,
+        max_position_embeddings=max_pos,
+        tie_embeddings=bool(r.take("tie_word_embeddings")),
+    )
+
+
+def split_qkv(w: np.ndarray, shape) -> np.ndarray:
+    """One [(N + 2K) * H, D] projection, q then k then v rows (Phi-3) -> [K, G + 2, H, D]."""
+    K, E, H, *_ = shape
+    q, k, v = np.split(w, [K * (E - 2) * H, K * (E - 1) * H], axis=0)
+    return fuse_qkv(q, k, v, shape)
+
+
+PHI3 = Table(
+    rules=(
+        *outer("model.embed_tokens", "model.norm"),
+        *layer_rules(
+            "model.layers.{i}",
+            {
+                **norm("norm", "input_layernorm"),
+                **norm("mlp_norm", "post_attention_layernorm"),
+                "attn.qkv": (("self_attn.qkv_proj.weight",), split_qkv),
+                **linear("attn.out", "self_attn.o_proj", split_heads),
+                "mlp.up": (("mlp.gate_up_proj.weight",), split_halves),
+                **linear("mlp.down", "mlp.down_proj"),
+            },
+        ),
+    ),
+    ignored_suffixes=LLAMA.ignored_suffixes,
+    tied_copy=LLAMA.tied_copy,
+)
+
+
+# Gemma 2 and Gemma 3 (text)
+
+
+def _gemma_ropes(arch: str, r: ConfigReader, max_pos: int) -> tuple[RopeSpec, RopeSpec]:
+    """(full layers' rope, sliding layers' rope). Gemma 3 gives each layer kind its own:
+    `rope_parameters` keyed by layer kind (transformers 5), or `rope_theta` + `rope_scaling` for
+    full layers and `rope_local_base_freq` for sliding ones (4.x)."""
+    if arch == "gemma2":
+        rope = read_rope(r.d, r.defaults["rope_theta"], max_pos)
+        return rope, rope
+    params = r.d.get("rope_parameters")
+    local_base = r.take("rope_local_base_freq")
+    if isinstance(params, dict) and set(params) <= {"full_attention", "sliding_attention"}:
+        r.d.pop("rope_parameters")
+        r.ignore("rope_theta", "rope_scaling")  # folded into the nested dict by transformers
+        full = read_rope({"rope_parameters": params.get("full_attention")}, 1e6, max_pos)
+        local = read_rope({"rope_parameters": params.get("sliding_attention")}, 1e4, max_pos)
+        return full, local
+    full = read_rope(r.d, r.defaults["rope_theta"], max_pos)
+    return full, RopeSpec(float(local_base), None)
+
+
+def _gemma2(arch: str, r: ConfigReader) -> ModelConfig:
+    """Gemma 2 and Gemma 3 text: sandwich norms, (1 + w) RMSNorm, local and global layers;
+    Gemma 2 soft-caps attention and logits, Gemma 3 normalizes queries and keys."""
+    hidden, num_layers = r.take("hidden_size"), r.take("num_hidden_layers")
+    max_pos = r.take("max_position_embeddings")
+    num_heads, kv_heads, head_dim = _heads(r, hidden)
+    full_rope, local_rope = _gemma_ropes(arch, r, max_pos)
+    _require(r, "use_bidirectional_attention", (None, False), "bidirectional attention")
+    norm = Norm("rms_plus_one", float(r.take("rms_norm_eps")))
+    gemma3 = arch == "gemma3_text"
+    if gemma3:  # stored, but transformers' Gemma 3 attention never applies it
+        r.ignore("attn_logit_softcapping")
+    biased = bool(r.take("attention_bias"))
+    attention = Attention(
+        num_heads,
+        kv_heads,
+        head_dim,
+        None,
+        float(r.take("query_pre_attn_scalar")) ** -0.5,
+        qkv_bias=biased,
+        out_bias=biased,
+        qk_norm=norm if gemma3 else None,
+        softcap=None if gemma3 else r.explicit("attn_logit_softcapping"),
+    )
+    act = r.take("hidden_activation") or r.take("hidden_act")
+    mlp = Mlp(r.take("intermediate_size"), act)
+    windows = _windows(arch, r, num_layers, max_pos)
+
+    def layer(window):
+        rope = full_rope if window is None else local_rope
+        spec = dataclasses.replace(
+            attention, position=_full_rotary(rope, head_dim), sliding_window=window
+        )
+        return LayerSpec(spec, mlp, norm, norms="pre_post")
+
+    return _model(
+        arch,
+        r,
+        [layer(w) for w in windows],
+        norm,
+        hidden_size=hidden,
+        max_position_embeddings=max_pos,
+        tie_embeddings=bool(r.take("tie_word_embeddings")),
+        embed_scale=hidden**0.5,
+        final_softcap=r.explicit("final_logit_softcapping"),
+    )
+
+
+GEMMA2 = Table(
+    rules=(
+        *outer("model.embed_tokens", "model.norm"),
+        *layer_rules(
+            "model.layers.{i}",
+            {
+                **norm("norm", "input_layernorm"),
+                **norm("post_attn_norm", "post_attention_layernorm"),
+                **norm("mlp_norm", "pre_feedforward_layernorm"),
+                **norm("post_mlp_norm", "post_feedforward_layernorm"),
+                **llama_attention("self_attn"),
+                **linear("attn.out", "self_attn.o_proj", split_heads),
+                "attn.q_norm.scale": (("self_attn.q_norm.weight",), tile_heads),
+                "attn.k_norm.scale": (("self_attn.k_norm.weight",), tile_heads),
+                "mlp.up": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), stack),
+                **linear("mlp.down", "mlp.down_proj"),
+            },
+        ),
+    ),
+    ignored_suffixes=LLAMA.ignored_suffixes,
+    tied_copy=LLAMA.tied_copy,
+)
+
+
+# gpt-oss
+
+
+def _gpt_oss(arch: str, r: ConfigReader) -> ModelConfig:
+    """gpt-oss: sliding and full layers, learned sink logits, YaRN, a biased router over
+    experts with a clamped SwiGLU; MXFP4 expert weights are dequantized at conversion."""
+    hidden, num_layers = r.take("hidden_size"), r.take("num_hidden_layers")
+    max_pos = r.take("max_position_embeddings")
+    num_heads, kv_heads, head_dim = _heads(r, hidden)
+    if "rope_parameters" not in r.d and "rope_scaling" not in r.d:
+        r.d["rope_parameters"] = dict(_GPT_OSS_ROPE)
+    rope = read_rope(r.d, r.defaults["rope_theta"], max_pos)
+    quant = r.take("quantization_config")
+    if quant is not None and quant.get("quant_method") != "mxfp4":
+        raise ConvertError(f"quantization {quant.get('quant_method')!r}: only mxfp4 is supported")
+    top_k = r.take("num_experts_per_tok")
+    alias = r.d.pop("experts_per_token", None)
+    if alias is not None and alias != top_k:
+        raise ConvertError(f"experts_per_token {alias} disagrees with num_experts_per_tok {top_k}")
+    biased = bool(r.take("attention_bias"))
+    attention = Attention(
+        num_heads,
+        kv_heads,
+        head_dim,
+        _full_rotary(rope, head_dim),
+        head_dim**-0.5,
+        qkv_bias=biased,
+        out_bias=biased,
+        learned_sinks=True,
+    )
+    experts = Experts(_num_experts(r), top_k, normalize=True, router_bias=True)
+    mlp = Mlp(
+        r.take("intermediate_size"),
+        "clamped_swiglu",
+        bias=True,
+        experts=experts,
+        alpha=float(r.take("swiglu_alpha")),
+        limit=float(r.take("swiglu_limit")),
+    )
+    norm = Norm("rms", float(r.take("rms_norm_eps")))
+    windows = _windows(arch, r, num_layers, max_pos)
+    r.ignore(*_ROUTER_TRAINING, "hidden_act", "initial_context_length")
+    return _model(
+        arch,
+        r,
+        [LayerSpec(_sliding(attention, w), mlp, norm) for w in windows],
+        norm,
+        hidden_size=hidden,
+        max_position_embeddings=max_pos,
+        tie_embeddings=bool(r.take("tie_word_embeddings")),
+    )
+
+
+_GPT_OSS_ROPE = {
+    "rope_type": "yarn",
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 4096,
+}
+
+
+def interleaved_gate_up(w: np.ndarray, shape) -> np.ndarray:
+    """gpt-oss's fused experts [E, D, 2F], gate and up interleaved along 2F -> [E, 2, F, D]."""
+    E, _, F, D = shape
+    return w.reshape(E, D, F, 2).transpose(0, 3, 2, 1)
+
+
+def interleaved_bias(w: np.ndarray, shape) -> np.ndarray:
+    """[E, 2F], gate and up interleaved -> [E, 2, F]."""
+    E, _, F = shape
+    return w.reshape(E, F, 2).transpose(0, 2, 1)
+
+
+def experts_transposed(w: np.ndarray, shape) -> np.ndarray:
+    """Experts stored input-major [E, F, D] -> output-major [E, D, F]."""
+    return w.transpose(0, 2, 1)
+
+
+@packed
+def mxfp4_gate_up(blocks: np.ndarray, scales: np.ndarray, shape) -> np.ndarray:
+    """MXFP4 experts [E, 2F, D / 32, 16] + scales, rows interleaved gate / up -> [E, 2, F, D]."""
+    E, _, F, D = shape
+    w = mxfp4.dequantize(blocks, scales, name="gate_up_proj_blocks")  # [E, 2F, D]
+    return w.reshape(E, F, 2, D).transpose(0, 2, 1, 3)
+
+
+@packed
+def mxfp4_down(blocks: np.ndarray, scales: np.ndarray, shape) -> np.ndarray:
+    """MXFP4 experts [E, D, F / 32, 16] + scales -> [E, D, F] (already output-major)."""
+    return mxfp4.dequantize(blocks, scales, name="down_proj_blocks")
+
+
+GPT_OSS = Table(
+    rules=(
+        *outer("model.embed_tokens", "model.norm"),
+        *layer_rules(
+            "model.layers.{i}",
+            {
+                **norm("norm", "input_layernorm"),
+                **norm("mlp_norm", "post_attention_layernorm"),
+                **llama_attention("self_attn"),
+                **linear("attn.out", "self_attn.o_proj", split_heads),
+                "attn.sinks": (("self_attn.sinks",), identity),
+                **linear("mlp.router", "mlp.router"),
+                "mlp.up": [
+                    (("mlp.experts.gate_up_proj",), interleaved_gate_up),
+                    (
+                        ("mlp.experts.gate_up_proj_blocks", "mlp.experts.gate_up_proj_scales"),
+                        mxfp4_gate_up,
+                    ),
+                ],
+                "mlp.up_bias": (("mlp.experts.gate_up_proj_bias",), interleaved_bias),
+                "mlp.down": [
+                    (("mlp.experts.down_proj",), experts_transposed),
+                    (("mlp.experts.down_proj_blocks", "mlp.experts.down_proj_scales"), mxfp4_down),
+                ],
+                "mlp.down_bias": (("mlp.experts.down_proj_bias",), identity),
+            },
+        ),
+    ),
+    ignored_suffixes=LLAMA.ignored_suffixes,
+    tied_copy=LLAMA.tied_copy,
+)
+
+
+# Bloom
+
+
+def _bloom(arch: str, r: ConfigReader) -> ModelConfig:
+    """Bloom: ALiBi (its bias added to the scaled scores), a LayerNorm on the embeddings."""
+    hidden = r.take("hidden_size") or r.take("n_embed")
+    num_heads = r.take("n_head")
+    head_dim = hidden // num_heads
+    if r.take("apply_residual_connection_post_layernorm"):
+        raise ConvertError("apply_residual_connection_post_layernorm is not supported")
+    if r.take("n_inner") is not None:
+        raise ConvertError("a Bloom n_inner is not supported (transformers uses 4 x hidden)")
+    attention = Attention(
+        num_heads,
+        num_heads,
+        head_dim,
+        Alibi(tuple(bloom_slopes(num_heads))),
+        head_dim**-0.5,
+        qkv_bias=True,
+        out_bias=True,
+    )
+    norm = Norm("layer", float(r.take("layer_norm_epsilon")), bias=True)
+    mlp = Mlp(4 * hidden, "gelu_pytorch_tanh", gated=False, bias=True)
+    # Tensor-parallel slicing of the same products, fused kernels, dropout: same function.
+    r.ignore(
+        "pretraining_tp",
+        "slow_but_exact",
+        "hidden_dropout",
+        "masked_softmax_fusion",
+        "attention_softmax_in_fp32",
+        "bias_dropout_fusion",
+        "skip_bias_add",
+        "skip_bias_add_qkv",
+        "offset_alibi",
+    )
+    return _model(
+        arch,
+        r,
+        [LayerSpec(attention, mlp, norm)] * r.take("n_layer"),
+        norm,
+        hidden_size=hidden,
+        max_position_embeddings=r.take("seq_length", 2048),
+        tie_embeddings=bool(r.take("tie_word_embeddings")),
+        embed_norm=norm,
+    )
+
+
+BLOOM = Table(
+    rules=(
+        *outer("transformer.word_embeddings", "transformer.ln_f"),
+        *(
+            Rule(target, sources, f)
+            for target, (sources, f) in norm(
+                "embed_norm", "transformer.word_embeddings_layernorm"
+            ).items()
+        ),
+        *layer_rules(
+            "transformer.h.{i}",
+            {
+                **norm("norm", "input_layernorm"),
+                **norm("mlp_norm", "post_attention_layernorm"),
+                # rows per head [N, 3 (q, k, v), H]: already [K = N, G + 2 = 3, H]
+                **linear("attn.qkv", "self_attention.query_key_value", split_heads, split_heads),
+                **linear("attn.out", "self_attention.dense", split_heads),
+                **linear("mlp.up", "mlp.dense_h_to_4h"),
+                **linear("mlp.down", "mlp.dense_4h_to_h"),
+            },
+        ),
+    ),
+    tied_copy=("lm_head.weight", "transformer.word_embeddings.weight"),
+)
+
+
 FAMILIES: dict[str, Family] = {
     "llama": Family(
         _LLAMA_REQUIRED,
@@ -887,6 +1478,143 @@ FAMILIES: dict[str, Family] = {
         },
         _qwen,
         _constant(QWEN),
+    ),
+    "qwen3": Family(
+        _LLAMA_REQUIRED,
+        _MODERN | {"head_dim": 128, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6},
+        _llama_like,
+        _llama_like_table,
+    ),
+    "qwen3_moe": Family(
+        _LLAMA_REQUIRED,
+        _MODERN
+        | {
+            "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-6,
+            "num_experts": 128,
+            "num_experts_per_tok": 8,
+            "moe_intermediate_size": 768,
+            "decoder_sparse_step": 1,
+            "norm_topk_prob": False,
+        },
+        _llama_like,
+        _llama_like_table,
+    ),
+    "mixtral": Family(
+        _LLAMA_REQUIRED,
+        _MODERN
+        | {
+            "rope_theta": 1e6,
+            "max_position_embeddings": 131072,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+        },
+        _llama_like,
+        _llama_like_table,
+    ),
+    "smollm3": Family(
+        _LLAMA_REQUIRED,
+        _MODERN
+        | {
+            "rope_theta": 2e6,
+            "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": True,
+            "no_rope_layer_interval": 4,
+        },
+        _llama_like,
+        _llama_like_table,
+    ),
+    "olmo2": Family(
+        _LLAMA_REQUIRED, _MODERN | {"max_position_embeddings": 2048}, _llama_like, _llama_like_table
+    ),
+    "starcoder2": Family(
+        _LLAMA_REQUIRED,
+        _MODERN
+        | {
+            "hidden_act": "gelu_pytorch_tanh",
+            "norm_epsilon": 1e-5,
+            "use_bias": True,
+            "tie_word_embeddings": True,
+            "max_position_embeddings": 4096,
+        },
+        _llama_like,
+        _llama_like_table,
+    ),
+    "phi3": Family(
+        _LLAMA_REQUIRED,
+        _MODERN | {"max_position_embeddings": 4096, "original_max_position_embeddings": 4096},
+        _phi3,
+        _constant(PHI3),
+    ),
+    "gemma2": Family(
+        _LLAMA_REQUIRED,
+        _MODERN
+        | {
+            "hidden_activation": "gelu_pytorch_tanh",
+            "head_dim": 256,
+            "query_pre_attn_scalar": 256,
+            "sliding_window": 4096,
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": True,
+            "max_position_embeddings": 8192,
+            "bos_token_id": 2,
+            "eos_token_id": 1,
+        },
+        _gemma2,
+        _constant(GEMMA2),
+    ),
+    "gemma3_text": Family(
+        _LLAMA_REQUIRED,
+        _MODERN
+        | {
+            "hidden_activation": "gelu_pytorch_tanh",
+            "head_dim": 256,
+            "query_pre_attn_scalar": 256,
+            "sliding_window": 4096,
+            "rope_theta": 1e6,
+            "rope_local_base_freq": 1e4,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": True,
+            "max_position_embeddings": 131072,
+            "bos_token_id": 2,
+            "eos_token_id": 1,
+        },
+        _gemma2,
+        _constant(GEMMA2),
+    ),
+    "gpt_oss": Family(
+        _LLAMA_REQUIRED,
+        _MODERN
+        | {
+            "rope_theta": 150000.0,
+            "head_dim": 64,
+            "sliding_window": 128,
+            "attention_bias": True,
+            "num_experts": 128,
+            "num_experts_per_tok": 4,
+            "swiglu_alpha": 1.702,
+            "swiglu_limit": 7.0,
+            "max_position_embeddings": 131072,
+        },
+        _gpt_oss,
+        _constant(GPT_OSS),
+    ),
+    "bloom": Family(
+        ("vocab_size",),
+        {
+            "hidden_size": 64,
+            "n_layer": 2,
+            "n_head": 8,
+            "layer_norm_epsilon": 1e-5,
+            "tie_word_embeddings": True,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+        _bloom,
+        _constant(BLOOM),
     ),
     "btlm": Family(
         ("vocab_size", "n_embd", "n_layer", "n_head"),

@@ -112,12 +112,26 @@ HARMLESS = frozenset(
     }
 )
 
-# Keys of a rope dict, per rope type (besides `rope_type` / `type` / `rope_theta`).
+# Keys of a rope dict, per rope type (besides `rope_type` / `type` / `rope_theta` /
+# `partial_rotary_factor`): required, then optional.
 ROPE_KEYS = {
-    "default": (),
-    "linear": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "default": ((), ()),
+    "linear": (("factor",), ()),
+    "llama3": (
+        ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+        (),
+    ),
+    "yarn": (
+        ("factor", "original_max_position_embeddings"),
+        ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+    ),
+    "longrope": (
+        ("short_factor", "long_factor", "original_max_position_embeddings"),
+        ("factor", "attention_factor"),
+    ),
 }
+# Rope dict keys that transformers fills in from the model's own config when they are absent.
+_FROM_CONTEXT = ("original_max_position_embeddings",)
 
 WEIGHT_INDEX = "model.safetensors.index.json"
 WEIGHT_FILE = "model.safetensors"
@@ -168,6 +182,11 @@ class ConfigReader:
         if value is None:
             value = self.defaults.get(key, default)
         return value
+
+    def explicit(self, key: str) -> Any:
+        """The value of `key` (removed) even if it is null, else its transformers default: for
+        keys whose null means "off" where the default is on (a soft-cap)."""
+        return self.d.pop(key) if key in self.d else self.defaults.get(key)
 
     def ignore(self, *keys: str) -> None:
         """Drop keys that change nothing at inference (dropout, precision, kernel choice)."""
@@ -231,9 +250,19 @@ class RopeSpec:
     partial: float | None = None
 
 
-def read_rope(d: dict, default_theta: float) -> RopeSpec:
+def read_rope(
+    d: dict,
+    default_theta: float,
+    max_position: int | None = None,
+    original_max: int | None = None,
+) -> RopeSpec:
     """The rotary spec of 5.x `rope_parameters` or 4.x `rope_theta` + `rope_scaling`; pops
-    those keys from `d`."""
+    those keys from `d`.
+
+    max_position: the model's `max_position_embeddings`, which transformers uses for an absent
+    `original_max_position_embeddings` (and longrope for an absent `factor`); original_max: a
+    top-level `original_max_position_embeddings` (Phi-3), which wins over the rope dict's.
+    """
     params = d.pop("rope_parameters", None)
     legacy = d.pop("rope_scaling", None)
     top_theta = d.pop("rope_theta", None)
@@ -257,52 +286,72 @@ def read_rope(d: dict, default_theta: float) -> RopeSpec:
         raise ConvertError(
             f"unsupported rope scaling type {kind!r} (supported: {', '.join(ROPE_KEYS)})"
         )
-    keys = ROPE_KEYS[kind]
+    required, optional = ROPE_KEYS[kind]
+    if "original_max_position_embeddings" in required:
+        if original_max is not None:
+            spec["original_max_position_embeddings"] = original_max
+        elif spec.get("original_max_position_embeddings") is None:
+            spec["original_max_position_embeddings"] = max_position
+    if kind == "longrope" and spec.get("factor") is None and max_position is not None:
+        spec["factor"] = max_position / spec["original_max_position_embeddings"]
     problems = []
-    if unknown := sorted(set(spec) - set(keys)):
+    if unknown := sorted(set(spec) - set(required) - set(optional)):
         problems.append(f"unknown keys {', '.join(unknown)}")
-    if absent := [k for k in keys if spec.get(k) is None]:
+    if absent := [k for k in required if spec.get(k) is None]:
         problems.append(f"missing keys {', '.join(absent)}")
     if problems:
         raise ConvertError(f"rope type {kind!r}: {'; '.join(problems)}")
     if kind == "default":
         return RopeSpec(theta, None, partial)
-    if kind == "linear":
-        return RopeSpec(theta, RopeScaling("linear", float(spec["factor"])), partial)
+    spec = {k: v for k, v in spec.items() if v is not None}
     scaling = RopeScaling(
-        "llama3",
-        factor=float(spec["factor"]),
-        low_freq_factor=float(spec["low_freq_factor"]),
-        high_freq_factor=float(spec["high_freq_factor"]),
-        original_max_position_embeddings=int(spec["original_max_position_embeddings"]),
+        kind,
+        factor=float(spec.pop("factor", 1.0)),
+        **{k: _rope_value(k, v) for k, v in spec.items()},
     )
     return RopeSpec(theta, scaling, partial)
 
 
-def check_sliding_window(arch: str, d: dict, num_layers: int, max_pos: int) -> None:
-    """Accept (and pop) sliding-window keys only where no layer actually slides."""
-    if arch == "mistral":
-        window = d.pop("sliding_window", None)
-        slides = window is not None and window < max_pos
-    elif arch == "qwen2":
-        use = d.pop("use_sliding_window", False)
-        window = d.pop("sliding_window", None)
-        first_sliding = d.pop("max_window_layers", 28)  # transformers' Qwen2Config default
-        layer_types = d.pop("layer_types", None)
-        kinds = set(layer_types or ())
-        if kinds - {"full_attention", "sliding_attention"}:
-            raise ConvertError(f"unknown layer_types {sorted(kinds)}")
-        if layer_types is not None:
-            sliding_layers = layer_types.count("sliding_attention")
-        else:
-            sliding_layers = max(0, num_layers - first_sliding)
-        slides = bool(use) and window is not None and sliding_layers > 0
-    else:
-        return
-    if slides:
+def _rope_value(key: str, value):
+    """A rope dict value in the type `RopeScaling` keeps it in."""
+    if key in ("short_factor", "long_factor"):
+        if not isinstance(value, list):
+            raise ConvertError(f"rope {key} must be a list of numbers")
+        return tuple(float(v) for v in value)
+    if key == "original_max_position_embeddings":
+        return int(value)
+    if key == "truncate":
+        return bool(value)
+    return float(value)
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_windows(
+    layer_types: list[str] | None, window: int | None, num_layers: int, max_pos: int
+) -> tuple[int | None, ...]:
+    """Each layer's native sliding window (None: a full layer) from a config's `layer_types`
+    (None: every layer full) and `sliding_window`.
+
+    A window of at least `max_position_embeddings` changes nothing over the trained context,
+    so its layers are full ones; so are all layers when the config gives no window (as
+    transformers masks them).
+    """
+    if layer_types is None:
+        layer_types = ["full_attention"] * num_layers
+    if not isinstance(layer_types, list) or len(layer_types) != num_layers:
+        raise ConvertError(f"layer_types must list {num_layers} layer kinds, got {layer_types!r}")
+    if unknown := sorted(set(layer_types) - set(LAYER_TYPES)):
         raise ConvertError(
-            f"sliding_window {window}: native sliding-window attention layers are not supported yet"
+            f"unknown layer_types {', '.join(map(str, unknown))} (supported: "
+            f"{', '.join(LAYER_TYPES)})"
         )
+    if window is not None and (not isinstance(window, int) or window < 2):
+        raise ConvertError(f"sliding_window must be an integer >= 2, got {window!r}")
+    if window is None or window >= max_pos:
+        return (None,) * num_layers
+    return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
 
 
 def weight_files(src: Path) -> list[Path]:

@@ -55,10 +55,33 @@ def stack(*arrays_and_shape) -> np.ndarray:
     return np.stack(arrays)
 
 
+def stack_experts(*arrays_and_shape) -> np.ndarray:
+    """Per-expert arrays, grouped by part (every expert's gate, then every expert's up; or
+    every expert's down) -> [E, parts, ...] ([E, ...] for one part), as the target shape says."""
+    *arrays, shape = arrays_and_shape
+    parts = len(arrays) // shape[0]
+    out = np.stack(arrays).reshape(parts, shape[0], *arrays[0].shape)
+    return np.moveaxis(out, 0, 1).reshape(shape)
+
+
+def split_halves(w: np.ndarray, shape: Shape) -> np.ndarray:
+    """A fused [..., 2F, ...] projection whose halves are gate then up -> [..., 2, F, ...]."""
+    return w.reshape(shape)
+
+
+def packed(transform: Transform) -> Transform:
+    """Mark a transform that reads packed integer tensors (quantized blocks and scales)."""
+    transform.packed = True
+    return transform
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """One jaxsink parameter (its name in `param_shapes`, with `{i}` for every layer that has
-    it) made from its source tensors (names with `{i}` for the layer) by `transform`."""
+    it) made from its source tensors (names with `{i}` for the layer) by `transform`.
+
+    Several rules may fill one target (layouts of the same weights: per-expert tensors or one
+    fused tensor): the first whose sources all exist is used."""
 
     target: str
     sources: tuple[str, ...]
@@ -85,12 +108,14 @@ class Table:
     constants: tuple[tuple[str, np.ndarray], ...] = ()
 
 
-def layer_rules(prefix: str, names: Mapping[str, tuple[tuple[str, ...], Transform]]):
-    """Rules of per-layer parameters: target suffix -> (source suffixes, transform), both
-    under their layer (`layers.{i}.` and `prefix`)."""
+def layer_rules(prefix: str, names: Mapping[str, tuple | list[tuple]]):
+    """Rules of per-layer parameters: target suffix -> (source suffixes, transform), or a list
+    of such alternatives (layouts of the same weights, the first present is used), both under
+    their layer (`layers.{i}.` and `prefix`)."""
     return tuple(
         Rule(f"layers.{{i}}.{target}", tuple(f"{prefix}.{s}" for s in sources), transform)
-        for target, (sources, transform) in names.items()
+        for target, options in names.items()
+        for sources, transform in (options if isinstance(options, list) else [options])
     )
 
 
@@ -244,13 +269,19 @@ def _plan(
     cfg: ModelConfig, table: Table, shapes: Mapping[str, Shape], available: Collection[str]
 ) -> dict[str, tuple[Rule, list[str]]]:
     """target -> (rule, source names), after checking the names on both sides."""
-    plan = {}
+    candidates: dict[str, list[tuple[Rule, list[str]]]] = {}
     for rule in table.rules:
         layers = range(cfg.num_layers) if "{i}" in rule.target else [None]
         for i in layers:
             target = rule.target.format(i=i)
-            if target in shapes and target not in plan:
-                plan[target] = (rule, [s.format(i=i) for s in rule.sources])
+            if target in shapes:
+                sources = [s.format(i=i) for s in rule.sources]
+                candidates.setdefault(target, []).append((rule, sources))
+    have = set(available)
+    plan = {
+        target: next((c for c in options if have.issuperset(c[1])), options[0])
+        for target, options in candidates.items()
+    }
     uncovered = sorted(set(shapes) - set(plan), key=_natural)
     if uncovered:
         raise ConvertError(f"no {cfg.architecture} conversion rule for {_list(uncovered)}")
@@ -276,6 +307,8 @@ def _apply(
 ) -> np.ndarray:
     """`rule.transform` on the source tensors of one parameter, checking dtypes and shapes."""
     for name, array in zip(names, arrays, strict=True):
+        if getattr(rule.transform, "packed", False):
+            break
         if array.dtype.kind != "f" and array.dtype != ml_dtypes.bfloat16:
             raise ConvertError(
                 f"tensor {name} has dtype {array.dtype}; only float tensors can be converted "

@@ -228,9 +228,12 @@ def cmd_ppl(args) -> int:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for r in results:
         s = r.summary()
+        cache = f"cache {s['cache_bytes'] / 2**20:.1f} MiB"
+        if s["cache_bytes_all_full"] != s["cache_bytes"]:
+            cache += f" ({s['cache_bytes_all_full'] / 2**20:.1f} MiB if every layer were full)"
         print(
             f"{r.mode:>6}: ppl {s['ppl']:.3f} over {s['tokens']} tokens, {s['tokens_per_s']:.1f} tok/s, "
-            f"cache {s['cache_bytes'] / 2**20:.1f} MiB, {s['compiles']} compile(s)",
+            f"{cache}, {s['compiles']} compile(s)",
             file=sys.stderr,
         )
     if args.json:

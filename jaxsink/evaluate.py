@@ -50,6 +50,7 @@ class StreamResult:
     seconds: float
     compile_seconds: float
     cache_bytes: int
+    cache_bytes_all_full: int  # the same cache if no layer kept a native sliding window
     compiles: int
     sinks: int
     window: int
@@ -69,6 +70,7 @@ class StreamResult:
             "seconds": self.seconds,
             "compile_seconds": self.compile_seconds,
             "cache_bytes": self.cache_bytes,
+            "cache_bytes_all_full": self.cache_bytes_all_full,
             "compiles": self.compiles,
             "sinks": self.sinks,
             "window": self.window,
@@ -156,6 +158,9 @@ def stream_nll(
         seconds=seconds,
         compile_seconds=compile_seconds,
         cache_bytes=cache_bytes,
+        cache_bytes_all_full=kv.cache_bytes(
+            model.cfg, stream, 1, model.dtype, native_windows=False
+        ),
         compiles=sum(mdl.TRACES.values()) - traces,
         sinks=stream.sinks,
         window=stream.window,

@@ -154,10 +154,13 @@ def _gated(spec: C.Mlp, gate: jax.Array, up: jax.Array) -> jax.Array:
 # --- which keys each query sees (shared by all layers) --------------------------------------
 
 
-def _attention_view(stream: C.StreamConfig, pos: jax.Array, valid: jax.Array, positions, dtype):
+def _attention_view(
+    stream: C.StreamConfig, pos: jax.Array, valid: jax.Array, positions, span: int, dtype
+):
     """Everything about *which* keys each query sees and at which distance, shared by the
     layers whose caches follow `stream` (their `position`s listed in `positions`), for rows at
-    stream positions `pos` [B] reading a chunk with `valid` [B, C].
+    stream positions `pos` [B] reading a chunk with `valid` [B, C]. span: the in-cache
+    positions of the model's stream (`_span`), on which longrope's factors depend.
 
     Returns a dict: the masks against the cached slots (sinks, then ring) [B, C, S] and against
     the chunk's own keys [B, C, J]; the variant scoring each chunk key [B, 1, J]; per distinct
@@ -188,7 +191,6 @@ def _attention_view(stream: C.StreamConfig, pos: jax.Array, valid: jax.Array, po
     q_pos = kv.query_rotations(stream, t, base[:, None])[..., : view["n_variants"]]  # [B, C, V]
     k_pos = kv.key_rotation(stream, t, base[:, None])  # [B, C]
     shift = kv.ring_base(stream, pos_after) - base  # [B], a multiple of W
-    span = stream.capacity + 1 if stream.wraps else stream.capacity  # in-cache positions
     for spec in dict.fromkeys(p for p in positions if isinstance(p, C.Rotary)):
         table = jnp.asarray(rotary_table(n_rot, spec, span), dtype)  # [P, 2, R/2]
         plain = table
@@ -215,6 +217,14 @@ def _attention_view(stream: C.StreamConfig, pos: jax.Array, valid: jax.Array, po
         for start, n in view["blocks"]
     )
     return view
+
+
+def _span(stream: C.StreamConfig) -> int:
+    """How many in-cache positions a stream's queries and keys take: K + 1 for a cache that
+    wraps (the query sits at min(t, K)), K for a dense one. One value for the whole model, so
+    that longrope picks one set of factors for every layer, as Hugging Face does for a whole
+    sequence."""
+    return stream.capacity + 1 if stream.wraps else stream.capacity
 
 
 # --- the one meaning of attention -----------------------------------------------------------
@@ -472,37 +482,52 @@ class Mlp(nnx.Module):
         out = jnp.einsum("df,fbc->dbc", self.down[...], self._hidden(up, 0))
         return out if self.down_bias is None else out + self.down_bias[...][:, None, None]
 
-    def _experts(self, h: jax.Array) -> jax.Array:
-        """The mixture: each token's top-k experts, weighted by their router probabilities.
-
-        Few tokens (top-k experts of every token fewer than E) gather the chosen experts'
-        weights and read only those; more run every expert on every token and weight the
-        outputs, unchosen experts by zero. Both compute the same sums."""
+    def route(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Each token's top-k experts and their weights: h [D, B, C] -> (weights [B, C, k] in
+        h's dtype, expert indices [B, C, k])."""
         moe = self.spec.experts
-        D, B, C_ = h.shape
         logits = jnp.einsum("ed,dbc->bce", self.router[...], h, preferred_element_type=jnp.float32)
         if self.router_bias is not None:
             logits += self.router_bias[...].astype(jnp.float32)
         probs = jax.nn.softmax(logits, axis=-1)  # [B, C, E]
-        top, chosen = jax.lax.top_k(probs, moe.top_k)  # [B, C, k]
+        top, chosen = jax.lax.top_k(probs, moe.top_k)
         if moe.normalize:
             top = top / top.sum(axis=-1, keepdims=True)
-        top = top.astype(h.dtype)
-        if B * C_ * moe.top_k < moe.num:
-            tokens = h.reshape(D, B * C_)
-            up = self.up[...][chosen.reshape(-1)]  # [T k, (2,) F, D]
-            up = up.reshape(B * C_, moe.top_k, *up.shape[1:])
-            up = jnp.einsum("tk...fd,dt->tk...f", up, tokens)  # [T, k, (2,) F]
-            if self.up_bias is not None:
-                up += self.up_bias[...][chosen.reshape(B * C_, moe.top_k)]
-            hidden = self._hidden(up, 2)  # [T, k, F]
-            down = self.down[...][chosen.reshape(B * C_, moe.top_k)]  # [T, k, D, F]
-            out = jnp.einsum("tkdf,tkf->tkd", down, hidden)
-            if self.down_bias is not None:
-                out += self.down_bias[...][chosen.reshape(B * C_, moe.top_k)]
-            out = jnp.einsum("tkd,tk->dt", out, top.reshape(B * C_, moe.top_k))
-            return out.reshape(D, B, C_)
-        weights = (jax.nn.one_hot(chosen, moe.num, dtype=h.dtype) * top[..., None]).sum(-2)
+        return top.astype(h.dtype), chosen
+
+    def _experts(self, h: jax.Array) -> jax.Array:
+        """The mixture: each token's top-k experts, weighted by their router probabilities.
+        With fewer chosen (token, expert) pairs than experts, only the chosen experts' weights
+        are read (`experts_gathered`); otherwise every expert runs on every token
+        (`experts_all`), which reads each expert once. `scripts/bench.py --sections experts`
+        measures both."""
+        _, B, C_ = h.shape
+        top, chosen = self.route(h)
+        if B * C_ * self.spec.experts.top_k < self.spec.experts.num:
+            return self.experts_gathered(h, top, chosen)
+        return self.experts_all(h, top, chosen)
+
+    def experts_gathered(self, h: jax.Array, top: jax.Array, chosen: jax.Array) -> jax.Array:
+        """The chosen experts' weights gathered per token: h [D, B, C], top / chosen [B, C, k]
+        (`route`) -> [D, B, C]."""
+        D, B, C_ = h.shape
+        k = chosen.shape[-1]
+        chosen = chosen.reshape(B * C_, k)
+        up = jnp.einsum("tk...fd,dt->tk...f", self.up[...][chosen], h.reshape(D, B * C_))
+        if self.up_bias is not None:
+            up += self.up_bias[...][chosen]  # [T, k, (2,) F]
+        hidden = self._hidden(up, 2)  # [T, k, F]
+        out = jnp.einsum("tkdf,tkf->tkd", self.down[...][chosen], hidden)
+        if self.down_bias is not None:
+            out += self.down_bias[...][chosen]
+        out = jnp.einsum("tkd,tk->dt", out, top.reshape(B * C_, k))
+        return out.reshape(D, B, C_)
+
+    def experts_all(self, h: jax.Array, top: jax.Array, chosen: jax.Array) -> jax.Array:
+        """Every expert on every token, unchosen ones weighted by zero: same arguments and
+        result as `experts_gathered`."""
+        weights = jax.nn.one_hot(chosen, self.spec.experts.num, dtype=h.dtype) * top[..., None]
+        weights = weights.sum(-2)  # [B, C, E]
         up = jnp.einsum("e...fd,dbc->e...fbc", self.up[...], h)  # [E, (2,) F, B, C]
         if self.up_bias is not None:
             up += self.up_bias[...][..., None, None]
@@ -591,6 +616,7 @@ class Decoder(nnx.Module):
                     for s, ls in zip(cfg.layers, streams, strict=True)
                     if ls == stream
                 ],
+                _span(cache.stream),
                 embed.dtype,
             )
             for stream in dict.fromkeys(streams)

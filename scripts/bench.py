@@ -17,6 +17,9 @@ Sections (select with `--sections decode,bounds,...`; all by default):
 - memory:    compilations, RSS, live device bytes and cache bytes at the start and the end of a
              long sink stream.
 - bf16:      the decode section's jaxsink run with bfloat16 weights and cache.
+- experts:   a mixture-of-experts MLP's two exact paths, chosen experts' weights gathered per
+             token or every expert on every token, against the tokens per call (Mixtral- and
+             gpt-oss-like expert counts at a CPU-sized width).
 - roofline:  a 1B-class Llama shape (Llama 3.2 1B's) with random weights in the run's dtype:
              B = 1 sink decode tok/s against the bandwidth bound, (weight + cache bytes read per
              step) / the measured bandwidth, and aggregate decode at a larger batch. With
@@ -75,6 +78,7 @@ SECTIONS = (
     "memory",
     "bf16",
     "roofline",
+    "experts",
 )
 
 # Sizes of the full run and of the --quick smoke run.
@@ -107,6 +111,8 @@ FULL = {
     "roofline_steps": 64,
     "roofline_batch": 16,
     "roofline_batch_steps": 16,
+    "experts_tokens": (1, 2, 4, 16, 64),
+    "experts_repeats": 20,
 }
 QUICK = {
     "prompt": 128,
@@ -137,6 +143,8 @@ QUICK = {
     "roofline_steps": 2,
     "roofline_batch": 4,
     "roofline_batch_steps": 2,
+    "experts_tokens": (1, 16),
+    "experts_repeats": 2,
 }
 # Model shapes of the roofline section, run with random weights (Llama 3.2 1B's shape; the quick
 # run keeps its widths with 2 layers). `roofline_config` makes the `ModelConfig`.
@@ -1228,6 +1236,68 @@ class Bench:
             f"{B * cache_bytes / 1e9:.2f} GB of cache for {B} rows",
         )
         log(f"roofline: {res['tok_s']:.2f} tok/s, {res['fraction_of_bound']:.2f} of the bound")
+        return res
+
+    def section_experts(self) -> dict:
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from flax import nnx
+
+        from jaxsink import model as mdl
+        from jaxsink.config import Experts, Mlp
+
+        sz, D = self.sizes, 1024
+        shapes = {"mixtral-like E=8 k=2": (8, 2, 1792), "gpt-oss-like E=32 k=4": (32, 4, 1024)}
+        res = {"hidden": D, "dtype": "float32", "shapes": {}}
+        for name, (E, k, F) in shapes.items():
+            spec = Mlp(F, "silu", experts=Experts(E, k))
+            mlp = mdl.Mlp(spec, D, jnp.float32)
+            rng = np.random.default_rng(0)
+            for _, var in nnx.to_flat_state(nnx.state(mlp, nnx.Param)):
+                var.set_value(jnp.asarray(0.02 * rng.standard_normal(var.shape), jnp.float32))
+            graphdef, state = nnx.split(mlp)
+            rows = []
+            for T in sz["experts_tokens"]:
+                h = jnp.asarray(rng.standard_normal((D, 1, T)), jnp.float32)
+                times = {}
+                for path in ("experts_gathered", "experts_all"):
+
+                    @jax.jit
+                    def run(state, h, path=path, graphdef=graphdef):
+                        m = nnx.merge(graphdef, state)
+                        return getattr(m, path)(h, *m.route(h))
+
+                    run(state, h).block_until_ready()
+                    best = float("inf")
+                    for _ in range(sz["experts_repeats"]):
+                        t0 = time.perf_counter()
+                        run(state, h).block_until_ready()
+                        best = min(best, time.perf_counter() - t0)
+                    times[path] = best
+                chosen = "experts_gathered" if T * k < E else "experts_all"
+                faster = min(times, key=times.get)
+                rows.append(
+                    {
+                        "tokens": T,
+                        "gathered_ms": times["experts_gathered"] * 1e3,
+                        "all_ms": times["experts_all"] * 1e3,
+                        "model_chooses": chosen,
+                        "faster": faster,
+                    }
+                )
+                self.row(
+                    "experts",
+                    f"{name}, {T} token(s): gathered / all experts",
+                    f"{times['experts_gathered'] * 1e3:.2f} / {times['experts_all'] * 1e3:.2f} ms",
+                    f"model uses {chosen.removeprefix('experts_')}; faster: "
+                    f"{faster.removeprefix('experts_')}",
+                )
+            res["shapes"][name] = {"experts": E, "top_k": k, "mlp": F, "runs": rows}
+        res["note"] = (
+            "one MoE MLP (router, top-k, experts, weighted sum) jitted alone on random float32 "
+            "weights, best of repeats; both paths compute the same sums"
+        )
         return res
 
     # ---- targets --------------------------------------------------------------------------

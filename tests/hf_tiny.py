@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -55,3 +56,41 @@ def tiny_hf_model(arch: str, path: Path, seed: int = 0, **overrides):
     model.save_pretrained(path, safe_serialization=True)
     write_tokenizer(path)
     return model
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Every weight random at a scale where layout mistakes change the logits: matrices
+    N(0, 1/fan_in), norms 1 + N(0, 0.2), other vectors (biases, sink logits) N(0, 0.2)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, p.shape[-1] ** -0.5)
+            elif "norm" in name or "ln" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+
+
+def build_from_config(config, path: Path, kernel: str = "eager"):
+    """A randomized eval-mode model of a transformers `config`, saved to `path` (config.json +
+    safetensors, no tokenizer)."""
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=kernel)
+    randomize(model)
+    model.eval().save_pretrained(path)
+    return model
+
+
+def torch_logits(torch_model, ids: np.ndarray) -> np.ndarray:
+    """float32 logits [B, N, V] of token ids [B, N]."""
+    with torch.no_grad():
+        out = torch_model(torch.tensor(ids, dtype=torch.long))
+    return (out.logits if hasattr(out, "logits") else out).float().numpy()
+
+
+def torch_nll(torch_model, ids: np.ndarray) -> np.ndarray:
+    """Per-token NLL [N - 1] (float64) of predicting ids[1:] from ids [N]."""
+    logits = torch_logits(torch_model, ids[None, :-1])[0].astype(np.float64)
+    top = logits.max(axis=-1)
+    lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=-1))
+    return lse - logits[np.arange(len(ids) - 1), ids[1:]]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 import transformers
 from flax import nnx
 
@@ -20,6 +19,7 @@ from jaxsink.config import Alibi, Rotary, StreamConfig
 from jaxsink.convert import convert
 from jaxsink.convert.cli import main as convert_main
 from tests import published_models
+from tests.hf_tiny import build_from_config, torch_logits, torch_nll
 from tests.spec_reference import stream_logits
 from tests.tiny import feed
 
@@ -101,32 +101,14 @@ PUBLISHED = {"qwen": published_models.build_tiny_qwen, "btlm": published_models.
 CASES = sorted(TRANSFORMERS) + sorted(PUBLISHED)
 
 
-def _randomize(model: torch.nn.Module) -> None:
-    """Every weight random at a scale where layout mistakes change the logits: matrices
-    N(0, 1/fan_in), norms 1 + N(0, 0.2), biases N(0, 0.2)."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0, p.shape[-1] ** -0.5)
-            elif "norm" in name or "ln" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(0.2 * torch.randn_like(p))
-
-
 def build(case: str, path):
     """(PyTorch model in eval mode, its folder: config.json + safetensors, no tokenizer)."""
     if case in PUBLISHED:
         return PUBLISHED[case](path), path
     cls, kwargs = TRANSFORMERS[case]
-    config = cls(**kwargs)
     # transformers' eager Falcon adds ALiBi twice (to the scores and again in the mask)
     kernel = "sdpa" if case.startswith("falcon") else "eager"
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=kernel)
-    _randomize(model)
-    model.eval().save_pretrained(path)
-    return model, path
+    return build_from_config(cls(**kwargs), path, kernel), path
 
 
 @pytest.fixture(scope="module", params=CASES)
@@ -139,17 +121,11 @@ def family(request, tmp_path_factory):
     return request.param, torch_model, model, load_params(path / "out", model.cfg)
 
 
-def _torch_logits(torch_model, ids: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        out = torch_model(torch.tensor(ids, dtype=torch.long))
-    return (out.logits if hasattr(out, "logits") else out).float().numpy()
-
-
 def test_dense_logits_match_pytorch(family):
     _, torch_model, model, _ = family
     ids = np.random.default_rng(0).integers(0, VOCAB, size=(2, 40)).astype(np.int32)
     got, _ = feed(model, StreamConfig(0, 48, "dense"), ids, chunk=16)
-    np.testing.assert_allclose(got, _torch_logits(torch_model, ids), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got, torch_logits(torch_model, ids), atol=1e-4, rtol=0)
 
 
 def test_sink_stream_matches_the_streaming_reference(family):
@@ -215,13 +191,6 @@ def test_loaded_model_is_an_nnx_module_with_partition_specs(family):
 CLI_CASES = ["gpt_neox-parallel", "falcon-alibi-sequential", "phi-qknorm", "btlm"]
 
 
-def _nll(torch_model, ids: np.ndarray) -> np.ndarray:
-    logits = _torch_logits(torch_model, ids[None, :-1])[0].astype(np.float64)
-    top = logits.max(axis=-1)
-    lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=-1))
-    return lse - logits[np.arange(len(ids) - 1), ids[1:]]
-
-
 @pytest.mark.parametrize("case", CLI_CASES)
 def test_convert_and_ppl_commands(tmp_path, case):
     """`jaxsink-convert DIR OUT`, then `jaxsink ppl --tokens`: dense per-token NLL equal to
@@ -241,7 +210,7 @@ def test_convert_and_ppl_commands(tmp_path, case):
         return np.load(folder / f"nll_{mode}.npy")
 
     dense = ppl("dense", "dense")
-    np.testing.assert_allclose(dense, _nll(torch_model, ids), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(dense, torch_nll(torch_model, ids), atol=1e-4, rtol=0)
     small = ["--sinks", "2", "--window", "5"]
     by_chunk = [ppl(f"c{c}", "sink", *small, "--chunk", str(c)) for c in (1, 8)]
     by_chunk.append(ppl("default", "sink", *small))

@@ -347,18 +347,26 @@ def test_gpt2_is_refused_with_reason():
         config_from_hf(transformers.GPT2Config().to_dict())
 
 
-def test_sliding_window_layers_are_refused():
-    mistral = hf_config("mistral", sliding_window=64).to_dict()
-    with pytest.raises(ConvertError, match="sliding-window attention layers are not supported"):
-        config_from_hf(mistral)
-    assert (
-        config_from_hf(hf_config("mistral", sliding_window=256).to_dict()).architecture == "mistral"
-    )
+def test_native_sliding_windows_are_read_per_layer():
+    """Mistral slides every layer; Qwen2 the layers from max_window_layers on; a window as long
+    as the trained context changes nothing (full layers); unknown layer kinds are refused."""
+
+    def windows(arch, **kw):
+        return [
+            s.attention.sliding_window
+            for s in config_from_hf(hf_config(arch, **kw).to_dict()).layers
+        ]
+
+    assert windows("mistral", sliding_window=64) == [64] * L
+    assert windows("mistral", sliding_window=256) == [None] * L  # max_position_embeddings 256
     sliding = dict(use_sliding_window=True, sliding_window=16)
-    with pytest.raises(ConvertError, match="sliding"):
-        config_from_hf(hf_config("qwen2", max_window_layers=1, **sliding).to_dict())
+    assert windows("qwen2", max_window_layers=1, **sliding) == [None] + [16] * (L - 1)
     # All layers below max_window_layers: transformers makes none of them slide.
-    assert config_from_hf(hf_config("qwen2", max_window_layers=L, **sliding).to_dict())
+    assert windows("qwen2", max_window_layers=L, **sliding) == [None] * L
+    assert windows("qwen2", max_window_layers=1, sliding_window=16) == [None] * L  # not used
+    bad = hf_config("mistral", sliding_window=64).to_dict() | {"layer_types": ["chunked"] * L}
+    with pytest.raises(ConvertError, match="unknown layer_types chunked"):
+        config_from_hf(bad)
 
 
 def test_missing_config_json(tmp_path):

@@ -1,0 +1,257 @@
+"""Today's families, converted from tiny random checkpoints built with transformers' own config
+and model classes, with native sliding windows shorter than the test stream: dense logits
+against PyTorch, sink mode over many evictions against the streaming reference, chunked equal
+to one-by-one, one compile per shape, each layer kind's cache as the contract says, and the
+commands as a user runs them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import transformers
+
+import jaxsink
+from jaxsink import cache as kv
+from jaxsink import model as mdl
+from jaxsink.checkpoint import load_params
+from jaxsink.cli import main as cli_main
+from jaxsink.config import StreamConfig
+from jaxsink.convert import convert
+from jaxsink.convert.cli import main as convert_main
+from tests.hf_tiny import build_from_config, torch_logits, torch_nll
+from tests.spec_reference import stream_logits
+from tests.tiny import feed
+
+VOCAB = 97
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=48,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+WINDOW = 4  # native sliding windows, far shorter than the streams below
+
+# name -> (transformers config class, its kwargs)
+FAMILIES = {
+    "qwen3-sliding": (
+        transformers.Qwen3Config,
+        SMALL
+        | dict(head_dim=8, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    ),
+    "qwen3_moe-dense-layer": (
+        transformers.Qwen3MoeConfig,
+        SMALL
+        | dict(
+            head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            mlp_only_layers=[1],
+        ),
+    ),
+    "mixtral-sliding": (
+        transformers.MixtralConfig,
+        SMALL | dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
+    ),
+    "smollm3-nope-sliding": (
+        transformers.SmolLM3Config,
+        SMALL
+        | dict(
+            num_hidden_layers=4,
+            no_rope_layer_interval=2,
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+        ),
+    ),
+    "olmo2": (transformers.Olmo2Config, SMALL),
+    "starcoder2-sliding": (transformers.Starcoder2Config, SMALL | dict(sliding_window=WINDOW)),
+    "phi3-longrope-sliding": (
+        transformers.Phi3Config,
+        SMALL
+        | dict(
+            max_position_embeddings=64,
+            original_max_position_embeddings=16,
+            sliding_window=WINDOW,
+            rope_parameters=dict(
+                rope_type="longrope",
+                rope_theta=100.0,
+                partial_rotary_factor=0.5,
+                short_factor=[1.0, 1.5],
+                long_factor=[2.0, 5.0],
+            ),
+        ),
+    ),
+    "gemma2-softcaps": (
+        transformers.Gemma2Config,
+        SMALL
+        | dict(
+            head_dim=8,
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=6,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+        ),
+    ),
+    "gemma3-two-ropes": (
+        transformers.Gemma3TextConfig,
+        SMALL
+        | dict(
+            num_hidden_layers=3,
+            head_dim=8,
+            sliding_window=WINDOW,
+            sliding_window_pattern=3,
+            final_logit_softcapping=4.0,
+            rope_parameters={
+                "full_attention": dict(rope_type="linear", factor=4.0, rope_theta=1000.0),
+                "sliding_attention": dict(rope_type="default", rope_theta=10.0),
+            },
+        ),
+    ),
+    "gpt_oss": (
+        transformers.GptOssConfig,
+        SMALL
+        | dict(
+            head_dim=8,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=WINDOW,
+            swiglu_limit=0.5,
+        ),
+    ),
+    "bloom": (
+        transformers.BloomConfig,
+        dict(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4),
+    ),
+}
+
+
+def build(case: str, path):
+    cls, kwargs = FAMILIES[case]
+    return build_from_config(cls(**kwargs), path)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    """(case, PyTorch model, the converted jaxsink model, its flat checkpoint arrays)."""
+    path = tmp_path_factory.mktemp(request.param)
+    torch_model = build(request.param, path / "src")
+    convert(path / "src", path / "out", progress=False)
+    model = jaxsink.load(path / "out")
+    return request.param, torch_model, model, load_params(path / "out", model.cfg)
+
+
+def test_dense_logits_match_pytorch(family):
+    _, torch_model, model, _ = family
+    ids = np.random.default_rng(0).integers(0, VOCAB, size=(2, 40)).astype(np.int32)
+    got, _ = feed(model, StreamConfig(0, 48, "dense"), ids, chunk=16)
+    np.testing.assert_allclose(got, torch_logits(torch_model, ids), atol=1e-4, rtol=0)
+
+
+def test_sink_stream_matches_the_streaming_reference(family):
+    """S = 2, W = 5 over 40 tokens (many evictions in both layer kinds), chunk 1 and 8, one
+    compile per shape."""
+    _, _, model, flat = family
+    ids = np.random.default_rng(1).integers(0, VOCAB, size=(1, 40)).astype(np.int32)
+    want = stream_logits(flat, model.cfg, ids[0], 2, 5)
+    for chunk in (1, 8):
+        before = mdl.TRACES["step"]
+        got, _ = feed(model, StreamConfig(2, 5), ids, chunk=chunk)
+        assert mdl.TRACES["step"] - before <= 1
+        np.testing.assert_allclose(got[0], want, atol=1e-4, rtol=0)
+
+
+def test_each_layer_kind_keeps_its_own_cache(family):
+    """Full layers keep S + W slots, native sliding layers their window's w - 1 (the query's
+    own key is the w-th) whatever S and W are; the native cache is the smaller one."""
+    _, _, model, _ = family
+    cfg = model.cfg
+    stream = StreamConfig(4, 60)
+    cache = kv.init_cache(cfg, stream, 1)
+    for spec, lc in zip(cfg.layers, cache.layers, strict=True):
+        w = spec.attention.sliding_window
+        slots = sum(k.shape[-1] for k in lc.keys)
+        assert slots == (stream.capacity if w is None else w - 1)
+        assert lc.stream == (stream if w is None else StreamConfig(0, w - 1, "window"))
+    native = kv.cache_bytes(cfg, stream, 1)
+    everything_full = kv.cache_bytes(cfg, stream, 1, native_windows=False)
+    sliding = sum(s.attention.sliding_window is not None for s in cfg.layers)
+    assert (native < everything_full) == (sliding > 0)
+    assert native == cache.nbytes
+
+
+def test_family_traits(family):
+    """The per-layer description carries what defines each family."""
+    case, _, model, _ = family
+    cfg = model.cfg
+    a = [s.attention for s in cfg.layers]
+    windows = [x.sliding_window for x in a]
+    traits = {
+        "qwen3-sliding": lambda: windows == [None, WINDOW] and a[0].qk_norm is not None,
+        "qwen3_moe-dense-layer": lambda: (
+            cfg.layers[0].mlp.experts is not None
+            and cfg.layers[1].mlp.experts is None
+            and not cfg.layers[0].mlp.experts.normalize
+        ),
+        "mixtral-sliding": lambda: windows == [WINDOW] * 2 and cfg.layers[0].mlp.experts.normalize,
+        "smollm3-nope-sliding": lambda: (
+            [x.position is None for x in a] == [False, True] * 2 and windows == [None, WINDOW] * 2
+        ),
+        "olmo2": lambda: cfg.layers[0].norms == "post" and a[0].qk_norm_scope == "all",
+        "starcoder2-sliding": lambda: windows == [WINDOW] * 2 and not cfg.layers[0].mlp.gated,
+        "phi3-longrope-sliding": lambda: (
+            a[0].position.scaling.kind == "longrope" and a[0].position.dim == 4
+        ),
+        "gemma2-softcaps": lambda: (
+            a[0].softcap == 2.0 and cfg.final_softcap == 3.0 and windows[1] is None
+        ),
+        "gemma3-two-ropes": lambda: (
+            windows == [WINDOW, WINDOW, None]
+            and a[0].position.theta == 10.0
+            and a[2].position.scaling.kind == "linear"
+            and a[0].softcap is None
+        ),
+        "gpt_oss": lambda: (
+            a[0].learned_sinks
+            and windows == [WINDOW, None]
+            and a[0].position.scaling.kind == "yarn"
+        ),
+        "bloom": lambda: cfg.embed_norm is not None,
+    }
+    assert traits[case]()
+
+
+# --- the commands, as a user runs them ------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["gpt_oss", "gemma3-two-ropes", "phi3-longrope-sliding", "bloom"])
+def test_convert_and_ppl_commands(tmp_path, case):
+    """The issue's check: `jaxsink-convert`, then `jaxsink ppl --tokens` over 23 tokens (native
+    windows of 4 here): dense NLL equal to PyTorch's within 1e-4; sink mode (S = 2, W = 5) equal
+    at chunk 1, 8 and the default; a window wider than the stream equal to dense."""
+    torch_model = build(case, tmp_path / "src")
+    out = tmp_path / "out"
+    assert convert_main([str(tmp_path / "src"), str(out)]) == 0
+    ids = np.random.default_rng(3).integers(0, VOCAB, size=24)
+    np.save(tmp_path / "ids.npy", ids)
+
+    def ppl(name: str, mode: str, *flags: str) -> np.ndarray:
+        folder = tmp_path / name
+        argv = ["ppl", "--model", str(out), "--tokens", str(tmp_path / "ids.npy")]
+        argv += ["--n-tokens", "23", "--mode", mode, "--quiet", "--out", str(folder), *flags]
+        assert cli_main(argv) == 0
+        return np.load(folder / f"nll_{mode}.npy")
+
+    dense = ppl("dense", "dense")
+    np.testing.assert_allclose(dense, torch_nll(torch_model, ids), atol=1e-4, rtol=0)
+    small = ["--sinks", "2", "--window", "5"]
+    by_chunk = [ppl(f"c{c}", "sink", *small, "--chunk", str(c)) for c in (1, 8)]
+    by_chunk.append(ppl("default", "sink", *small))
+    for nll in by_chunk[1:]:
+        np.testing.assert_allclose(nll, by_chunk[0], atol=1e-5, rtol=0)
+    wide = ppl("wide", "sink", "--sinks", "2", "--window", "62")
+    np.testing.assert_allclose(wide, dense, atol=1e-5, rtol=0)
