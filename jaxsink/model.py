@@ -508,19 +508,30 @@ class Mlp(nnx.Module):
         return self.experts_all(h, top, chosen)
 
     def experts_gathered(self, h: jax.Array, top: jax.Array, chosen: jax.Array) -> jax.Array:
-        """The chosen experts' weights gathered per token: h [D, B, C], top / chosen [B, C, k]
-        (`route`) -> [D, B, C]."""
+        """Only the chosen experts, one (token, expert) pair per step of a loop that slices
+        that expert's weights: h [D, B, C], top / chosen [B, C, k] (`route`) -> [D, B, C].
+        (Slicing inside a loop lets XLA:CPU read the slice in place; a gather of the chosen
+        weights copies them and was slower than running every expert.)"""
         D, B, C_ = h.shape
         k = chosen.shape[-1]
-        chosen = chosen.reshape(B * C_, k)
-        up = jnp.einsum("tk...fd,dt->tk...f", self.up[...][chosen], h.reshape(D, B * C_))
-        if self.up_bias is not None:
-            up += self.up_bias[...][chosen]  # [T, k, (2,) F]
-        hidden = self._hidden(up, 2)  # [T, k, F]
-        out = jnp.einsum("tkdf,tkf->tkd", self.down[...][chosen], hidden)
-        if self.down_bias is not None:
-            out += self.down_bias[...][chosen]
-        out = jnp.einsum("tkd,tk->dt", out, top.reshape(B * C_, k))
+        tokens = h.reshape(D, B * C_)
+        experts, weights = chosen.reshape(-1), top.reshape(-1)  # pair p: token p // k
+
+        def expert(p, out):
+            e, t = experts[p], p // k
+            x = jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1)  # [D, 1]
+            up = jnp.einsum(
+                "...fd,dt->...ft", jax.lax.dynamic_index_in_dim(self.up[...], e, 0, False), x
+            )
+            if self.up_bias is not None:
+                up += jax.lax.dynamic_index_in_dim(self.up_bias[...], e, 0, False)[..., None]
+            y = jax.lax.dynamic_index_in_dim(self.down[...], e, 0, False) @ self._hidden(up, 0)
+            if self.down_bias is not None:
+                y += jax.lax.dynamic_index_in_dim(self.down_bias[...], e, 0, False)[:, None]
+            y = y * weights[p] + jax.lax.dynamic_slice_in_dim(out, t, 1, axis=1)
+            return jax.lax.dynamic_update_slice_in_dim(out, y, t, axis=1)
+
+        out = jax.lax.fori_loop(0, B * C_ * k, expert, jnp.zeros_like(tokens))
         return out.reshape(D, B, C_)
 
     def experts_all(self, h: jax.Array, top: jax.Array, chosen: jax.Array) -> jax.Array:

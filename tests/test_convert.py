@@ -330,7 +330,10 @@ def test_pickled_checkpoint_is_refused_unread(tmp_path):
             r"unsupported architecture 'mamba' \(supported: .*gpt_neox.*llama",
         ),
         (dict(quantization_config={"bits": 4}), "quantization_config"),
-        (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "'yarn'"),
+        (
+            dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "wobble": 1}),
+            "rope type 'yarn': unknown keys wobble",
+        ),
         (dict(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}), "'dynamic'"),
         (dict(rope_parameters={"rope_type": "linear"}), "missing keys factor"),
         (dict(pretraining_tp=2), "pretraining_tp"),

@@ -6,6 +6,8 @@ commands as a user runs them."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import transformers
@@ -255,3 +257,65 @@ def test_convert_and_ppl_commands(tmp_path, case):
         np.testing.assert_allclose(nll, by_chunk[0], atol=1e-5, rtol=0)
     wide = ppl("wide", "sink", "--sinks", "2", "--window", "62")
     np.testing.assert_allclose(wide, dense, atol=1e-5, rtol=0)
+
+
+# --- expert layouts -------------------------------------------------------------------------
+
+
+def test_fused_experts_convert_like_per_expert_ones(tmp_path):
+    """transformers 5 saves Mixtral's experts one tensor each (`block_sparse_moe.experts.{e}.w1`)
+    but holds them fused in memory (`mlp.experts.gate_up_proj`); a checkpoint of either layout
+    gives the same parameters."""
+    from safetensors.numpy import save_file
+
+    torch_model = build("mixtral-sliding", tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "per_expert", progress=False)
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    (fused / "config.json").write_bytes((tmp_path / "src" / "config.json").read_bytes())
+    state = {k: v.detach().contiguous().numpy() for k, v in torch_model.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file(state, str(fused / "model.safetensors"))
+    convert(fused, tmp_path / "from_fused", progress=False)
+    cfg = jaxsink.load(tmp_path / "per_expert").cfg
+    a, b = load_params(tmp_path / "per_expert", cfg), load_params(tmp_path / "from_fused", cfg)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_gpt_oss_mxfp4_experts_are_dequantized_exactly(tmp_path):
+    """A gpt-oss checkpoint whose experts are MXFP4 blocks and scales (as the published ones
+    are) converts to the weights transformers' own dequantization gives: dense logits equal."""
+    import torch
+    from safetensors.numpy import save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    kwargs = FAMILIES["gpt_oss"][1] | dict(intermediate_size=64)  # MXFP4 blocks of 32 values
+    config = transformers.GptOssConfig(**kwargs)
+    torch_model = build_from_config(config, tmp_path / "float")
+    rng = np.random.default_rng(5)
+    E, D, F = config.num_local_experts, config.hidden_size, config.intermediate_size
+    state = {k: v.detach().contiguous().numpy() for k, v in torch_model.state_dict().items()}
+    for i, layer in enumerate(torch_model.model.layers):
+        prefix = f"model.layers.{i}.mlp.experts."
+        for name, rows, cols in (("gate_up_proj", 2 * F, D), ("down_proj", D, F)):
+            blocks = rng.integers(0, 256, (E, rows, cols // 32, 16), dtype=np.uint8)
+            scales = rng.integers(119, 125, (E, rows, cols // 32), dtype=np.uint8)
+            weight = convert_moe_packed_tensors(
+                torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32
+            )
+            with torch.no_grad():
+                getattr(layer.mlp.experts, name).copy_(weight)
+            del state[prefix + name]
+            state[prefix + name + "_blocks"], state[prefix + name + "_scales"] = blocks, scales
+    src = tmp_path / "mxfp4"
+    src.mkdir()
+    cfg_json = config.to_dict() | {"quantization_config": {"quant_method": "mxfp4"}}
+    (src / "config.json").write_text(json.dumps(cfg_json))
+    save_file(state, str(src / "model.safetensors"))
+    convert(src, tmp_path / "out", progress=False)
+    model = jaxsink.load(tmp_path / "out")
+    ids = np.random.default_rng(6).integers(0, VOCAB, size=(1, 24)).astype(np.int32)
+    got, _ = feed(model, StreamConfig(0, 24, "dense"), ids, chunk=8)
+    np.testing.assert_allclose(got, torch_logits(torch_model, ids), atol=1e-4, rtol=0)
