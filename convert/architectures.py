@@ -1332,6 +1332,7 @@ BLOOM = Table(
         ),
     ),
     tied_copy=("lm_head.weight", "transformer.word_embeddings.weight"),
+    base_prefix="transformer.",  # bigscience's own checkpoints are saved from BloomModel
 )
 
 

@@ -97,6 +97,9 @@ class Table:
     tied_copy: (copy, original): with tied embeddings a file may still hold the output matrix
       as a copy of the embedding; it is accepted only if it equals the original exactly.
     aliases: (old name, name in the rules) of tensors older files name differently.
+    base_prefix: a prefix every rule's source name has that checkpoints saved from the bare
+      base model lack (Bloom's `transformer.`): a source none of whose names carry it is read
+      as if they all did.
     constants: (name, value) of source tensors the config already implies (e.g. stored ALiBi
       slopes): accepted only if they hold that value.
     """
@@ -105,6 +108,7 @@ class Table:
     ignored_suffixes: tuple[str, ...] = ()
     tied_copy: tuple[str, str] | None = None
     aliases: tuple[tuple[str, str], ...] = ()
+    base_prefix: str | None = None
     constants: tuple[tuple[str, np.ndarray], ...] = ()
 
 
@@ -224,7 +228,7 @@ def build_params(
     a ConvertError naming them.
     """
     shapes = param_shapes(cfg)
-    source = _Renamed(source, dict(table.aliases))
+    source = _Renamed(source, dict(table.aliases), table.base_prefix)
     plan = _plan(cfg, table, shapes, source.names())
     out_dtype = DTYPES[dtype]
     params = {}
@@ -240,11 +244,13 @@ def build_params(
 
 
 class _Renamed:
-    """A `TensorSource` with some tensors renamed (`Table.aliases`)."""
+    """A `TensorSource` with some tensors renamed (`Table.aliases`, `Table.base_prefix`)."""
 
-    def __init__(self, source: TensorSource, aliases: Mapping[str, str]):
+    def __init__(self, source: TensorSource, aliases: Mapping[str, str], base_prefix=None):
         self._source = source
-        self._new = {aliases.get(n, n): n for n in source.names()}
+        names = list(source.names())
+        bare = base_prefix is not None and not any(n.startswith(base_prefix) for n in names)
+        self._new = {(base_prefix if bare else "") + aliases.get(n, n): n for n in names}
 
     def names(self) -> list[str]:
         return list(self._new)

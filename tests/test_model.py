@@ -227,10 +227,11 @@ def test_bfloat16_stays_within_its_bound_of_float32():
     assert error.mean() < 0.03 and error.max() < 0.25
 
 
-def test_every_weight_is_an_nnx_param_with_a_partition_spec(tmp_path):
+@pytest.mark.parametrize("name", ["mixed-layers", "gpt-oss", "olmo2-qwen3moe"])
+def test_every_weight_is_an_nnx_param_with_a_partition_spec(name):
     """`nnx.split` of the module gives Param state whose every weight has one logical axis name
-    (or None) per dimension, and every matrix names at least one axis."""
-    cfg = mixed_config()
+    (or None) per dimension, and every matrix names at least one axis (experts on `experts`)."""
+    cfg = mixed_config() if name == "mixed-layers" else modern_config(name)
     m = tiny_model(cfg, random_flat_params(cfg))
     assert isinstance(m.module, nnx.Module)
     _, params = nnx.split(m.module, nnx.Param)

@@ -155,10 +155,10 @@ def test_dense_logits_match_pytorch(family):
 
 
 def test_sink_stream_matches_the_streaming_reference(family):
-    """S = 2, W = 5 over 40 tokens (many evictions in both layer kinds), chunk 1 and 8, one
+    """S = 2, W = 5 over 28 tokens (many evictions in both layer kinds), chunk 1 and 8, one
     compile per shape."""
     _, _, model, flat = family
-    ids = np.random.default_rng(1).integers(0, VOCAB, size=(1, 40)).astype(np.int32)
+    ids = np.random.default_rng(1).integers(0, VOCAB, size=(1, 28)).astype(np.int32)
     want = stream_logits(flat, model.cfg, ids[0], 2, 5)
     for chunk in (1, 8):
         before = mdl.TRACES["step"]
@@ -250,6 +250,9 @@ def test_convert_and_ppl_commands(tmp_path, case):
 
     dense = ppl("dense", "dense")
     np.testing.assert_allclose(dense, torch_nll(torch_model, ids), atol=1e-4, rtol=0)
+    summary = json.loads((tmp_path / "dense" / "summary.json").read_text())["modes"]["dense"]
+    sliding = case != "bloom"
+    assert (summary["cache_bytes"] < summary["cache_bytes_all_full"]) == sliding
     small = ["--sinks", "2", "--window", "5"]
     by_chunk = [ppl(f"c{c}", "sink", *small, "--chunk", str(c)) for c in (1, 8)]
     by_chunk.append(ppl("default", "sink", *small))
@@ -319,3 +322,27 @@ def test_gpt_oss_mxfp4_experts_are_dequantized_exactly(tmp_path):
     ids = np.random.default_rng(6).integers(0, VOCAB, size=(1, 24)).astype(np.int32)
     got, _ = feed(model, StreamConfig(0, 24, "dense"), ids, chunk=8)
     np.testing.assert_allclose(got, torch_logits(torch_model, ids), atol=1e-4, rtol=0)
+
+
+def test_bloom_checkpoints_saved_from_the_base_model_convert(tmp_path):
+    """bigscience's own Bloom checkpoints name tensors without `transformer.` (saved from
+    BloomModel): the same parameters as transformers' prefixed names."""
+    from safetensors.numpy import save_file
+
+    torch_model = build("bloom", tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "prefixed", progress=False)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_bytes((tmp_path / "src" / "config.json").read_bytes())
+    state = {
+        k.removeprefix("transformer."): v.detach().contiguous().numpy()
+        for k, v in torch_model.state_dict().items()
+        if k != "lm_head.weight"
+    }
+    save_file(state, str(bare / "model.safetensors"))
+    convert(bare, tmp_path / "from_bare", progress=False)
+    cfg = jaxsink.load(tmp_path / "prefixed").cfg
+    a, b = load_params(tmp_path / "prefixed", cfg), load_params(tmp_path / "from_bare", cfg)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
