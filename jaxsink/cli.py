@@ -25,6 +25,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16"],
         help="run-time dtype (default: float32 on CPU, bfloat16 on GPU/TPU)",
     )
+    p.add_argument(
+        "--mesh",
+        help="shard over a device mesh, data=D,model=M (default: one device; see README)",
+    )
 
 
 def _add_stream_args(p: argparse.ArgumentParser) -> None:
@@ -92,6 +96,13 @@ def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
+def _mesh(args):
+    """The --mesh flag's mesh (a clear error before loading anything if it cannot be made)."""
+    from jaxsink.sharding import make_mesh
+
+    return make_mesh(args.mesh)
+
+
 def _check_stream_flags(modes, args) -> None:
     """Fail on bad --sinks/--window/--chunk before anything is loaded."""
     from jaxsink.config import StreamConfig
@@ -114,7 +125,8 @@ def cmd_generate(args) -> int:
     if not args.prompt:
         raise JaxsinkError("empty prompt: give some text with --prompt")
     _check_stream_flags([args.mode], args)
-    model = load(args.model, dtype=args.dtype or default_dtype())
+    mesh = _mesh(args)
+    model = load(args.model, dtype=args.dtype or default_dtype(), mesh=mesh)
     gen = Generation(
         model,
         args.prompt,
@@ -129,9 +141,13 @@ def cmd_generate(args) -> int:
         stop=args.stop,
         chat=args.chat,
     )
+    lead = jax.process_index() == 0  # in a multi-process run, process 0 writes the output
     for piece in gen:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+        if lead:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    if not lead:
+        return 0
     sys.stdout.write("\n")
     if args.json:
         report = gen.stats.as_dict() | {
@@ -200,7 +216,8 @@ def cmd_ppl(args) -> int:
     if args.plot and not args.out:
         raise JaxsinkError("--plot needs --out DIR")
     _check_stream_flags(args.mode, args)
-    model = load(args.model, dtype=args.dtype or default_dtype())
+    mesh = _mesh(args)
+    model = load(args.model, dtype=args.dtype or default_dtype(), mesh=mesh)
     ids = _read_ids(args, model)
     results = [
         stream_nll(model, ids, mode, args.sinks, args.window, args.chunk, progress=not args.quiet)
@@ -214,6 +231,8 @@ def cmd_ppl(args) -> int:
         "chunk": args.chunk,
         "modes": {r.mode: r.summary() for r in results},
     }
+    if jax.process_index() != 0:  # in a multi-process run, process 0 writes the output
+        return 0
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -260,6 +279,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _use_compilation_cache()
     try:
+        from jaxsink.sharding import init_distributed
+
+        init_distributed()
         return COMMANDS[args.command](args)
     except (JaxsinkError, FileNotFoundError) as e:
         print(f"jaxsink {args.command}: error: {e}", file=sys.stderr)

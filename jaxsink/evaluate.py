@@ -19,8 +19,9 @@ from flax import nnx
 
 from jaxsink import cache as kv
 from jaxsink import model as mdl
+from jaxsink import sharding as sh
 from jaxsink.config import ConfigError, StreamConfig
-from jaxsink.executables import compiled
+from jaxsink.executables import EntryPoint, compiled
 from jaxsink.loading import Model
 
 SEGMENT = 1024  # tokens per segment in the summary's per-segment perplexity
@@ -36,9 +37,13 @@ def _nll_chunk(weights, cache, tokens, targets, valid, graphdef):
     return jnp.where(valid, nll, 0.0), cache
 
 
-nll_chunk = jax.jit(_nll_chunk, static_argnames=("graphdef",), donate_argnames=("cache",))
-nll_chunk.__doc__ = """Jitted `(weights, cache, tokens [B, C], targets [B, C], valid [B, C]) ->
-(nll [B, C] float32, cache)`: -log p(target | the token's view under the contract), 0 where not valid."""
+nll_chunk = EntryPoint(
+    _nll_chunk,
+    static=("graphdef",),
+    donate=("cache",),
+    doc="""Jitted `(weights, cache, tokens [B, C], targets [B, C], valid [B, C]) ->
+(nll [B, C] float32, cache)`: -log p(target | the token's view under the contract), 0 where not valid.""",
+)
 
 
 @dataclasses.dataclass
@@ -129,12 +134,18 @@ def stream_nll(
     stream = stream_config(mode, sinks, window, n, chunk)
     if mode == "dense":
         check_dense_fits(model, stream)
-    cache = kv.init_cache(model.cfg, stream, 1, model.dtype)
+    mesh, notes = model.mesh, set()
+    cache = sh.sharded_cache(model.cfg, stream, 1, model.dtype, mesh)
+    cache_sharding = sh.cache_shardings(cache, mesh, notes)
+    sh.say(notes)
     cache_bytes = cache.nbytes
     traces = sum(mdl.TRACES.values())
     ids0, valid0 = np.zeros((1, chunk), np.int32), np.zeros((1, chunk), bool)
     args = (model.weights, cache, ids0, ids0, valid0)
-    exe, compile_seconds = compiled(nll_chunk, "nll_chunk", args, {"graphdef": model.graphdef})
+    row = sh.rows(mesh, ids0.shape)
+    shardings = ((model.weight_shardings, cache_sharding, row, row, row), (row, cache_sharding))
+    static = {"graphdef": model.graphdef}
+    exe, compile_seconds = compiled(nll_chunk, "nll_chunk", args, static, shardings)
 
     out = np.zeros(n, np.float32)
     chunk_seconds = []
@@ -147,7 +158,7 @@ def stream_nll(
         tokens[0, :m], targets[0, :m], valid[0, :m] = ids[i : i + m], ids[i + 1 : i + m + 1], True
         t0 = time.perf_counter()
         nll, cache = exe(model.weights, cache, tokens, targets, valid)
-        out[i : i + m] = np.asarray(nll)[0, :m]
+        out[i : i + m] = sh.to_host(nll)[0, :m]
         chunk_seconds.append(time.perf_counter() - t0)
         bar.update(m)
     bar.close()

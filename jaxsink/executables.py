@@ -1,32 +1,77 @@
-"""Executables compiled ahead of time once per process and reused.
+"""Jitted entry points, and their executables compiled ahead of time once per process.
 
-A jitted entry point lowered and compiled for one set of argument shapes, dtypes, pytree
-structures (the cache's static stream included) and static arguments serves every later call
-with the same: a second generation or perplexity run in the same process compiles nothing.
+An `EntryPoint` is a pure function jitted with its static and donated arguments; called, it is
+that `jax.jit`. `compiled` lowers and compiles it once per set of argument shapes, dtypes,
+pytree structures (the cache's static stream included), shardings and static arguments, and
+serves every later call with the same: a second generation or perplexity run in the same
+process compiles nothing. Given shardings (a mesh's, `jaxsink.sharding`), it compiles the
+entry point with them as `in_shardings` / `out_shardings`.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
+from collections.abc import Callable
 
 import jax
 
 _EXECUTABLES: dict = {}
 
 
-def compiled(fn, name: str, args: tuple, static: dict):
-    """AOT-compile `fn` for these arguments once per process; returns (executable, seconds spent
-    compiling now: 0 when it was compiled before)."""
-    shapes = jax.tree.map(lambda x: (x.shape, x.dtype), args)
+class EntryPoint:
+    """`fun` jitted with `static` (trailing parameters, by name) and `donate` (by name)."""
+
+    def __init__(self, fun: Callable, static: tuple[str, ...], donate: tuple[str, ...], doc=""):
+        self.fun, self.static, self.donate = fun, static, donate
+        self.jitted = jax.jit(fun, static_argnames=static, donate_argnames=donate)
+        self.__doc__ = doc
+        self.__name__ = fun.__name__.lstrip("_")
+
+    def __call__(self, *args, **kwargs):
+        return self.jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self.jitted.lower(*args, **kwargs)
+
+    def with_shardings(self, in_shardings: tuple, out_shardings) -> Callable:
+        """The same function jitted with explicit shardings of its dynamic arguments and results
+        (static arguments then go positionally, after the dynamic ones)."""
+        params = list(inspect.signature(self.fun).parameters)
+        n = len(params) - len(self.static)
+        if params[n:] != list(self.static):
+            raise TypeError(f"{self.__name__}: static parameters must come last")
+        return jax.jit(
+            self.fun,
+            static_argnums=tuple(range(n, len(params))),
+            donate_argnums=tuple(params.index(d) for d in self.donate),
+            in_shardings=in_shardings,
+            out_shardings=out_shardings,
+        )
+
+
+def compiled(fn: EntryPoint, name: str, args: tuple, static: dict, shardings=None):
+    """AOT-compile entry point `fn` for these arguments once per process; returns (executable,
+    seconds spent compiling now: 0 when it was compiled before).
+
+    shardings: None (placement follows the arguments), or (in_shardings of `args`,
+    out_shardings of the results).
+    """
+    shapes = jax.tree.map(lambda x: (x.shape, x.dtype, getattr(x, "sharding", None)), args)
     key = (
         name,
         jax.tree.structure(args),
         tuple(jax.tree.leaves(shapes)),
         tuple(sorted(static.items())),
+        None if shardings is None else tuple(jax.tree.leaves(shardings)),
     )
     if key in _EXECUTABLES:
         return _EXECUTABLES[key], 0.0
     start = time.perf_counter()
-    exe = fn.lower(*args, **static).compile()
+    if shardings is None:
+        exe = fn.lower(*args, **static).compile()
+    else:
+        jitted = fn.with_shardings(*shardings)
+        exe = jitted.lower(*args, *(static[s] for s in fn.static)).compile()
     _EXECUTABLES[key] = exe
     return exe, time.perf_counter() - start

@@ -19,8 +19,9 @@ from flax import nnx
 
 from jaxsink import cache as kv
 from jaxsink import model as mdl
+from jaxsink import sharding as sh
 from jaxsink.config import ConfigError, ModelConfig, StreamConfig
-from jaxsink.executables import compiled
+from jaxsink.executables import EntryPoint, compiled
 from jaxsink.loading import Model
 from jaxsink.tokenizer import IncrementalDecoder
 
@@ -130,10 +131,11 @@ def _decode_block(weights, cache, logits, key, done, n_left, eos_ids, graphdef, 
     return out, i, cache, logits.T, key, done
 
 
-decode_block = jax.jit(
+decode_block = EntryPoint(
     _decode_block,
-    static_argnames=("graphdef", "sampling", "block"),
-    donate_argnames=("cache", "logits"),
+    static=("graphdef", "sampling", "block"),
+    donate=("cache", "logits"),
+    doc="Jitted `_decode_block`.",
 )
 
 
@@ -224,13 +226,26 @@ class Generation:
     def __iter__(self) -> Iterator[str]:
         m, cfg, st = self.model, self.model.cfg, self.stats
         traces_before = sum(mdl.TRACES.values())
-        cache = kv.init_cache(cfg, self.stream, 1, m.dtype)
+        mesh, notes = m.mesh, set()
+        cache = sh.sharded_cache(cfg, self.stream, 1, m.dtype, mesh)
+        cache_sharding = sh.cache_shardings(cache, mesh, notes)
+        sh.say(notes)
         st.cache_bytes = cache.nbytes
         C = self.chunk
         tokens = np.zeros((1, C), np.int32)
         valid = np.zeros((1, C), bool)
+        row, logits_rows, one = (
+            sh.rows(mesh, (1, C)),
+            sh.rows(mesh, (1, cfg.vocab_size)),
+            sh.replicated(mesh),
+        )
+        shardings = ((m.weight_shardings, cache_sharding, row, row), (logits_rows, cache_sharding))
         prefill, t_pre = compiled(
-            mdl.last_logits, "prefill", (m.weights, cache, tokens, valid), {"graphdef": m.graphdef}
+            mdl.last_logits,
+            "prefill",
+            (m.weights, cache, tokens, valid),
+            {"graphdef": m.graphdef},
+            shardings,
         )
         eos = jnp.asarray(cfg.eos_token_ids or m.tokenizer.eos_token_ids or (-2,), jnp.int32)
         key = jax.random.key(self.seed)
@@ -238,7 +253,12 @@ class Generation:
         logits0 = jnp.zeros((1, cfg.vocab_size), jnp.float32)
         block_args = (m.weights, cache, logits0, key, done, jnp.int32(1), eos)
         static = {"graphdef": m.graphdef, "sampling": self.sampling, "block": self.block}
-        block_fn, t_blk = compiled(decode_block, "decode_block", block_args, static)
+        flags = sh.rows(mesh, (1,))
+        shardings = (
+            (m.weight_shardings, cache_sharding, logits_rows, one, flags, one, one),
+            (sh.rows(mesh, (1, self.block)), one, cache_sharding, logits_rows, one, flags),
+        )
+        block_fn, t_blk = compiled(decode_block, "decode_block", block_args, static, shardings)
         st.compile_s = t_pre + t_blk
         st.compiles = sum(mdl.TRACES.values()) - traces_before
 
@@ -264,7 +284,7 @@ class Generation:
                 m.weights, cache, logits, key, done, n_left, eos
             )
             # Host-side indexing only: slicing device arrays would compile per distinct shape.
-            new = [int(x) for x in np.asarray(out)[0, : int(steps)] if x >= 0]
+            new = [int(x) for x in sh.to_host(out)[0, : int(steps)] if x >= 0]
             if first_at is None:
                 first_at = time.perf_counter()
                 st.time_to_first_token_s = first_at - start
@@ -277,7 +297,7 @@ class Generation:
             if stopped:
                 st.stop_reason = "stop_string"
                 break
-            if np.asarray(done)[0]:
+            if sh.to_host(done)[0]:
                 st.stop_reason = "eos"
                 break
             if not new:
@@ -289,7 +309,7 @@ class Generation:
         jax.block_until_ready(cache)
         st.decode_s = time.perf_counter() - first_at
         st.new_tokens = len(self.token_ids)
-        st.stream_position = int(np.asarray(cache.pos)[0])
+        st.stream_position = int(sh.to_host(cache.pos)[0])
         self.cache = cache
 
     def _cut_at_stop(self, piece: str) -> tuple[str, bool]:

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxsink import model as mdl
-from jaxsink.checkpoint import DTYPES, load_params, read_config
+from jaxsink import sharding as sh
+from jaxsink.checkpoint import DTYPES, WEIGHTS_FILE, CheckpointError, check_params, read_config
 from jaxsink.config import ConfigError, ModelConfig
 from jaxsink.tokenizer import Tokenizer
 
@@ -23,7 +26,8 @@ class Model:
 
     `module` is the `nnx.Module` itself (`jaxsink.model.Decoder`); `graphdef` and `weights`
     are its `nnx.split`, what the jitted entry points take (`weights` as an argument,
-    `graphdef` static).
+    `graphdef` static). `mesh`: the devices the weights are sharded over (`jaxsink.sharding`;
+    one device is the 1 x 1 mesh) and that every run of the model uses.
     """
 
     cfg: ModelConfig
@@ -31,6 +35,12 @@ class Model:
     weights: nnx.State
     tokenizer: Tokenizer
     path: Path
+    mesh: Mesh | None = None
+
+    @property
+    def weight_shardings(self) -> nnx.State:
+        """A NamedSharding per weight (the weights' own)."""
+        return jax.tree.map(lambda x: x.sharding, self.weights)
 
     @property
     def module(self) -> mdl.Decoder:
@@ -41,13 +51,19 @@ class Model:
         return self.weights["embed"][...].dtype
 
 
-def load(spec: str | os.PathLike | None = None, dtype: str | None = None) -> Model:
+def load(
+    spec: str | os.PathLike | None = None,
+    dtype: str | None = None,
+    mesh: Mesh | sh.MeshSpec | str | None = None,
+) -> Model:
     """Load a model.
 
     spec: a jaxsink checkpoint folder; or a Hugging Face folder, a `.gguf` file or a hub id,
     converted once and cached (see `jaxsink.default_model.resolve_model`); None = the default
     SmolLM2-135M-Instruct, fetched and converted on first use.
     dtype: "float32" or "bfloat16" at run time (default: the checkpoint's dtype).
+    mesh: a `Mesh` with axes (data, model), a `MeshSpec`, "data=D,model=M", or None (one
+    device). Each weight is read from the checkpoint straight into its shards.
     """
     from jaxsink.default_model import resolve_model
 
@@ -56,13 +72,55 @@ def load(spec: str | os.PathLike | None = None, dtype: str | None = None) -> Mod
     dtype = dtype or meta.get("dtype", "float32")
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r} (expected one of {sorted(DTYPES)})")
-    flat = load_params(path, cfg)
+    mesh = mesh if isinstance(mesh, Mesh) else sh.make_mesh(mesh)
     target = jnp.dtype(DTYPES[dtype])
-    graphdef, weights = jax.block_until_ready(mdl.from_flat(cfg, flat, target))
+    graphdef, abstract = mdl.abstract(cfg, target)
+    notes: set = set()
+    shardings = sh.weight_shardings(abstract, mesh, notes)
+    sh.say(notes)
+    weights = jax.block_until_ready(read_sharded(Path(path), cfg, abstract, shardings))
     return Model(
         cfg=cfg,
         graphdef=graphdef,
         weights=weights,
         tokenizer=Tokenizer(path, cfg.eos_token_ids),
         path=Path(path),
+        mesh=mesh,
     )
+
+
+def read_sharded(path: Path, cfg: ModelConfig, abstract: nnx.State, shardings) -> nnx.State:
+    """The weights of checkpoint folder `path`, each read from its safetensors file straight
+    into its shardings: every device's shard is sliced from the (memory-mapped) file and cast on
+    its own, so the host holds about one shard at a time, never the whole model; a process of
+    many reads only the shards its devices address. abstract / shardings: the weights state of
+    `model.abstract` and a NamedSharding per weight (`sharding.weight_shardings`)."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"missing weights file {weights}")
+    flat = nnx.to_flat_state(abstract)
+    placement = dict(nnx.to_flat_state(shardings))
+    try:
+        with safe_open(str(weights), framework="numpy") as f:
+            slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118
+            check_params(cfg, {n: _Shape(tuple(s.get_shape())) for n, s in slices.items()})
+            for key, var in flat:
+                source, dtype = slices[mdl._name(key)], var.get_value().dtype
+
+                def shard(index, source=source, dtype=dtype):
+                    return np.asarray(source[index]).astype(dtype)
+
+                value = jax.make_array_from_callback(
+                    var.get_value().shape, placement[key].get_value(), shard
+                )
+                var.set_value(value)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"corrupt weights file {weights}: {e}") from None
+    return nnx.from_flat_state(flat)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+    shape: tuple[int, ...]

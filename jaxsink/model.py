@@ -33,6 +33,7 @@ from flax import nnx
 from jaxsink import cache as kv
 from jaxsink import config as C
 from jaxsink.config import ModelConfig
+from jaxsink.executables import EntryPoint
 
 # Python-side trace counter: jit traces once per compilation, so this counts compilations of
 # the model's jitted entry points (tests assert on it).
@@ -720,13 +721,17 @@ def _step(weights, cache, tokens, valid, graphdef):
     return jnp.moveaxis(module.logits(hidden), 0, -1), cache
 
 
-step = jax.jit(_step, static_argnames=("graphdef",), donate_argnames=("cache",))
-step.__doc__ = """Jitted `(weights, cache, tokens [B, C], valid [B, C], graphdef) -> (logits
+step = EntryPoint(
+    _step,
+    static=("graphdef",),
+    donate=("cache",),
+    doc="""Jitted `(weights, cache, tokens [B, C], valid [B, C], graphdef) -> (logits
 [B, C, V] float32, cache)`: `weights`, `graphdef` from `nnx.split(Decoder)` (`Model.weights`,
 `Model.graphdef`).
 
 The cache is donated (updated in place): do not reuse the cache passed in.
-"""
+""",
+)
 
 
 def _last_logits(weights, cache, tokens, valid, graphdef):
@@ -738,9 +743,13 @@ def _last_logits(weights, cache, tokens, valid, graphdef):
     return module.logits(h).T, cache
 
 
-last_logits = jax.jit(_last_logits, static_argnames=("graphdef",), donate_argnames=("cache",))
-last_logits.__doc__ = """Jitted prefill chunk: like `step`, but only the logits of each row's last
-valid token ([B, V]), which skips the vocabulary projection of every other position."""
+last_logits = EntryPoint(
+    _last_logits,
+    static=("graphdef",),
+    donate=("cache",),
+    doc="""Jitted prefill chunk: like `step`, but only the logits of each row's last
+valid token ([B, V]), which skips the vocabulary projection of every other position.""",
+)
 
 
 def abstract(cfg: ModelConfig, dtype=jnp.float32) -> tuple[nnx.GraphDef, nnx.State]:
