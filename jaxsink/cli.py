@@ -86,6 +86,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     p.add_argument("--plot", action="store_true", help="write ppl.png into --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    q = sub.add_parser(
+        "plan",
+        help="memory per device and lowering for a model, batch and mesh (allocates nothing)",
+    )
+    q.add_argument(
+        "--model",
+        required=True,
+        help="a bundled config (llama-2-7b, llama-3-8b, llama-2-70b, mistral-7b, mixtral-8x7b), "
+        "a jaxsink checkpoint, a Hugging Face folder or its config.json",
+    )
+    q.add_argument("--batch", type=int, default=1, help="streams decoded together (default 1)")
+    q.add_argument("--mode", choices=["sink", "window", "dense"], default="sink")
+    q.add_argument("--sinks", type=int, default=4)
+    q.add_argument("--window", type=int, default=1020, help="dense: the stream length is S + W")
+    q.add_argument("--chunk", type=int, default=256, help="prefill chunk length (default 256)")
+    q.add_argument("--mesh", default="data=1,model=1", help="data=D,model=M (default 1 x 1)")
+    q.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="weights dtype (default: bfloat16 for cuda/tpu, float32 for cpu)",
+    )
+    q.add_argument(
+        "--cache-dtype", choices=["float32", "bfloat16"], help="cache dtype (default: --dtype)"
+    )
+    q.add_argument(
+        "--device-memory",
+        help="bytes per device, e.g. 80GiB (default: 80GiB cuda, 16GiB tpu, this machine's RAM)",
+    )
+    q.add_argument("--platform", choices=["cpu", "cuda", "tpu"], default="cpu")
+    q.add_argument(
+        "--lower",
+        action="store_true",
+        help="export the prefill and decode steps for --platform over this machine's devices",
+    )
+    q.add_argument("--json", action="store_true", help="print the plan as one JSON line")
     return parser
 
 
@@ -260,7 +295,40 @@ def cmd_ppl(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "ppl": cmd_ppl}
+def cmd_plan(args) -> int:
+    from jaxsink import plan
+    from jaxsink.config import StreamConfig
+    from jaxsink.sharding import MeshSpec
+
+    mesh = MeshSpec.parse(args.mesh)
+    if args.chunk < 1:
+        raise JaxsinkError(f"--chunk must be >= 1, got {args.chunk}")
+    stream = StreamConfig.for_mode(
+        args.mode, args.sinks, args.window, dense_capacity=args.sinks + args.window
+    )
+    memory = plan.parse_bytes(args.device_memory) if args.device_memory else None
+    cfg = plan.read_model_config(args.model)
+    dtype = args.dtype or ("float32" if args.platform == "cpu" else "bfloat16")
+    result = plan.plan(
+        cfg,
+        args.batch,
+        stream,
+        mesh,
+        dtype=dtype,
+        cache_dtype=args.cache_dtype,
+        device_memory=memory,
+        platform=args.platform,
+        chunk=args.chunk,
+        lower=args.lower,
+    )
+    if args.json:
+        sys.stdout.write(plan.to_json(result) + "\n")
+    else:
+        sys.stdout.write("\n".join(plan.report_lines(result, cfg, mesh)) + "\n")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "ppl": cmd_ppl, "plan": cmd_plan}
 
 
 def _use_compilation_cache() -> None:

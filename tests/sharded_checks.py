@@ -7,7 +7,9 @@ one JSON object of measured values; the tests assert on them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import re
 import sys
@@ -131,6 +133,20 @@ def main(out_dir: str) -> None:
         list(gen)
         tokens_of[name] = gen.token_ids
     report["greedy_tokens"] = tokens_of
+
+    # jaxsink plan lowers the real prefill and decode steps for tpu and cuda over 8 devices.
+    argv = ["plan", "--model", "llama-2-7b", "--batch", "8", "--sinks", "4", "--window", "4092"]
+    argv += ["--dtype", "bfloat16", "--lower", "--json"]
+    report["plan"] = {}
+    for platform in ("tpu", "cuda"):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            rc = cli_main([*argv, "--mesh", "data=1,model=8", "--platform", platform])
+        report["plan"][platform] = {"rc": rc, "json": json.loads(out.getvalue())}
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli_main([*argv, "--mesh", "data=1,model=16", "--platform", "tpu"])
+    report["plan_too_big"] = {"rc": rc, "stderr": err.getvalue()}
 
     # A mesh larger than the machine is a clear error.
     try:
