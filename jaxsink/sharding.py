@@ -194,9 +194,17 @@ def init_distributed() -> bool:
                 "JAX_COORDINATOR_ADDRESS is set: also set JAX_NUM_PROCESSES and JAX_PROCESS_ID "
                 "to integers"
             ) from None
+        _cpu_collectives()
         jax.distributed.initialize(num_processes=n, process_id=i)
         return True
     if _cluster_processes(env) > 1:
+        _cpu_collectives()
         jax.distributed.initialize()
         return True
     return False
+
+
+def _cpu_collectives() -> None:
+    """CPU devices of several processes talk through gloo (XLA:CPU's cross-process
+    collectives); accelerators use their own and ignore this."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -22,8 +22,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("sharded")
+def checks_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sharded")
+
+
+@pytest.fixture(scope="module")
+def report(checks_dir) -> dict:
+    out = checks_dir
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     run = subprocess.run(
         [sys.executable, "-m", "tests.sharded_checks", str(out)],
@@ -113,3 +118,68 @@ def test_replicated_dimensions_are_said_once():
     # one mesh axis is used once per weight: [E, 2, F, D] shards the experts, not F too
     spec = sh.partition(("experts", None, "mlp", "embed"), (4, 2, 48, 32), mesh, notes)
     assert tuple(spec) == ("model", None, None, None)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(report, checks_dir, tmp_path):
+    """Two local processes of 2 CPU devices each (jax.distributed with a local coordinator,
+    gloo collectives) run `jaxsink ppl` and `jaxsink generate` over one data=1,model=4 mesh:
+    each loads only its own shards, process 0 writes the output, and it equals the
+    single-device run."""
+    model, ids = checks_dir / "tiny", checks_dir / "ids.npy"
+    ppl = ["ppl", "--model", str(model), "--tokens", str(ids), "--n-tokens", "199", "--quiet"]
+    generate = ["generate", "--model", str(model), "--prompt", "t1 t2 t3 t4 t5"]
+    commands = {
+        "ppl": [*ppl, "--mode", "sink", "--sinks", "2", "--window", "5", "--out", str(tmp_path)],
+        "generate": [*generate, "--max-new-tokens", "10"],
+    }
+    outputs = {}
+    for name, argv in commands.items():
+        port = _free_port()
+        procs = []
+        for i in range(2):
+            env = dict(
+                os.environ,
+                XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+            )
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "jaxsink.cli", *argv, "--mesh", "data=1,model=4"],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                    cwd=ROOT,
+                )
+            )
+        results = [p.communicate(timeout=300) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], results[0][1][-2000:]
+        outputs[name] = [out for out, _ in results]
+    import numpy as np
+
+    got = np.load(tmp_path / "nll_sink.npy")
+    want = np.load(checks_dir / "single" / "nll_sink.npy")
+    assert np.abs(got - want).max() < 1e-4
+    single = subprocess.run(
+        [sys.executable, "-m", "jaxsink.cli", *commands["generate"]],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    # XLA:CPU's gloo collectives print their connections on stdout (CPU multi-process only)
+    lead, other = (
+        "".join(line for line in out.splitlines(True) if not line.startswith("[Gloo]"))
+        for out in outputs["generate"]
+    )
+    assert lead == single.stdout and other == ""
