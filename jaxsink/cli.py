@@ -31,6 +31,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_cache_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache-dtype",
+        choices=["float32", "bfloat16"],
+        help="KV cache dtype (default: the run-time --dtype)",
+    )
+
+
 def _add_stream_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sinks", type=int, default=4, help="attention sink tokens kept (default 4)")
     p.add_argument("--window", type=int, default=1020, help="recent tokens kept (default 1020)")
@@ -56,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--block", type=int, default=16, help="decode steps per device loop (default 16)"
     )
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    _add_cache_dtype(g)
     g.add_argument(
         "--chat", action="store_true", help="wrap the prompt in the model's chat template"
     )
@@ -86,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     p.add_argument("--plot", action="store_true", help="write ppl.png into --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_cache_dtype(p)
     q = sub.add_parser(
         "plan",
         help="memory per device and lowering for a model, batch and mesh (allocates nothing)",
@@ -175,6 +185,7 @@ def cmd_generate(args) -> int:
         block=args.block,
         stop=args.stop,
         chat=args.chat,
+        cache_dtype=args.cache_dtype,
     )
     lead = jax.process_index() == 0  # in a multi-process run, process 0 writes the output
     for piece in gen:
@@ -255,7 +266,16 @@ def cmd_ppl(args) -> int:
     model = load(args.model, dtype=args.dtype or default_dtype(), mesh=mesh)
     ids = _read_ids(args, model)
     results = [
-        stream_nll(model, ids, mode, args.sinks, args.window, args.chunk, progress=not args.quiet)
+        stream_nll(
+            model,
+            ids,
+            mode,
+            args.sinks,
+            args.window,
+            args.chunk,
+            progress=not args.quiet,
+            cache_dtype=args.cache_dtype,
+        )
         for mode in dict.fromkeys(args.mode)
     ]
     summary = {

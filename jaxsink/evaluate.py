@@ -82,6 +82,17 @@ class StreamResult:
         }
 
 
+def cache_dtype_of(model: Model, cache_dtype: str | None):
+    """The cache's dtype: `cache_dtype` by name, else the model's."""
+    from jaxsink.checkpoint import DTYPES
+
+    if cache_dtype is None:
+        return model.dtype
+    if cache_dtype not in DTYPES:
+        raise ConfigError(f"unknown cache dtype {cache_dtype!r} (expected one of {sorted(DTYPES)})")
+    return jnp.dtype(DTYPES[cache_dtype])
+
+
 def stream_config(mode: str, sinks: int, window: int, n_tokens: int, chunk: int) -> StreamConfig:
     """The cache of `mode` at capacity sinks + window; dense holds the whole stream."""
     return StreamConfig.for_mode(mode, sinks, window, dense_capacity=-(-n_tokens // chunk) * chunk)
@@ -116,10 +127,14 @@ def stream_nll(
     window: int = 1020,
     chunk: int = 128,
     progress: bool = True,
+    cache_dtype: str | None = None,
+    mesh=None,
 ) -> StreamResult:
     """Per-token NLL of the stream `ids` (N + 1 token ids -> N values), fed in chunks of `chunk`.
 
     The dense cache (capacity = the stream, rounded up to the chunk) is allocated up front.
+    cache_dtype: "float32" or "bfloat16" (default: the model's dtype). mesh: run on this mesh
+    (`jaxsink.sharding.make_mesh`'s argument) instead of the model's own.
     """
     from tqdm import tqdm
 
@@ -134,8 +149,9 @@ def stream_nll(
     stream = stream_config(mode, sinks, window, n, chunk)
     if mode == "dense":
         check_dense_fits(model, stream)
+    model = model.on_mesh(mesh)
     mesh, notes = model.mesh, set()
-    cache = sh.sharded_cache(model.cfg, stream, 1, model.dtype, mesh)
+    cache = sh.sharded_cache(model.cfg, stream, 1, cache_dtype_of(model, cache_dtype), mesh)
     cache_sharding = sh.cache_shardings(cache, mesh, notes)
     sh.say(notes)
     cache_bytes = cache.nbytes
@@ -170,7 +186,7 @@ def stream_nll(
         compile_seconds=compile_seconds,
         cache_bytes=cache_bytes,
         cache_bytes_all_full=kv.cache_bytes(
-            model.cfg, stream, 1, model.dtype, native_windows=False
+            model.cfg, stream, 1, cache.layers[0].keys[0].dtype, native_windows=False
         ),
         compiles=sum(mdl.TRACES.values()) - traces,
         sinks=stream.sinks,

@@ -21,6 +21,7 @@ from jaxsink import cache as kv
 from jaxsink import model as mdl
 from jaxsink import sharding as sh
 from jaxsink.config import ConfigError, ModelConfig, StreamConfig
+from jaxsink.evaluate import cache_dtype_of
 from jaxsink.executables import EntryPoint, compiled
 from jaxsink.loading import Model
 from jaxsink.tokenizer import IncrementalDecoder
@@ -191,6 +192,8 @@ class Generation:
         block: int = 16,
         stop: Sequence[str] = (),
         chat: bool = False,
+        cache_dtype: str | None = None,
+        mesh=None,
     ):
         if max_new_tokens < 1:
             raise ConfigError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -208,7 +211,8 @@ class Generation:
             else:
                 prompt = tok.encode(prompt)
         self.prompt_ids = _check_prompt(prompt, model.cfg)
-        self.model = model
+        self.model = model.on_mesh(mesh)
+        self.cache_dtype = cache_dtype_of(model, cache_dtype)
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
         self.seed = seed
@@ -227,7 +231,7 @@ class Generation:
         m, cfg, st = self.model, self.model.cfg, self.stats
         traces_before = sum(mdl.TRACES.values())
         mesh, notes = m.mesh, set()
-        cache = sh.sharded_cache(cfg, self.stream, 1, m.dtype, mesh)
+        cache = sh.sharded_cache(cfg, self.stream, 1, self.cache_dtype, mesh)
         cache_sharding = sh.cache_shardings(cache, mesh, notes)
         sh.say(notes)
         st.cache_bytes = cache.nbytes
@@ -329,7 +333,8 @@ def generate(model: Model, prompt: str | Sequence[int], **kwargs) -> Generation:
 
     Keyword arguments: max_new_tokens, sampling (Sampling), seed, mode ("sink", "window" or
     "dense"), sinks (default 4), window (default 1020), chunk (prefill chunk length C), block (decode steps per device loop),
-    stop (stop strings), chat (apply the chat template). After iterating, `.stats`,
+    stop (stop strings), chat (apply the chat template), cache_dtype ("float32" or "bfloat16"),
+    mesh (run sharded on this mesh, see `jaxsink.sharding.make_mesh`). After iterating, `.stats`,
     `.token_ids`, `.text` and the final `.cache` are available.
     """
     return Generation(model, prompt, **kwargs)

@@ -37,6 +37,19 @@ class Model:
     path: Path
     mesh: Mesh | None = None
 
+    def on_mesh(self, mesh: Mesh | sh.MeshSpec | str | None) -> Model:
+        """This model with its weights resharded onto `mesh` (itself for None or its own)."""
+        if mesh is None or mesh is self.mesh:
+            return self
+        mesh = mesh if isinstance(mesh, Mesh) else sh.make_mesh(mesh)
+        if mesh == self.mesh:
+            return self
+        notes: set = set()
+        shardings = sh.weight_shardings(mdl.abstract(self.cfg, self.dtype)[1], mesh, notes)
+        sh.say(notes)
+        weights = jax.device_put(self.weights, shardings)
+        return dataclasses.replace(self, weights=weights, mesh=mesh)
+
     @property
     def weight_shardings(self) -> nnx.State:
         """A NamedSharding per weight (the weights' own)."""

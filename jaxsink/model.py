@@ -676,8 +676,8 @@ def _write(lc: kv.LayerCache, k_new, v_new, write_slot, blocks) -> kv.LayerCache
         inside = (write_slot >= start) & (write_slot < start + n)
         slot = jnp.where(inside, write_slot - start, n)  # n: dropped
         # Indexing [rows, ..., slot] puts the [B, C] index axes first: updates are [B, C, K, H].
-        keys.append(kb.at[rows, :, :, slot].set(k_new, mode="drop"))
-        values.append(vb.at[rows, :, slot].set(v_new, mode="drop"))
+        keys.append(kb.at[rows, :, :, slot].set(k_new.astype(kb.dtype), mode="drop"))
+        values.append(vb.at[rows, :, slot].set(v_new.astype(vb.dtype), mode="drop"))
     return lc.replace(keys=tuple(keys), values=tuple(values))
 
 
@@ -691,7 +691,7 @@ def _rebase(lc: kv.LayerCache, rebase, blocks, n_sinks: int, spec: C.Rotary) -> 
     back = (cos[..., None], -sin[..., None])  # [B, 1, R/2, 1]: rotation by -shift
 
     def rotate_back(keys):  # [B, K, H, n]
-        return rotate(keys, back, spec, axis=2)
+        return rotate(keys, back, spec, axis=2).astype(keys.dtype)  # the cache's own dtype
 
     keys = tuple(
         kb if start < n_sinks else jax.lax.cond(moved, rotate_back, lambda x: x, kb)

@@ -227,6 +227,23 @@ def test_bfloat16_stays_within_its_bound_of_float32():
     assert error.mean() < 0.03 and error.max() < 0.25
 
 
+def test_a_bfloat16_cache_under_float32_weights_keeps_its_dtype():
+    """The cache's dtype is its own: writes and the once-per-lap re-rotation keep bfloat16
+    (a drift would recompile), and the logits stay within the bfloat16 bound of float32."""
+    cfg = tiny_config()
+    m = tiny_model(cfg, random_flat_params(cfg, seed=12))
+    tokens = np.random.default_rng(13).integers(0, 97, size=(1, 40)).astype(np.int32)
+    stream = StreamConfig(2, 9)
+    f32, _ = feed(m, stream, tokens, chunk=8)
+    before = model.TRACES["step"]
+    half, cache = feed(m, stream, tokens, 8, cache=kv.init_cache(cfg, stream, 1, jnp.bfloat16))
+    assert model.TRACES["step"] - before <= 1
+    assert {x.dtype for x in jax.tree.leaves(cache.layers)} == {jnp.dtype(jnp.bfloat16)}
+    logp = [jax.nn.log_softmax(x.astype(np.float64), axis=-1) for x in (f32, half)]
+    error = np.abs(logp[0] - logp[1])
+    assert error.mean() < 0.03 and error.max() < 0.25
+
+
 @pytest.mark.parametrize("name", ["mixed-layers", "gpt-oss", "olmo2-qwen3moe"])
 def test_every_weight_is_an_nnx_param_with_a_partition_spec(name):
     """`nnx.split` of the module gives Param state whose every weight has one logical axis name

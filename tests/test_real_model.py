@@ -166,3 +166,16 @@ def test_sampling_with_a_seed_is_reproducible(smollm2):
     a = jaxsink.generate(smollm2, PROMPT, max_new_tokens=16, sampling=s, seed=3)
     b = jaxsink.generate(smollm2, PROMPT, max_new_tokens=16, sampling=s, seed=3)
     assert "".join(a) == "".join(b) and a.token_ids == b.token_ids
+
+
+def test_bfloat16_perplexity_is_within_its_bound_of_float32(smollm2_dir, smollm2_ids):
+    """bfloat16 weights and cache (the accelerator default) against float32 over 2,048 tokens of
+    Hamlet in sink mode (S = 4, W = 1020, evictions after 1,024): the mean per-token NLL within
+    0.005 nats, so the perplexity within 0.5% (measured: 5.5e-5 nats, 30.516 vs 30.518)."""
+    from jaxsink.evaluate import stream_nll
+
+    ids = smollm2_ids[:2049]
+    f32 = stream_nll(jaxsink.load(smollm2_dir), ids, chunk=256, progress=False)
+    bf16 = stream_nll(jaxsink.load(smollm2_dir, "bfloat16"), ids, chunk=256, progress=False)
+    assert abs(bf16.nll.mean() - f32.nll.mean()) < 0.005
+    assert bf16.cache_bytes * 2 == f32.cache_bytes + 4  # positions stay int32
