@@ -8,7 +8,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -16,6 +15,7 @@ from jaxsink import model as mdl
 from jaxsink import sharding as sh
 from jaxsink.checkpoint import DTYPES, WEIGHTS_FILE, CheckpointError, check_params, read_config
 from jaxsink.config import ConfigError, ModelConfig
+from jaxsink.tensorfile import TensorFile
 from jaxsink.tokenizer import Tokenizer
 
 
@@ -104,33 +104,28 @@ def load(
 
 def read_sharded(path: Path, cfg: ModelConfig, abstract: nnx.State, shardings) -> nnx.State:
     """The weights of checkpoint folder `path`, each read from its safetensors file straight
-    into its shardings: every device's shard is sliced from the (memory-mapped) file and cast on
-    its own, so the host holds about one shard at a time, never the whole model; a process of
-    many reads only the shards its devices address. abstract / shardings: the weights state of
-    `model.abstract` and a NamedSharding per weight (`sharding.weight_shardings`)."""
-    from safetensors import SafetensorError, safe_open
-
+    into its shardings: every device's shard is read (only its rows, when the shard splits the
+    first dimension) and cast on its own, so the host holds about one tensor at a time, never
+    the whole model; a process of many reads only the shards its devices address. abstract /
+    shardings: the weights state of `model.abstract` and a NamedSharding per weight
+    (`sharding.weight_shardings`)."""
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"missing weights file {weights}")
     flat = nnx.to_flat_state(abstract)
     placement = dict(nnx.to_flat_state(shardings))
-    try:
-        with safe_open(str(weights), framework="numpy") as f:
-            slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118
-            check_params(cfg, {n: _Shape(tuple(s.get_shape())) for n, s in slices.items()})
-            for key, var in flat:
-                source, dtype = slices[mdl._name(key)], var.get_value().dtype
+    with TensorFile(weights) as f:
+        check_params(cfg, {n: _Shape(f.shape(n)) for n in f.names()})
+        for key, var in flat:
+            name, dtype = mdl._name(key), var.get_value().dtype
 
-                def shard(index, source=source, dtype=dtype):
-                    return np.asarray(source[index]).astype(dtype)
+            def shard(index, name=name, dtype=dtype):
+                return f.read(name, index).astype(dtype, copy=False)
 
-                value = jax.make_array_from_callback(
-                    var.get_value().shape, placement[key].get_value(), shard
-                )
-                var.set_value(value)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"corrupt weights file {weights}: {e}") from None
+            value = jax.make_array_from_callback(
+                var.get_value().shape, placement[key].get_value(), shard
+            )
+            var.set_value(value)
     return nnx.from_flat_state(flat)
 
 
