@@ -24,6 +24,8 @@ depends on t in floating point. A dense cache never wraps: b = 0 for good.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,13 +60,19 @@ class KVCache:
 
     layers: one `LayerCache` per layer, each its own buffers: a layer reads and updates its
       cache in place, where slicing one stacked [L, ...] array would copy it.
-    pos:  [B] int32, tokens consumed so far by each row (the stream index of its next token).
+    pos:  [B] int32, each row's stream index of its next token, less `epoch` x the folding
+      quantum (`fold`): every computation depends on it only modulo each ring's W once the
+      rings are full, so it is kept small and the stream counter exact without limit.
+    epoch: [B] int32, how many folding quanta (a multiple of every ring's W near 2^29) each row
+      has passed: the stream index is `epoch * quantum + pos` (`stream_index`), exact far
+      past 2^40 tokens without 64-bit types.
     stream: static: which tokens the full layers keep (native sliding-window layers keep their
       own window: `layer_stream`). Changing it recompiles.
     """
 
     layers: tuple[LayerCache, ...]
     pos: jax.Array
+    epoch: jax.Array
     stream: StreamConfig = struct.field(pytree_node=False)
 
     @property
@@ -137,7 +145,56 @@ def init_cache(
         )
 
     layers = tuple(layer_cache(spec.attention) for spec in cfg.layers)
-    return KVCache(layers=layers, pos=jnp.zeros((batch,), jnp.int32), stream=stream)
+    pos, epoch = (jnp.zeros((batch,), jnp.int32) for _ in range(2))  # two buffers: both donated
+    return KVCache(layers=layers, pos=pos, epoch=epoch, stream=stream)
+
+
+FOLD_AT = 2**29  # the folding quantum is the first multiple of the rings' windows from here
+
+
+def fold_quantum(cache: KVCache) -> int | None:
+    """The number of tokens `fold` takes out of `pos` at once: the least common multiple of every
+    ring's window (full layers' and native sliding layers'), times what brings it to 2^29 or
+    more; None for a dense cache (bounded, never folded) or windows whose multiple passes 2^30."""
+    if not cache.stream.wraps:
+        return None
+    windows = {lc.stream.window for lc in cache.layers} | {cache.stream.window}
+    common = math.lcm(*windows)
+    quantum = common * max(1, -(-FOLD_AT // common))
+    return quantum if quantum <= 2**30 else None
+
+
+def fold(cache: KVCache, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(pos, epoch) after a chunk moved the rows to `pos` [B]: a row far enough in (every ring
+    full for a whole quantum, so every slot, lap and distance repeats) gives one quantum of its
+    position to its epoch. Nothing the model computes changes (rings repeat every W tokens; a
+    sink's distance stops at K)."""
+    quantum = fold_quantum(cache)
+    if quantum is None:
+        return pos, cache.epoch
+    reach = 2 * max(lc.stream.capacity for lc in cache.layers)
+    far = pos >= quantum + reach
+    return jnp.where(far, pos - quantum, pos), cache.epoch + far.astype(jnp.int32)
+
+
+def stream_index(cache: KVCache) -> list[int]:
+    """Each row's exact stream index (tokens consumed), as Python ints."""
+    quantum = fold_quantum(cache) or 0
+    pos, epoch = np.asarray(cache.pos), np.asarray(cache.epoch)
+    return [int(e) * quantum + int(p) for e, p in zip(epoch, pos, strict=True)]
+
+
+def at_stream_index(cache: KVCache, index: int) -> KVCache:
+    """The cache with every row's stream index set to `index` (its contents untouched), as
+    `fold` would have kept it: for moving a full cache by a multiple of the windows (tests)."""
+    quantum = fold_quantum(cache)
+    reach = 2 * max(lc.stream.capacity for lc in cache.layers)
+    epoch = 0 if quantum is None or index < quantum + reach else (index - reach) // quantum
+    pos = index - epoch * (quantum or 0)
+    if pos >= 2**31:
+        raise ConfigError(f"stream index {index} is out of this cache's reach")
+    B = cache.batch
+    return cache.replace(pos=jnp.full((B,), pos, jnp.int32), epoch=jnp.full((B,), epoch, jnp.int32))
 
 
 def cache_bytes(

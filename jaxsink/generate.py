@@ -313,7 +313,9 @@ class Generation:
         jax.block_until_ready(cache)
         st.decode_s = time.perf_counter() - first_at
         st.new_tokens = len(self.token_ids)
-        st.stream_position = int(sh.to_host(cache.pos)[0])
+        st.stream_position = kv.stream_index(
+            cache.replace(pos=sh.to_host(cache.pos), epoch=sh.to_host(cache.epoch))
+        )[0]
         self.cache = cache
 
     def _cut_at_stop(self, piece: str) -> tuple[str, bool]:

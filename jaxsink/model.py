@@ -643,8 +643,8 @@ class Decoder(nnx.Module):
             x, lc = block(x, lc, views[lc.stream])
             new_layers.append(lc)
         x = self.final_norm(x.transpose(1, 2, 0))
-        pos = cache.pos + valid.sum(axis=1, dtype=jnp.int32)
-        return x, cache.replace(layers=tuple(new_layers), pos=pos)
+        pos, epoch = kv.fold(cache, cache.pos + valid.sum(axis=1, dtype=jnp.int32))
+        return x, cache.replace(layers=tuple(new_layers), pos=pos, epoch=epoch)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Next-token logits, float32, vocabulary-major: hidden [..., D] -> [V, ...].

@@ -18,7 +18,7 @@ K = 4096  # cache slots
 SHARDED = 2 * V * D + L * (4 * D * D + 3 * D * F)  # embed, lm_head, q/k/v/o, gate/up/down
 REPLICATED = 2 * L * D + D  # the norms
 PARAMS = SHARDED * 2 // 8 + REPLICATED * 2
-CACHE = L * 2 * 8 * (N // 8) * H * K * 2 + 8 * 4  # keys and values of 8 rows, positions
+CACHE = L * 2 * 8 * (N // 8) * H * K * 2 + 8 * 4 * 2  # keys, values of 8 rows; pos, epoch
 
 
 def run_plan(capsys, *flags) -> dict:
@@ -41,7 +41,7 @@ def test_figures_equal_a_hand_computation(capsys):
     one_row += 2 * (F // 8) * C * 2 + (V // 8) * C * 4
     assert p["activation_bytes_per_device"] == 8 * one_row
     assert p["total_bytes_per_device"] == PARAMS + CACHE + 8 * one_row
-    per_row = CACHE // 8 + one_row  # CACHE // 8: one row's keys, values and position
+    per_row = CACHE // 8 + one_row  # CACHE // 8: one row's keys, values, position and epoch
     assert p["max_batch"] == (16 * 2**30 - PARAMS) // per_row
     assert p["lowered"] == [] and p["notes"] == []
 
@@ -51,7 +51,7 @@ def test_data_parallel_rows_and_replication_notes(capsys):
     said so."""
     p = run_plan(capsys, "--mesh", "data=2,model=1")
     assert p["params_bytes_per_device"] == SHARDED * 2 + REPLICATED * 2
-    assert p["cache_bytes_per_device"] == (CACHE - 32) * 8 // 2 + 4 * 4
+    assert p["cache_bytes_per_device"] == (CACHE - 64) * 8 // 2 + 4 * 4 * 2
     p = run_plan(capsys, "--mesh", "data=1,model=3")
     assert any("does not divide model=3" in n for n in p["notes"])
 

@@ -84,6 +84,47 @@ def test_position_precision_far_into_the_stream():
     np.testing.assert_array_equal(near_logits, far_logits)
 
 
+@pytest.mark.parametrize("power", [31, 40])
+def test_streams_past_int32_positions(power):
+    """A cache set to start 10 tokens before 2^31 (and 2^40), fed 20 tokens, gives logits bit-equal
+    to the same tokens at a small position a multiple of W away; the stream index stays exact
+    (an epoch count plus a small position) and the row folds a quantum on the way."""
+    cfg = tiny_config()
+    m = tiny_model(cfg, random_flat_params(cfg, seed=7))
+    stream = StreamConfig(4, 60)
+    tokens = np.random.default_rng(8).integers(0, cfg.vocab_size, size=(1, 400 + 20))
+    tokens = tokens.astype(np.int32)
+    _, near = feed(m, stream, tokens[:, :400], chunk=40)
+    start = 2**power - 10
+    start -= (start - 400) % stream.window  # the ring's layout repeats every W tokens
+    far = kv.at_stream_index(jax.tree.map(jnp.copy, near), start)
+    assert kv.stream_index(far) == [start]
+    near_logits, near = feed(m, stream, tokens[:, 400:], chunk=4, cache=near)
+    far_logits, far = feed(m, stream, tokens[:, 400:], chunk=4, cache=far)
+    np.testing.assert_array_equal(near_logits, far_logits)
+    assert kv.stream_index(far) == [start + 20] and kv.stream_index(near) == [420]
+    assert int(far.pos[0]) < 2**30 and int(far.epoch[0]) >= 1
+
+
+def test_folding_keeps_a_stream_exact_across_a_quantum():
+    """A row crossing a folding point gives one quantum to its epoch mid-stream: its logits
+    equal a copy that never folds (the same contents, a small position)."""
+    cfg = tiny_config()
+    m = tiny_model(cfg, random_flat_params(cfg, seed=7))
+    stream = StreamConfig(2, 5)
+    tokens = np.random.default_rng(9).integers(0, cfg.vocab_size, size=(1, 60)).astype(np.int32)
+    _, cache = feed(m, stream, tokens[:, :30], chunk=6)
+    quantum = kv.fold_quantum(cache)
+    assert quantum % stream.window == 0 and quantum >= 2**29
+    edge = quantum + 2 * stream.capacity - 3  # three tokens before the row folds
+    edge -= (edge - 30) % stream.window
+    folding = kv.at_stream_index(jax.tree.map(jnp.copy, cache), edge)
+    small, _ = feed(m, stream, tokens[:, 30:], chunk=6, cache=cache)
+    big, folding = feed(m, stream, tokens[:, 30:], chunk=6, cache=folding)
+    np.testing.assert_array_equal(small, big)
+    assert int(folding.epoch[0]) == 1 and kv.stream_index(folding) == [edge + 30]
+
+
 def test_rows_are_independent_streams():
     """Rows at different stream positions in one batch equal the same streams run alone."""
     cfg = tiny_config()
