@@ -114,6 +114,7 @@ def read_sharded(path: Path, cfg: ModelConfig, abstract: nnx.State, shardings) -
         raise CheckpointError(f"missing weights file {weights}")
     flat = nnx.to_flat_state(abstract)
     placement = dict(nnx.to_flat_state(shardings))
+    single = all(s.get_value().mesh.size == 1 for _, s in placement.items())
     with TensorFile(weights) as f:
         check_params(cfg, {n: _Shape(f.shape(n)) for n in f.names()})
         for key, var in flat:
@@ -122,9 +123,12 @@ def read_sharded(path: Path, cfg: ModelConfig, abstract: nnx.State, shardings) -
             def shard(index, name=name, dtype=dtype):
                 return f.read(name, index).astype(dtype, copy=False)
 
-            value = jax.make_array_from_callback(
-                var.get_value().shape, placement[key].get_value(), shard
-            )
+            if single:  # uncommitted, as the caches `init_cache` makes: one jit signature
+                value = jax.device_put(shard(()))
+            else:
+                value = jax.make_array_from_callback(
+                    var.get_value().shape, placement[key].get_value(), shard
+                )
             var.set_value(value)
     return nnx.from_flat_state(flat)
 
