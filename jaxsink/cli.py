@@ -10,8 +10,10 @@ from pathlib import Path
 from jaxsink.config import JaxsinkError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors: one line, status 2
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one `prog: error: ...` line, status 2."""
+
+    def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -25,6 +27,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16"],
         help="run-time dtype (default: float32 on CPU, bfloat16 on GPU/TPU)",
     )
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bars or fetch / convert messages"
+    )
 
 
 def _add_stream_args(p: argparse.ArgumentParser) -> None:
@@ -34,10 +39,10 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="jaxsink", description="Endless LLM streams with attention sinks, in JAX."
     )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     g = sub.add_parser("generate", help="generate text from a prompt")
     _add_model_args(g)
     g.add_argument("--prompt", required=True, help="prompt text")
@@ -81,7 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for nll_<mode>.npy, summary.json and ppl.png")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     p.add_argument("--plot", action="store_true", help="write ppl.png into --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -114,7 +118,7 @@ def cmd_generate(args) -> int:
     if not args.prompt:
         raise JaxsinkError("empty prompt: give some text with --prompt")
     _check_stream_flags([args.mode], args)
-    model = load(args.model, dtype=args.dtype or default_dtype())
+    model = load(args.model, dtype=args.dtype or default_dtype(), progress=not args.quiet)
     gen = Generation(
         model,
         args.prompt,
@@ -173,7 +177,10 @@ def _read_ids(args, model):
         else:
             from jaxsink.default_model import default_text_files
 
-            texts = (f.read_text(encoding="utf-8", errors="replace") for f in default_text_files())
+            texts = (
+                f.read_text(encoding="utf-8", errors="replace")
+                for f in default_text_files(progress=not args.quiet)
+            )
             n = n or 4096
         ids = []
         for i, text in enumerate(texts):
@@ -200,7 +207,7 @@ def cmd_ppl(args) -> int:
     if args.plot and not args.out:
         raise JaxsinkError("--plot needs --out DIR")
     _check_stream_flags(args.mode, args)
-    model = load(args.model, dtype=args.dtype or default_dtype())
+    model = load(args.model, dtype=args.dtype or default_dtype(), progress=not args.quiet)
     ids = _read_ids(args, model)
     results = [
         stream_nll(model, ids, mode, args.sinks, args.window, args.chunk, progress=not args.quiet)

@@ -138,7 +138,10 @@ def stream_nll(
 
     out = np.zeros(n, np.float32)
     chunk_seconds = []
-    bar = tqdm(total=n, desc=f"ppl {mode}", unit="tok", file=sys.stderr, disable=not progress)
+    # disable=None: tqdm draws only on a terminal, so a log file gets no carriage-return updates
+    bar = tqdm(
+        total=n, desc=f"ppl {mode}", unit="tok", file=sys.stderr, disable=None if progress else True
+    )
     start = time.perf_counter()
     for i in range(0, n, chunk):
         m = min(chunk, n - i)

@@ -41,17 +41,20 @@ class Model:
         return self.weights["embed"][...].dtype
 
 
-def load(spec: str | os.PathLike | None = None, dtype: str | None = None) -> Model:
+def load(
+    spec: str | os.PathLike | None = None, dtype: str | None = None, progress: bool = True
+) -> Model:
     """Load a model.
 
     spec: a jaxsink checkpoint folder; or a Hugging Face folder, a `.gguf` file or a hub id,
     converted once and cached (see `jaxsink.default_model.resolve_model`); None = the default
     SmolLM2-135M-Instruct, fetched and converted on first use.
     dtype: "float32" or "bfloat16" at run time (default: the checkpoint's dtype).
+    progress: say on stderr what is fetched, converted or waited for.
     """
     from jaxsink.default_model import resolve_model
 
-    path = resolve_model(None if spec is None else str(spec))
+    path = resolve_model(None if spec is None else str(spec), progress=progress)
     cfg, meta = read_config(path)
     dtype = dtype or meta.get("dtype", "float32")
     if dtype not in DTYPES:
