@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from jaxsink.checkpoint import DTYPES, CheckpointError
-from jaxsink.cli import OneLineParser
+from jaxsink.cli import OneLineParser, one_line
 from jaxsink.config import ConfigError
 
 from . import ConvertError, convert
@@ -36,9 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         out = convert(
             args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet
         )
-    except (ConvertError, ConfigError, CheckpointError, FileNotFoundError) as e:
-        message = " ".join(str(e).split())
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+    except (ConvertError, ConfigError, CheckpointError, OSError) as e:
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(out)
     return 0

@@ -65,7 +65,8 @@ def check_params(cfg: ModelConfig, params: Mapping[str, np.ndarray]) -> None:
 def check_writable(out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Fail before any work unless a checkpoint can be written at `out`: it must not exist
     (unless `overwrite` and it is a folder) and its nearest existing ancestor must be a folder
-    this process can write into. Returns `out` as a Path."""
+    this process can create folders in (tried, not inferred from permission bits, which root
+    and read-only file systems defeat). Leaves nothing behind. Returns `out` as a Path."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"output {out} already exists (pass --overwrite to replace it)")
@@ -74,11 +75,13 @@ def check_writable(out: str | os.PathLike, overwrite: bool = False) -> Path:
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError as e:
         raise CheckpointError(
-            f"cannot write the output {out}: {parent} is not a writable folder "
-            "(choose another output path or fix its permissions)"
-        )
+            f"cannot write the output {out}: {parent} is not a writable folder ({e.strerror}): "
+            "choose another output path or fix its permissions"
+        ) from None
     return out
 
 

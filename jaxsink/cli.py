@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -106,11 +107,43 @@ def _check_stream_flags(modes, args) -> None:
         raise JaxsinkError(f"--chunk must be >= 1, got {args.chunk}")
 
 
+def _load_checked(args, modes, dense_tokens: int):
+    """The model of --model, once its config shows that its weights and the caches of `modes`
+    fit in this machine's memory (dense over at least `dense_tokens`): an oversized request
+    is refused before anything is allocated."""
+    from jaxsink.checkpoint import DTYPES, read_config
+    from jaxsink.config import StreamConfig
+    from jaxsink.default_model import resolve_model
+    from jaxsink.loading import load
+    from jaxsink.memory import check_run_fits
+
+    progress = not args.quiet
+    path = resolve_model(args.model, progress=progress)
+    dtype = args.dtype or default_dtype()
+    streams = [
+        StreamConfig.for_mode(mode, args.sinks, args.window, dense_capacity=dense_tokens)
+        for mode in modes
+    ]
+    check_run_fits(read_config(path)[0], DTYPES[dtype], streams)
+    return load(path, dtype=dtype, progress=progress)
+
+
+def _check_out_folder(out: str) -> None:
+    """Fail before any work unless --out is (or can be made) a writable folder."""
+    path = Path(out).absolute()
+    if path.exists() and not path.is_dir():
+        raise JaxsinkError(f"--out {out} is a file, not a folder: choose another path")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise JaxsinkError(f"--out {out}: {parent} is not writable: choose another path")
+
+
 def cmd_generate(args) -> int:
     import jax
 
     from jaxsink.generate import Generation, Sampling
-    from jaxsink.loading import load
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 1:
@@ -118,7 +151,7 @@ def cmd_generate(args) -> int:
     if not args.prompt:
         raise JaxsinkError("empty prompt: give some text with --prompt")
     _check_stream_flags([args.mode], args)
-    model = load(args.model, dtype=args.dtype or default_dtype(), progress=not args.quiet)
+    model = _load_checked(args, [args.mode], dense_tokens=args.max_new_tokens + 1)
     gen = Generation(
         model,
         args.prompt,
@@ -202,12 +235,15 @@ def cmd_ppl(args) -> int:
     import numpy as np
 
     from jaxsink.evaluate import plot, stream_nll
-    from jaxsink.loading import load
 
     if args.plot and not args.out:
         raise JaxsinkError("--plot needs --out DIR")
+    if args.out:
+        _check_out_folder(args.out)
     _check_stream_flags(args.mode, args)
-    model = load(args.model, dtype=args.dtype or default_dtype(), progress=not args.quiet)
+    if args.n_tokens is not None and args.n_tokens < 1:
+        raise JaxsinkError(f"--n-tokens must be >= 1, got {args.n_tokens}")
+    model = _load_checked(args, args.mode, dense_tokens=args.n_tokens or 1)
     ids = _read_ids(args, model)
     results = [
         stream_nll(model, ids, mode, args.sinks, args.window, args.chunk, progress=not args.quiet)
@@ -249,18 +285,28 @@ def cmd_ppl(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "ppl": cmd_ppl}
+XLA_CACHE_BYTES = 8 << 30  # the compilation cache's size limit (least recently used go first)
 
 
 def _use_compilation_cache() -> None:
     """Keep compiled executables across runs in JAX's persistent compilation cache, under
     `$JAXSINK_HOME/xla-cache` unless the user chose a folder (JAX_COMPILATION_CACHE_DIR): the
-    model's layers run unrolled, which takes seconds to compile."""
+    model's layers run unrolled, which takes seconds to compile.
+
+    Processes share the folder. JAX (0.10) writes an entry in place, not by an atomic rename,
+    and takes its cross-process file lock around reads and writes only when a cache size limit
+    is set; so a limit is set (unless the user chose one), and a process never reads an entry
+    another is still writing. An entry cut short by a killed writer fails to decompress: JAX
+    warns and compiles again, it never runs it.
+    """
     import jax
 
     from jaxsink.default_model import jaxsink_home
 
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(jaxsink_home() / "xla-cache"))
+    if jax.config.jax_compilation_cache_max_size == -1:
+        jax.config.update("jax_compilation_cache_max_size", XLA_CACHE_BYTES)
 
 
 def main(argv=None) -> int:
@@ -268,11 +314,21 @@ def main(argv=None) -> int:
     _use_compilation_cache()
     try:
         return COMMANDS[args.command](args)
-    except (JaxsinkError, FileNotFoundError) as e:
-        print(f"jaxsink {args.command}: error: {e}", file=sys.stderr)
+    except (JaxsinkError, OSError) as e:
+        print(f"jaxsink {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def one_line(error: Exception) -> str:
+    """An error's message on one line (an OSError's with the file it names)."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        text = f"{where}{error.strerror}"
+    else:
+        text = str(error)
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":
