@@ -141,6 +141,6 @@ def _convert_gguf(src: Path, job: _Job) -> Path:
 def declares_jaxsink(folder: Path) -> bool:
     """Whether a folder's config.json says it is a jaxsink checkpoint (complete or not)."""
     try:
-        return json.loads((folder / "config.json").read_text()).get("format") == FORMAT
-    except (OSError, json.JSONDecodeError, AttributeError):
+        return json.loads((folder / "config.json").read_bytes()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError, RecursionError):  # not JSON, not an object
         return False
