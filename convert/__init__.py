@@ -12,12 +12,13 @@ tokenizer converts with a warning on stderr, into a checkpoint for token ids onl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 
-from jaxsink.checkpoint import DTYPES, FORMAT, CheckpointError, save_checkpoint
+from jaxsink.checkpoint import DTYPES, FORMAT, check_writable, save_checkpoint
 
 from .architectures import FAMILIES
 from .errors import ConvertError
@@ -27,6 +28,7 @@ from .hf import (
     SafetensorsSource,
     download,
     looks_like_hub_id,
+    malformed_values,
     pickle_refusal,
     read_hf_config,
     weight_files,
@@ -43,6 +45,7 @@ def convert(
     dtype: str = "float32",
     overwrite: bool = False,
     progress: bool = True,
+    announce: str = "",
 ) -> Path:
     """Convert `src` into a jaxsink checkpoint folder at `out` and return `out`.
 
@@ -50,26 +53,48 @@ def convert(
       file, or a hub id `org/name` (downloaded with huggingface_hub).
     dtype: "float32" or "bfloat16", the stored parameter dtype (GGUF is dequantized first).
     overwrite: replace an existing `out` (only once the new checkpoint is complete).
-    progress: show a progress bar on stderr.
+    progress: show a progress bar on stderr (on a terminal) and `announce`.
+    announce: a line printed on stderr once the source has passed its checks (config, file
+      headers, tokenizer), just before its tensors are converted: a bad source gives one line,
+      its error.
     Raises ConvertError (unsupported or unsafe input), ConfigError, CheckpointError.
     """
     if dtype not in DTYPES:
         raise ConvertError(f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output {out} already exists (pass --overwrite to replace it)")
+    job = _Job(check_writable(out, overwrite), dtype, overwrite, progress, announce)
     path = Path(src).expanduser()
     if path.is_dir():
-        return _convert_hf(path, out, dtype, overwrite, progress, str(path.resolve()))
+        return _convert_hf(path, job, str(path.resolve()))
     if path.is_file() and path.suffix == ".gguf":
-        return _convert_gguf(path, out, dtype, overwrite, progress)
+        return _convert_gguf(path, job)
     if path.is_file() and path.name.endswith(PICKLE_SUFFIXES):
         raise pickle_refusal(path)
     if path.exists():
         raise ConvertError(f"{path} is neither a Hugging Face model folder nor a .gguf file")
     if looks_like_hub_id(str(src)):
-        return _convert_hf(_download(str(src)), out, dtype, overwrite, progress, str(src))
+        return _convert_hf(_download(str(src)), job, str(src))
     raise ConvertError(f"model not found: {src}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """Where and how a conversion writes (the arguments of `convert` past `src`)."""
+
+    out: Path
+    dtype: str
+    overwrite: bool
+    progress: bool
+    announce: str
+
+    def start(self) -> None:
+        """The source passed its checks: say so, if asked to."""
+        if self.progress and self.announce:
+            print(self.announce, file=sys.stderr, flush=True)
+
+    def save(self, cfg, params, tokenizer_files, label: str) -> Path:
+        return save_checkpoint(
+            self.out, cfg, params, self.dtype, tokenizer_files, label, self.overwrite
+        )
 
 
 def _download(repo_id: str) -> Path:
@@ -82,9 +107,7 @@ def _download(repo_id: str) -> Path:
         ) from None
 
 
-def _convert_hf(
-    src: Path, out: Path, dtype: str, overwrite: bool, progress: bool, label: str
-) -> Path:
+def _convert_hf(src: Path, job: _Job, label: str) -> Path:
     """Convert a Hugging Face folder."""
     if declares_jaxsink(src):
         raise ConvertError(f"{src} is already a jaxsink checkpoint")
@@ -94,31 +117,30 @@ def _convert_hf(
     if "tokenizer.json" not in tokenizer_files:
         print(
             f"jaxsink-convert: warning: {label} has no tokenizer; token-id commands work, "
-            f"text commands need one: copy tokenizer.json into {out}",
+            f"text commands need one: copy tokenizer.json into {job.out}",
             file=sys.stderr,
         )
+    table = FAMILIES[cfg.architecture].table(cfg)
     with SafetensorsSource(files) as source:
-        params = build_params(cfg, FAMILIES[cfg.architecture].table(cfg), source, dtype, progress)
-    return save_checkpoint(
-        out, cfg, params, dtype, tokenizer_files, source=label, overwrite=overwrite
-    )
+        job.start()
+        params = build_params(cfg, table, source, job.dtype, job.progress)
+    return job.save(cfg, params, tokenizer_files, label)
 
 
-def _convert_gguf(src: Path, out: Path, dtype: str, overwrite: bool, progress: bool) -> Path:
+def _convert_gguf(src: Path, job: _Job) -> Path:
     """Convert a GGUF file (dequantized, q/k rows restored to the Hugging Face order)."""
     meta, reader = read_gguf(src)
-    cfg = config_from_gguf(meta, [t.name for t in reader.tensors])
-    tokenizer_files = gguf_tokenizer_files(meta)
-    params = build_params(cfg, GGUF_TABLE, GGUFSource(reader, cfg), dtype, progress)
-    label = str(src.resolve())
-    return save_checkpoint(
-        out, cfg, params, dtype, tokenizer_files, source=label, overwrite=overwrite
-    )
+    with malformed_values(src):
+        cfg = config_from_gguf(meta, [t.name for t in reader.tensors])
+        tokenizer_files = gguf_tokenizer_files(meta)
+    job.start()
+    params = build_params(cfg, GGUF_TABLE, GGUFSource(reader, cfg), job.dtype, job.progress)
+    return job.save(cfg, params, tokenizer_files, str(src.resolve()))
 
 
 def declares_jaxsink(folder: Path) -> bool:
     """Whether a folder's config.json says it is a jaxsink checkpoint (complete or not)."""
     try:
-        return json.loads((folder / "config.json").read_text()).get("format") == FORMAT
-    except (OSError, json.JSONDecodeError, AttributeError):
+        return json.loads((folder / "config.json").read_bytes()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError, RecursionError):  # not JSON, not an object
         return False

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from jaxsink.checkpoint import DTYPES, CheckpointError
+from jaxsink.cli import OneLineParser, one_line
 from jaxsink.config import ConfigError
 
 from . import ConvertError, convert
@@ -15,7 +16,7 @@ PROG = "jaxsink-convert"
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of jaxsink-convert."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG,
         description="Convert a Hugging Face model (folder or hub id) or a GGUF file into a "
         "jaxsink checkpoint folder.",
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("out", help="output checkpoint folder")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="stored dtype")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -31,10 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the converter; returns the exit status (2 with one `error:` line on stderr)."""
     args = build_parser().parse_args(argv)
     try:
-        out = convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
-    except (ConvertError, ConfigError, CheckpointError, FileNotFoundError) as e:
-        message = " ".join(str(e).split())
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        out = convert(
+            args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet
+        )
+    except (ConvertError, ConfigError, CheckpointError, OSError) as e:
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(out)
     return 0

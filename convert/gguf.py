@@ -8,6 +8,7 @@ weights equal the Hugging Face ones (jaxsink uses the half-split "rotate_half" l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,20 +48,68 @@ ARCH_KEYS = frozenset(
     }
 )
 ZERO_KEYS = ("expert_count", "expert_used_count")  # accepted only when 0 (a dense model)
+# Far above any published GGUF (a few thousand tensors, a few dozen metadata keys): a file
+# claiming more is refused before the reader walks it.
+MAX_TENSORS = 1 << 16
+MAX_KEYS = 1 << 16
+MAX_DIMS = 4  # ggml tensors have at most four dimensions
 
 
 def read_gguf(path: Path) -> tuple[dict[str, Any], Any]:
-    """(metadata `key -> value`, the `gguf.GGUFReader`) of a GGUF file (memory-mapped)."""
+    """(metadata `key -> value`, the `gguf.GGUFReader`) of a GGUF file (memory-mapped).
+
+    The counts in its header are checked before the reader walks them, and every tensor's
+    shape and bytes against the file's size before any is read.
+    """
     from gguf import GGUFReader
 
+    _check_counts(path)
     try:
         reader = GGUFReader(str(path))
-    except (ValueError, OSError) as e:
-        raise ConvertError(f"{path} is not a readable GGUF file: {e}") from None
-    meta = {name: field.contents() for name, field in reader.fields.items()}
+        meta = {name: field.contents() for name, field in reader.fields.items()}
+    except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError, OverflowError) as e:
+        # a truncated or hostile file fails somewhere in the reader's walk of its header
+        raise ConvertError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}): it is truncated or "
+            "corrupt; download it again"
+        ) from None
+    _check_tensors(path, reader.tensors)
     if meta.get("split.count", 1) > 1:
         raise ConvertError(f"{path} is one part of a split GGUF; merge it with gguf-split first")
     return meta, reader
+
+
+def _check_counts(path: Path) -> None:
+    """Refuse a GGUF whose header claims more tensors or metadata keys than any model has."""
+    with open(path, "rb") as f:
+        head = f.read(24)  # magic, version, tensor count, key count
+    if len(head) == 24 and head[:4] == b"GGUF":
+        tensors, keys = (int.from_bytes(head[i : i + 8], "little") for i in (8, 16))
+        if tensors > MAX_TENSORS or keys > MAX_KEYS:
+            raise ConvertError(
+                f"{path} claims {tensors} tensors and {keys} metadata keys (at most "
+                f"{MAX_TENSORS} and {MAX_KEYS}): the file is corrupt or hostile"
+            )
+
+
+def _check_tensors(path: Path, tensors: list) -> None:
+    """Every tensor has at most four dimensions, each at least 1, and its bytes inside the
+    file: checked before any tensor is read or dequantized."""
+    from gguf import GGML_QUANT_SIZES
+
+    size = path.stat().st_size
+    for t in tensors:
+        dims = [int(d) for d in t.shape]
+        block, type_bytes = GGML_QUANT_SIZES[t.tensor_type]
+        # exact in Python ints: the reader's numpy product of the dimensions can wrap around
+        n_bytes = math.prod(dims) * type_bytes // block
+        if not 1 <= len(dims) <= MAX_DIMS or min(dims) < 1 or n_bytes != t.n_bytes:
+            raise ConvertError(f"{path}: tensor {t.name} has impossible dimensions {dims}")
+        if t.data_offset + n_bytes > size or t.data.nbytes != n_bytes:
+            raise ConvertError(
+                f"{path}: tensor {t.name} ({dims}) runs past the end of the file: it is "
+                "truncated; download it again"
+            )
 
 
 def config_from_gguf(meta: Mapping[str, Any], tensor_names: Collection[str]) -> ModelConfig:

@@ -19,7 +19,8 @@ from typing import Any
 import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy, so safe_open can return it
 import numpy as np
 
-from jaxsink.config import ModelConfig, RopeScaling
+from jaxsink.checkpoint import CheckpointError, check_safetensors
+from jaxsink.config import JaxsinkError, ModelConfig, RopeScaling
 
 from .errors import ConvertError
 
@@ -143,8 +144,8 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 def read_json(path: Path) -> dict:
     """A JSON object from `path`, or ConvertError."""
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ConvertError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ConvertError(f"{path} does not hold a JSON object")
@@ -159,10 +160,25 @@ def read_hf_config(src: Path) -> ModelConfig:
         raise ConvertError(f"{src} has no config.json (not a Hugging Face model folder)")
     gen_file = src / "generation_config.json"
     generation = read_json(gen_file) if gen_file.is_file() else {}
+    config = read_json(cfg_file)
+    with malformed_values(cfg_file):
+        return config_from_hf(config, generation)
+
+
+@contextlib.contextmanager
+def malformed_values(source: Path):
+    """Errors of reading a config (or GGUF metadata) from `source` as one ConvertError naming
+    it: a hostile file's values of the wrong type surface as Python errors anywhere in the
+    readers' arithmetic, and must still end as one clear line."""
     try:
-        return config_from_hf(read_json(cfg_file), generation)
-    except ConvertError as e:
-        raise ConvertError(f"{cfg_file}: {e}") from None
+        yield
+    except JaxsinkError as e:
+        raise ConvertError(f"{source}: {e}") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError) as e:
+        raise ConvertError(
+            f"{source}: a value has the wrong type or is out of range "
+            f"({type(e).__name__}: {e}); fix the file or download it again"
+        ) from None
 
 
 class ConfigReader:
@@ -389,7 +405,8 @@ def pickle_refusal(path: Path) -> ConvertError:
 class SafetensorsSource:
     """Tensors of safetensors files, read lazily (memory-mapped) one at a time by name.
 
-    Use as a context manager; the files stay open until exit.
+    Use as a context manager; the files stay open until exit. Each file's header is checked
+    against its bytes (`check_safetensors`) before safetensors opens it.
     """
 
     def __init__(self, files: list[Path]):
@@ -401,6 +418,11 @@ class SafetensorsSource:
         from safetensors import safe_open
 
         for path in self._files:
+            try:
+                check_safetensors(path)
+            except CheckpointError as e:  # the source's problem, not a checkpoint's
+                self._stack.close()
+                raise ConvertError(str(e)) from None
             try:
                 handle = self._stack.enter_context(safe_open(str(path), framework="numpy"))
             except Exception as e:  # safetensors raises its own error types for bad headers

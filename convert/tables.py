@@ -19,7 +19,7 @@ from typing import Protocol
 
 import ml_dtypes
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from jaxsink.checkpoint import DTYPES, param_shapes
 from jaxsink.config import ModelConfig
@@ -233,7 +233,9 @@ def build_params(
     out_dtype = DTYPES[dtype]
     params = {}
     total = sum(len(names) for _, names in plan.values())
-    with tqdm(total=total, desc="converting", unit="tensor", disable=not progress) as bar:
+    # disable=None: tqdm draws only when stderr is a terminal, never into a log file
+    bar = tqdm(total=total, desc="converting", unit="tensor", disable=None if progress else True)
+    with bar:
         for target, (rule, names) in plan.items():
             arrays = [source.load(name) for name in names]
             params[target] = _apply(rule, target, names, arrays, shapes[target]).astype(out_dtype)
@@ -328,7 +330,7 @@ def _apply(
         sizes = ", ".join(f"{n} {tuple(a.shape)}" for n, a in zip(names, arrays, strict=True))
         raise ConvertError(
             f"source tensors {sizes} do not fit {target} (shape {shape}) under "
-            f"{rule.transform.__name__}"
+            f"{rule.transform.__name__}: the config does not describe these weights"
         )
     return out
 

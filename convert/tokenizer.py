@@ -15,6 +15,7 @@ GGUF through transformers itself may need torch, which conversion does without.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -76,7 +77,11 @@ def hf_tokenizer_files(src: Path) -> dict[str, bytes]:
     """
     names = HF_TOKENIZER_FILES + HF_EXTRA_FILES
     files = {name: (src / name).read_bytes() for name in names if (src / name).is_file()}
+    for name in files:
+        if name.endswith(".json"):
+            read_json(src / name)
     if "tokenizer.json" in files:
+        check_tokenizer_json(src / "tokenizer.json")
         return files
     if (src / SENTENCEPIECE_MODEL).is_file():
         config = (
@@ -89,12 +94,41 @@ def hf_tokenizer_files(src: Path) -> dict[str, bytes]:
     return files
 
 
+def check_tokenizer_json(path: Path) -> None:
+    """Refuse a `tokenizer.json` the `tokenizers` library cannot load, naming it."""
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own exception type for any bad file
+        raise ConvertError(
+            f"{path} is not a valid tokenizer.json ({' '.join(str(e).split())[:200]}); "
+            "download it again"
+        ) from None
+
+
+def _import_transformers():
+    """transformers, imported without the "PyTorch was not found" notice it logs when torch is
+    absent (irrelevant to its tokenizers): its switch for such advisory notices is on only
+    for the import."""
+    key = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        import transformers
+    finally:
+        if before is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = before
+    return transformers
+
+
 def _build_fast_tokenizer(src: Path, loader: str, **overrides: Any) -> dict[str, bytes]:
     """The tokenizer files transformers writes for `src` (which has no tokenizer.json), loading it
     with `transformers.<loader>.from_pretrained(src, **overrides)`."""
     try:
-        import transformers
-
+        transformers = _import_transformers()
         tokenizer = getattr(transformers, loader).from_pretrained(str(src), **overrides)
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer.save_pretrained(tmp)

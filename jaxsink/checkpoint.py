@@ -1,14 +1,21 @@
-"""The jaxsink checkpoint: a folder with `config.json`, `model.safetensors` and tokenizer files.
+"""The jaxsink checkpoint: a folder with `config.json`, `model.safetensors`, tokenizer files and
+the completeness marker `complete.json`, written last.
 
 The weights are the `nnx.Param`s of `jaxsink.model.Decoder`, each stored under its path in the
 module (`embed`, `layers.0.attn.qkv`, ...), in exactly the layout the model runs on (see
 `param_shapes`): loading is reading, and the logical axis names the module gives each weight
 shard it on a `Mesh`. `config.json` holds the `ModelConfig`, one description per layer.
+
+A checkpoint is written into a temporary sibling folder and renamed into place once complete;
+loading also requires the marker and the weights' size it records, so no interrupted or
+truncated write ever loads. Safetensors headers are checked against the file's bytes before
+safetensors reads them, so a hostile header cannot make a reader allocate or read past the file.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -24,6 +31,7 @@ FORMAT = "jaxsink"
 FORMAT_VERSION = 3  # 3: the NNX module's parameters, per layer (2: stacked layers)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+COMPLETE_FILE = "complete.json"  # written last: {"weights_bytes": size of WEIGHTS_FILE}
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
@@ -54,6 +62,29 @@ def check_params(cfg: ModelConfig, params: Mapping[str, np.ndarray]) -> None:
             )
 
 
+def check_writable(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Fail before any work unless a checkpoint can be written at `out`: it must not exist
+    (unless `overwrite` and it is a folder) and its nearest existing ancestor must be a folder
+    this process can create folders in (tried, not inferred from permission bits, which root
+    and read-only file systems defeat). Leaves nothing behind. Returns `out` as a Path."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output {out} already exists (pass --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output {out} is a file, not a folder: choose another output path")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write the output {out}: {parent} is not a writable folder ({e.strerror}): "
+            "choose another output path or fix its permissions"
+        ) from None
+    return out
+
+
 def save_checkpoint(
     out: str | os.PathLike,
     cfg: ModelConfig,
@@ -63,20 +94,19 @@ def save_checkpoint(
     source: str = "",
     overwrite: bool = False,
 ) -> Path:
-    """Write a checkpoint atomically: everything goes to a temporary sibling folder that is
-    renamed onto `out` only once complete, so a failure leaves nothing at `out` (and an
-    existing `out` is replaced only when `overwrite` and only after success).
+    """Write a checkpoint atomically: everything goes to a temporary sibling folder, flushed to
+    disk with the completeness marker last, that is renamed onto `out` only once complete, so a
+    failure or a kill leaves nothing at `out` (and an existing `out` is replaced only when
+    `overwrite` and only after success).
 
     tokenizer_files: file name -> contents (`tokenizer.json` and its companions; none for a
       model converted without a tokenizer, which then takes token ids only).
     """
     from safetensors.numpy import save_file
 
-    out = Path(out)
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r} (expected one of {sorted(DTYPES)})")
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output {out} already exists (pass --overwrite to replace it)")
+    out = check_writable(out, overwrite)
     check_params(cfg, params)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -97,6 +127,12 @@ def save_checkpoint(
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         for name, data in tokenizer_files.items():
             (tmp / name).write_bytes(data)
+        for path in tmp.iterdir():
+            _fsync(path)
+        marker = {"weights_bytes": (tmp / WEIGHTS_FILE).stat().st_size}
+        (tmp / COMPLETE_FILE).write_text(json.dumps(marker) + "\n")
+        _fsync(tmp / COMPLETE_FILE)
+        _fsync(tmp)
         if out.exists() and overwrite:  # else a concurrent writer won: rename fails
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -108,22 +144,32 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
+        _fsync(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to disk, so a rename after it never publishes unwritten data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def read_config(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
-    """The ModelConfig of a checkpoint folder and its full metadata dict."""
+    """The ModelConfig of a complete checkpoint folder and its full metadata dict.
+
+    Raises CheckpointError (ConfigError for values out of range) naming the file.
+    """
     path = Path(path)
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise CheckpointError(f"{path} is not a jaxsink checkpoint (no {CONFIG_FILE})")
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+    meta = _read_json_object(cfg_file)
     if meta.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a jaxsink checkpoint (convert it first: jaxsink-convert SRC OUT)"
@@ -133,7 +179,42 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
             f"{path} has checkpoint format version {meta.get('format_version')}, "
             f"this jaxsink reads {FORMAT_VERSION}: convert its source again"
         )
-    return ModelConfig.from_dict(meta["model"]), meta
+    _check_complete(path)
+    try:
+        cfg = ModelConfig.from_dict(meta.get("model"))
+    except ConfigError as e:
+        raise ConfigError(f"{cfg_file}: {e} (convert the model again)") from None
+    return cfg, meta
+
+
+def _read_json_object(path: Path) -> dict:
+    """A JSON object from `path`, or CheckpointError."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _check_complete(path: Path) -> None:
+    """Refuse a checkpoint whose completeness marker is absent (an interrupted write, or a
+    checkpoint from before markers) or whose weights are not the size it records."""
+    marker = path / COMPLETE_FILE
+    if not marker.is_file():
+        raise CheckpointError(
+            f"{path} is incomplete (no {COMPLETE_FILE}: its writing was interrupted, or an "
+            "older jaxsink wrote it): convert its source again"
+        )
+    want = _read_json_object(marker).get("weights_bytes")
+    weights = path / WEIGHTS_FILE
+    got = weights.stat().st_size if weights.is_file() else None
+    if got != want:
+        raise CheckpointError(
+            f"corrupt weights file {weights}: {got} bytes where {marker} records {want} "
+            "(truncated or replaced): convert its source again"
+        )
 
 
 def load_params(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -144,9 +225,88 @@ def load_params(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, np.ndarr
     weights = Path(path) / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"missing weights file {weights}")
+    check_safetensors(weights)
     try:
         params = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"corrupt weights file {weights}: {e}") from None
     check_params(cfg, params)
     return params
+
+
+# Bits per element of every safetensors dtype.
+SAFETENSORS_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "F64": 64, "I64": 64, "U64": 64, "C64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}  # fmt: skip
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
+def check_safetensors(path: str | os.PathLike) -> dict[str, dict]:
+    """The header of a safetensors file (tensor name -> dtype, shape, data_offsets), checked
+    against the file's bytes before safetensors maps it: the header fits in the file, every
+    tensor's byte count is its dtype times its shape, and the tensors tile the data exactly
+    (no overlap, no gap, nothing past the end). Raises CheckpointError naming the file."""
+    path = Path(path)
+    size = path.stat().st_size
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(
+            f"{path} is not a valid safetensors file: {why}; download or convert it again"
+        )
+
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > size - 8:
+            raise bad(f"its header length ({length} bytes) runs past the end of the file")
+        if length > MAX_HEADER_BYTES:
+            raise bad(f"its header length ({length} bytes) exceeds {MAX_HEADER_BYTES}")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise bad(f"its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    data_bytes = size - 8 - length
+    spans = sorted(
+        (*_tensor_span(name, info, data_bytes, bad), name)
+        for name, info in header.items()
+        if name != "__metadata__"
+    )
+    end = 0
+    for begin, stop, name in spans:
+        if begin != end:
+            where = "overlaps the tensor before it" if begin < end else "leaves a gap before it"
+            raise bad(f"tensor {name} {where} (offset {begin}, previous end {end})")
+        end = stop
+    if end != data_bytes:
+        raise bad(f"{data_bytes - end} bytes after the last tensor belong to none")
+    return {name: info for name, info in header.items() if name != "__metadata__"}
+
+
+def _tensor_span(name: str, info, data_bytes: int, bad) -> tuple[int, int]:
+    """(begin, end) byte offsets of one header entry in the data, after checking that they lie
+    in the data and hold exactly dtype x shape."""
+
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    if not isinstance(info, dict):
+        raise bad(f"tensor {name} has no dtype, shape and data_offsets")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in SAFETENSORS_BITS:
+        raise bad(f"tensor {name} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(is_int(d) for d in shape):
+        raise bad(f"tensor {name} has shape {shape!r}, not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_int, offsets))):
+        raise bad(f"tensor {name} has data_offsets {offsets!r}, not two byte offsets")
+    begin, end = offsets
+    if not begin <= end <= data_bytes:
+        raise bad(f"tensor {name} spans bytes {begin}..{end}, past the {data_bytes} of data")
+    bits = math.prod(shape) * SAFETENSORS_BITS[dtype]
+    if bits != 8 * (end - begin):
+        raise bad(f"tensor {name} is {dtype} {shape} ({bits / 8:g} bytes) in {end - begin} bytes")
+    return begin, end

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from jaxsink.config import JaxsinkError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors: one line, status 2
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one `prog: error: ...` line, status 2."""
+
+    def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -28,6 +31,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mesh",
         help="shard over a device mesh, data=D,model=M (default: one device; see README)",
+    )
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bars or fetch / convert messages"
     )
 
 
@@ -46,10 +52,10 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="jaxsink", description="Endless LLM streams with attention sinks, in JAX."
     )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     g = sub.add_parser("generate", help="generate text from a prompt")
     _add_model_args(g)
     g.add_argument("--prompt", required=True, help="prompt text")
@@ -94,7 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for nll_<mode>.npy, summary.json and ppl.png")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     p.add_argument("--plot", action="store_true", help="write ppl.png into --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_cache_dtype(p)
     q = sub.add_parser(
         "plan",
@@ -158,11 +163,44 @@ def _check_stream_flags(modes, args) -> None:
         raise JaxsinkError(f"--chunk must be >= 1, got {args.chunk}")
 
 
+def _load_checked(args, modes, dense_tokens: int):
+    """The model of --model, once its config shows that its weights and the caches of `modes`
+    fit in this machine's memory (dense over at least `dense_tokens`): an oversized request
+    is refused before anything is allocated."""
+    from jaxsink.checkpoint import DTYPES, read_config
+    from jaxsink.config import StreamConfig
+    from jaxsink.default_model import resolve_model
+    from jaxsink.loading import load
+    from jaxsink.memory import check_run_fits
+
+    progress = not args.quiet
+    mesh = _mesh(args)  # a mesh this machine cannot make fails before any work
+    path = resolve_model(args.model, progress=progress)
+    dtype = args.dtype or default_dtype()
+    streams = [
+        StreamConfig.for_mode(mode, args.sinks, args.window, dense_capacity=dense_tokens)
+        for mode in modes
+    ]
+    check_run_fits(read_config(path)[0], DTYPES[dtype], streams)
+    return load(path, dtype=dtype, progress=progress, mesh=mesh)
+
+
+def _check_out_folder(out: str) -> None:
+    """Fail before any work unless --out is (or can be made) a writable folder."""
+    path = Path(out).absolute()
+    if path.exists() and not path.is_dir():
+        raise JaxsinkError(f"--out {out} is a file, not a folder: choose another path")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise JaxsinkError(f"--out {out}: {parent} is not writable: choose another path")
+
+
 def cmd_generate(args) -> int:
     import jax
 
     from jaxsink.generate import Generation, Sampling
-    from jaxsink.loading import load
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 1:
@@ -170,8 +208,7 @@ def cmd_generate(args) -> int:
     if not args.prompt:
         raise JaxsinkError("empty prompt: give some text with --prompt")
     _check_stream_flags([args.mode], args)
-    mesh = _mesh(args)
-    model = load(args.model, dtype=args.dtype or default_dtype(), mesh=mesh)
+    model = _load_checked(args, [args.mode], dense_tokens=args.max_new_tokens + 1)
     gen = Generation(
         model,
         args.prompt,
@@ -235,7 +272,10 @@ def _read_ids(args, model):
         else:
             from jaxsink.default_model import default_text_files
 
-            texts = (f.read_text(encoding="utf-8", errors="replace") for f in default_text_files())
+            texts = (
+                f.read_text(encoding="utf-8", errors="replace")
+                for f in default_text_files(progress=not args.quiet)
+            )
             n = n or 4096
         ids = []
         for i, text in enumerate(texts):
@@ -257,13 +297,15 @@ def cmd_ppl(args) -> int:
     import numpy as np
 
     from jaxsink.evaluate import plot, stream_nll
-    from jaxsink.loading import load
 
     if args.plot and not args.out:
         raise JaxsinkError("--plot needs --out DIR")
+    if args.out:
+        _check_out_folder(args.out)
     _check_stream_flags(args.mode, args)
-    mesh = _mesh(args)
-    model = load(args.model, dtype=args.dtype or default_dtype(), mesh=mesh)
+    if args.n_tokens is not None and args.n_tokens < 1:
+        raise JaxsinkError(f"--n-tokens must be >= 1, got {args.n_tokens}")
+    model = _load_checked(args, args.mode, dense_tokens=args.n_tokens or 1)
     ids = _read_ids(args, model)
     results = [
         stream_nll(
@@ -349,18 +391,29 @@ def cmd_plan(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "ppl": cmd_ppl, "plan": cmd_plan}
+XLA_CACHE_BYTES = 8 << 30  # the compilation cache's size limit (least recently used go first)
 
 
 def _use_compilation_cache() -> None:
     """Keep compiled executables across runs in JAX's persistent compilation cache, under
-    `$JAXSINK_HOME/xla-cache` unless the user chose a folder (JAX_COMPILATION_CACHE_DIR): the
-    model's layers run unrolled, which takes seconds to compile."""
+    `$JAXSINK_HOME/compilation-cache` unless the user chose a folder
+    (JAX_COMPILATION_CACHE_DIR): the model's layers run unrolled, which takes seconds to compile.
+
+    Processes share the folder. JAX (0.10) writes an entry in place, not by an atomic rename,
+    and takes its cross-process file lock around reads and writes only when a cache size limit
+    is set; so jaxsink's folder has one, and no process reads an entry another is still
+    writing. (An entry cut short by a killed writer fails to decompress: JAX warns and compiles
+    again, it never runs it.) JAX's eviction needs an access-time file per entry, which
+    entries written without a limit lack: hence a folder of its own, not the older `xla-cache`.
+    """
     import jax
 
     from jaxsink.default_model import jaxsink_home
 
     if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(jaxsink_home() / "xla-cache"))
+        jax.config.update("jax_compilation_cache_dir", str(jaxsink_home() / "compilation-cache"))
+        if jax.config.jax_compilation_cache_max_size == -1:
+            jax.config.update("jax_compilation_cache_max_size", XLA_CACHE_BYTES)
 
 
 def main(argv=None) -> int:
@@ -371,11 +424,21 @@ def main(argv=None) -> int:
 
         init_distributed()
         return COMMANDS[args.command](args)
-    except (JaxsinkError, FileNotFoundError) as e:
-        print(f"jaxsink {args.command}: error: {e}", file=sys.stderr)
+    except (JaxsinkError, OSError) as e:
+        print(f"jaxsink {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def one_line(error: Exception) -> str:
+    """An error's message on one line (an OSError's with the file it names)."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        text = f"{where}{error.strerror}"
+    else:
+        text = str(error)
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -22,6 +22,19 @@ NormPlacement = Literal["pre", "post", "pre_post"]
 QkNormScope = Literal["head", "all"]
 
 
+# Hard limits on the sizes a config may state, far above any published model (Llama 3.1 405B:
+# 126 layers, hidden 16384, 128 heads; Gemma 3: a vocabulary of 262144): a hostile config is
+# refused before any shape is built from it, instead of describing a million layers or
+# allocating a terabyte vocabulary.
+MAX_VOCAB = 1 << 23
+MAX_HIDDEN = 1 << 17
+MAX_LAYERS = 4096
+MAX_HEADS = 4096
+MAX_HEAD_DIM = 4096
+MAX_MLP = 1 << 20
+MAX_EXPERTS = 4096
+
+
 class JaxsinkError(ValueError):
     """A problem with the user's input: the CLIs print its message and exit with status 2."""
 
@@ -235,9 +248,9 @@ class Attention:
             raise ConfigError(f"sliding_window must be >= 2, got {self.sliding_window}")
         if self.softcap is not None and self.softcap <= 0:
             raise ConfigError(f"attention softcap must be > 0, got {self.softcap}")
-        for name in ("num_heads", "num_kv_heads", "head_dim"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        _check_size("num_heads", self.num_heads, MAX_HEADS)
+        _check_size("num_kv_heads", self.num_kv_heads, MAX_HEADS)
+        _check_size("head_dim", self.head_dim, MAX_HEAD_DIM)
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
@@ -273,6 +286,7 @@ class Experts:
     router_bias: bool = False
 
     def __post_init__(self):
+        _check_size("number of experts", self.num, MAX_EXPERTS)
         if not 1 <= self.top_k <= self.num:
             raise ConfigError(f"experts: need 1 <= top_k <= num, got {self.top_k} of {self.num}")
 
@@ -295,8 +309,7 @@ class Mlp:
     limit: float | None = None
 
     def __post_init__(self):
-        if self.size < 1:
-            raise ConfigError(f"mlp size must be >= 1, got {self.size}")
+        _check_size("mlp size", self.size, MAX_MLP)
         if self.activation not in ACTIVATIONS:
             raise ConfigError(
                 f"unsupported activation {self.activation!r} (supported: {sorted(ACTIVATIONS)})"
@@ -368,11 +381,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.layers:
-            raise ConfigError("a model needs at least one layer")
+        _check_size("vocab_size", self.vocab_size, MAX_VOCAB)
+        _check_size("hidden_size", self.hidden_size, MAX_HIDDEN)
+        _check_size("number of layers", len(self.layers), MAX_LAYERS)
 
     @property
     def num_layers(self) -> int:
@@ -393,6 +404,14 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         return _from_json(cls, d)
+
+
+def _check_size(name: str, value: int, limit: int) -> None:
+    """Refuse a size outside [1, limit] (or not an integer) by name."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if not 1 <= value <= limit:
+        raise ConfigError(f"{name} must be in [1, {limit}], got {value}")
 
 
 def _to_json(obj):
@@ -421,10 +440,15 @@ def _from_json(cls, d):
     unknown = sorted(set(d) - set(fields))
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} config keys: {', '.join(unknown)}")
+    if cls is ModelConfig and isinstance(d.get("layers"), list):
+        _check_size("number of layers", len(d["layers"]), MAX_LAYERS)
     hints = typing.get_type_hints(cls)
     out = {}
     for name, value in d.items():
-        out[name] = _field_from_json(hints[name], value)
+        try:
+            out[name] = _field_from_json(hints[name], value)
+        except ConfigError as e:
+            raise ConfigError(f"{cls.__name__}.{name}: {e}") from None
     try:
         return cls(**out)
     except TypeError as e:
@@ -448,10 +472,21 @@ def _field_from_json(hint, value):
     if Norm in args or RopeScaling in args:
         return _from_json(Norm if Norm in args else RopeScaling, value)
     tuples = [a for a in (hint, *args) if typing.get_origin(a) is tuple]
-    if tuples and isinstance(value, list):
+    if tuples:
+        if not isinstance(value, list):
+            raise ConfigError(f"expected a list, got {value!r}")
         item = typing.get_args(tuples[0])[0]
         return tuple(_field_from_json(item, v) for v in value)
-    return value
+    return _check_scalar(hint, value)
+
+
+def _check_scalar(hint, value):
+    """`value` if its JSON type fits a scalar field (an int where a float goes, never a bool
+    or a float where an int goes), else ConfigError."""
+    kinds = [t for t in (hint, *typing.get_args(hint)) if t in (bool, int, float, str)]
+    if not kinds or type(value) in kinds or (type(value) is int and float in kinds):
+        return value
+    raise ConfigError(f"expected {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
 
 
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "clamped_swiglu")

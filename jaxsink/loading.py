@@ -68,6 +68,7 @@ def load(
     spec: str | os.PathLike | None = None,
     dtype: str | None = None,
     mesh: Mesh | sh.MeshSpec | str | None = None,
+    progress: bool = True,
 ) -> Model:
     """Load a model.
 
@@ -77,10 +78,11 @@ def load(
     dtype: "float32" or "bfloat16" at run time (default: the checkpoint's dtype).
     mesh: a `Mesh` with axes (data, model), a `MeshSpec`, "data=D,model=M", or None (one
     device). Each weight is read from the checkpoint straight into its shards.
+    progress: say on stderr what is fetched, converted or waited for.
     """
     from jaxsink.default_model import resolve_model
 
-    path = resolve_model(None if spec is None else str(spec))
+    path = resolve_model(None if spec is None else str(spec), progress=progress)
     cfg, meta = read_config(path)
     dtype = dtype or meta.get("dtype", "float32")
     if dtype not in DTYPES:

@@ -31,6 +31,17 @@ def no_tokenizer_message(path: Path) -> str:
     )
 
 
+def _json_object(path: Path) -> dict:
+    """A JSON object from `path`, or CheckpointError naming it."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): copy it again") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object: copy it again")
+    return data
+
+
 class Tokenizer:
     """A checkpoint's tokenizer: `encode`, incremental `decode`, chat template, EOS ids.
 
@@ -43,9 +54,15 @@ class Tokenizer:
 
         self.path = Path(path)
         tok_file = self.path / "tokenizer.json"
-        self._tok = HFTokenizer.from_file(str(tok_file)) if tok_file.is_file() else None
+        try:
+            self._tok = HFTokenizer.from_file(str(tok_file)) if tok_file.is_file() else None
+        except Exception as e:  # tokenizers raises its own exception type for any bad file
+            raise CheckpointError(
+                f"{tok_file} is not a valid tokenizer.json ({' '.join(str(e).split())[:200]}): "
+                "copy it again from the model's source, or convert the model again"
+            ) from None
         cfg_file = self.path / "tokenizer_config.json"
-        self.config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        self.config = _json_object(cfg_file) if cfg_file.is_file() else {}
         template_file = self.path / "chat_template.jinja"
         self.chat_template = (
             template_file.read_text()
