@@ -37,6 +37,10 @@ class Model:
     path: Path
     mesh: Mesh | None = None
 
+    def __post_init__(self):
+        if self.mesh is None:  # a model built by hand runs on one device
+            object.__setattr__(self, "mesh", sh.make_mesh())
+
     def on_mesh(self, mesh: Mesh | sh.MeshSpec | str | None) -> Model:
         """This model with its weights resharded onto `mesh` (itself for None or its own)."""
         if mesh is None or mesh is self.mesh:

@@ -1,0 +1,320 @@
+"""The batch engine: B rows, each an independent endless stream, in one compiled prefill and one
+compiled decode loop.
+
+A stream is inserted into a free row: the row's position is reset (its old slots become
+invisible: a slot is seen only if it holds a token of the row's current stream) and its prompt
+is prefilled in chunks into that row alone, the row cut out of the cache, run at batch 1 and
+written back in place. Decode blocks run every live row together. Sampling settings are per row
+and are arrays, not static arguments, so requests with different settings share one
+executable. A finished row is released. None of this recompiles or touches the other rows.
+
+`jaxsink.generate` is the B = 1 case of this engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxsink import cache as kv
+from jaxsink import model as mdl
+from jaxsink import sharding as sh
+from jaxsink.config import ConfigError, StreamConfig
+from jaxsink.executables import EntryPoint, compiled
+from jaxsink.loading import Model
+
+
+def padded_chunks(ids: np.ndarray, chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """The one padded-chunk loop: ids [B, N] -> (tokens [B, chunk] int32, valid [B, chunk] bool,
+    n real tokens) per chunk, the last one padded and masked (never a new shape)."""
+    ids = np.asarray(ids, np.int32)
+    ids = ids[None] if ids.ndim == 1 else ids
+    B, N = ids.shape
+    for i in range(0, N, chunk):
+        part = ids[:, i : i + chunk]
+        n = part.shape[1]
+        tokens, valid = np.zeros((B, chunk), np.int32), np.zeros((B, chunk), bool)
+        tokens[:, :n], valid[:, :n] = part, True
+        yield tokens, valid, n
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSampling:
+    """One stream's sampling settings. temperature 0 = greedy; top_k 0 = off; top_p 1 = off;
+    max_tokens: new tokens at most; stop: strings that end the text (checked on the host)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    max_tokens: int = 64
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top-k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ConfigError(f"max tokens must be >= 1, got {self.max_tokens}")
+
+
+# --- sampling with per-row settings ---------------------------------------------------------
+
+
+def _threshold(values: jax.Array, enough, iterations: int = 40) -> jax.Array:
+    """Per row, the largest t in [min, max] of `values` [V, B] with enough(values >= t) [B] true,
+    by bisection (no sort of the vocabulary): within 2^-40 of the row's range."""
+    lo, hi = values.min(axis=0), values.max(axis=0)
+
+    def halve(_, bounds):
+        lo, hi = bounds  # invariant: enough(values >= lo)
+        mid = (lo + hi) / 2
+        ok = enough(values >= mid)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, iterations, halve, (lo, hi))
+    return jnp.where(enough(values >= hi), hi, lo)
+
+
+def sample_rows(logits, keys, temperature, top_k, top_p) -> jax.Array:
+    """One token per row from vocabulary-major logits [V, B] float32, each row with its own key
+    [B] and settings [B] (temperature 0: greedy, the first largest logit; top_k 0 / top_p 1: no
+    cut). Rows never mix: a row's token depends on its own logits, key and settings only."""
+    from jaxsink.generate import greedy
+
+    best = greedy(logits, axis=0)
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+
+    def cut(scaled):
+        k = jnp.where(top_k > 0, top_k, scaled.shape[0])
+        kth = _threshold(scaled, lambda above: above.sum(axis=0) >= k)
+        scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
+        probs = jax.nn.softmax(scaled, axis=0)
+        nucleus = _threshold(probs, lambda above: (probs * above).sum(axis=0) >= top_p)
+        return jnp.where(probs >= jnp.where(top_p < 1, nucleus, 0.0), scaled, -jnp.inf)
+
+    def draw(scaled):
+        wants_cut = jnp.any((temperature > 0) & ((top_k > 0) | (top_p < 1)))
+        scaled = jax.lax.cond(wants_cut, cut, lambda x: x, scaled)
+        drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, scaled.T)
+        return jnp.where(temperature > 0, drawn.astype(jnp.int32), best)
+
+    # all-greedy batches skip the random draw (the common case, and the cheaper one)
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: best, scaled)
+
+
+# --- the compiled steps ---------------------------------------------------------------------
+
+
+def _prefill_row(weights, cache, row, tokens, valid, graphdef):
+    """Feed tokens [1, C] (valid [1, C]) into batch row `row` alone: the row's cache is cut out,
+    run at batch 1 and written back in place. Returns (its last valid token's logits [V]
+    float32, the cache)."""
+    mdl.TRACES["prefill_row"] += 1
+    module = nnx.merge(graphdef, weights)
+
+    def cut(x):
+        return jax.lax.dynamic_slice_in_dim(x, row, 1, axis=0)
+
+    hidden, one = module(jax.tree.map(cut, cache), tokens, valid)
+    last = jnp.maximum(valid.sum(axis=1) - 1, 0)
+    h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [1, D]
+    cache = jax.tree.map(
+        lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, row, axis=0), cache, one
+    )
+    return module.logits(h)[:, 0], cache
+
+
+prefill_row = EntryPoint(_prefill_row, static=("graphdef",), donate=("cache",))
+
+
+def _decode_rows(weights, cache, logits, keys, live, n_left, settings, eos_ids, graphdef, block):
+    """Up to `block` decode steps of every live row: each samples from its `logits` [B, V] with
+    its own key and settings (temperature, top_k, top_p: [B] each), records the token, and is
+    done after an EOS id or `n_left` [B] tokens; live rows feed their token for the next logits.
+    Returns (tokens [B, block] (-1 = none), cache, logits, keys, live, n_left)."""
+    mdl.TRACES["decode_rows"] += 1
+    module = nnx.merge(graphdef, weights)
+    B = logits.shape[0]
+    temperature, top_k, top_p = settings
+
+    def cond(c):
+        i, *_, live, _, _ = c
+        return (i < block) & jnp.any(live)
+
+    def body(c):
+        i, cache, logits, keys, live, n_left, out = c
+        split = jax.vmap(jax.random.split)(keys)  # [B, 2]
+        keys, draw = split[:, 0], split[:, 1]
+        token = sample_rows(logits.T, draw, temperature, top_k, top_p)
+        token = jnp.where(live, token, -1)
+        out = out.at[:, i].set(token)
+        n_left = n_left - live.astype(jnp.int32)
+        live = live & ~jnp.isin(token, eos_ids) & (n_left > 0)
+        hidden, cache = module(cache, jnp.maximum(token, 0)[:, None], live[:, None])
+        return i + 1, cache, module.logits(hidden[:, 0]).T, keys, live, n_left, out
+
+    init = (jnp.int32(0), cache, logits, keys, live, n_left, jnp.full((B, block), -1, jnp.int32))
+    _, cache, logits, keys, live, n_left, out = jax.lax.while_loop(cond, body, init)
+    return out, cache, logits, keys, live, n_left
+
+
+decode_rows = EntryPoint(
+    _decode_rows, static=("graphdef", "block"), donate=("cache", "logits", "keys")
+)
+
+
+# --- the host side --------------------------------------------------------------------------
+
+
+class Engine:
+    """B rows of independent streams over one model: `insert` a stream into a free row (its
+    prompt prefilled into that row alone), `decode` a block of steps for every live row,
+    `release` a finished row. One compiled prefill (per chunk length) and one compiled decode
+    loop serve every row and every mix of settings.
+
+    stream: the full layers' cache (native sliding layers keep their own); chunk: prefill chunk
+    length; block: decode steps per device loop; cache_dtype, mesh: as `jaxsink.generate`.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        batch: int,
+        stream: StreamConfig,
+        chunk: int = 64,
+        block: int = 16,
+        cache_dtype=None,
+        mesh=None,
+    ):
+        from jaxsink.evaluate import cache_dtype_of
+        from jaxsink.memory import check_cache_fits
+
+        if batch < 1 or chunk < 1 or block < 1:
+            raise ConfigError(f"batch, chunk and block must be >= 1, got {batch}, {chunk}, {block}")
+        self.model = m = model.on_mesh(mesh)
+        cfg, mesh = m.cfg, m.mesh
+        check_cache_fits(cfg, stream, batch, m.dtype)
+        self.batch, self.stream, self.chunk, self.block = batch, stream, chunk, block
+        traces = sum(mdl.TRACES.values())
+        notes: set = set()
+        self.cache = sh.sharded_cache(cfg, stream, batch, cache_dtype_of(m, cache_dtype), mesh)
+        cache_sharding = sh.cache_shardings(self.cache, mesh, notes)
+        sh.say(notes)
+        one = sh.replicated(mesh)
+        rows = sh.rows(mesh, (batch,))
+        logits_rows = sh.rows(mesh, (batch, cfg.vocab_size))
+        self.logits = jax.device_put(jnp.zeros((batch, cfg.vocab_size), jnp.float32), logits_rows)
+        self.keys = jax.device_put(jax.random.split(jax.random.key(0), batch), rows)
+        self.live = np.zeros(batch, bool)
+        self.n_left = np.zeros(batch, np.int32)
+        self.settings = (
+            np.zeros(batch, np.float32),
+            np.zeros(batch, np.int32),
+            np.ones(batch, np.float32),
+        )
+        self.eos = jnp.asarray(
+            cfg.eos_token_ids or (m.tokenizer.eos_token_ids if m.tokenizer else ()) or (-2,),
+            jnp.int32,
+        )
+        tokens = np.zeros((1, chunk), np.int32)
+        self._prefill, t_pre = compiled(
+            prefill_row,
+            "prefill_row",
+            (m.weights, self.cache, np.int32(0), tokens, tokens.astype(bool)),
+            {"graphdef": m.graphdef},
+            (
+                (m.weight_shardings, cache_sharding, one, one, one),
+                (one, cache_sharding),
+            ),
+        )
+        args = (
+            m.weights,
+            self.cache,
+            self.logits,
+            self.keys,
+            self.live,
+            self.n_left,
+            self.settings,
+            self.eos,
+        )
+        self._decode, t_dec = compiled(
+            decode_rows,
+            "decode_rows",
+            args,
+            {"graphdef": m.graphdef, "block": block},
+            (
+                (m.weight_shardings, cache_sharding, logits_rows, rows, rows, rows, rows, one),
+                (sh.rows(mesh, (batch, block)), cache_sharding, logits_rows, rows, rows, rows),
+            ),
+        )
+        self.compile_s = t_pre + t_dec
+        self.compiles = sum(mdl.TRACES.values()) - traces
+        self.rows: list[RowSampling | None] = [None] * batch
+
+    def free_rows(self) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if r is None]
+
+    def insert(self, prompt: Sequence[int], sampling: RowSampling = RowSampling()) -> int:
+        """Start a stream in a free row: its position reset to 0 and `prompt` (token ids)
+        prefilled into it alone. Returns the row. ConfigError when no row is free."""
+        free = self.free_rows()
+        if not free:
+            raise ConfigError(f"all {self.batch} rows are busy: release one first")
+        ids = np.asarray(prompt, np.int32).reshape(-1)
+        if ids.size == 0:
+            raise ConfigError("empty prompt: give at least one token")
+        if ids.min() < 0 or ids.max() >= self.model.cfg.vocab_size:
+            raise ConfigError(f"token ids must be in [0, {self.model.cfg.vocab_size})")
+        row = free[0]
+        self.rows[row] = sampling
+        cache = self.cache
+        self.cache = cache.replace(pos=cache.pos.at[row].set(0), epoch=cache.epoch.at[row].set(0))
+        for tokens, valid, _ in padded_chunks(ids, self.chunk):
+            logits, self.cache = self._prefill(
+                self.model.weights, self.cache, np.int32(row), tokens, valid
+            )
+        self.logits = self.logits.at[row].set(logits)
+        self.keys = self.keys.at[row].set(jax.random.key(sampling.seed))
+        self.live[row], self.n_left[row] = True, sampling.max_tokens
+        for values, value in zip(
+            self.settings, (sampling.temperature, sampling.top_k, sampling.top_p), strict=True
+        ):
+            values[row] = value
+        return row
+
+    def decode(self) -> list[list[int]]:
+        """One block of decode steps for every live row: the new token ids of each row (empty
+        for rows not live). A row stops being live after an EOS id or its max tokens."""
+        out, self.cache, self.logits, self.keys, live, n_left = self._decode(
+            self.model.weights,
+            self.cache,
+            self.logits,
+            self.keys,
+            self.live,
+            self.n_left,
+            self.settings,
+            self.eos,
+        )
+        self.live, self.n_left = np.array(sh.to_host(live)), np.array(sh.to_host(n_left))
+        return [[int(t) for t in row if t >= 0] for row in sh.to_host(out)]
+
+    def release(self, row: int) -> None:
+        """Free a row (finished or abandoned); its slots are reused by the next insert."""
+        self.rows[row] = None
+        self.live[row] = False
+
+    def positions(self) -> list[int]:
+        """Each row's exact stream index."""
+        cache = self.cache
+        return kv.stream_index(
+            cache.replace(pos=sh.to_host(cache.pos), epoch=sh.to_host(cache.epoch))
+        )
