@@ -188,7 +188,7 @@ def test_loaded_model_is_an_nnx_module_with_partition_specs(family):
 
 # --- the commands, as a user runs them ------------------------------------------------------
 
-CLI_CASES = ["gpt_neox-parallel", "falcon-alibi-sequential", "phi-qknorm", "btlm"]
+CLI_CASES = ["gpt_neox-parallel", "falcon-alibi-sequential", "btlm"]
 
 
 @pytest.mark.parametrize("case", CLI_CASES)

@@ -118,4 +118,4 @@ def test_corrupt_weights(capsys, tmp_path, tiny_dir):
     shutil.copytree(tiny_dir, bad)
     (bad / "model.safetensors").write_bytes(b"\x00" * 100)
     code, _, err = _run(capsys, "generate", "--model", str(bad), "--prompt", "t1")
-    assert code == 2 and "model.safetensors is not a valid safetensors file" in err, err
+    assert code == 2 and "corrupt weights file" in err and "model.safetensors" in err, err

@@ -230,7 +230,7 @@ def test_family_traits(family):
 # --- the commands, as a user runs them ------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["gpt_oss", "gemma3-two-ropes", "phi3-longrope-sliding", "bloom"])
+@pytest.mark.parametrize("case", ["gpt_oss", "phi3-longrope-sliding"])
 def test_convert_and_ppl_commands(tmp_path, case):
     """The issue's check: `jaxsink-convert`, then `jaxsink ppl --tokens` over 23 tokens (native
     windows of 4 here): dense NLL equal to PyTorch's within 1e-4; sink mode (S = 2, W = 5) equal
@@ -251,8 +251,7 @@ def test_convert_and_ppl_commands(tmp_path, case):
     dense = ppl("dense", "dense")
     np.testing.assert_allclose(dense, torch_nll(torch_model, ids), atol=1e-4, rtol=0)
     summary = json.loads((tmp_path / "dense" / "summary.json").read_text())["modes"]["dense"]
-    sliding = case != "bloom"
-    assert (summary["cache_bytes"] < summary["cache_bytes_all_full"]) == sliding
+    assert summary["cache_bytes"] < summary["cache_bytes_all_full"]  # native windows
     small = ["--sinks", "2", "--window", "5"]
     by_chunk = [ppl(f"c{c}", "sink", *small, "--chunk", str(c)) for c in (1, 8)]
     by_chunk.append(ppl("default", "sink", *small))
