@@ -69,6 +69,21 @@ class RowSampling:
 # --- sampling with per-row settings ---------------------------------------------------------
 
 
+def greedy(logits: jax.Array, axis: int = -1) -> jax.Array:
+    """The first index of each row's largest logit along `axis`, the vocabulary: logits [B, V]
+    (or [V, B] with axis 0) -> [B] int32.
+
+    Two plain reductions (max, then the smallest index holding it): XLA:CPU runs them several
+    times faster than `jnp.argmax`'s paired (value, index) reduction. A row without a largest
+    value (NaN) gives the last index rather than one out of range.
+    """
+    V = logits.shape[axis]
+    top = logits.max(axis=axis, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, axis % logits.ndim)
+    first = jnp.min(jnp.where(logits == top, index, V), axis=axis)
+    return jnp.minimum(first, V - 1)
+
+
 def _threshold(values: jax.Array, enough, iterations: int = 40) -> jax.Array:
     """Per row, the largest t in [min, max] of `values` [V, B] with enough(values >= t) [B] true,
     by bisection (no sort of the vocabulary): within 2^-40 of the row's range."""
@@ -88,8 +103,6 @@ def sample_rows(logits, keys, temperature, top_k, top_p) -> jax.Array:
     """One token per row from vocabulary-major logits [V, B] float32, each row with its own key
     [B] and settings [B] (temperature 0: greedy, the first largest logit; top_k 0 / top_p 1: no
     cut). Rows never mix: a row's token depends on its own logits, key and settings only."""
-    from jaxsink.generate import greedy
-
     best = greedy(logits, axis=0)
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
 
@@ -158,8 +171,10 @@ def _decode_rows(weights, cache, logits, keys, live, n_left, settings, eos_ids, 
         token = jnp.where(live, token, -1)
         out = out.at[:, i].set(token)
         n_left = n_left - live.astype(jnp.int32)
-        live = live & ~jnp.isin(token, eos_ids) & (n_left > 0)
-        hidden, cache = module(cache, jnp.maximum(token, 0)[:, None], live[:, None])
+        # every token but an EOS enters the cache (a row stopped by its budget may go on later)
+        fed = live & ~jnp.isin(token, eos_ids)
+        live = fed & (n_left > 0)
+        hidden, cache = module(cache, jnp.maximum(token, 0)[:, None], fed[:, None])
         return i + 1, cache, module.logits(hidden[:, 0]).T, keys, live, n_left, out
 
     init = (jnp.int32(0), cache, logits, keys, live, n_left, jnp.full((B, block), -1, jnp.int32))
@@ -291,21 +306,27 @@ class Engine:
             values[row] = value
         return row
 
-    def decode(self) -> list[list[int]]:
+    def decode(self, limit: int | None = None) -> list[list[int]]:
         """One block of decode steps for every live row: the new token ids of each row (empty
-        for rows not live). A row stops being live after an EOS id or its max tokens."""
-        out, self.cache, self.logits, self.keys, live, n_left = self._decode(
+        for rows not live). A row stops being live after an EOS id or its max tokens. limit:
+        at most this many tokens per row now (the rows stay live for the rest)."""
+        budget = self.n_left if limit is None else np.minimum(self.n_left, limit)
+        out, self.cache, self.logits, self.keys, live, left = self._decode(
             self.model.weights,
             self.cache,
             self.logits,
             self.keys,
             self.live,
-            self.n_left,
+            budget,
             self.settings,
             self.eos,
         )
-        self.live, self.n_left = np.array(sh.to_host(live)), np.array(sh.to_host(n_left))
-        return [[int(t) for t in row if t >= 0] for row in sh.to_host(out)]
+        new = [[int(t) for t in row if t >= 0] for row in sh.to_host(out)]
+        self.n_left = self.n_left - (budget - np.asarray(sh.to_host(left)))
+        eos = set(np.asarray(self.eos).tolist())
+        ended = np.array([bool(r) and r[-1] in eos for r in new])
+        self.live = np.asarray(sh.to_host(live)) | (self.live & ~ended & (self.n_left > 0))
+        return new
 
     def release(self, row: int) -> None:
         """Free a row (finished or abandoned); its slots are reused by the next insert."""

@@ -20,6 +20,7 @@ from jaxsink import cache as kv
 from jaxsink import model as mdl
 from jaxsink import sharding as sh
 from jaxsink.config import ConfigError, StreamConfig
+from jaxsink.engine import padded_chunks
 from jaxsink.executables import EntryPoint, compiled
 from jaxsink.loading import Model
 from jaxsink.memory import check_cache_fits
@@ -82,12 +83,14 @@ class StreamResult:
         }
 
 
-def cache_dtype_of(model: Model, cache_dtype: str | None):
-    """The cache's dtype: `cache_dtype` by name, else the model's."""
+def cache_dtype_of(model: Model, cache_dtype):
+    """The cache's dtype: `cache_dtype` (a name or a dtype), else the model's."""
     from jaxsink.checkpoint import DTYPES
 
     if cache_dtype is None:
         return model.dtype
+    if not isinstance(cache_dtype, str):  # already a dtype
+        return jnp.dtype(cache_dtype)
     if cache_dtype not in DTYPES:
         raise ConfigError(f"unknown cache dtype {cache_dtype!r} (expected one of {sorted(DTYPES)})")
     return jnp.dtype(DTYPES[cache_dtype])
@@ -161,11 +164,9 @@ def stream_nll(
         total=n, desc=f"ppl {mode}", unit="tok", file=sys.stderr, disable=None if progress else True
     )
     start = time.perf_counter()
-    for i in range(0, n, chunk):
-        m = min(chunk, n - i)
-        tokens, targets = np.zeros((1, chunk), np.int32), np.zeros((1, chunk), np.int32)
-        valid = np.zeros((1, chunk), bool)
-        tokens[0, :m], targets[0, :m], valid[0, :m] = ids[i : i + m], ids[i + 1 : i + m + 1], True
+    pairs = padded_chunks(np.stack([ids[:-1], ids[1:]]), chunk)  # rows: inputs, targets
+    for i, (both, valid, m) in zip(range(0, n, chunk), pairs, strict=True):
+        tokens, targets, valid = both[:1], both[1:], valid[:1]
         t0 = time.perf_counter()
         nll, cache = exe(model.weights, cache, tokens, targets, valid)
         out[i : i + m] = sh.to_host(nll)[0, :m]

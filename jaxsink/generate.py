@@ -1,9 +1,9 @@
-"""Generation over the sink + ring cache: chunked prefill, then a jitted decode loop.
+"""Generation of one stream: the batch engine's B = 1 case (`jaxsink.engine`).
 
-The token loop runs on device (`lax.while_loop` over a block of steps, sampling included); the
-host only sees a block's tokens, detokenizes them and streams the text out. Executables are
-compiled ahead of time once per (config, stream, batch, chunk, block, sampling) and reused, so a
-prompt of any length costs the same compilations.
+The prompt is prefilled in chunks, then the token loop runs on device (a `lax.while_loop` over a
+block of steps, sampling included); the host only sees a block's tokens, detokenizes them and
+streams the text out. The engine's executables are compiled once per (config, stream, chunk,
+block) and reused, so a prompt of any length and any sampling settings cost no new compilation.
 """
 
 from __future__ import annotations
@@ -13,16 +13,11 @@ import time
 from collections.abc import Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxsink import cache as kv
-from jaxsink import model as mdl
-from jaxsink import sharding as sh
 from jaxsink.config import ConfigError, ModelConfig, StreamConfig
 from jaxsink.evaluate import cache_dtype_of
-from jaxsink.executables import EntryPoint, compiled
 from jaxsink.loading import Model
 from jaxsink.memory import check_cache_fits
 from jaxsink.tokenizer import IncrementalDecoder
@@ -30,8 +25,8 @@ from jaxsink.tokenizer import IncrementalDecoder
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """How the next token is drawn (static: a change recompiles). temperature 0 = greedy;
-    top_k 0 = no top-k cut; top_p 1 = no nucleus cut."""
+    """How the next token is drawn: temperature 0 = greedy; top_k 0 = no top-k cut; top_p 1 =
+    no nucleus cut. Values of the engine's arrays: a change recompiles nothing."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -44,101 +39,6 @@ class Sampling:
             raise ConfigError(f"top-k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top-p must be in (0, 1], got {self.top_p}")
-
-
-def _nucleus(logits: jax.Array, top_p: float, iterations: int = 40) -> jax.Array:
-    """Mask (to -inf) every token outside the smallest set of best tokens whose probability
-    mass reaches `top_p`. logits: [B, V] in any order.
-
-    Finds the nucleus threshold by bisection on the probability value instead of sorting the
-    vocabulary (a full sort costs more than a decode step on CPU): after 40 halvings of [0, 1]
-    the threshold sits within 1e-12 below the exact one, closer than distinct float32
-    probabilities of any token that matters.
-    """
-    probs = jax.nn.softmax(logits, axis=-1)
-
-    def mass_at_least(t):  # [B] -> [B]
-        return jnp.sum(jnp.where(probs >= t[:, None], probs, 0.0), axis=-1)
-
-    def halve(_, bounds):
-        lo, hi = bounds  # invariant: mass_at_least(lo) >= top_p
-        mid = (lo + hi) / 2
-        ok = mass_at_least(mid) >= top_p
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-    best = probs.max(axis=-1)
-    lo, _ = jax.lax.fori_loop(0, iterations, halve, (jnp.zeros_like(best), best))
-    threshold = jnp.where(mass_at_least(best) >= top_p, best, lo)
-    return jnp.where(probs >= threshold[:, None], logits, -jnp.inf)
-
-
-def greedy(logits: jax.Array, axis: int = -1) -> jax.Array:
-    """The first index of each row's largest logit along `axis`, the vocabulary: logits [B, V]
-    (or [V, B] with axis 0) -> [B] int32.
-
-    Two plain reductions (max, then the smallest index holding it): XLA:CPU runs them several
-    times faster than `jnp.argmax`'s paired (value, index) reduction. A row without a largest
-    value (NaN) gives the last index rather than one out of range.
-    """
-    V = logits.shape[axis]
-    top = logits.max(axis=axis, keepdims=True)
-    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, axis % logits.ndim)
-    first = jnp.min(jnp.where(logits == top, index, V), axis=axis)
-    return jnp.minimum(first, V - 1)
-
-
-def sample(logits: jax.Array, key: jax.Array, sampling: Sampling, axis: int = -1) -> jax.Array:
-    """Draw one token per row. logits: [B, V] float32 (or [V, B] with axis 0) -> [B] int32."""
-    if sampling.temperature == 0:
-        return greedy(logits, axis)
-    logits = jnp.moveaxis(logits, axis, -1) / sampling.temperature
-    idx = None
-    if sampling.top_k:
-        logits, idx = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))  # [B, k]
-    if sampling.top_p < 1:
-        logits = _nucleus(logits, sampling.top_p)
-    choice = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-    return choice if idx is None else jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
-
-
-def _decode_block(weights, cache, logits, key, done, n_left, eos_ids, graphdef, sampling, block):
-    """Up to min(block, n_left) decode steps on device.
-
-    Each step samples a token from `logits` [B, V], records it, and (for rows not finished)
-    feeds it to the model for the next logits. Rows that sampled an EOS id are `done` and stop
-    consuming stream positions. Returns (tokens [B, block] (-1 = none), steps, cache, logits,
-    key, done).
-    """
-    mdl.TRACES["decode_block"] += 1
-    module = nnx.merge(graphdef, weights)
-    B = logits.shape[0]
-    logits = logits.T  # [V, B]: `Decoder.logits`' layout
-
-    def cond(c):
-        i, *_, done, _ = c
-        return (i < jnp.minimum(block, n_left)) & ~jnp.all(done)
-
-    def body(c):
-        i, cache, logits, key, done, out = c
-        key, sub = jax.random.split(key)
-        token = jnp.where(done, -1, sample(logits, sub, sampling, axis=0))  # [B]
-        out = out.at[:, i].set(token)
-        done = done | jnp.isin(token, eos_ids)
-        live = (~done)[:, None]  # [B, 1]
-        hidden, cache = module(cache, jnp.maximum(token, 0)[:, None], live)
-        return i + 1, cache, module.logits(hidden[:, 0]), key, done, out
-
-    init = (jnp.int32(0), cache, logits, key, done, jnp.full((B, block), -1, jnp.int32))
-    i, cache, logits, key, done, out = jax.lax.while_loop(cond, body, init)
-    return out, i, cache, logits.T, key, done
-
-
-decode_block = EntryPoint(
-    _decode_block,
-    static=("graphdef", "sampling", "block"),
-    donate=("cache", "logits"),
-    doc="Jitted `_decode_block`.",
-)
 
 
 @dataclasses.dataclass
@@ -230,95 +130,48 @@ class Generation:
         self.cache: kv.KVCache | None = None
 
     def __iter__(self) -> Iterator[str]:
-        m, cfg, st = self.model, self.model.cfg, self.stats
-        traces_before = sum(mdl.TRACES.values())
-        mesh, notes = m.mesh, set()
-        cache = sh.sharded_cache(cfg, self.stream, 1, self.cache_dtype, mesh)
-        cache_sharding = sh.cache_shardings(cache, mesh, notes)
-        sh.say(notes)
-        st.cache_bytes = cache.nbytes
-        C = self.chunk
-        tokens = np.zeros((1, C), np.int32)
-        valid = np.zeros((1, C), bool)
-        row, logits_rows, one = (
-            sh.rows(mesh, (1, C)),
-            sh.rows(mesh, (1, cfg.vocab_size)),
-            sh.replicated(mesh),
-        )
-        shardings = ((m.weight_shardings, cache_sharding, row, row), (logits_rows, cache_sharding))
-        prefill, t_pre = compiled(
-            mdl.last_logits,
-            "prefill",
-            (m.weights, cache, tokens, valid),
-            {"graphdef": m.graphdef},
-            shardings,
-        )
-        eos = jnp.asarray(cfg.eos_token_ids or m.tokenizer.eos_token_ids or (-2,), jnp.int32)
-        key = jax.random.key(self.seed)
-        done = jnp.zeros((1,), bool)
-        logits0 = jnp.zeros((1, cfg.vocab_size), jnp.float32)
-        block_args = (m.weights, cache, logits0, key, done, jnp.int32(1), eos)
-        static = {"graphdef": m.graphdef, "sampling": self.sampling, "block": self.block}
-        flags = sh.rows(mesh, (1,))
-        shardings = (
-            (m.weight_shardings, cache_sharding, logits_rows, one, flags, one, one),
-            (sh.rows(mesh, (1, self.block)), one, cache_sharding, logits_rows, one, flags),
-        )
-        block_fn, t_blk = compiled(decode_block, "decode_block", block_args, static, shardings)
-        st.compile_s = t_pre + t_blk
-        st.compiles = sum(mdl.TRACES.values()) - traces_before
+        from jaxsink.engine import Engine, RowSampling
 
+        m, st, s = self.model, self.stats, self.sampling
+        engine = Engine(m, 1, self.stream, self.chunk, self.block, self.cache_dtype)
+        st.compile_s, st.compiles, st.cache_bytes = (
+            engine.compile_s,
+            engine.compiles,
+            engine.cache.nbytes,
+        )
+        settings = RowSampling(s.temperature, s.top_k, s.top_p, self.seed, self.max_new_tokens)
         start = time.perf_counter()
-        ids = self.prompt_ids
-        for i in range(0, len(ids), C):
-            part = ids[i : i + C]
-            tokens = np.zeros((1, C), np.int32)
-            tokens[0, : len(part)] = part
-            valid = np.zeros((1, C), bool)
-            valid[0, : len(part)] = True
-            logits, cache = prefill(m.weights, cache, tokens, valid)
-        jax.block_until_ready(logits)
+        engine.insert(self.prompt_ids, settings)
+        jax.block_until_ready(engine.logits)
         st.prefill_s = time.perf_counter() - start
 
         decoder = IncrementalDecoder(m.tokenizer, skip_special_tokens=True)
+        eos = set(np.asarray(engine.eos).tolist())
         first_at = None
-        remaining = self.max_new_tokens
         st.stop_reason = "max_new_tokens"
-        while remaining > 0:
-            n_left = jnp.int32(1 if first_at is None else min(self.block, remaining))
-            out, steps, cache, logits, key, done = block_fn(
-                m.weights, cache, logits, key, done, n_left, eos
-            )
-            # Host-side indexing only: slicing device arrays would compile per distinct shape.
-            new = [int(x) for x in sh.to_host(out)[0, : int(steps)] if x >= 0]
+        while engine.live[0]:
+            new = engine.decode(limit=1 if first_at is None else None)[0]  # the first alone
             if first_at is None:
                 first_at = time.perf_counter()
                 st.time_to_first_token_s = first_at - start
-            remaining -= len(new)
             self.token_ids.extend(new)
-            piece = decoder.push(new)
-            piece, stopped = self._cut_at_stop(piece)
+            piece, stopped = self._cut_at_stop(decoder.push(new))
             if piece:
                 yield piece
             if stopped:
                 st.stop_reason = "stop_string"
                 break
-            if sh.to_host(done)[0]:
+            if new and new[-1] in eos:
                 st.stop_reason = "eos"
-                break
-            if not new:
-                break
         if st.stop_reason != "stop_string":
             piece, _ = self._cut_at_stop(decoder.flush())
             if piece:
                 yield piece
-        jax.block_until_ready(cache)
+        jax.block_until_ready(engine.cache)
         st.decode_s = time.perf_counter() - first_at
         st.new_tokens = len(self.token_ids)
-        st.stream_position = kv.stream_index(
-            cache.replace(pos=sh.to_host(cache.pos), epoch=sh.to_host(cache.epoch))
-        )[0]
-        self.cache = cache
+        st.stream_position = engine.positions()[0]
+        self.cache = engine.cache
 
     def _cut_at_stop(self, piece: str) -> tuple[str, bool]:
         """Append `piece` to the text, cut at the first stop string; (text to emit, stopped)."""

@@ -207,9 +207,9 @@ def _host_memory() -> int:
 
 def lower_steps(cfg, batch, stream, mesh_spec, wdt, cdt, platform, chunk) -> dict:
     """Export the prefill chunk (`model.last_logits`) and the decode loop
-    (`generate.decode_block`) for `platform` with the mesh's shardings, from abstract arguments;
+    (`engine.decode_rows`) for `platform` with the mesh's shardings, from abstract arguments;
     returns each serialized module's size in bytes. ConfigError when one does not lower."""
-    from jaxsink.generate import Sampling, decode_block
+    from jaxsink.engine import decode_rows
 
     mesh = sh.make_mesh(mesh_spec)
     graphdef, abstract = mdl.abstract(cfg, wdt)
@@ -237,20 +237,20 @@ def lower_steps(cfg, batch, stream, mesh_spec, wdt, cdt, platform, chunk) -> dic
     flags = sh.rows(mesh, (batch,))
     key = jax.eval_shape(lambda: jax.random.key(0))
     decode = (
-        decode_block.with_shardings(
-            (w_sh, c_sh, logits_rows, one, flags, one, one),
-            (sh.rows(mesh, (batch, block)), one, c_sh, logits_rows, one, flags),
+        decode_rows.with_shardings(
+            (w_sh, c_sh, logits_rows, flags, flags, flags, flags, one),
+            (sh.rows(mesh, (batch, block)), c_sh, logits_rows, flags, flags, flags),
         ),
         (
             weights,
             cache,
             arg((batch, cfg.vocab_size), jnp.float32, logits_rows),
-            arg(key.shape, key.dtype, one),
+            arg((batch, *key.shape), key.dtype, flags),
             arg((batch,), jnp.bool_, flags),
-            arg((), jnp.int32, one),
+            arg((batch,), jnp.int32, flags),
+            tuple(arg((batch,), t, flags) for t in (jnp.float32, jnp.int32, jnp.float32)),
             arg((max(len(cfg.eos_token_ids), 1),), jnp.int32, one),
             graphdef,
-            Sampling(),
             block,
         ),
     )

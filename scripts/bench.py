@@ -462,9 +462,10 @@ class Bench:
         import numpy as np
 
         from jaxsink import model as mdl
+        from jaxsink.engine import padded_chunks
 
         ids = np.atleast_2d(ids)
-        B, T = ids.shape
+        B = ids.shape[0]
         zeros = np.zeros((B, chunk), np.int32)
         exe = self.compiled(
             "prefill",
@@ -473,31 +474,36 @@ class Bench:
             {"graphdef": net.graphdef},
         )
         logits = None
-        for i in range(0, T, chunk):
-            part = ids[:, i : i + chunk]
-            tokens, valid = np.zeros((B, chunk), np.int32), np.zeros((B, chunk), bool)
-            tokens[:, : part.shape[1]], valid[:, : part.shape[1]] = part, True
+        for tokens, valid, _ in padded_chunks(ids, chunk):
             logits, cache = exe(net.weights, cache, tokens, valid)
         return logits, cache
 
     def decode_exe(self, net: Net, cache, block: int):
-        """The jitted on-device greedy decode loop, compiled for this cache, `block` steps max."""
+        """The engine's on-device decode loop (greedy rows), compiled for this cache, `block`
+        steps max."""
         import jax.numpy as jnp
 
-        from jaxsink.generate import Sampling, decode_block
+        from jaxsink.engine import decode_rows
 
         B = cache.pos.shape[0]
         args = (
             net.weights,
             cache,
             jnp.zeros((B, net.cfg.vocab_size), jnp.float32),
-            self.jax.random.key(0),
-            jnp.zeros((B,), bool),
-            jnp.int32(block),
+            self.jax.random.split(self.jax.random.key(0), B),
+            jnp.ones((B,), bool),
+            jnp.full((B,), block, jnp.int32),
+            self._greedy(B),
             self._no_eos(),
         )
-        static = {"graphdef": net.graphdef, "sampling": Sampling(), "block": block}
-        return self.compiled("decode_block", decode_block, args, static)
+        static = {"graphdef": net.graphdef, "block": block}
+        return self.compiled("decode_rows", decode_rows, args, static)
+
+    def _greedy(self, B: int):
+        """Per-row settings of greedy rows: temperature 0, no top-k, no top-p."""
+        import jax.numpy as jnp
+
+        return (jnp.zeros((B,), jnp.float32), jnp.zeros((B,), jnp.int32), jnp.ones((B,)))
 
     def _no_eos(self):
         import jax.numpy as jnp
@@ -515,14 +521,15 @@ class Bench:
         jax = self.jax
         cache, logits = jax.block_until_ready(jax.tree.map(jnp.copy, (cache, logits)))
         B = cache.pos.shape[0]
-        done = jnp.zeros((B,), bool)
-        key = jax.random.key(0)
-        n = jnp.int32(steps)
+        keys = jax.random.split(jax.random.key(0), B)
+        live, n = jnp.ones((B,), bool), jnp.full((B,), steps, jnp.int32)
         t = time.perf_counter()
-        out, n_run, cache, *_ = exe(net.weights, cache, logits, key, done, n, self._no_eos())
+        out, cache, _, _, _, left = exe(
+            net.weights, cache, logits, keys, live, n, self._greedy(B), self._no_eos()
+        )
         jax.block_until_ready((out, cache))
         seconds = time.perf_counter() - t
-        assert int(n_run) == steps, f"decode ran {int(n_run)} of {steps} steps"
+        assert int(np.asarray(left).max()) == 0, f"decode left {np.asarray(left)} steps"
         return seconds, np.asarray(out)[:, :steps], cache
 
     def decode_runs(self, net: Net, stream, batch: int, prompt: int, steps: int) -> list:

@@ -63,6 +63,7 @@ import jaxsink  # noqa: E402
 from jaxsink import cache as kv  # noqa: E402
 from jaxsink import model as mdl  # noqa: E402
 from jaxsink.config import StreamConfig  # noqa: E402
+from jaxsink.engine import padded_chunks  # noqa: E402
 
 LINES_HEADER = (
     "Below is a long list of lines. Each line has a number and a key. Remember the key of every "
@@ -176,13 +177,6 @@ def passkey_trial(
     )
 
 
-def padded(ids, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """ids -> (tokens [1, length], valid [1, length]) with padding masked out."""
-    tokens, valid = np.zeros((1, length), np.int32), np.zeros((1, length), bool)
-    tokens[0, : len(ids)], valid[0, : len(ids)] = ids, True
-    return tokens, valid
-
-
 def copy_cache(cache: kv.KVCache) -> kv.KVCache:
     """A fresh copy (the jitted steps donate the cache they are given)."""
     return jax.tree.map(lambda x: jnp.array(x, copy=True), cache)
@@ -190,8 +184,7 @@ def copy_cache(cache: kv.KVCache) -> kv.KVCache:
 
 def feed(model, cache: kv.KVCache, ids: np.ndarray, chunk: int) -> kv.KVCache:
     """The cache after feeding `ids` in chunks of `chunk` (the last one padded and masked)."""
-    for i in range(0, len(ids), chunk):
-        tokens, valid = padded(ids[i : i + chunk], chunk)
+    for tokens, valid, _ in padded_chunks(ids, chunk):
         _, cache = mdl.last_logits(model.weights, cache, tokens, valid, graphdef=model.graphdef)
     return jax.block_until_ready(cache)
 
@@ -199,7 +192,7 @@ def feed(model, cache: kv.KVCache, ids: np.ndarray, chunk: int) -> kv.KVCache:
 def answer(model, cache: kv.KVCache, q_ids: list[int], q_len: int, n_answer: int) -> list[int]:
     """Greedy answer tokens for one question asked on a copy of `cache` (an independent stream)."""
     cache = copy_cache(cache)
-    tokens, valid = padded(q_ids, q_len)
+    tokens, valid, _ = next(padded_chunks(q_ids, q_len))
     logits, cache = mdl.last_logits(model.weights, cache, tokens, valid, graphdef=model.graphdef)
     out = [int(np.argmax(np.asarray(logits)[0]))]
     one = np.ones((1, 1), bool)

@@ -93,7 +93,8 @@ def test_per_row_cuts_keep_only_their_tokens():
     seen = [set(), set(), set()]
     for i in range(200):
         keys = jax.random.split(jax.random.key(i), 3)
-        for row, t in enumerate(np.asarray(sample_rows(logits, keys, temperature, top_k, top_p))):
+        draws = jax.jit(sample_rows)(logits, keys, temperature, top_k, top_p)
+        for row, t in enumerate(np.asarray(draws)):
             seen[row].add(int(t))
     order = np.argsort(-np.asarray(logits), axis=0)
     assert seen[0] <= set(order[:3, 0]) and len(seen[0]) == 3

@@ -1,4 +1,4 @@
-"""Sampling on device: greedy, temperature, top-k, top-p."""
+"""Sampling on device, each row with its own settings: greedy, temperature, top-k, top-p."""
 
 from __future__ import annotations
 
@@ -8,7 +8,27 @@ import numpy as np
 import pytest
 
 from jaxsink.config import ConfigError
-from jaxsink.generate import Sampling, sample
+from jaxsink.engine import _threshold, sample_rows
+from jaxsink.generate import Sampling
+
+jitted_rows = jax.jit(sample_rows)
+
+
+def sample(logits, key, sampling: Sampling, axis: int = -1):
+    """Every row of logits [B, V] (or [V, B] with axis 0) drawn with the same settings."""
+    logits = jnp.moveaxis(logits, axis, 0)  # [V, B]
+    B = logits.shape[1]
+
+    def row(x, dtype):
+        return jnp.full((B,), x, dtype)
+
+    return jitted_rows(
+        logits,
+        jax.random.split(key, B),
+        row(sampling.temperature, jnp.float32),
+        row(sampling.top_k, jnp.int32),
+        row(sampling.top_p, jnp.float32),
+    )
 
 
 def _logits(seed=0, batch=4, vocab=50):
@@ -89,10 +109,10 @@ def test_bad_sampling_is_refused(kwargs):
 @pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.99])
 def test_nucleus_bisection_equals_the_sorted_definition(top_p):
     """Keep token i iff the mass of strictly better tokens is < top_p (up to float summation)."""
-    from jaxsink.generate import _nucleus
-
     logits = jax.random.normal(jax.random.key(0), (8, 5000)) * 2
-    got = np.isfinite(np.asarray(_nucleus(logits, top_p)))
+    p = jax.nn.softmax(logits, axis=-1).T  # [V, B]
+    threshold = _threshold(p, lambda above: (p * above).sum(axis=0) >= top_p)
+    got = np.asarray(p >= threshold).T
     probs = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
     order = np.argsort(-probs, axis=-1)
     sorted_probs = np.take_along_axis(probs, order, -1)
@@ -101,3 +121,16 @@ def test_nucleus_bisection_equals_the_sorted_definition(top_p):
     borderline = np.abs(before - top_p) < 1e-5
     assert np.all((got == want) | borderline)
     assert np.all(got.sum(-1) >= 1)
+
+
+def test_rows_keep_their_own_settings():
+    """One call, rows with different settings: each row draws as if alone."""
+    logits = _logits(batch=3)
+    keys = jax.random.split(jax.random.key(7), 3)
+    temperature = jnp.asarray([0.0, 0.9, 1.2])
+    top_k, top_p = jnp.asarray([0, 4, 0]), jnp.asarray([1.0, 1.0, 0.6])
+    together = np.asarray(jitted_rows(logits.T, keys, temperature, top_k, top_p))
+    for b in range(3):
+        alone = jitted_rows(logits[b : b + 1].T, keys[b : b + 1], temperature[b : b + 1],
+                            top_k[b : b + 1], top_p[b : b + 1])  # fmt: skip
+        assert int(alone[0]) == together[b]

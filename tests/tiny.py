@@ -9,6 +9,7 @@ from jaxsink import cache as kv
 from jaxsink import model
 from jaxsink.checkpoint import param_shapes
 from jaxsink.config import Attention, LayerSpec, Mlp, ModelConfig, Norm, Rotary, StreamConfig
+from jaxsink.engine import padded_chunks
 from jaxsink.loading import Model
 
 RMS = Norm("rms", 1e-5)
@@ -62,16 +63,9 @@ def tiny_model(cfg: ModelConfig, flat: dict, dtype=jnp.float32) -> Model:
 
 def feed(m: Model, stream: StreamConfig, tokens: np.ndarray, chunk: int, cache=None):
     """Feed tokens [B, N] in chunks of `chunk` (last one padded); returns (logits [B, N, V], cache)."""
-    B, N = tokens.shape
-    cache = kv.init_cache(m.cfg, stream, B, m.dtype) if cache is None else cache
+    cache = kv.init_cache(m.cfg, stream, tokens.shape[0], m.dtype) if cache is None else cache
     outs = []
-    for i in range(0, N, chunk):
-        part = tokens[:, i : i + chunk]
-        n = part.shape[1]
-        padded = np.zeros((B, chunk), np.int32)
-        padded[:, :n] = part
-        valid = np.zeros((B, chunk), bool)
-        valid[:, :n] = True
+    for padded, valid, n in padded_chunks(tokens, chunk):
         logits, cache = model.step(m.weights, cache, padded, valid, graphdef=m.graphdef)
         outs.append(np.asarray(logits)[:, :n])
     return np.concatenate(outs, axis=1), cache
