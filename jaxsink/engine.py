@@ -190,6 +190,17 @@ decode_rows = EntryPoint(
 # --- the host side --------------------------------------------------------------------------
 
 
+@jax.jit
+def _start_row(pos, epoch, keys, row, seed):
+    """A row's position reset to 0 and its key to `seed`'s (jitted: works across processes)."""
+    return pos.at[row].set(0), epoch.at[row].set(0), keys.at[row].set(jax.random.key(seed))
+
+
+@jax.jit
+def _set_row(values, row, value):
+    return values.at[row].set(value)
+
+
 class Engine:
     """B rows of independent streams over one model: `insert` a stream into a free row (its
     prompt prefilled into that row alone), `decode` a block of steps for every live row,
@@ -227,8 +238,13 @@ class Engine:
         one = sh.replicated(mesh)
         rows = sh.rows(mesh, (batch,))
         logits_rows = sh.rows(mesh, (batch, cfg.vocab_size))
-        self.logits = jax.device_put(jnp.zeros((batch, cfg.vocab_size), jnp.float32), logits_rows)
-        self.keys = jax.device_put(jax.random.split(jax.random.key(0), batch), rows)
+        # made in their shardings by jit: device_put of a host value cannot span processes
+        self.logits = jax.jit(
+            lambda: jnp.zeros((batch, cfg.vocab_size), jnp.float32), out_shardings=logits_rows
+        )()
+        self.keys = jax.jit(
+            lambda: jax.random.split(jax.random.key(0), batch), out_shardings=rows
+        )()
         self.live = np.zeros(batch, bool)
         self.n_left = np.zeros(batch, np.int32)
         self.settings = (
@@ -292,13 +308,15 @@ class Engine:
         row = free[0]
         self.rows[row] = sampling
         cache = self.cache
-        self.cache = cache.replace(pos=cache.pos.at[row].set(0), epoch=cache.epoch.at[row].set(0))
+        pos, epoch, self.keys = _start_row(
+            cache.pos, cache.epoch, self.keys, np.int32(row), np.uint32(sampling.seed)
+        )
+        self.cache = cache.replace(pos=pos, epoch=epoch)
         for tokens, valid, _ in padded_chunks(ids, self.chunk):
             logits, self.cache = self._prefill(
                 self.model.weights, self.cache, np.int32(row), tokens, valid
             )
-        self.logits = self.logits.at[row].set(logits)
-        self.keys = self.keys.at[row].set(jax.random.key(sampling.seed))
+        self.logits = _set_row(self.logits, np.int32(row), logits)
         self.live[row], self.n_left[row] = True, sampling.max_tokens
         for values, value in zip(
             self.settings, (sampling.temperature, sampling.top_k, sampling.top_p), strict=True

@@ -64,8 +64,8 @@ from jaxsink import cache as kv  # noqa: E402
 from jaxsink import model as mdl  # noqa: E402
 from jaxsink.cli import _use_compilation_cache  # noqa: E402
 from jaxsink.default_model import DEFAULT_TEXT_REQUIREMENT, default_text_files  # noqa: E402
+from jaxsink.engine import greedy  # noqa: E402
 from jaxsink.executables import EntryPoint, compiled  # noqa: E402
-from jaxsink.generate import greedy  # noqa: E402
 from jaxsink.tokenizer import Tokenizer  # noqa: E402
 
 # Below this, (head L1 norm x max |h| + max |bias|) x |scale| proves every logit finite: a
