@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy, so safe_open can return it
 import numpy as np
 
-from jaxsink.checkpoint import CheckpointError, check_safetensors
+from jaxsink.checkpoint import CheckpointError, check_safetensors, read_json_object
 from jaxsink.config import JaxsinkError, ModelConfig, RopeScaling
 
 from .errors import ConvertError
@@ -143,13 +142,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 def read_json(path: Path) -> dict:
     """A JSON object from `path`, or ConvertError."""
-    try:
-        data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ConvertError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ConvertError(f"{path} does not hold a JSON object")
-    return data
+    return read_json_object(path, ConvertError)
 
 
 def read_hf_config(src: Path) -> ModelConfig:

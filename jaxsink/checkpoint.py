@@ -169,7 +169,7 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise CheckpointError(f"{path} is not a jaxsink checkpoint (no {CONFIG_FILE})")
-    meta = _read_json_object(cfg_file)
+    meta = read_json_object(cfg_file)
     if meta.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a jaxsink checkpoint (convert it first: jaxsink-convert SRC OUT)"
@@ -187,14 +187,15 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
     return cfg, meta
 
 
-def _read_json_object(path: Path) -> dict:
-    """A JSON object from `path`, or CheckpointError."""
+def read_json_object(path: Path, error: type[JaxsinkError] = CheckpointError, advice="") -> dict:
+    """A JSON object from `path`, or `error` naming the file (and `advice`: what to do)."""
+    then = f"; {advice}" if advice else ""
     try:
         data = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+        raise error(f"{path} is not valid JSON: {e}{then}") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
+        raise error(f"{path} does not hold a JSON object{then}")
     return data
 
 
@@ -207,7 +208,7 @@ def _check_complete(path: Path) -> None:
             f"{path} is incomplete (no {COMPLETE_FILE}: its writing was interrupted, or an "
             "older jaxsink wrote it): convert its source again"
         )
-    want = _read_json_object(marker).get("weights_bytes")
+    want = read_json_object(marker).get("weights_bytes")
     weights = path / WEIGHTS_FILE
     got = weights.stat().st_size if weights.is_file() else None
     if got != want:

@@ -8,11 +8,10 @@ these: it serves token ids only, and its `Tokenizer` refuses text with a Checkpo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxsink.checkpoint import CheckpointError
+from jaxsink.checkpoint import CheckpointError, read_json_object
 
 
 def _token_text(value) -> str | None:
@@ -29,17 +28,6 @@ def no_tokenizer_message(path: Path) -> str:
         f"copy tokenizer.json and tokenizer_config.json from the model's source into {path}, "
         "or put its tokenizer.model next to the source's weights and convert again"
     )
-
-
-def _json_object(path: Path) -> dict:
-    """A JSON object from `path`, or CheckpointError naming it."""
-    try:
-        data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}): copy it again") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object: copy it again")
-    return data
 
 
 class Tokenizer:
@@ -62,7 +50,9 @@ class Tokenizer:
                 "copy it again from the model's source, or convert the model again"
             ) from None
         cfg_file = self.path / "tokenizer_config.json"
-        self.config = _json_object(cfg_file) if cfg_file.is_file() else {}
+        self.config = (
+            read_json_object(cfg_file, advice="copy it again") if cfg_file.is_file() else {}
+        )
         template_file = self.path / "chat_template.jinja"
         self.chat_template = (
             template_file.read_text()
