@@ -138,12 +138,10 @@ def _prefill_row(weights, cache, row, tokens, valid, graphdef):
         return jax.lax.dynamic_slice_in_dim(x, row, 1, axis=0)
 
     hidden, one = module(jax.tree.map(cut, cache), tokens, valid)
-    last = jnp.maximum(valid.sum(axis=1) - 1, 0)
-    h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [1, D]
     cache = jax.tree.map(
         lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, row, axis=0), cache, one
     )
-    return module.logits(h)[:, 0], cache
+    return module.logits(mdl.last_valid(hidden, valid))[:, 0], cache
 
 
 prefill_row = EntryPoint(_prefill_row, static=("graphdef",), donate=("cache",))

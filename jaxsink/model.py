@@ -738,9 +738,14 @@ def _last_logits(weights, cache, tokens, valid, graphdef):
     TRACES["last_logits"] += 1
     module = nnx.merge(graphdef, weights)
     hidden, cache = module(cache, tokens, valid)
+    return module.logits(last_valid(hidden, valid)).T, cache
+
+
+def last_valid(hidden: jax.Array, valid: jax.Array) -> jax.Array:
+    """Each row's hidden state at its last valid token: hidden [B, C, D], valid [B, C] ->
+    [B, D] (the first position for a row with none)."""
     last = jnp.maximum(valid.sum(axis=1) - 1, 0)  # [B]
-    h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
-    return module.logits(h).T, cache
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
 
 
 last_logits = EntryPoint(
