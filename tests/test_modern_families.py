@@ -14,14 +14,13 @@ import transformers
 
 import jaxsink
 from jaxsink import cache as kv
-from jaxsink import model as mdl
 from jaxsink.checkpoint import load_params
 from jaxsink.cli import main as cli_main
 from jaxsink.config import StreamConfig
 from jaxsink.convert import convert
 from jaxsink.convert.cli import main as convert_main
+from tests.family_checks import assert_dense_matches_pytorch, assert_sink_stream_matches_reference
 from tests.hf_tiny import build_from_config, torch_logits, torch_nll
-from tests.spec_reference import stream_logits
 from tests.tiny import feed
 
 VOCAB = 97
@@ -149,22 +148,14 @@ def family(request, tmp_path_factory):
 
 def test_dense_logits_match_pytorch(family):
     _, torch_model, model, _ = family
-    ids = np.random.default_rng(0).integers(0, VOCAB, size=(2, 40)).astype(np.int32)
-    got, _ = feed(model, StreamConfig(0, 48, "dense"), ids, chunk=16)
-    np.testing.assert_allclose(got, torch_logits(torch_model, ids), atol=1e-4, rtol=0)
+    assert_dense_matches_pytorch(torch_model, model)
 
 
 def test_sink_stream_matches_the_streaming_reference(family):
     """S = 2, W = 5 over 28 tokens (many evictions in both layer kinds), chunk 1 and 8, one
     compile per shape."""
     _, _, model, flat = family
-    ids = np.random.default_rng(1).integers(0, VOCAB, size=(1, 28)).astype(np.int32)
-    want = stream_logits(flat, model.cfg, ids[0], 2, 5)
-    for chunk in (1, 8):
-        before = mdl.TRACES["step"]
-        got, _ = feed(model, StreamConfig(2, 5), ids, chunk=chunk)
-        assert mdl.TRACES["step"] - before <= 1
-        np.testing.assert_allclose(got[0], want, atol=1e-4, rtol=0)
+    assert_sink_stream_matches_reference(model, flat, 28)
 
 
 def test_each_layer_kind_keeps_its_own_cache(family):
