@@ -184,15 +184,21 @@ def stream_index(cache: KVCache) -> list[int]:
     return [int(e) * quantum + int(p) for e, p in zip(epoch, pos, strict=True)]
 
 
-def at_stream_index(cache: KVCache, index: int) -> KVCache:
-    """The cache with every row's stream index set to `index` (its contents untouched), as
-    `fold` would have kept it: for moving a full cache by a multiple of the windows (tests)."""
+def folded_index(cache: KVCache, index: int) -> tuple[int, int]:
+    """(pos, epoch) of exact stream index `index`, as `fold` would have kept them."""
     quantum = fold_quantum(cache)
     reach = 2 * max(lc.stream.capacity for lc in cache.layers)
     epoch = 0 if quantum is None or index < quantum + reach else (index - reach) // quantum
     pos = index - epoch * (quantum or 0)
     if pos >= 2**31:
         raise ConfigError(f"stream index {index} is out of this cache's reach")
+    return pos, epoch
+
+
+def at_stream_index(cache: KVCache, index: int) -> KVCache:
+    """The cache with every row's stream index set to `index` (its contents untouched), as
+    `fold` would have kept it: for moving a full cache by a multiple of the windows (tests)."""
+    pos, epoch = folded_index(cache, index)
     B = cache.batch
     return cache.replace(pos=jnp.full((B,), pos, jnp.int32), epoch=jnp.full((B,), epoch, jnp.int32))
 

@@ -58,21 +58,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     g = sub.add_parser("generate", help="generate text from a prompt")
     _add_model_args(g)
-    g.add_argument("--prompt", required=True, help="prompt text")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--mode", choices=["sink", "window", "dense"], default="sink")
-    _add_stream_args(g)
-    g.add_argument(
-        "--block", type=int, default=16, help="decode steps per device loop (default 16)"
-    )
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    # Settings default to None: a resumed stream takes its saved value for each flag not given.
+    g.add_argument("--prompt", help="prompt text (with --resume: text appended to the stream)")
+    g.add_argument("--max-new-tokens", type=int, help="default 64")
+    g.add_argument("--temperature", type=float, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, help="0 = off (default)")
+    g.add_argument("--top-p", type=float, help="1 = off (default)")
+    g.add_argument("--seed", type=int, help="default 0")
+    g.add_argument("--mode", choices=["sink", "window", "dense"], help="default sink")
+    g.add_argument("--sinks", type=int, help="attention sink tokens kept (default 4)")
+    g.add_argument("--window", type=int, help="recent tokens kept (default 1020)")
+    g.add_argument("--chunk", type=int, help="prefill chunk length C (default 64)")
+    g.add_argument("--block", type=int, help="decode steps per device loop (default 16)")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
     _add_cache_dtype(g)
     g.add_argument(
-        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
+        "--chat",
+        action="store_true",
+        default=None,
+        help="wrap the prompt in the model's chat template",
+    )
+    g.add_argument("--save", help="when done, save the stream's whole state to this file")
+    g.add_argument(
+        "--resume",
+        help="go on with a stream saved by --save (its settings unless flags say otherwise)",
     )
     g.add_argument(
         "--json", action="store_true", help="after the text, print one JSON line of figures"
@@ -197,18 +206,84 @@ def _check_out_folder(out: str) -> None:
         raise JaxsinkError(f"--out {out}: {parent} is not writable: choose another path")
 
 
+GENERATE_DEFAULTS = {
+    "max_new_tokens": 64,
+    "temperature": 0.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "seed": 0,
+    "mode": "sink",
+    "sinks": 4,
+    "window": 1020,
+    "chunk": 64,
+    "block": 16,
+    "stop": [],
+    "chat": False,
+}
+
+
+def _generate_settings(args, saved) -> None:
+    """Fill every generate flag not given from the resumed stream (`StreamInfo`), else the
+    defaults; refuse a layout flag that contradicts the saved stream's (it cannot change
+    mid-stream)."""
+    if saved is not None:
+        stream = saved.stream
+        sink = stream.mode == "sink"
+        layout = {
+            "mode": stream.mode,
+            "sinks": stream.sinks if sink else None,
+            "window": stream.window if sink else None,
+            "cache_dtype": saved.cache_dtype,
+        }
+        for name, value in layout.items():
+            given = getattr(args, name)
+            if value is not None and given is not None and given != value:
+                flag = "--" + name.replace("_", "-")
+                raise JaxsinkError(
+                    f"{flag} {given} differs from the resumed stream's ({value}): a stream keeps "
+                    f"its layout; drop {flag} or start a new stream"
+                )
+        if not sink:  # window and dense streams: their capacity is the saved one
+            args.sinks, args.window = (0, stream.window) if stream.mode == "window" else (0, 1)
+        for name, value in layout.items():
+            if value is not None:
+                setattr(args, name, value)
+    for name, default in GENERATE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            value = saved.settings.get(name, default) if saved is not None else default
+            setattr(args, name, value)
+
+
 def cmd_generate(args) -> int:
     import jax
 
     from jaxsink.generate import Generation, Sampling
 
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    if args.max_new_tokens < 1:
-        raise JaxsinkError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not args.prompt:
-        raise JaxsinkError("empty prompt: give some text with --prompt")
+    if args.resume is None and not args.prompt:
+        raise JaxsinkError("empty prompt: give some text with --prompt (or --resume a stream)")
+    if args.save:
+        from jaxsink.stream_state import check_save_path
+
+        check_save_path(args.save)
+    info = None
+    if args.resume:
+        from jaxsink.stream_state import read_stream_info
+
+        info = read_stream_info(args.resume)
+    _generate_settings(args, info)
     _check_stream_flags([args.mode], args)
+    for flag in ("max_new_tokens", "block"):
+        if getattr(args, flag) < 1:
+            raise JaxsinkError(
+                f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}"
+            )
     model = _load_checked(args, [args.mode], dense_tokens=args.max_new_tokens + 1)
+    saved = None
+    if args.resume:
+        from jaxsink.stream_state import load_stream
+
+        saved = load_stream(args.resume, model)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
     gen = Generation(
         model,
         args.prompt,
@@ -223,12 +298,19 @@ def cmd_generate(args) -> int:
         stop=args.stop,
         chat=args.chat,
         cache_dtype=args.cache_dtype,
+        resume=saved,
     )
     lead = jax.process_index() == 0  # in a multi-process run, process 0 writes the output
     for piece in gen:
         if lead:
             sys.stdout.write(piece)
             sys.stdout.flush()
+    if args.save:
+        from jaxsink.stream_state import save_stream
+
+        state = gen.saved()  # every process takes part in gathering the row
+        if lead:
+            save_stream(args.save, state, model)
     if not lead:
         return 0
     sys.stdout.write("\n")

@@ -43,6 +43,17 @@ def padded_chunks(ids: np.ndarray, chunk: int) -> Iterator[tuple[np.ndarray, np.
         yield tokens, valid, n
 
 
+def check_ids(ids: Sequence[int], vocab: int) -> np.ndarray:
+    """Token ids [N >= 1] in [0, vocab), as int32 (ConfigError naming the first bad one)."""
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    if ids.size == 0:
+        raise ConfigError("empty prompt: give at least one token")
+    if ids.min() < 0 or ids.max() >= vocab:
+        bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+        raise ConfigError(f"token id {bad} is out of range [0, {vocab})")
+    return ids.astype(np.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class RowSampling:
     """One stream's sampling settings. temperature 0 = greedy; top_k 0 = off; top_p 1 = off;
@@ -147,15 +158,37 @@ def _prefill_row(weights, cache, row, tokens, valid, graphdef):
 prefill_row = EntryPoint(_prefill_row, static=("graphdef",), donate=("cache",))
 
 
+TOP_LOGPROBS = 5  # the most alternatives a row can ask to see at each token
+
+
+def _logprobs(logits, token, want_top):
+    """The model's log-probability of each row's `token` [B] under `logits` [B, V] float32
+    (before temperature or cuts, as OpenAI reports them), and, when a row wants them
+    (`want_top` [B]), the TOP_LOGPROBS most likely tokens: ([B], ids [B, T], values [B, T])."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logp, jnp.maximum(token, 0)[:, None], axis=1)[:, 0]
+
+    def top(logp):
+        values, ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+        return ids.astype(jnp.int32), values
+
+    shape = (logp.shape[0], TOP_LOGPROBS)
+    none = (jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32))
+    ids, values = jax.lax.cond(jnp.any(want_top), top, lambda _: none, logp)
+    return chosen, ids, values
+
+
 def _decode_rows(weights, cache, logits, keys, live, n_left, settings, eos_ids, graphdef, block):
     """Up to `block` decode steps of every live row: each samples from its `logits` [B, V] with
-    its own key and settings (temperature, top_k, top_p: [B] each), records the token, and is
-    done after an EOS id or `n_left` [B] tokens; live rows feed their token for the next logits.
-    Returns (tokens [B, block] (-1 = none), cache, logits, keys, live, n_left)."""
+    its own key and settings (temperature, top_k, top_p: [B] each; want_top [B] bool: report
+    the most likely alternatives), records the token and its log-probability, and is done
+    after an EOS id or `n_left` [B] tokens; live rows feed their token for the next logits.
+    Returns (tokens [B, block] (-1 = none), logprobs [B, block], top ids [B, block, T], top
+    logprobs [B, block, T], cache, logits, keys, live, n_left)."""
     mdl.TRACES["decode_rows"] += 1
     module = nnx.merge(graphdef, weights)
     B = logits.shape[0]
-    temperature, top_k, top_p = settings
+    temperature, top_k, top_p, want_top = settings
 
     def cond(c):
         i, *_, live, _, _ = c
@@ -167,7 +200,13 @@ def _decode_rows(weights, cache, logits, keys, live, n_left, settings, eos_ids, 
         keys, draw = split[:, 0], split[:, 1]
         token = sample_rows(logits.T, draw, temperature, top_k, top_p)
         token = jnp.where(live, token, -1)
-        out = out.at[:, i].set(token)
+        chosen, top_ids, top_values = _logprobs(logits, token, want_top & live)
+        out = (
+            out[0].at[:, i].set(token),
+            out[1].at[:, i].set(chosen),
+            out[2].at[:, i].set(top_ids),
+            out[3].at[:, i].set(top_values),
+        )
         n_left = n_left - live.astype(jnp.int32)
         # every token but an EOS enters the cache (a row stopped by its budget may go on later)
         fed = live & ~jnp.isin(token, eos_ids)
@@ -175,9 +214,16 @@ def _decode_rows(weights, cache, logits, keys, live, n_left, settings, eos_ids, 
         hidden, cache = module(cache, jnp.maximum(token, 0)[:, None], fed[:, None])
         return i + 1, cache, module.logits(hidden[:, 0]).T, keys, live, n_left, out
 
-    init = (jnp.int32(0), cache, logits, keys, live, n_left, jnp.full((B, block), -1, jnp.int32))
+    T = TOP_LOGPROBS
+    out = (
+        jnp.full((B, block), -1, jnp.int32),
+        jnp.zeros((B, block), jnp.float32),
+        jnp.zeros((B, block, T), jnp.int32),
+        jnp.zeros((B, block, T), jnp.float32),
+    )
+    init = (jnp.int32(0), cache, logits, keys, live, n_left, out)
     _, cache, logits, keys, live, n_left, out = jax.lax.while_loop(cond, body, init)
-    return out, cache, logits, keys, live, n_left
+    return (*out, cache, logits, keys, live, n_left)
 
 
 decode_rows = EntryPoint(
@@ -189,7 +235,7 @@ decode_rows = EntryPoint(
 
 
 @jax.jit
-def _start_row(pos, epoch, keys, row, seed):
+def _reset_row(pos, epoch, keys, row, seed):
     """A row's position reset to 0 and its key to `seed`'s (jitted: works across processes)."""
     return pos.at[row].set(0), epoch.at[row].set(0), keys.at[row].set(jax.random.key(seed))
 
@@ -199,11 +245,63 @@ def _set_row(values, row, value):
     return values.at[row].set(value)
 
 
+def _take_row(cache, logits, keys, row):
+    """Row `row`'s state: (its one-row cache, logits [V], PRNG key data)."""
+
+    def cut(x):
+        return jax.lax.dynamic_slice_in_dim(x, row, 1, axis=0)
+
+    return jax.tree.map(cut, cache), logits[row], jax.random.key_data(keys[row])
+
+
+def _put_row(cache, logits, keys, row, one, row_logits, key_data):
+    """The engine's state with row `row` replaced by a one-row cache, logits and key data."""
+    cache = jax.tree.map(
+        lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y.astype(x.dtype), row, axis=0),
+        cache,
+        one,
+    )
+    keys = keys.at[row].set(jax.random.wrap_key_data(key_data))
+    return cache, logits.at[row].set(row_logits), keys
+
+
+@dataclasses.dataclass
+class RowState:
+    """One stream's whole device-side state, out of its row, on the host: what a saved stream
+    and an idle session keep (`jaxsink.stream_state`).
+
+    cache: a one-row `KVCache` of numpy arrays (its `pos`/`epoch` are not used: `index` is);
+    index: the exact stream index (tokens consumed); logits: [V] float32, the next token's;
+    key: the row's PRNG key data (uint32).
+    """
+
+    cache: kv.KVCache
+    index: int
+    logits: np.ndarray
+    key: np.ndarray
+
+
+@dataclasses.dataclass
+class Decoded:
+    """One decode block's output for one row: token ids, each one's log-probability, and the
+    TOP_LOGPROBS most likely (id, log-probability) pairs at each (when the row asked)."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]
+
+
 class Engine:
     """B rows of independent streams over one model: `insert` a stream into a free row (its
     prompt prefilled into that row alone), `decode` a block of steps for every live row,
     `release` a finished row. One compiled prefill (per chunk length) and one compiled decode
     loop serve every row and every mix of settings.
+
+    A stream can also go on: `append` prefills more tokens into a row that stopped (a chat's
+    next turn) and decodes again; `export` takes a row's whole state out to the host and
+    `restore` puts it into a free row, bit-exact (save/resume, idle sessions). `open` + `feed`
+    + `arm` are `insert` in steps, so a long prompt can be fed a chunk at a time between other
+    rows' decode blocks.
 
     stream: the full layers' cache (native sliding layers keep their own); chunk: prefill chunk
     length; block: decode steps per device loop; cache_dtype, mesh: as `jaxsink.generate`.
@@ -249,11 +347,13 @@ class Engine:
             np.zeros(batch, np.float32),
             np.zeros(batch, np.int32),
             np.ones(batch, np.float32),
+            np.zeros(batch, bool),
         )
         self.eos = jnp.asarray(
             cfg.eos_token_ids or (m.tokenizer.eos_token_ids if m.tokenizer else ()) or (-2,),
             jnp.int32,
         )
+        self._eos = set(np.asarray(self.eos).tolist())
         tokens = np.zeros((1, chunk), np.int32)
         self._prefill, t_pre = compiled(
             prefill_row,
@@ -282,65 +382,138 @@ class Engine:
             {"graphdef": m.graphdef, "block": block},
             (
                 (m.weight_shardings, cache_sharding, logits_rows, rows, rows, rows, rows, one),
-                (sh.rows(mesh, (batch, block)), cache_sharding, logits_rows, rows, rows, rows),
+                (
+                    sh.rows(mesh, (batch, block)),
+                    sh.rows(mesh, (batch, block)),
+                    sh.rows(mesh, (batch, block, TOP_LOGPROBS)),
+                    sh.rows(mesh, (batch, block, TOP_LOGPROBS)),
+                    cache_sharding,
+                    logits_rows,
+                    rows,
+                    rows,
+                    rows,
+                ),
             ),
         )
         self.compile_s = t_pre + t_dec
         self.compiles = sum(mdl.TRACES.values()) - traces
+        state = (cache_sharding, logits_rows, rows)
+        self._take = jax.jit(_take_row)
+        self._put = jax.jit(_put_row, donate_argnums=(0, 1, 2), out_shardings=state)
         self.rows: list[RowSampling | None] = [None] * batch
+        self.last: Decoded | None = None
 
     def free_rows(self) -> list[int]:
         return [i for i, r in enumerate(self.rows) if r is None]
 
-    def insert(self, prompt: Sequence[int], sampling: RowSampling = RowSampling()) -> int:
-        """Start a stream in a free row: its position reset to 0 and `prompt` (token ids)
-        prefilled into it alone. Returns the row. ConfigError when no row is free."""
+    def _claim(self, sampling: RowSampling) -> int:
         free = self.free_rows()
         if not free:
             raise ConfigError(f"all {self.batch} rows are busy: release one first")
-        ids = np.asarray(prompt, np.int32).reshape(-1)
-        if ids.size == 0:
-            raise ConfigError("empty prompt: give at least one token")
-        if ids.min() < 0 or ids.max() >= self.model.cfg.vocab_size:
-            raise ConfigError(f"token ids must be in [0, {self.model.cfg.vocab_size})")
         row = free[0]
         self.rows[row] = sampling
+        return row
+
+    def open(self, sampling: RowSampling = RowSampling()) -> int:
+        """Claim a free row for a new stream: position 0, key from `sampling.seed`, not live
+        until `arm`. Returns the row; ConfigError when no row is free."""
+        row = self._claim(sampling)
         cache = self.cache
-        pos, epoch, self.keys = _start_row(
+        pos, epoch, self.keys = _reset_row(
             cache.pos, cache.epoch, self.keys, np.int32(row), np.uint32(sampling.seed)
         )
         self.cache = cache.replace(pos=pos, epoch=epoch)
-        for tokens, valid, _ in padded_chunks(ids, self.chunk):
+        return row
+
+    def feeding(self, row: int, ids: Sequence[int]) -> Iterator[int]:
+        """Prefill token ids into `row`, continuing its stream, one chunk per step of the
+        iterator (it yields the tokens fed so far): a caller can run other rows' decode blocks
+        between chunks. The row's next-token logits are set after the last chunk."""
+        ids = check_ids(ids, self.model.cfg.vocab_size)
+        done = 0
+        logits = None
+        for tokens, valid, n in padded_chunks(ids, self.chunk):
             logits, self.cache = self._prefill(
                 self.model.weights, self.cache, np.int32(row), tokens, valid
             )
+            done += n
+            if done < len(ids):
+                yield done
         self.logits = _set_row(self.logits, np.int32(row), logits)
+        yield done
+
+    def feed(self, row: int, ids: Sequence[int]) -> None:
+        """Prefill token ids into `row` at once (see `feeding`)."""
+        for _ in self.feeding(row, ids):
+            pass
+
+    def arm(self, row: int, sampling: RowSampling, logprobs: bool = False) -> None:
+        """Make `row` live: it decodes up to `sampling.max_tokens` tokens with these settings
+        (its key is kept: the seed acts at `open`). logprobs: report top alternatives."""
+        self.rows[row] = sampling
         self.live[row], self.n_left[row] = True, sampling.max_tokens
-        for values, value in zip(
-            self.settings, (sampling.temperature, sampling.top_k, sampling.top_p), strict=True
-        ):
-            values[row] = value
+        values = (sampling.temperature, sampling.top_k, sampling.top_p, logprobs)
+        for array, value in zip(self.settings, values, strict=True):
+            array[row] = value
+
+    def insert(self, prompt: Sequence[int], sampling: RowSampling = RowSampling()) -> int:
+        """Start a stream in a free row: its position reset to 0 and `prompt` (token ids)
+        prefilled into it alone. Returns the row. ConfigError when no row is free."""
+        ids = check_ids(prompt, self.model.cfg.vocab_size)
+        row = self.open(sampling)
+        self.feed(row, ids)
+        self.arm(row, sampling)
         return row
+
+    def append(self, row: int, ids: Sequence[int], sampling: RowSampling) -> None:
+        """Continue a stopped row's stream: prefill `ids` (a chat's next turn) into it, then
+        arm it to decode with `sampling`."""
+        if self.live[row]:
+            raise ConfigError(f"row {row} is still decoding: wait for it to stop")
+        self.feed(row, ids)
+        self.arm(row, sampling)
 
     def decode(self, limit: int | None = None) -> list[list[int]]:
         """One block of decode steps for every live row: the new token ids of each row (empty
-        for rows not live). A row stops being live after an EOS id or its max tokens. limit:
-        at most this many tokens per row now (the rows stay live for the rest)."""
+        for rows not live); their log-probabilities are in `self.last`. A row stops being live
+        after an EOS id or its max tokens. limit: at most this many tokens per row now (the
+        rows stay live for the rest)."""
         budget = self.n_left if limit is None else np.minimum(self.n_left, limit)
-        out, self.cache, self.logits, self.keys, live, left = self._decode(
-            self.model.weights,
-            self.cache,
-            self.logits,
-            self.keys,
-            self.live,
-            budget,
-            self.settings,
-            self.eos,
+        tokens, logprobs, top_ids, top_values, self.cache, self.logits, self.keys, live, left = (
+            self._decode(
+                self.model.weights,
+                self.cache,
+                self.logits,
+                self.keys,
+                self.live,
+                budget,
+                self.settings,
+                self.eos,
+            )
         )
-        new = [[int(t) for t in row if t >= 0] for row in sh.to_host(out)]
+        tokens = sh.to_host(tokens)
+        n = (tokens >= 0).sum(axis=1)
+        new = [row[:k].tolist() for row, k in zip(tokens, n, strict=True)]
+        logprobs = sh.to_host(logprobs)
+        wants_top = self.settings[3]
+        top_ids, top_values = (
+            sh.to_host(x) if wants_top.any() else None for x in (top_ids, top_values)
+        )
+        self.last = [
+            Decoded(
+                new[b],
+                logprobs[b, : n[b]].tolist(),
+                [
+                    list(zip(top_ids[b, i].tolist(), top_values[b, i].tolist(), strict=True))
+                    for i in range(n[b])
+                ]
+                if wants_top[b]
+                else [],
+            )
+            for b in range(self.batch)
+        ]
         self.n_left = self.n_left - (budget - np.asarray(sh.to_host(left)))
-        eos = set(np.asarray(self.eos).tolist())
-        ended = np.array([bool(r) and r[-1] in eos for r in new])
+        ended = np.array([bool(r) and r[-1] in self._eos for r in new])
         self.live = np.asarray(sh.to_host(live)) | (self.live & ~ended & (self.n_left > 0))
         return new
 
@@ -355,3 +528,40 @@ class Engine:
         return kv.stream_index(
             cache.replace(pos=sh.to_host(cache.pos), epoch=sh.to_host(cache.epoch))
         )
+
+    def export(self, row: int) -> RowState:
+        """Row `row`'s whole state on the host (the row itself is untouched)."""
+        one, logits, key = self._take(self.cache, self.logits, self.keys, np.int32(row))
+        one = jax.tree.map(sh.to_host, one)
+        return RowState(
+            cache=one,
+            index=self.positions()[row],
+            logits=sh.to_host(logits),
+            key=sh.to_host(key),
+        )
+
+    def restore(self, state: RowState, sampling: RowSampling = RowSampling()) -> int:
+        """Put a stream's exported state into a free row, not live until `arm` (or `append`):
+        it goes on exactly as if it had never left. ConfigError when its cache layout is not
+        this engine's."""
+
+        def layout(layers):
+            return jax.tree.structure(layers), [
+                (x.shape[1:], x.dtype) for x in jax.tree.leaves(layers)
+            ]
+
+        if layout(state.cache.layers) != layout(self.cache.layers):
+            raise ConfigError("the saved stream's cache layout is not this engine's")
+        row = self._claim(sampling)
+        pos, epoch = kv.folded_index(self.cache, state.index)
+        one = state.cache.replace(pos=np.full(1, pos, np.int32), epoch=np.full(1, epoch, np.int32))
+        self.cache, self.logits, self.keys = self._put(
+            self.cache,
+            self.logits,
+            self.keys,
+            np.int32(row),
+            one,
+            np.asarray(state.logits, np.float32),
+            np.asarray(state.key),
+        )
+        return row

@@ -13,13 +13,14 @@ import time
 from collections.abc import Iterator, Sequence
 
 import jax
-import numpy as np
 
 from jaxsink import cache as kv
-from jaxsink.config import ConfigError, ModelConfig, StreamConfig
+from jaxsink.config import ConfigError, StreamConfig
+from jaxsink.engine import check_ids
 from jaxsink.evaluate import cache_dtype_of
 from jaxsink.loading import Model
 from jaxsink.memory import check_cache_fits
+from jaxsink.stream_state import SavedStream
 from jaxsink.tokenizer import IncrementalDecoder
 
 
@@ -65,23 +66,14 @@ class GenerationStats:
         return d
 
 
-def _check_prompt(ids: Sequence[int], cfg: ModelConfig) -> np.ndarray:
-    arr = np.asarray(ids, dtype=np.int64).reshape(-1)
-    if arr.size == 0:
-        raise ConfigError("empty prompt: give at least one token")
-    if arr.min() < 0 or arr.max() >= cfg.vocab_size:
-        bad = int(arr[(arr < 0) | (arr >= cfg.vocab_size)][0])
-        raise ConfigError(f"token id {bad} is out of range [0, {cfg.vocab_size})")
-    return arr.astype(np.int32)
-
-
 class Generation:
-    """Iterate to get text pieces as they are produced; then read `.stats` and `.token_ids`."""
+    """Iterate to get text pieces as they are produced; then read `.stats` and `.token_ids`,
+    and `.saved()` for the stream's whole state (to save it and resume it later)."""
 
     def __init__(
         self,
         model: Model,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | None,
         *,
         max_new_tokens: int = 64,
         sampling: Sampling = Sampling(),
@@ -95,6 +87,7 @@ class Generation:
         chat: bool = False,
         cache_dtype: str | None = None,
         mesh=None,
+        resume: SavedStream | None = None,
     ):
         if max_new_tokens < 1:
             raise ConfigError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -104,49 +97,65 @@ class Generation:
             raise ConfigError(f"block must be >= 1, got {block}")
         tok = model.tokenizer
         if isinstance(prompt, str):
-            if not prompt:
+            if not prompt and resume is None:
                 raise ConfigError("empty prompt: give some text")
-            if chat:
+            if chat and prompt:
                 text = tok.apply_chat_template([{"role": "user", "content": prompt}])
                 prompt = tok.encode(text, add_special_tokens=False)
-            else:
-                prompt = tok.encode(prompt)
-        self.prompt_ids = _check_prompt(prompt, model.cfg)
+            else:  # a resumed stream goes on: no second BOS
+                prompt = tok.encode(prompt, add_special_tokens=resume is None) if prompt else []
+        self.resume = resume
+        prompt = list(resume.pending if resume else ()) + list(prompt or ())
+        self.prompt_ids = check_ids(prompt, model.cfg.vocab_size) if prompt or not resume else []
         self.model = model.on_mesh(mesh)
-        self.cache_dtype = cache_dtype_of(model, cache_dtype)
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
         self.seed = seed
-        # Dense mode allocates the whole stream, rounded up so nearby lengths share a compile.
-        n = len(self.prompt_ids) + max_new_tokens
-        self.stream = StreamConfig.for_mode(mode, sinks, window, dense_capacity=-(-n // 256) * 256)
+        if resume is None:
+            self.cache_dtype = cache_dtype_of(model, cache_dtype)
+            # Dense mode allocates the whole stream, rounded up so nearby lengths share a compile.
+            n = len(self.prompt_ids) + max_new_tokens
+            dense = -(-n // 256) * 256
+            self.stream = StreamConfig.for_mode(mode, sinks, window, dense_capacity=dense)
+        else:
+            self.cache_dtype, self.stream = cache_dtype_of(model, resume.cache_dtype), resume.stream
         check_cache_fits(model.cfg, self.stream, 1, model.dtype)
         self.chunk = chunk
         self.block = block
         self.stop = tuple(s for s in stop if s)
+        self.chat = chat
         self.token_ids: list[int] = []
         self.text = ""
         self.stats = GenerationStats(prompt_tokens=len(self.prompt_ids))
         self.cache: kv.KVCache | None = None
+        self._engine = None
+        self._decoder_state: dict = {}
 
     def __iter__(self) -> Iterator[str]:
         from jaxsink.engine import Engine, RowSampling
 
         m, st, s = self.model, self.stats, self.sampling
         engine = Engine(m, 1, self.stream, self.chunk, self.block, self.cache_dtype)
+        self._engine = engine
         st.compile_s, st.compiles, st.cache_bytes = (
             engine.compile_s,
             engine.compiles,
             engine.cache.nbytes,
         )
         settings = RowSampling(s.temperature, s.top_k, s.top_p, self.seed, self.max_new_tokens)
+        decoder = IncrementalDecoder(m.tokenizer, skip_special_tokens=True)
         start = time.perf_counter()
-        engine.insert(self.prompt_ids, settings)
+        if self.resume is None:
+            engine.insert(self.prompt_ids, settings)
+        else:
+            row = engine.restore(self.resume.row, settings)
+            if len(self.prompt_ids):
+                engine.feed(row, self.prompt_ids)
+            engine.arm(row, settings)
+            decoder.restore(self.resume.decoder)
         jax.block_until_ready(engine.logits)
         st.prefill_s = time.perf_counter() - start
 
-        decoder = IncrementalDecoder(m.tokenizer, skip_special_tokens=True)
-        eos = set(np.asarray(engine.eos).tolist())
         first_at = None
         st.stop_reason = "max_new_tokens"
         while engine.live[0]:
@@ -161,8 +170,9 @@ class Generation:
             if stopped:
                 st.stop_reason = "stop_string"
                 break
-            if new and new[-1] in eos:
+            if new and new[-1] in engine._eos:
                 st.stop_reason = "eos"
+        self._decoder_state = decoder.state()
         if st.stop_reason != "stop_string":
             piece, _ = self._cut_at_stop(decoder.flush())
             if piece:
@@ -172,6 +182,36 @@ class Generation:
         st.new_tokens = len(self.token_ids)
         st.stream_position = engine.positions()[0]
         self.cache = engine.cache
+
+    def settings(self) -> dict:
+        """The settings of this generation, as JSON values (what a saved stream keeps)."""
+        s = self.sampling
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": s.temperature,
+            "top_k": s.top_k,
+            "top_p": s.top_p,
+            "seed": self.seed,
+            "chunk": self.chunk,
+            "block": self.block,
+            "stop": list(self.stop),
+            "chat": self.chat,
+        }
+
+    def saved(self, extra: dict | None = None) -> SavedStream:
+        """The stream's whole state once iterated: resuming it (`resume=`) goes on exactly where
+        it stopped. A stream stopped by an EOS keeps the EOS as pending: fed first on resume."""
+        if self._engine is None:
+            raise ConfigError("iterate the generation before saving its stream")
+        ended = self.stats.stop_reason == "eos"
+        last = self.token_ids[-1] if self.token_ids else None
+        return SavedStream(
+            row=self._engine.export(0),
+            settings=self.settings(),
+            decoder=self._decoder_state,
+            pending=[last] if ended else [],
+            extra=extra or {},
+        )
 
     def _cut_at_stop(self, piece: str) -> tuple[str, bool]:
         """Append `piece` to the text, cut at the first stop string; (text to emit, stopped)."""
@@ -191,7 +231,9 @@ def generate(model: Model, prompt: str | Sequence[int], **kwargs) -> Generation:
     Keyword arguments: max_new_tokens, sampling (Sampling), seed, mode ("sink", "window" or
     "dense"), sinks (default 4), window (default 1020), chunk (prefill chunk length C), block (decode steps per device loop),
     stop (stop strings), chat (apply the chat template), cache_dtype ("float32" or "bfloat16"),
-    mesh (run sharded on this mesh, see `jaxsink.sharding.make_mesh`). After iterating, `.stats`,
-    `.token_ids`, `.text` and the final `.cache` are available.
+    mesh (run sharded on this mesh, see `jaxsink.sharding.make_mesh`), resume (a `SavedStream`:
+    go on with that stream, its layout and model; `prompt` is then appended text, or None).
+    After iterating, `.stats`, `.token_ids`, `.text`, the final `.cache` and `.saved()` are
+    available.
     """
     return Generation(model, prompt, **kwargs)

@@ -142,6 +142,19 @@ class IncrementalDecoder:
         self._prefix, self._read = self._read, len(self.ids)
         return full[len(prefix_text) :]
 
+    def state(self) -> dict:
+        """What the next pieces depend on (JSON): the ids from the last piece's context on."""
+        return {"ids": self.ids[self._prefix :], "read": self._read - self._prefix}
+
+    def restore(self, state: dict) -> IncrementalDecoder:
+        """Continue from `state()` of another decoder (of the same tokenizer)."""
+        ids = [int(i) for i in state.get("ids", [])]
+        read = int(state.get("read", 0))
+        if not 0 <= read <= len(ids):
+            raise ValueError(f"a detokenizer state reads {read} of {len(ids)} ids")
+        self.ids, self._prefix, self._read = ids, 0, read
+        return self
+
     def flush(self) -> str:
         """Whatever is still held back (an incomplete sequence at the very end)."""
         prefix_text = self._tok.decode(self.ids[self._prefix : self._read], self._skip)
