@@ -110,6 +110,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     p.add_argument("--plot", action="store_true", help="write ppl.png into --out")
     _add_cache_dtype(p)
+    v = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server with continuous batching and sessions"
+    )
+    _add_model_args(v)
+    v.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    v.add_argument("--port", type=int, default=8000, help="default 8000")
+    v.add_argument("--max-batch", type=int, default=8, help="streams decoded together (default 8)")
+    _add_stream_args(v)
+    v.add_argument(
+        "--block", type=int, default=16, help="decode steps between admissions (default 16)"
+    )
+    _add_cache_dtype(v)
+    v.add_argument(
+        "--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask"
+    )
+    v.add_argument(
+        "--max-prompt-tokens", type=int, default=32768, help="longest prompt or turn accepted"
+    )
+    v.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)"
+    )
+    v.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        help="open connections beyond this get 503 (default 256)",
+    )
+    v.add_argument(
+        "--sessions-dir", help="where idle sessions are saved (default $JAXSINK_HOME/sessions)"
+    )
+    v.add_argument(
+        "--session-idle-s",
+        type=float,
+        default=300.0,
+        help="a session idle this long is saved to disk and its row freed (default 300)",
+    )
     q = sub.add_parser(
         "plan",
         help="memory per device and lowering for a model, batch and mesh (allocates nothing)",
@@ -439,6 +475,65 @@ def cmd_ppl(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from jaxsink.default_model import jaxsink_home
+    from jaxsink.engine import Engine
+    from jaxsink.evaluate import cache_dtype_of
+    from jaxsink.scheduler import Scheduler
+    from jaxsink.server import Limits, check_port_free, serve
+
+    for flag in (
+        "max_batch",
+        "block",
+        "max_tokens",
+        "max_prompt_tokens",
+        "max_body_bytes",
+        "max_connections",
+    ):
+        if getattr(args, flag) < 1:
+            raise JaxsinkError(
+                f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}"
+            )
+    if not 0 <= args.port < 65536:
+        raise JaxsinkError(f"--port must be in [0, 65535], got {args.port}")
+    if not args.session_idle_s > 0:
+        raise JaxsinkError(f"--session-idle-s must be > 0, got {args.session_idle_s}")
+    _check_stream_flags(["sink"], args)
+    sessions = Path(args.sessions_dir or jaxsink_home() / "sessions")
+    _check_out_folder(str(sessions))
+    check_port_free(args.host, args.port)
+    from jaxsink.config import StreamConfig
+
+    model = _load_checked(args, ["sink"], dense_tokens=1)
+    if model.tokenizer is None:
+        raise JaxsinkError(f"{model.path} has no tokenizer: the server needs one")
+    stream = StreamConfig.for_mode("sink", args.sinks, args.window)
+    engine = Engine(
+        model,
+        args.max_batch,
+        stream,
+        args.chunk,
+        args.block,
+        cache_dtype_of(model, args.cache_dtype),
+    )
+    scheduler = Scheduler(engine, sessions, args.max_prompt_tokens, args.session_idle_s).start()
+    limits = Limits(args.max_body_bytes, args.max_tokens)
+    model_id = model.path.name
+
+    def ready():
+        if not args.quiet:
+            print(
+                f"jaxsink serve: {model_id} on http://{args.host}:{args.port} "
+                f"(max batch {args.max_batch}, sinks {args.sinks}, window {args.window}; "
+                "no authentication)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    serve(scheduler, model_id, args.host, args.port, limits, args.max_connections, ready)
+    return 0
+
+
 def cmd_plan(args) -> int:
     from jaxsink import plan
     from jaxsink.config import StreamConfig
@@ -472,7 +567,7 @@ def cmd_plan(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "ppl": cmd_ppl, "plan": cmd_plan}
+COMMANDS = {"generate": cmd_generate, "ppl": cmd_ppl, "plan": cmd_plan, "serve": cmd_serve}
 XLA_CACHE_BYTES = 8 << 30  # the compilation cache's size limit (least recently used go first)
 
 

@@ -48,12 +48,18 @@ class Conversation:
     def user_turn(self, content: str) -> list[int]:
         """Append a user message: the token ids to feed, up to and including the assistant
         prompt the reply follows."""
-        self.messages.append({"role": "user", "content": content})
+        return self.extend([{"role": "user", "content": content}])
+
+    def extend(self, messages: list[dict]) -> list[int]:
+        """Append messages ({"role", "content"} each; a whole conversation to start one): the
+        token ids to feed, up to and including the assistant prompt the reply follows."""
+        added = [{"role": m["role"], "content": m["content"]} for m in messages]
+        self.messages += added
         full = self._render(self.messages, add_generation_prompt=True)
         if full.startswith(self.consumed):
             new = full[len(self.consumed) :]
-        else:  # a template that rewrites earlier turns: this message rendered on its own
-            new = self._render(self.messages[-1:], add_generation_prompt=True)
+        else:  # a template that rewrites earlier turns: these messages rendered on their own
+            new = self._render(added, add_generation_prompt=True)
         self.consumed += new
         return self._ids(new)
 

@@ -197,7 +197,8 @@ def _decode_rows(weights, cache, logits, keys, live, n_left, settings, eos_ids, 
     def body(c):
         i, cache, logits, keys, live, n_left, out = c
         split = jax.vmap(jax.random.split)(keys)  # [B, 2]
-        keys, draw = split[:, 0], split[:, 1]
+        # only a live row's key moves on: a row being prefilled or parked keeps its own
+        keys, draw = jnp.where(live, split[:, 0], keys), split[:, 1]
         token = sample_rows(logits.T, draw, temperature, top_k, top_p)
         token = jnp.where(live, token, -1)
         chosen, top_ids, top_values = _logprobs(logits, token, want_top & live)
@@ -516,6 +517,10 @@ class Engine:
         ended = np.array([bool(r) and r[-1] in self._eos for r in new])
         self.live = np.asarray(sh.to_host(live)) | (self.live & ~ended & (self.n_left > 0))
         return new
+
+    def halt(self, row: int) -> None:
+        """Stop a row decoding (a stop string or a client gone); its stream stays in place."""
+        self.live[row], self.n_left[row] = False, 0
 
     def release(self, row: int) -> None:
         """Free a row (finished or abandoned); its slots are reused by the next insert."""

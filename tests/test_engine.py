@@ -111,3 +111,21 @@ def test_padded_chunks_cover_the_stream_once():
     tokens = np.concatenate([t[v] for t, v, _ in chunks])
     assert tokens.tolist() == ids.tolist()
     assert all(t.shape == (1, 4) for t, _, _ in chunks)
+
+
+def test_a_prompt_fed_between_other_rows_blocks_equals_it_alone(tiny):
+    """A sampled stream whose prompt is fed a chunk at a time while another row decodes (as the
+    server interleaves them) equals the same stream run alone: a row's key moves only while it
+    is live."""
+    prompt, (_, sampling) = prompts()[2], REQUESTS[2]
+    want = run_alone(tiny, prompt, sampling)
+    engine = Engine(tiny, 2, STREAM, chunk=4, block=5)
+    engine.insert(prompts()[3], RowSampling(temperature=1.0, seed=9, max_tokens=40))
+    row = engine.open(sampling)
+    for _ in engine.feeding(row, prompt):
+        engine.decode(limit=1)  # the other row moves on between chunks
+    engine.arm(row, sampling)
+    got = []
+    while engine.live[row]:
+        got += engine.decode()[row]
+    assert got == want

@@ -1,0 +1,422 @@
+"""Continuous batching over the engine: many requests, `max_batch` rows, one thread.
+
+One thread owns the `Engine` and loops: it takes new jobs, gives each a row when one is free,
+feeds prompts a chunk at a time between decode blocks (a long prompt never stalls the rows that
+are decoding), runs a decode block for every live row, and streams each row's text to its
+job. A job whose client went away is dropped and its row freed at the next turn of the loop.
+
+Sessions keep a conversation's stream between requests: when its reply is done the row is
+parked, not reset, and the next request of the session feeds only its new message. A parked
+row is given up when a new job needs it (least recently used first) or after `idle_s`: the
+stream is saved with `jaxsink.stream_state` under `sessions_dir` and restored when the session
+returns, bit for bit, even after a restart.
+
+Callers talk to the thread through `submit` (thread-safe) and receive `Event`s through the
+`emit` callable of their job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from jaxsink.config import JaxsinkError
+from jaxsink.conversation import Conversation
+from jaxsink.engine import Engine, RowSampling
+from jaxsink.stream_state import (
+    SavedStream,
+    StreamFileError,
+    load_stream,
+    read_stream_info,
+    save_stream,
+)
+from jaxsink.tokenizer import IncrementalDecoder
+
+SESSION_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
+
+
+class RequestError(JaxsinkError):
+    """A request the server refuses: `status` is its HTTP status, `param` the field at fault."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+@dataclasses.dataclass
+class Event:
+    """What a job hears: "accepted" (prompt_tokens set), "text" (text and the tokens it
+    completes, with log-probabilities), "done" (finish_reason, completion_tokens) or "error"
+    (error: a RequestError)."""
+
+    kind: str
+    text: str = ""
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    top: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    error: RequestError | None = None
+
+
+@dataclasses.dataclass
+class Job:
+    """One request. Either `prompt` (text or token ids: a completion) or `messages` (a chat
+    turn: a session's new messages, or a whole conversation) is set.
+
+    emit: called with each Event, from the scheduler thread; cancelled: set it when the client
+    is gone (the row is freed at the next turn of the loop).
+    """
+
+    sampling: RowSampling
+    emit: Callable[[Event], None]
+    prompt: str | list[int] | None = None
+    messages: list[dict] | None = None
+    session: str | None = None
+    logprobs: int = 0
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    # the scheduler's own bookkeeping
+    ids: list[int] = dataclasses.field(default_factory=list)
+    row: int | None = None
+    feeding: Iterator | None = None
+    decoder: IncrementalDecoder | None = None
+    text: str = ""
+    generated: int = 0
+
+
+@dataclasses.dataclass
+class Session:
+    """A conversation kept between requests: in a parked row, or saved under sessions_dir."""
+
+    name: str
+    conversation: Conversation | None  # None: a completions session (raw text)
+    row: int | None = None
+    busy: bool = False
+    last_used: float = 0.0
+
+
+def check_session_name(name) -> str:
+    """A session name that is a plain file name (no path, no `..`, no NUL), or RequestError."""
+    if not isinstance(name, str) or not SESSION_NAME.fullmatch(name) or ".." in name:
+        raise RequestError(
+            "session must be 1-128 letters, digits, '_', '-' or '.', not starting with '.'",
+            param="session",
+        )
+    return name
+
+
+class Scheduler:
+    """The thread that runs every request on one engine (see the module docstring).
+
+    max_prompt_tokens: a longer prompt (or session turn) is refused with 400.
+    sessions_dir: where idle sessions are saved; idle_s: a parked session older than this is
+    saved and its row freed.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        sessions_dir: Path,
+        max_prompt_tokens: int = 32768,
+        idle_s: float = 300.0,
+    ):
+        self.engine = engine
+        self.tokenizer = engine.model.tokenizer
+        self.sessions_dir = Path(sessions_dir)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.idle_s = idle_s
+        self.incoming: queue.Queue[Job] = queue.Queue()
+        self.waiting: list[Job] = []
+        self.prefilling: list[Job] = []
+        self.decoding: dict[int, Job] = {}
+        self.sessions: dict[str, Session] = {}
+        self.parked: dict[int, Session] = {}
+        self.completed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="jaxsink-scheduler", daemon=True)
+        self.failure: BaseException | None = None
+
+    # --- the caller's side ------------------------------------------------------------------
+
+    def start(self) -> Scheduler:
+        self._thread.start()
+        return self
+
+    def submit(self, job: Job) -> None:
+        self.incoming.put(job)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the loop; parked sessions are saved first."""
+        self._stop.set()
+        self.incoming.put(None)
+        self._thread.join(timeout)
+
+    def stats(self) -> dict:
+        return {
+            "rows": self.engine.batch,
+            "rows_decoding": len(self.decoding),
+            "rows_prefilling": len(self.prefilling),
+            "rows_parked": len(self.parked),
+            "queued": len(self.waiting) + self.incoming.qsize(),
+            "sessions": len(self.sessions),
+            "completed": self.completed,
+        }
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                busy = bool(self.prefilling or self.decoding or self.waiting)
+                self._take_new(block=not busy)
+                self._drop_cancelled()
+                self._save_idle_sessions()
+                self._admit()
+                if self.prefilling:
+                    self._prefill_one_chunk()
+                if self.decoding:
+                    self._decode_block()
+        except BaseException as e:  # the server answers 503 from now on
+            self.failure = e
+            for job in self._all_jobs():
+                job.emit(Event("error", error=RequestError(f"the server failed: {e}", 500)))
+            raise
+        finally:
+            for session in list(self.parked.values()):
+                self._park_to_disk(session)
+
+    def _all_jobs(self) -> list[Job]:
+        return [*self.waiting, *self.prefilling, *self.decoding.values()]
+
+    def _any_live(self) -> bool:
+        return bool(self.engine.live.any())
+
+    def _take_new(self, block: bool) -> None:
+        try:
+            job = self.incoming.get(timeout=1.0) if block else self.incoming.get_nowait()
+        except queue.Empty:
+            return
+        while job is not None:
+            self._accept(job)
+            try:
+                job = self.incoming.get_nowait()
+            except queue.Empty:
+                job = None
+
+    def _accept(self, job: Job) -> None:
+        """Tokenize a new job (a session's turn against its conversation) and queue it, or
+        refuse it with an error event."""
+        try:
+            job.ids = self._prompt_ids(job)
+        except (RequestError, StreamFileError, ValueError) as e:
+            error = e if isinstance(e, RequestError) else RequestError(str(e))
+            job.emit(Event("error", error=error))
+            return
+        job.emit(Event("accepted", prompt_tokens=len(job.ids)))
+        self.waiting.append(job)
+
+    def _prompt_ids(self, job: Job) -> list[int]:
+        tok = self.tokenizer
+        session = self._session(job) if job.session is not None else None
+        if job.messages is not None:
+            if session is None:
+                conversation = Conversation(tok)
+                ids = conversation.extend(job.messages)
+            else:
+                if session.conversation is None:
+                    raise RequestError(
+                        f"session {job.session!r} holds a completions stream, not a chat",
+                        param="session",
+                    )
+                conversation = session.conversation
+                ids = conversation.extend(job.messages)
+        elif isinstance(job.prompt, str):
+            continuing = session is not None and session.last_used > 0
+            ids = tok.encode(job.prompt, add_special_tokens=not continuing)
+        else:
+            ids = list(job.prompt)
+        if not ids:
+            raise RequestError("the prompt is empty", param="prompt")
+        vocab = self.engine.model.cfg.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise RequestError(f"token ids must be in [0, {vocab})", param="prompt")
+        if len(ids) > self.max_prompt_tokens:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens, more than this server's limit of "
+                f"{self.max_prompt_tokens}",
+                param="prompt",
+            )
+        if session is not None:
+            session.busy = True
+        return ids
+
+    def _session(self, job: Job) -> Session:
+        """The job's session: known, saved on disk by an earlier run, or new."""
+        name = job.session
+        session = self.sessions.get(name)
+        if session is None:
+            path = self._session_path(name)
+            chat = job.messages is not None
+            conversation = Conversation(self.tokenizer) if chat else None
+            session = Session(name, conversation)
+            if path.is_file():  # saved by an earlier run of the server
+                extra = read_stream_info(path).state.get("extra") or {}
+                if "conversation" in extra:
+                    session.conversation = Conversation(self.tokenizer).restore(
+                        extra["conversation"]
+                    )
+                else:
+                    session.conversation = None
+                session.last_used = time.monotonic()
+            self.sessions[name] = session
+        if session.busy:
+            raise RequestError(
+                f"session {name!r} is answering another request: wait for it", 409, "session"
+            )
+        return session
+
+    def _session_path(self, name: str) -> Path:
+        path = (self.sessions_dir / f"{name}.stream").resolve()
+        if path.parent != self.sessions_dir.resolve():
+            raise RequestError("session names a path outside the sessions folder", param="session")
+        return path
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self.waiting if j.cancelled.is_set()]:
+            self.waiting.remove(job)
+            self._unbusy(job)
+        for job in [j for j in self.prefilling if j.cancelled.is_set()]:
+            self.prefilling.remove(job)
+            self._finish(job, None)  # a session keeps what it fed: its reply is empty
+        for row, job in list(self.decoding.items()):
+            if job.cancelled.is_set():
+                self.engine.halt(row)
+                self._finish(job, None)
+
+    def _unbusy(self, job: Job) -> None:
+        if job.session is not None and job.session in self.sessions:
+            self.sessions[job.session].busy = False
+
+    def _admit(self) -> None:
+        """Give waiting jobs rows, oldest first, while rows can be had."""
+        while self.waiting:
+            job = self.waiting[0]
+            session = self.sessions.get(job.session) if job.session is not None else None
+            if session is not None and session.row is not None:  # parked: go on in place
+                row = session.row
+                del self.parked[row]
+                session.row = None
+            elif not self._make_room():
+                return
+            elif session is not None and self._session_path(session.name).is_file():
+                saved = load_stream(self._session_path(session.name), self.engine.model)
+                row = self.engine.restore(saved.row, job.sampling)
+                job.ids = saved.pending + job.ids
+            else:
+                row = self.engine.open(job.sampling)
+            self.waiting.pop(0)
+            job.row = row
+            job.decoder = IncrementalDecoder(self.tokenizer, skip_special_tokens=True)
+            job.feeding = self.engine.feeding(row, job.ids)
+            self.prefilling.append(job)
+
+    def _make_room(self) -> bool:
+        """Whether a row is free, after saving the least recently used idle parked session
+        to disk if none was."""
+        if self.engine.free_rows():
+            return True
+        idle = [s for s in self.parked.values() if not s.busy]
+        if not idle:
+            return False
+        self._park_to_disk(min(idle, key=lambda s: s.last_used))
+        return True
+
+    def _park_to_disk(self, session: Session) -> None:
+        """Save a parked session's stream under sessions_dir and free its row."""
+        row = session.row
+        extra = {}
+        if session.conversation is not None:
+            extra["conversation"] = session.conversation.state()
+        saved = SavedStream(self.engine.export(row), settings={}, decoder={}, extra=extra)
+        self.sessions_dir.mkdir(parents=True, exist_ok=True)
+        save_stream(self._session_path(session.name), saved, self.engine.model)
+        del self.parked[row]
+        session.row = None
+        self.engine.release(row)
+
+    def _save_idle_sessions(self) -> None:
+        now = time.monotonic()
+        for session in list(self.parked.values()):
+            if not session.busy and now - session.last_used > self.idle_s:
+                self._park_to_disk(session)
+
+    def _prefill_one_chunk(self) -> None:
+        """One prefill chunk of the oldest prefilling job; a finished prompt starts decoding."""
+        job = self.prefilling[0]
+        done = next(job.feeding)
+        if done == len(job.ids):
+            self.prefilling.pop(0)
+            self.engine.arm(job.row, job.sampling, logprobs=job.logprobs > 0)
+            self.decoding[job.row] = job
+        else:  # round robin between long prompts
+            self.prefilling.append(self.prefilling.pop(0))
+
+    def _decode_block(self) -> None:
+        engine = self.engine
+        # a row that has not given its first token yet gets it after one step, not a block
+        fresh = any(job.generated == 0 for job in self.decoding.values())
+        new = engine.decode(limit=1 if fresh else None)
+        for row, job in list(self.decoding.items()):
+            out = engine.last[row]
+            if out.tokens:
+                self._emit_tokens(job, out)
+            if job.row is None:  # a stop string ended it
+                continue
+            if not engine.live[row]:
+                ended = bool(new[row]) and new[row][-1] in engine._eos
+                self._finish(job, "stop" if ended else "length")
+
+    def _emit_tokens(self, job: Job, out) -> None:
+        """Detokenize a block's tokens, cut at a stop string, and emit them."""
+        job.generated += len(out.tokens)
+        piece = job.decoder.push(out.tokens)
+        text = job.text + piece
+        cut = min((i for s in job.sampling.stop if (i := text.find(s)) >= 0), default=None)
+        if cut is not None:
+            piece = text[len(job.text) : cut] if cut > len(job.text) else ""
+        job.text += piece
+        job.emit(Event("text", piece, out.tokens, out.logprobs, out.top))
+        if cut is not None:
+            self.engine.halt(job.row)
+            self._finish(job, "stop", cut=True)
+
+    def _finish(self, job: Job, reason: str | None, cut: bool = False) -> None:
+        """End a job: the rest of its text, then "done" (none when cancelled: reason None),
+        and its row parked (a session) or freed."""
+        row = job.row
+        self.decoding.pop(row, None)
+        if reason is not None and not cut and job.decoder is not None:
+            rest = job.decoder.flush()  # text held back for a character not yet complete
+            if rest:
+                job.text += rest
+                job.emit(Event("text", rest))
+        session = self.sessions.get(job.session) if job.session is not None else None
+        if session is not None:
+            if session.conversation is not None:
+                session.conversation.assistant_reply(job.text)
+            session.busy, session.last_used = False, time.monotonic()
+            if row is not None:
+                session.row = row
+                self.parked[row] = session
+        elif row is not None:
+            self.engine.release(row)
+        job.row = None
+        if reason is not None:
+            self.completed += 1
+            job.emit(Event("done", finish_reason=reason, completion_tokens=job.generated))

@@ -1,0 +1,319 @@
+"""`jaxsink serve` under real HTTP clients (httpx, openai), on a tiny checkpoint in a real server
+process: concurrent streaming requests with more clients than rows, each reply equal to the same
+request run alone; sessions that feed only their new message and survive being saved to disk; a
+client that disconnects frees its row; bad requests get 4xx JSON errors and the server goes on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+import jaxsink
+from jaxsink.checkpoint import save_checkpoint
+from jaxsink.generate import Sampling
+from tests.hf_tiny import write_tokenizer
+from tests.tiny import random_flat_params, tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = (  # a user turn is t3 ... t4, a reply t5 ... t4 (ChatML's shape, in the tiny words)
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}t5 {{ m['content'] }} t4 "
+    "{% else %}t3 {{ m['content'] }} t4 {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}t5 {% endif %}"
+)
+STREAM = {"sinks": 2, "window": 13, "chunk": 4, "block": 3}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("served")
+    write_tokenizer(path)
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": TEMPLATE, "eos_token": "t2"})
+    )
+    cfg = tiny_config()
+    files = {n: (path / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json")}
+    return save_checkpoint(path / "ckpt", cfg, random_flat_params(cfg, seed=5), "float32", files)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, home: Path, *flags: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "jaxsink.cli", "serve", "--model", str(model)]
+        argv += ["--port", str(self.port), "--sessions-dir", str(home / "sessions"), *flags]
+        for name, value in STREAM.items():
+            argv += [f"--{name}", str(value)]
+        env = os.environ | {"PYTHONPATH": str(ROOT), "JAXSINK_HOME": str(home)}
+        self.proc = subprocess.Popen(
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the server exited: {self.proc.stderr.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise AssertionError("the server did not start")
+
+    def post(self, path: str, body, **kwargs) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, timeout=60, **kwargs)
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=10).json()
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        _, err = self.proc.communicate(timeout=60)
+        return err
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tmp_path_factory):
+    s = Server(tiny_dir, tmp_path_factory.mktemp("home"), "--max-batch", "2")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return jaxsink.load(tiny_dir)
+
+
+def alone(model, prompt, max_tokens, temperature=0.0, top_p=1.0, seed=0) -> str:
+    gen = jaxsink.generate(
+        model,
+        prompt,
+        max_new_tokens=max_tokens,
+        sampling=Sampling(temperature, 0, top_p),
+        seed=seed,
+        **STREAM,
+    )
+    return "".join(gen)
+
+
+REQUESTS = [  # more than the server's two rows, with mixed settings and lengths
+    {"prompt": "t5 t9 t11", "max_tokens": 12, "temperature": 0},
+    {"prompt": " ".join(f"t{i}" for i in range(10, 40)), "max_tokens": 9, "temperature": 0},
+    {"prompt": "t7 t8", "max_tokens": 15, "temperature": 0.8, "top_p": 0.9, "seed": 3},
+    {"prompt": "t20 t21 t22 t23", "max_tokens": 7, "temperature": 1.2, "seed": 11},
+    {"prompt": "t50", "max_tokens": 10, "temperature": 0},
+]
+
+
+def streamed_text(server: Server, body: dict) -> str:
+    """The text of a streamed completion (its events checked: SSE ending in [DONE])."""
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", json=body | {"stream": True}, timeout=60
+    ) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    return "".join(c["choices"][0]["text"] for c in chunks)
+
+
+def test_concurrent_streams_equal_each_request_alone(server, tiny):
+    """Five concurrent clients, streamed and not, against two rows: every text equals the
+    same request run alone with `jaxsink.generate` (greedy and sampled with a seed)."""
+    want = [
+        alone(
+            tiny,
+            r["prompt"],
+            r["max_tokens"],
+            r["temperature"],
+            r.get("top_p", 1.0),
+            r.get("seed", 0),
+        )
+        for r in REQUESTS
+    ]
+
+    def ask(i):
+        if i % 2:
+            return streamed_text(server, REQUESTS[i])
+        r = server.post("/v1/completions", REQUESTS[i])
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    with concurrent.futures.ThreadPoolExecutor(len(REQUESTS)) as pool:
+        got = list(pool.map(ask, range(len(REQUESTS))))
+    assert got == want
+    assert all(got)
+    h = server.health()
+    assert h["rows_decoding"] == h["rows_prefilling"] == h["queued"] == 0
+
+
+def test_streamed_equals_unstreamed_with_logprobs(server):
+    body = {"prompt": "t5 t6 t7", "max_tokens": 8, "temperature": 0, "logprobs": 2}
+    whole = server.post("/v1/completions", body).json()
+    text = streamed_text(server, body)
+    choice = whole["choices"][0]
+    assert text == choice["text"]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 8
+    # greedy: each token is its step's most likely one, and its log-probability the top one
+    for token, logprob, top in zip(
+        lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True
+    ):
+        best = max(top, key=top.get)
+        assert best == token and top[best] == pytest.approx(logprob) and logprob <= 0
+    assert whole["usage"] == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
+
+
+def test_openai_client_chat_and_completions(server, tiny):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["ckpt"]
+    done = client.completions.create(model="ckpt", prompt="t9 t8", max_tokens=6, temperature=0)
+    assert done.choices[0].text == alone(tiny, "t9 t8", 6)
+    messages = [{"role": "user", "content": "t30 t31"}]
+    parts = client.chat.completions.create(
+        model="ckpt", messages=messages, max_tokens=6, temperature=0, stream=True
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
+    whole = client.chat.completions.create(
+        model="ckpt", messages=messages, max_tokens=6, temperature=0
+    )
+    assert streamed == whole.choices[0].message.content
+    ids = tiny.tokenizer.encode(tiny.tokenizer.apply_chat_template(messages), False)
+    assert whole.choices[0].message.content == alone(tiny, ids, 6)
+
+
+def test_a_session_feeds_only_its_new_message_and_survives_disk(tiny_dir, tmp_path, tiny):
+    """Turns of a session continue one stream: its second turn's usage counts only the new
+    message, and its reply equals the whole conversation's stream run in one go. With one row
+    and another client taking it, the session is saved to disk and restored bit for bit."""
+    server = Server(tiny_dir, tmp_path, "--max-batch", "1")
+    try:
+        turns = ["t40 t41 t42", "t43 t44"]
+        replies = []
+        for i, turn in enumerate(turns):
+            body = {"messages": [{"role": "user", "content": turn}], "max_tokens": 5}
+            r = server.post("/v1/chat/completions", body | {"temperature": 0, "session": "a.b"})
+            assert r.status_code == 200, r.text
+            replies.append(r.json()["choices"][0]["message"]["content"])
+            if i == 0:  # another client takes the only row: the session goes to disk
+                assert server.post("/v1/completions", {"prompt": "t1", "max_tokens": 3}).is_success
+                assert (tmp_path / "sessions" / "a.b.stream").is_file()
+        usage = r.json()["usage"]
+        second = tiny.tokenizer.encode("t4 t3 t43 t44 t4 t5", add_special_tokens=False)
+        assert usage["prompt_tokens"] == len(second)
+    finally:
+        server.stop()
+    # the same stream in one go: first turn, first reply's tokens, second turn
+    first = tiny.tokenizer.encode("t3 t40 t41 t42 t4 t5", add_special_tokens=False)
+    gen = jaxsink.generate(tiny, first, max_new_tokens=5, **STREAM)
+    assert "".join(gen) == replies[0]
+    ids = first + gen.token_ids
+    if gen.stats.stop_reason == "eos":
+        ids = ids[:-1]  # the EOS is not fed; the template's own end-of-turn follows
+    assert "".join(jaxsink.generate(tiny, ids + second, max_new_tokens=5, **STREAM)) == replies[1]
+
+
+def test_a_client_that_leaves_frees_its_row(server):
+    body = {"prompt": "t3 t4", "max_tokens": 4000, "temperature": 0.7, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert server.health()["rows_decoding"] == 1
+    deadline = time.monotonic() + 30
+    while server.health()["rows_decoding"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.health()["rows_decoding"] == 0
+    assert server.post("/v1/completions", {"prompt": "t3", "max_tokens": 2}).is_success
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"prompt": "t1", "max_tokens": -1}, 400, "max_tokens"),
+        ({"prompt": "t1", "max_tokens": 10**6}, 400, "max_tokens"),
+        ({"prompt": "t1", "temperature": "hot"}, 400, "temperature"),
+        ({"prompt": "t1", "top_p": 0}, 400, "top_p"),
+        ({"prompt": ""}, 400, "prompt"),
+        ({"prompt": [1, 2, 10**9]}, 400, "prompt"),
+        ({"prompt": "t1", "stop": [1]}, 400, "stop"),
+        ({"prompt": "t1", "n": 2}, 400, "n"),
+        ({"prompt": "t1", "logprobs": 9}, 400, "logprobs"),
+        ({"prompt": "t1", "session": "../escape"}, 400, "session"),
+        ({"prompt": "t1", "session": "/etc/passwd"}, 400, "session"),
+        ({"prompt": "t1", "session": "a\x00b"}, 400, "session"),
+        ({"prompt": "t1 " * 300}, 400, "prompt"),  # over --max-prompt-tokens
+        ({"prompt": "x" * 5000}, 413, None),  # over --max-body-bytes
+    ],
+)
+def test_bad_requests_get_json_errors(limited, body, status, param):
+    r = limited.post("/v1/completions", body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["param"] == param
+    assert limited.post("/v1/completions", {"prompt": "t1", "max_tokens": 2}).is_success
+
+
+@pytest.fixture(scope="module")
+def limited(tiny_dir, tmp_path_factory):
+    flags = ["--max-batch", "1", "--max-tokens", "100", "--max-prompt-tokens", "200"]
+    s = Server(tiny_dir, tmp_path_factory.mktemp("limited"), *flags, "--max-body-bytes", "4000")
+    yield s
+    s.stop()
+
+
+def test_malformed_http_gets_json_errors(limited):
+    r = httpx.post(limited.url + "/v1/completions", content=b"{not json", timeout=10)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(limited.url + "/v1/chat/completions", json={"messages": "hi"}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert httpx.get(limited.url + "/v1/nothing", timeout=10).status_code == 404
+    assert httpx.get(limited.url + "/v1/completions", timeout=10).status_code == 405
+
+
+def test_connections_beyond_the_limit_get_503(tiny_dir, tmp_path):
+    server = Server(tiny_dir, tmp_path, "--max-connections", "3")
+    try:
+        held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
+        time.sleep(0.3)
+        refused = httpx.get(server.url + "/health", timeout=10)
+        for s in held:
+            s.close()
+        time.sleep(0.3)
+        assert refused.status_code == 503
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_serve_bad_flags_exit_2(tiny_dir, tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    env = os.environ | {"PYTHONPATH": str(ROOT), "JAXSINK_HOME": str(tmp_path)}
+    for flags, message in [
+        (["--port", str(port)], "cannot listen on"),
+        (["--max-batch", "0"], "--max-batch must be >= 1"),
+        (["--window", "0"], "window must be >= 1"),
+    ]:
+        argv = [sys.executable, "-m", "jaxsink.cli", "serve", "--model", str(tiny_dir), *flags]
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    taken.close()
