@@ -517,6 +517,11 @@ class Engine:
         self.live = np.asarray(sh.to_host(live)) | (self.live & ~ended & (self.n_left > 0))
         return new
 
+    def stop(self, row: int) -> None:
+        """End a row's decoding now (a reply cut short): it keeps its stream, every token it
+        returned is in the cache, and `append` continues it."""
+        self.live[row] = False
+
     def release(self, row: int) -> None:
         """Free a row (finished or abandoned); its slots are reused by the next insert."""
         self.rows[row] = None
