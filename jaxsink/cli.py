@@ -1,4 +1,5 @@
-"""The `jaxsink` command: `jaxsink generate ...` (and the other subcommands as they land)."""
+"""The `jaxsink` command: `jaxsink generate ...`, `jaxsink chat ...` (and the other subcommands as
+they land)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from jaxsink.config import JaxsinkError
+from jaxsink.config import JaxsinkError, one_line
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -86,6 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--json", action="store_true", help="after the text, print one JSON line of figures"
     )
+    c = sub.add_parser("chat", help="a multi-turn chat on one endless sink stream")
+    _add_model_args(c)
+    # Settings default to None: a --load'ed chat takes its saved value for each flag not given.
+    c.add_argument("--system", help="system prompt (default: the chat template's own, if any)")
+    c.add_argument(
+        "--keep-system",
+        action="store_true",
+        help="keep the whole system prompt as the sinks (S = its token count; needs --system)",
+    )
+    c.add_argument("--max-new-tokens", type=int, help="per reply (default 256)")
+    c.add_argument("--temperature", type=float, help="0 = greedy (default)")
+    c.add_argument("--top-k", type=int, help="0 = off (default)")
+    c.add_argument("--top-p", type=float, help="1 = off (default)")
+    c.add_argument("--seed", type=int, help="default 0")
+    c.add_argument("--sinks", type=int, help="attention sink tokens kept (default 4)")
+    c.add_argument("--window", type=int, help="recent tokens kept (default 1020)")
+    c.add_argument("--chunk", type=int, help="prefill chunk length C (default 64)")
+    c.add_argument("--block", type=int, help="decode steps per device loop (default 4)")
+    _add_cache_dtype(c)
+    c.add_argument("--load", help="go on with a chat saved by /save")
     p = sub.add_parser(
         "ppl", help="streaming perplexity of a long text in sink / window / dense mode"
     )
@@ -366,6 +387,49 @@ def cmd_generate(args) -> int:
     return 0
 
 
+CHAT_FLAGS = (
+    "system",
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "sinks",
+    "window",
+    "chunk",
+    "block",
+    "cache_dtype",
+)
+
+
+def cmd_chat(args) -> int:
+    from jaxsink.chat import Chat, prompted_lines, resolve_settings, run
+
+    info = None
+    if args.load:
+        from jaxsink.stream_state import read_stream_info
+
+        info = read_stream_info(args.load)
+    flags = {name: getattr(args, name) for name in CHAT_FLAGS}
+    settings = resolve_settings(flags | {"keep_system": args.keep_system or None}, info)
+    args.sinks, args.window = settings.sinks, settings.window
+    model = _load_checked(args, ["sink"], dense_tokens=1)
+    saved = None
+    if args.load:
+        from jaxsink.stream_state import load_stream
+
+        saved = load_stream(args.load, model)  # another model's chat fails before compiling
+    chat = Chat(model, settings)
+    if saved is not None:
+        chat.restore(saved, args.load)
+    if sys.stdin.isatty():
+        print(chat.banner(), file=sys.stderr)
+        run(chat, prompted_lines(), sys.stdout, sys.stderr)
+    else:
+        run(chat, sys.stdin, sys.stdout, sys.stderr)
+    return 0
+
+
 def _read_ids(args, model):
     """The stream's token ids from --tokens, --text or the default text, cut to N + 1."""
     import numpy as np
@@ -567,7 +631,13 @@ def cmd_plan(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "ppl": cmd_ppl, "plan": cmd_plan, "serve": cmd_serve}
+COMMANDS = {
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "ppl": cmd_ppl,
+    "plan": cmd_plan,
+    "serve": cmd_serve,
+}
 XLA_CACHE_BYTES = 8 << 30  # the compilation cache's size limit (least recently used go first)
 
 
@@ -606,16 +676,6 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-def one_line(error: Exception) -> str:
-    """An error's message on one line (an OSError's with the file it names)."""
-    if isinstance(error, OSError) and error.strerror:
-        where = f"{error.filename}: " if error.filename else ""
-        text = f"{where}{error.strerror}"
-    else:
-        text = str(error)
-    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -39,6 +39,16 @@ class JaxsinkError(ValueError):
     """A problem with the user's input: the CLIs print its message and exit with status 2."""
 
 
+def one_line(error: Exception) -> str:
+    """An error's message on one line (an OSError's with the file it names)."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        text = f"{where}{error.strerror}"
+    else:
+        text = str(error)
+    return " ".join(text.split())
+
+
 class ConfigError(JaxsinkError):
     """A configuration value is missing, out of range or not supported."""
 
