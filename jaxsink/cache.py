@@ -190,7 +190,7 @@ def folded_index(cache: KVCache, index: int) -> tuple[int, int]:
     reach = 2 * max(lc.stream.capacity for lc in cache.layers)
     epoch = 0 if quantum is None or index < quantum + reach else (index - reach) // quantum
     pos = index - epoch * (quantum or 0)
-    if pos >= 2**31:
+    if index < 0 or pos >= 2**31 or epoch >= 2**31:
         raise ConfigError(f"stream index {index} is out of this cache's reach")
     return pos, epoch
 

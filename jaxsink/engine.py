@@ -75,6 +75,8 @@ class RowSampling:
             raise ConfigError(f"top-p must be in (0, 1], got {self.top_p}")
         if self.max_tokens < 1:
             raise ConfigError(f"max tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2^32), got {self.seed}")
 
 
 # --- sampling with per-row settings ---------------------------------------------------------
@@ -183,6 +185,8 @@ def _decode_rows(weights, cache, logits, keys, live, n_left, settings, eos_ids, 
     its own key and settings (temperature, top_k, top_p: [B] each; want_top [B] bool: report
     the most likely alternatives), records the token and its log-probability, and is done
     after an EOS id or `n_left` [B] tokens; live rows feed their token for the next logits.
+    A row not live keeps its key and logits untouched (what it goes on from when armed again
+    or exported), however many steps the other rows take.
     Returns (tokens [B, block] (-1 = none), logprobs [B, block], top ids [B, block, T], top
     logprobs [B, block, T], cache, logits, keys, live, n_left)."""
     mdl.TRACES["decode_rows"] += 1
@@ -197,7 +201,7 @@ def _decode_rows(weights, cache, logits, keys, live, n_left, settings, eos_ids, 
     def body(c):
         i, cache, logits, keys, live, n_left, out = c
         split = jax.vmap(jax.random.split)(keys)  # [B, 2]
-        # only a live row's key moves on: a row being prefilled or parked keeps its own
+        # only a live row draws: an idle row's key (and logits, below) wait for its next token
         keys, draw = jnp.where(live, split[:, 0], keys), split[:, 1]
         token = sample_rows(logits.T, draw, temperature, top_k, top_p)
         token = jnp.where(live, token, -1)
@@ -213,7 +217,8 @@ def _decode_rows(weights, cache, logits, keys, live, n_left, settings, eos_ids, 
         fed = live & ~jnp.isin(token, eos_ids)
         live = fed & (n_left > 0)
         hidden, cache = module(cache, jnp.maximum(token, 0)[:, None], fed[:, None])
-        return i + 1, cache, module.logits(hidden[:, 0]).T, keys, live, n_left, out
+        logits = jnp.where(fed[:, None], module.logits(hidden[:, 0]).T, logits)  # [B, V]
+        return i + 1, cache, logits, keys, live, n_left, out
 
     T = TOP_LOGPROBS
     out = (
@@ -557,8 +562,8 @@ class Engine:
 
         if layout(state.cache.layers) != layout(self.cache.layers):
             raise ConfigError("the saved stream's cache layout is not this engine's")
-        row = self._claim(sampling)
         pos, epoch = kv.folded_index(self.cache, state.index)
+        row = self._claim(sampling)
         one = state.cache.replace(pos=np.full(1, pos, np.int32), epoch=np.full(1, epoch, np.int32))
         self.cache, self.logits, self.keys = self._put(
             self.cache,

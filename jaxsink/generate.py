@@ -95,6 +95,8 @@ class Generation:
             raise ConfigError(f"chunk must be >= 1, got {chunk}")
         if block < 1:
             raise ConfigError(f"block must be >= 1, got {block}")
+        if not 0 <= seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2^32), got {seed}")
         tok = model.tokenizer
         if isinstance(prompt, str):
             if not prompt and resume is None:
@@ -119,6 +121,13 @@ class Generation:
             self.stream = StreamConfig.for_mode(mode, sinks, window, dense_capacity=dense)
         else:
             self.cache_dtype, self.stream = cache_dtype_of(model, resume.cache_dtype), resume.stream
+            room = self.stream.capacity - resume.row.index - len(self.prompt_ids)
+            if not self.stream.wraps and max_new_tokens > room:
+                raise ConfigError(
+                    f"the resumed dense stream has room for {max(room, 0)} more tokens of its "
+                    f"{self.stream.capacity}: ask for fewer (a dense cache cannot grow; a sink "
+                    "stream goes on without end)"
+                )
         check_cache_fits(model.cfg, self.stream, 1, model.dtype)
         self.chunk = chunk
         self.block = block

@@ -208,13 +208,17 @@ def read_stream_info(path: str | os.PathLike) -> StreamInfo:
     try:
         state = json.loads(metadata["state"])
         s = state["stream"]
-        stream = StreamConfig(int(s["sinks"]), int(s["window"]), s["mode"])
+        stream = StreamConfig(_int(s["sinks"]), _int(s["window"]), s["mode"])
         if state["cache_dtype"] not in DTYPES:
             raise ValueError(f"cache dtype {state['cache_dtype']!r}")
+        index = _int(state["stream_index"])
+        if index < 0:
+            raise ValueError(f"stream index {index}")
+        _check_parts(state)
         return StreamInfo(
             stream=stream,
             cache_dtype=state["cache_dtype"],
-            index=int(state["stream_index"]),
+            index=index,
             settings=dict(state.get("settings") or {}),
             model=dict(state["model"]),
             state=state,
@@ -228,6 +232,58 @@ def read_stream_info(path: str | os.PathLike) -> StreamInfo:
         ConfigError,
     ) as e:
         raise StreamFileError(f"{path} has a corrupt stream header ({e!r})") from None
+
+
+SETTING_TYPES = {  # the settings `jaxsink.generate` keeps (`Generation.settings`); others pass
+    "max_new_tokens": int,
+    "temperature": float,
+    "top_k": int,
+    "top_p": float,
+    "seed": int,
+    "chunk": int,
+    "block": int,
+    "stop": list,
+    "chat": bool,
+}
+
+
+def _int(value) -> int:
+    """A JSON integer (not a bool, a float or a string: ValueError)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{value!r} is not an integer")
+    return value
+
+
+def _is_a(value, kind: type) -> bool:
+    """Whether a JSON value is a `kind` (an int is a float; a bool is neither; a list holds
+    strings)."""
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, int | float)
+    if kind is list:
+        return isinstance(value, list) and all(isinstance(x, str) for x in value)
+    return isinstance(value, kind)
+
+
+def _check_parts(state: dict) -> None:
+    """ValueError unless the header's settings, detokenizer state, pending tokens and extra
+    have the types that resuming the stream reads (their ranges are checked where used)."""
+    settings, decoder = state.get("settings") or {}, state.get("decoder") or {}
+    if not all(isinstance(x, dict) for x in (settings, decoder, state.get("extra") or {})):
+        raise ValueError("settings, decoder and extra must be JSON objects")
+    for name, kind in SETTING_TYPES.items():
+        value = settings.get(name)
+        if value is not None and not _is_a(value, kind):
+            raise ValueError(f"setting {name} = {value!r}")
+    ids, read = decoder.get("ids", []), _int(decoder.get("read", 0))
+    if not isinstance(ids, list) or not 0 <= read <= len(ids):
+        raise ValueError(f"detokenizer state {decoder!r}")
+    pending = state.get("pending") or []
+    if not isinstance(pending, list):
+        raise ValueError(f"pending tokens {pending!r}")
+    for i in [*ids, *pending]:
+        _int(i)
 
 
 def load_stream(path: str | os.PathLike, model: Model) -> SavedStream:
@@ -246,17 +302,30 @@ def load_stream(path: str | os.PathLike, model: Model) -> SavedStream:
     names = [f"cache.{i:05d}" for i in range(len(want))]
     expected = {n: list(x.shape) for n, x in zip(names, want, strict=True)}
     expected |= {"logits": [model.cfg.vocab_size]}
-    got = {n: h.get("shape") for n, h in headers.items() if n != "key"}
-    if got != expected or "key" not in headers:
+    key_like = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    expected |= {"key": list(key_like.shape)}
+    got = {n: h.get("shape") for n, h in headers.items()}
+    if got != expected:
         raise StreamFileError(
             f"{path} does not hold the cache of a {stream.mode} stream (sinks {stream.sinks}, "
             f"window {stream.window}) of this model: it is corrupt"
+        )
+    try:
+        kv.folded_index(abstract, index)
+    except ConfigError as e:
+        raise StreamFileError(f"{path}: {e}: it is corrupt") from None
+    pending = state.get("pending") or []
+    if any(not 0 <= t < model.cfg.vocab_size for t in pending):
+        raise StreamFileError(
+            f"{path}: its pending tokens {pending} are not all in this vocabulary"
         )
     with safe_open(str(path), "np") as f:
         leaves = [f.get_tensor(n) for n in names]
         logits, key = f.get_tensor("logits"), f.get_tensor("key")
     if any(x.dtype != w.dtype for x, w in zip(leaves, want, strict=True)):
         raise StreamFileError(f"{path}: its cache is not {state['cache_dtype']}: it is corrupt")
+    if logits.dtype != np.float32 or key.dtype != key_like.dtype:
+        raise StreamFileError(f"{path}: its logits or PRNG key have the wrong dtype: it is corrupt")
     layers = jax.tree.unflatten(jax.tree.structure(abstract.layers), leaves)
     pos, epoch = np.zeros(1, np.int32), np.zeros(1, np.int32)
     one = kv.KVCache(layers=layers, pos=pos, epoch=epoch, stream=stream)
@@ -264,7 +333,7 @@ def load_stream(path: str | os.PathLike, model: Model) -> SavedStream:
         row=RowState(cache=one, index=index, logits=logits, key=key),
         settings=info.settings,
         decoder=state.get("decoder") or {},
-        pending=[int(t) for t in state.get("pending") or []],
+        pending=list(pending),
         extra=state.get("extra") or {},
     )
 
