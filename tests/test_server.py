@@ -287,16 +287,28 @@ def test_malformed_http_gets_json_errors(limited):
 
 
 def test_connections_beyond_the_limit_get_503(tiny_dir, tmp_path):
-    server = Server(tiny_dir, tmp_path, "--max-connections", "3")
+    """Idle connections held open up to the limit: the next request gets 503. A flood of 200
+    concurrent requests: each is answered (200 or 503), none is dropped, and the server goes
+    on serving."""
+    server = Server(tiny_dir, tmp_path, "--max-connections", "8")
     try:
-        held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
+        held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(8)]
         time.sleep(0.3)
         refused = httpx.get(server.url + "/health", timeout=10)
         for s in held:
             s.close()
         time.sleep(0.3)
         assert refused.status_code == 503
+
+        def ask(i):
+            body = {"prompt": f"t{i % 90 + 3}", "max_tokens": 2}
+            return httpx.post(server.url + "/v1/completions", json=body, timeout=120).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(200) as pool:
+            statuses = list(pool.map(ask, range(200)))
+        assert set(statuses) <= {200, 503} and 200 in statuses
         assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+        assert server.post("/v1/completions", {"prompt": "t3", "max_tokens": 2}).is_success
     finally:
         server.stop()
 
