@@ -251,16 +251,17 @@ def _load_checked(args, modes, dense_tokens: int):
     return load(path, dtype=dtype, progress=progress, mesh=mesh)
 
 
-def _check_out_folder(out: str) -> None:
-    """Fail before any work unless --out is (or can be made) a writable folder."""
+def _check_out_folder(out: str, flag: str = "--out") -> None:
+    """Fail before any work unless `out` (given by `flag`) is (or can be made) a writable
+    folder."""
     path = Path(out).absolute()
     if path.exists() and not path.is_dir():
-        raise JaxsinkError(f"--out {out} is a file, not a folder: choose another path")
+        raise JaxsinkError(f"{flag} {out} is a file, not a folder: choose another path")
     parent = path
     while not parent.exists():
         parent = parent.parent
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise JaxsinkError(f"--out {out}: {parent} is not writable: choose another path")
+        raise JaxsinkError(f"{flag} {out}: {parent} is not writable: choose another path")
 
 
 GENERATE_DEFAULTS = {
@@ -564,7 +565,7 @@ def cmd_serve(args) -> int:
         raise JaxsinkError(f"--session-idle-s must be > 0, got {args.session_idle_s}")
     _check_stream_flags(["sink"], args)
     sessions = Path(args.sessions_dir or jaxsink_home() / "sessions")
-    _check_out_folder(str(sessions))
+    _check_out_folder(str(sessions), "--sessions-dir")
     check_port_free(args.host, args.port)
     from jaxsink.config import StreamConfig
 

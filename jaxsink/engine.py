@@ -235,6 +235,24 @@ def _decode_rows(weights, cache, logits, keys, live, n_left, settings, eos_ids, 
 decode_rows = EntryPoint(
     _decode_rows, static=("graphdef", "block"), donate=("cache", "logits", "keys")
 )
+SETTINGS_DTYPES = (
+    jnp.float32,
+    jnp.int32,
+    jnp.float32,
+    jnp.bool_,
+)  # temperature, top_k, top_p, want_top
+
+
+def decode_rows_shardings(mesh, batch: int, block: int, vocab: int, weights, cache):
+    """(in, out) shardings of `decode_rows` on `mesh`: every per-row array's rows over `data`,
+    given the weights' and the cache's shardings."""
+    rows, one = sh.rows(mesh, (batch,)), sh.replicated(mesh)
+    logits = sh.rows(mesh, (batch, vocab))
+    per_step = sh.rows(mesh, (batch, block))
+    per_top = sh.rows(mesh, (batch, block, TOP_LOGPROBS))
+    ins = (weights, cache, logits, rows, rows, rows, rows, one)
+    outs = (per_step, per_step, per_top, per_top, cache, logits, rows, rows, rows)
+    return ins, outs
 
 
 # --- the host side --------------------------------------------------------------------------
@@ -349,12 +367,8 @@ class Engine:
         )()
         self.live = np.zeros(batch, bool)
         self.n_left = np.zeros(batch, np.int32)
-        self.settings = (
-            np.zeros(batch, np.float32),
-            np.zeros(batch, np.int32),
-            np.ones(batch, np.float32),
-            np.zeros(batch, bool),
-        )
+        temperature, top_k, top_p, want_top = (np.zeros(batch, t) for t in SETTINGS_DTYPES)
+        self.settings = (temperature, top_k, top_p + 1, want_top)
         self.eos = jnp.asarray(
             cfg.eos_token_ids or (m.tokenizer.eos_token_ids if m.tokenizer else ()) or (-2,),
             jnp.int32,
@@ -386,19 +400,8 @@ class Engine:
             "decode_rows",
             args,
             {"graphdef": m.graphdef, "block": block},
-            (
-                (m.weight_shardings, cache_sharding, logits_rows, rows, rows, rows, rows, one),
-                (
-                    sh.rows(mesh, (batch, block)),
-                    sh.rows(mesh, (batch, block)),
-                    sh.rows(mesh, (batch, block, TOP_LOGPROBS)),
-                    sh.rows(mesh, (batch, block, TOP_LOGPROBS)),
-                    cache_sharding,
-                    logits_rows,
-                    rows,
-                    rows,
-                    rows,
-                ),
+            decode_rows_shardings(
+                mesh, batch, block, cfg.vocab_size, m.weight_shardings, cache_sharding
             ),
         )
         self.compile_s = t_pre + t_dec

@@ -209,7 +209,7 @@ def lower_steps(cfg, batch, stream, mesh_spec, wdt, cdt, platform, chunk) -> dic
     """Export the prefill chunk (`model.last_logits`) and the decode loop
     (`engine.decode_rows`) for `platform` with the mesh's shardings, from abstract arguments;
     returns each serialized module's size in bytes. ConfigError when one does not lower."""
-    from jaxsink.engine import decode_rows
+    from jaxsink.engine import SETTINGS_DTYPES, decode_rows, decode_rows_shardings
 
     mesh = sh.make_mesh(mesh_spec)
     graphdef, abstract = mdl.abstract(cfg, wdt)
@@ -238,8 +238,7 @@ def lower_steps(cfg, batch, stream, mesh_spec, wdt, cdt, platform, chunk) -> dic
     key = jax.eval_shape(lambda: jax.random.key(0))
     decode = (
         decode_rows.with_shardings(
-            (w_sh, c_sh, logits_rows, flags, flags, flags, flags, one),
-            (sh.rows(mesh, (batch, block)), c_sh, logits_rows, flags, flags, flags),
+            *decode_rows_shardings(mesh, batch, block, cfg.vocab_size, w_sh, c_sh)
         ),
         (
             weights,
@@ -248,7 +247,7 @@ def lower_steps(cfg, batch, stream, mesh_spec, wdt, cdt, platform, chunk) -> dic
             arg((batch, *key.shape), key.dtype, flags),
             arg((batch,), jnp.bool_, flags),
             arg((batch,), jnp.int32, flags),
-            tuple(arg((batch,), t, flags) for t in (jnp.float32, jnp.int32, jnp.float32)),
+            tuple(arg((batch,), t, flags) for t in SETTINGS_DTYPES),
             arg((max(len(cfg.eos_token_ids), 1),), jnp.int32, one),
             graphdef,
             block,

@@ -219,6 +219,15 @@ def test_a_session_feeds_only_its_new_message_and_survives_disk(tiny_dir, tmp_pa
         assert usage["prompt_tokens"] == len(second)
     finally:
         server.stop()
+    # a restarted server finds the session where the last one left it (saved at shutdown)
+    server = Server(tiny_dir, tmp_path, "--max-batch", "1")
+    try:
+        body = {"messages": [{"role": "user", "content": "t45"}], "max_tokens": 2, "session": "a.b"}
+        r = server.post("/v1/chat/completions", body)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(["t4", "t3", "t45", "t4", "t5"])
+    finally:
+        server.stop()
     # the same stream in one go: first turn, first reply's tokens, second turn
     first = tiny.tokenizer.encode("t3 t40 t41 t42 t4 t5", add_special_tokens=False)
     gen = jaxsink.generate(tiny, first, max_new_tokens=5, **STREAM)
