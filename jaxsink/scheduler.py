@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -315,7 +316,13 @@ class Scheduler:
             elif not self._make_room():
                 return
             elif session is not None and self._session_path(session.name).is_file():
-                saved = load_stream(self._session_path(session.name), self.engine.model)
+                try:
+                    saved = load_stream(self._session_path(session.name), self.engine.model)
+                except StreamFileError as e:  # another model's session, or a damaged file
+                    self.waiting.pop(0)
+                    self._unbusy(job)
+                    job.emit(Event("error", error=RequestError(str(e), 409, "session")))
+                    continue
                 row = self.engine.restore(saved.row, job.sampling)
                 job.ids = saved.pending + job.ids
             else:
@@ -344,8 +351,12 @@ class Scheduler:
         if session.conversation is not None:
             extra["conversation"] = session.conversation.state()
         saved = SavedStream(self.engine.export(row), settings={}, decoder={}, extra=extra)
-        self.sessions_dir.mkdir(parents=True, exist_ok=True)
-        save_stream(self._session_path(session.name), saved, self.engine.model)
+        try:
+            self.sessions_dir.mkdir(parents=True, exist_ok=True)
+            save_stream(self._session_path(session.name), saved, self.engine.model)
+        except (OSError, JaxsinkError) as e:  # the server goes on; this session is lost
+            print(f"jaxsink serve: session {session.name!r} lost: {e}", file=sys.stderr)
+            del self.sessions[session.name]
         del self.parked[row]
         session.row = None
         self.engine.release(row)

@@ -53,10 +53,10 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, model: Path, home: Path, *flags: str):
-        self.port = free_port()
+        self.port, self.sessions = free_port(), home / "sessions"
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "jaxsink.cli", "serve", "--model", str(model)]
-        argv += ["--port", str(self.port), "--sessions-dir", str(home / "sessions"), *flags]
+        argv += ["--port", str(self.port), "--sessions-dir", str(self.sessions), *flags]
         for name, value in STREAM.items():
             argv += [f"--{name}", str(value)]
         env = os.environ | {"PYTHONPATH": str(ROOT), "JAXSINK_HOME": str(home)}
@@ -293,6 +293,11 @@ def test_malformed_http_gets_json_errors(limited):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     assert httpx.get(limited.url + "/v1/nothing", timeout=10).status_code == 404
     assert httpx.get(limited.url + "/v1/completions", timeout=10).status_code == 405
+    limited.sessions.mkdir(exist_ok=True)
+    (limited.sessions / "damaged.stream").write_bytes(b"\x10" * 100)
+    r = limited.post("/v1/completions", {"prompt": "t1", "session": "damaged"})
+    assert r.status_code == 400 and "damaged.stream" in r.json()["error"]["message"]
+    assert limited.post("/v1/completions", {"prompt": "t1", "max_tokens": 2}).is_success
 
 
 def test_connections_beyond_the_limit_get_503(tiny_dir, tmp_path):
