@@ -281,7 +281,8 @@ def test_bad_requests_get_json_errors(limited, body, status, param):
 @pytest.fixture(scope="module")
 def limited(tiny_dir, tmp_path_factory):
     flags = ["--max-batch", "1", "--max-tokens", "100", "--max-prompt-tokens", "200"]
-    s = Server(tiny_dir, tmp_path_factory.mktemp("limited"), *flags, "--max-body-bytes", "4000")
+    flags += ["--max-body-bytes", "4000", "--max-connections", "8"]
+    s = Server(tiny_dir, tmp_path_factory.mktemp("limited"), *flags)
     yield s
     s.stop()
 
@@ -300,46 +301,47 @@ def test_malformed_http_gets_json_errors(limited):
     assert limited.post("/v1/completions", {"prompt": "t1", "max_tokens": 2}).is_success
 
 
-def test_connections_beyond_the_limit_get_503(tiny_dir, tmp_path):
+def test_connections_beyond_the_limit_get_503(limited):
     """Idle connections held open up to the limit: the next request gets 503. A flood of 200
     concurrent requests: each is answered (200 or 503), none is dropped, and the server goes
     on serving."""
-    server = Server(tiny_dir, tmp_path, "--max-connections", "8")
-    try:
-        held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(8)]
-        time.sleep(0.3)
-        refused = httpx.get(server.url + "/health", timeout=10)
-        for s in held:
-            s.close()
-        time.sleep(0.3)
-        assert refused.status_code == 503
+    held = [socket.create_connection(("127.0.0.1", limited.port)) for _ in range(8)]
+    time.sleep(0.3)
+    refused = httpx.get(limited.url + "/health", timeout=10)
+    for s in held:
+        s.close()
+    time.sleep(0.3)
+    assert refused.status_code == 503
 
-        def ask(i):
-            body = {"prompt": f"t{i % 90 + 3}", "max_tokens": 2}
-            return httpx.post(server.url + "/v1/completions", json=body, timeout=120).status_code
+    def ask(i):
+        body = {"prompt": f"t{i % 90 + 3}", "max_tokens": 2}
+        return httpx.post(limited.url + "/v1/completions", json=body, timeout=120).status_code
 
-        with concurrent.futures.ThreadPoolExecutor(200) as pool:
-            statuses = list(pool.map(ask, range(200)))
-        assert set(statuses) <= {200, 503} and 200 in statuses
-        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
-        assert server.post("/v1/completions", {"prompt": "t3", "max_tokens": 2}).is_success
-    finally:
-        server.stop()
+    with concurrent.futures.ThreadPoolExecutor(200) as pool:
+        statuses = list(pool.map(ask, range(200)))
+    assert set(statuses) <= {200, 503} and 200 in statuses
+    assert httpx.get(limited.url + "/health", timeout=10).status_code == 200
+    assert limited.post("/v1/completions", {"prompt": "t3", "max_tokens": 2}).is_success
 
 
-def test_serve_bad_flags_exit_2(tiny_dir, tmp_path):
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    port = taken.getsockname()[1]
-    env = os.environ | {"PYTHONPATH": str(ROOT), "JAXSINK_HOME": str(tmp_path)}
-    for flags, message in [
-        (["--port", str(port)], "cannot listen on"),
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--port", "TAKEN"], "cannot listen on"),
         (["--max-batch", "0"], "--max-batch must be >= 1"),
         (["--window", "0"], "window must be >= 1"),
-    ]:
-        argv = [sys.executable, "-m", "jaxsink.cli", "serve", "--model", str(tiny_dir), *flags]
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2, done.stderr
-        assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
-    taken.close()
+        (["--port", "70000"], "--port must be in"),
+        (["--session-idle-s", "0"], "--session-idle-s must be > 0"),
+    ],
+)
+def test_serve_bad_flags_exit_2(capsys, tiny_dir, tmp_path, flags, message):
+    from jaxsink import cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        flags = [str(taken.getsockname()[1]) if f == "TAKEN" else f for f in flags]
+        sessions = ["--sessions-dir", str(tmp_path / "sessions")]
+        code = cli.main(["serve", "--model", str(tiny_dir), *sessions, *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
