@@ -175,6 +175,7 @@ def main() -> None:
     result = {
         "model": args.model or "SmolLM2-135M-Instruct (default)",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "load_average_1min_at_end": os.getloadavg()[0],  # other work on a shared machine
         "max_batch": args.max_batch,
         "max_tokens": args.max_tokens,
         "generate_single_stream": single,
