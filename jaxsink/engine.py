@@ -54,6 +54,28 @@ def check_ids(ids: Sequence[int], vocab: int) -> np.ndarray:
     return ids.astype(np.int32)
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """ConfigError naming the first sampling setting out of range."""
+    if not temperature >= 0:
+        raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise ConfigError(f"top-k must be >= 0, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top-p must be in (0, 1], got {top_p}")
+
+
+def cut_at_stop(text: str, piece: str, stops) -> tuple[str, int | None]:
+    """`piece` appended to `text` and cut at the first of `stops` (a stop string may begin in
+    `text`): (the part of `piece` to emit, where the stop string begins in `text + piece`, or
+    None when there is none)."""
+    whole = text + piece
+    hits = [whole.find(s, max(0, len(text) - len(s) + 1)) for s in stops]
+    cut = min((h for h in hits if h >= 0), default=None)
+    if cut is None:
+        return piece, None
+    return whole[len(text) : max(cut, len(text))], cut
+
+
 @dataclasses.dataclass(frozen=True)
 class RowSampling:
     """One stream's sampling settings. temperature 0 = greedy; top_k 0 = off; top_p 1 = off;
@@ -67,12 +89,7 @@ class RowSampling:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"top-k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top-p must be in (0, 1], got {self.top_p}")
+        check_sampling(self.temperature, self.top_k, self.top_p)
         if self.max_tokens < 1:
             raise ConfigError(f"max tokens must be >= 1, got {self.max_tokens}")
         if not 0 <= self.seed < 2**32:

@@ -16,7 +16,7 @@ import jax
 
 from jaxsink import cache as kv
 from jaxsink.config import ConfigError, StreamConfig
-from jaxsink.engine import check_ids
+from jaxsink.engine import check_ids, check_sampling, cut_at_stop
 from jaxsink.evaluate import cache_dtype_of
 from jaxsink.loading import Model
 from jaxsink.memory import check_cache_fits
@@ -34,12 +34,7 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"top-k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top-p must be in (0, 1], got {self.top_p}")
+        check_sampling(self.temperature, self.top_k, self.top_p)
 
 
 @dataclasses.dataclass
@@ -224,14 +219,9 @@ class Generation:
 
     def _cut_at_stop(self, piece: str) -> tuple[str, bool]:
         """Append `piece` to the text, cut at the first stop string; (text to emit, stopped)."""
-        before = len(self.text)
-        self.text += piece
-        hits = [self.text.find(s, max(0, before - len(s) + 1)) for s in self.stop]
-        hits = [h for h in hits if h >= 0]
-        if not hits:
-            return piece, False
-        self.text = self.text[: min(hits)]
-        return self.text[before:], True
+        emit, cut = cut_at_stop(self.text, piece, self.stop)
+        self.text = (self.text + piece)[:cut]
+        return emit, cut is not None
 
 
 def generate(model: Model, prompt: str | Sequence[int], **kwargs) -> Generation:

@@ -26,9 +26,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from jaxsink.config import JaxsinkError
+from jaxsink.config import ConfigError, JaxsinkError
 from jaxsink.conversation import Conversation
-from jaxsink.engine import Engine, RowSampling
+from jaxsink.engine import Engine, RowSampling, check_ids, cut_at_stop
 from jaxsink.stream_state import (
     SavedStream,
     StreamFileError,
@@ -226,27 +226,22 @@ class Scheduler:
         tok = self.tokenizer
         session = self._session(job) if job.session is not None else None
         if job.messages is not None:
-            if session is None:
-                conversation = Conversation(tok)
-                ids = conversation.extend(job.messages)
-            else:
-                if session.conversation is None:
-                    raise RequestError(
-                        f"session {job.session!r} holds a completions stream, not a chat",
-                        param="session",
-                    )
-                conversation = session.conversation
-                ids = conversation.extend(job.messages)
+            if session is not None and session.conversation is None:
+                raise RequestError(
+                    f"session {job.session!r} holds a completions stream, not a chat",
+                    param="session",
+                )
+            conversation = Conversation(tok) if session is None else session.conversation
+            ids = conversation.extend(job.messages)
         elif isinstance(job.prompt, str):
             continuing = session is not None and session.last_used > 0
             ids = tok.encode(job.prompt, add_special_tokens=not continuing)
         else:
             ids = list(job.prompt)
-        if not ids:
-            raise RequestError("the prompt is empty", param="prompt")
-        vocab = self.engine.model.cfg.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise RequestError(f"token ids must be in [0, {vocab})", param="prompt")
+        try:
+            ids = check_ids(ids, self.engine.model.cfg.vocab_size).tolist()
+        except ConfigError as e:
+            raise RequestError(str(e), param="prompt") from None
         if len(ids) > self.max_prompt_tokens:
             raise RequestError(
                 f"the prompt has {len(ids)} tokens, more than this server's limit of "
@@ -396,11 +391,7 @@ class Scheduler:
     def _emit_tokens(self, job: Job, out) -> None:
         """Detokenize a block's tokens, cut at a stop string, and emit them."""
         job.generated += len(out.tokens)
-        piece = job.decoder.push(out.tokens)
-        text = job.text + piece
-        cut = min((i for s in job.sampling.stop if (i := text.find(s)) >= 0), default=None)
-        if cut is not None:
-            piece = text[len(job.text) : cut] if cut > len(job.text) else ""
+        piece, cut = cut_at_stop(job.text, job.decoder.push(out.tokens), job.sampling.stop)
         job.text += piece
         job.emit(Event("text", piece, out.tokens, out.logprobs, out.top))
         if cut is not None:

@@ -51,18 +51,11 @@ def _field(body: dict, name: str, kind, default, check=None, why: str = ""):
 
 def sampling_of(body: dict, limits: Limits, default_max_tokens: int) -> RowSampling:
     """The request's sampling settings, each checked (RequestError naming the field)."""
-    max_tokens = _field(
-        body,
-        "max_tokens",
-        int,
-        default_max_tokens,
-        lambda v: 1 <= v <= limits.max_tokens,
-        f"must be an integer in [1, {limits.max_tokens}]",
-    )
-    if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
+    max_tokens = default_max_tokens
+    for name in ("max_tokens", "max_completion_tokens"):  # the newer name wins when given
         max_tokens = _field(
             body,
-            "max_completion_tokens",
+            name,
             int,
             max_tokens,
             lambda v: 1 <= v <= limits.max_tokens,
