@@ -19,15 +19,16 @@ Loading widens them exactly (`Stored.decode`).
 
 How a quantized product runs (measured on a 2-core EPYC, XLA:CPU; `scripts/quant_bench.py`
 writes the figures to `docs/results/quant.json`): XLA:CPU's matrix products are library calls
-that take float32 operands, so the codes cannot be unpacked inside the product, and its own
-loops over a reduction (dequantize-multiply-sum as one fusion) run several times slower than the
-library's product. So each weight is dequantized into a float buffer just before its product
-(the dequantization is one vectorized, multi-threaded loop), in slices of at most
-`DEQUANT_BYTES` of float along its last output axis, so that the buffer stays in cache and is
-reused: the step reads the packed weight from memory, never a float copy of the whole weight.
-Every slice's scales are made to depend on the product's input (and on the previous slice's
-result): otherwise XLA schedules every dequantization of the step first, and all the float
-copies exist at once.
+that take float32 operands (int8 and bfloat16 ones run about 10x slower), so the codes cannot
+be unpacked inside the product, and XLA's own loops over a reduction (a fused
+dequantize-multiply-sum, or the per-block decomposition sum_b d_b (q_b . x_b) + m_b sum(x_b))
+run slower than the library's product of a float weight. So each weight is dequantized into a
+float buffer just before its product (one vectorized, multi-threaded loop), whole up to
+`DEQUANT_BYTES` of float and in slices along its last output axis beyond, so that the buffer
+stays in cache: the step reads the quantized weight from memory, never a float copy of the whole
+model. Every part of every slice is made to depend on the product's input: otherwise XLA
+schedules all the dequantizations of a step first, or hoists them out of a decode loop, and
+the float copies exist at once.
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ from flax import nnx
 
 from jaxsink.config import Quant
 
-# The largest float slice of a weight dequantized at once on CPU (bytes): whole matrices up to
-# a few MB and slices of the larger ones (SmolLM2's LM head: 27 slices) stay in cache;
-# scripts/quant_bench.py measures the alternatives.
+# The largest float slice of a weight dequantized at once on CPU (bytes): SmolLM2's matrices
+# whole (7 MB at most), its LM head (113 MB of float) in 16 slices. The LM head alone, one token:
+# 2 / 4 / 8 / 16 MB slices 1.0 / 1.38 / 1.55 / 1.30x float32, dequantized whole 0.21x.
 DEQUANT_BYTES = 8 << 20
 # A slice of a large weight gathers rows from this many groups (see `QuantizedWeight.slicing`).
 SLICE_GROUPS = 16
@@ -194,7 +195,7 @@ class QuantizedWeight(nnx.Module):
         if jax.default_backend() != "cpu":
             return 1, 1
         size = shape[axis]
-        need = -(-math.prod(shape) * itemsize // DEQUANT_BYTES)
+        need = min(size, -(-math.prod(shape) * itemsize // DEQUANT_BYTES))
         slices = next(n for n in range(need, size + 1) if size % n == 0)
         return slices, math.gcd(size // slices, SLICE_GROUPS)
 
