@@ -89,7 +89,8 @@ def main(out_dir: str) -> None:
     report["weights_all_gathered"] = {}
     for bytes_ in (quant.DEQUANT_BYTES, 4096):  # whole products, then sliced ones
         quant.DEQUANT_BYTES = bytes_
-        for mesh in ("data=1,model=2", "data=2,model=2"):
+        meshes = ("data=1,model=2",) + (("data=2,model=2",) if bytes_ == 4096 else ())
+        for mesh in meshes:
             m = jaxsink.load(path, mesh=mesh, progress=False)
             got = feed(m, tokens, 5)
             case = f"{mesh} dequant_bytes={bytes_}"

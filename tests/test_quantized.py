@@ -119,7 +119,7 @@ def test_quantized_model_equals_its_dequantized_float_model(tied):
     qcfg, stored, dense = quantized_params(cfg, kinds, seed=4)
     quantized, floats = tiny_model(qcfg, stored), tiny_model(cfg, dense)
     assert isinstance(quantized.module.layers[0].attn.qkv, quant.QuantizedWeight)
-    tokens = np.random.default_rng(5).integers(0, 97, size=(2, 40)).astype(np.int32)
+    tokens = np.random.default_rng(5).integers(0, 97, size=(2, 24)).astype(np.int32)
     stream = StreamConfig(2, 9)
     for chunk in (8, 1):
         got, _ = feed(quantized, stream, tokens, chunk)
@@ -250,7 +250,7 @@ def test_sharded_quantized_runs_equal_one_device(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["devices"] == 4
-    assert len(report["logits_max_diff"]) == 4
+    assert len(report["logits_max_diff"]) == 3
     for case, diff in report["logits_max_diff"].items():
         assert diff < 1e-4, case
     assert report["weights_all_gathered"] == {}
