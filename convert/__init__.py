@@ -3,6 +3,7 @@
     from jaxsink.convert import convert
     convert("path/to/hf-folder", "out/model")          # config.json + *.safetensors
     convert("model.Q4_1.gguf", "out/model")            # dequantized to float32
+    convert("model.Q4_1.gguf", "out/model", quantize="keep")  # Q8_0/Q4_0/Q4_1 kept as they are
     convert("HuggingFaceTB/SmolLM2-135M-Instruct", "out/model", dtype="bfloat16")  # hub id
 
 The output is written atomically by `jaxsink.checkpoint.save_checkpoint`. Pickled checkpoints
@@ -22,7 +23,7 @@ from jaxsink.checkpoint import DTYPES, FORMAT, check_writable, save_checkpoint
 
 from .architectures import FAMILIES
 from .errors import ConvertError
-from .gguf import GGUF_TABLE, GGUFSource, config_from_gguf, read_gguf
+from .gguf import GGUF_TABLE, GGUFSource, config_from_gguf, keep_quantized, read_gguf
 from .hf import (
     PICKLE_SUFFIXES,
     SafetensorsSource,
@@ -36,7 +37,10 @@ from .hf import (
 from .tables import build_params
 from .tokenizer import gguf_tokenizer_files, hf_tokenizer_files
 
-__all__ = ["ConvertError", "convert", "declares_jaxsink"]
+__all__ = ["QUANTIZE", "ConvertError", "check_quantize", "convert", "declares_jaxsink"]
+
+# `quantize` values: "keep" keeps a GGUF's Q8_0, Q4_0 and Q4_1 matrices as they are.
+QUANTIZE = ("keep",)
 
 
 def convert(
@@ -46,6 +50,7 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     announce: str = "",
+    quantize: str | None = None,
 ) -> Path:
     """Convert `src` into a jaxsink checkpoint folder at `out` and return `out`.
 
@@ -57,15 +62,19 @@ def convert(
     announce: a line printed on stderr once the source has passed its checks (config, file
       headers, tokenizer), just before its tensors are converted: a bad source gives one line,
       its error.
+    quantize: None (every weight in `dtype`), or "keep": a GGUF's Q8_0, Q4_0 and Q4_1 matrices
+      stay quantized as they are (`jaxsink.quant`); its other quantized tensors are dequantized,
+      with a line on stderr saying so.
     Raises ConvertError (unsupported or unsafe input), ConfigError, CheckpointError.
     """
     if dtype not in DTYPES:
         raise ConvertError(f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
-    job = _Job(check_writable(out, overwrite), dtype, overwrite, progress, announce)
     path = Path(src).expanduser()
+    check_quantize(quantize, _is_gguf(path), str(src))
+    job = _Job(check_writable(out, overwrite), dtype, overwrite, progress, announce, quantize)
     if path.is_dir():
         return _convert_hf(path, job, str(path.resolve()))
-    if path.is_file() and path.suffix == ".gguf":
+    if _is_gguf(path):
         return _convert_gguf(path, job)
     if path.is_file() and path.name.endswith(PICKLE_SUFFIXES):
         raise pickle_refusal(path)
@@ -85,6 +94,7 @@ class _Job:
     overwrite: bool
     progress: bool
     announce: str
+    quantize: str | None = None
 
     def start(self) -> None:
         """The source passed its checks: say so, if asked to."""
@@ -127,14 +137,40 @@ def _convert_hf(src: Path, job: _Job, label: str) -> Path:
     return job.save(cfg, params, tokenizer_files, label)
 
 
+def _is_gguf(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".gguf"
+
+
+def check_quantize(quantize: str | None, gguf: bool, src: str) -> None:
+    """Refuse a `quantize` value that is unknown or does not apply to source `src` (`gguf`:
+    whether it is a GGUF file)."""
+    if quantize is None:
+        return
+    if quantize not in QUANTIZE:
+        raise ConvertError(
+            f"unknown --quantize {quantize!r} (expected one of {', '.join(QUANTIZE)})"
+        )
+    if not gguf:
+        raise ConvertError(
+            f"--quantize {quantize} keeps a GGUF file's own quantization: {src} is not a .gguf file"
+        )
+
+
 def _convert_gguf(src: Path, job: _Job) -> Path:
-    """Convert a GGUF file (dequantized, q/k rows restored to the Hugging Face order)."""
+    """Convert a GGUF file (dequantized unless kept, q/k rows restored to the Hugging Face
+    order)."""
     meta, reader = read_gguf(src)
     with malformed_values(src):
         cfg = config_from_gguf(meta, [t.name for t in reader.tensors])
         tokenizer_files = gguf_tokenizer_files(meta)
+    keep: set[str] = set()
+    if job.quantize == "keep":
+        cfg, keep, line = keep_quantized(cfg, GGUFSource(reader, cfg))
+        if line:
+            print(f"jaxsink-convert: {line}", file=sys.stderr, flush=True)
     job.start()
-    params = build_params(cfg, GGUF_TABLE, GGUFSource(reader, cfg), job.dtype, job.progress)
+    source = GGUFSource(reader, cfg, keep)
+    params = build_params(cfg, GGUF_TABLE, source, job.dtype, job.progress)
     return job.save(cfg, params, tokenizer_files, str(src.resolve()))
 
 

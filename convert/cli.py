@@ -1,4 +1,4 @@
-"""`jaxsink-convert SRC OUT [--dtype float32|bfloat16] [--overwrite]`."""
+"""`jaxsink-convert SRC OUT [--dtype float32|bfloat16] [--quantize keep] [--overwrite]`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from jaxsink.checkpoint import DTYPES, CheckpointError
 from jaxsink.cli import OneLineParser, one_line
 from jaxsink.config import ConfigError
 
-from . import ConvertError, convert
+from . import QUANTIZE, ConvertError, convert
 
 PROG = "jaxsink-convert"
 
@@ -24,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("src", help="Hugging Face folder, .gguf file, or hub id org/name")
     parser.add_argument("out", help="output checkpoint folder")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="stored dtype")
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE,
+        help="keep: a .gguf's Q8_0, Q4_0 and Q4_1 weights stay quantized as they are",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -34,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         out = convert(
-            args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet
+            args.src,
+            args.out,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+            quantize=args.quantize,
         )
     except (ConvertError, ConfigError, CheckpointError, OSError) as e:
         print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)

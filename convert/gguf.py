@@ -4,6 +4,10 @@ Tensors are dequantized to float32 with `gguf.quants.dequantize` and renamed by
 `tables.GGUF_TO_HF`, so the Hugging Face table converts them. llama.cpp stores the q/k rows of
 "llama" models permuted for its interleaved rotary layout; `GGUFSource` undoes that, so the
 weights equal the Hugging Face ones (jaxsink uses the half-split "rotate_half" layout).
+
+With `--quantize keep` (`keep_quantized`), the matrices stored in Q8_0, Q4_0 or Q4_1 stay in
+their blocks (`quant.Blocks`: the same codes, scales and minimums, so the same values): the
+config says which (`config.Quant`), and the checkpoint keeps their bytes.
 """
 
 from __future__ import annotations
@@ -15,11 +19,22 @@ from typing import Any
 
 import numpy as np
 
-from jaxsink.config import Attention, LayerSpec, Mlp, ModelConfig, Norm, RopeScaling, Rotary
+from jaxsink.config import (
+    Attention,
+    ConfigError,
+    LayerSpec,
+    Mlp,
+    ModelConfig,
+    Norm,
+    Quant,
+    RopeScaling,
+    Rotary,
+)
+from jaxsink.quant import Blocks
 
 from .errors import ConvertError
 from .hf import refusal
-from .tables import GGUF_TO_HF, LLAMA, rename
+from .tables import GGUF_TO_HF, LLAMA, plan_sources, rename
 
 SUPPORTED = ("llama", "qwen2")
 PERMUTED_QK = ("llama",)  # architectures whose q/k rows llama.cpp's converter permutes
@@ -53,6 +68,9 @@ ZERO_KEYS = ("expert_count", "expert_used_count")  # accepted only when 0 (a den
 MAX_TENSORS = 1 << 16
 MAX_KEYS = 1 << 16
 MAX_DIMS = 4  # ggml tensors have at most four dimensions
+# GGML block formats `--quantize keep` keeps: type name -> `config.Quant` kind
+KEPT = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 
 
 def read_gguf(path: Path) -> tuple[dict[str, Any], Any]:
@@ -210,14 +228,16 @@ def undo_qk_permutation(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 class GGUFSource:
-    """The tensors of a GGUF file under Hugging Face names, dequantized on load.
+    """The tensors of a GGUF file under Hugging Face names, dequantized on load, except those
+    named in `keep` (Hugging Face names), which load as their blocks (`quant.Blocks`).
 
     Names with no Hugging Face counterpart keep their GGUF name, so the conversion's unused-tensor
     check reports them.
     """
 
-    def __init__(self, reader: Any, cfg: ModelConfig):
+    def __init__(self, reader: Any, cfg: ModelConfig, keep: Collection[str] = ()):
         self._tensors = {rename(t.name, GGUF_TO_HF) or t.name: t for t in reader.tensors}
+        self._keep = frozenset(keep)
         self._heads = {}
         if cfg.architecture in PERMUTED_QK:
             attention = cfg.layers[0].attention
@@ -227,11 +247,23 @@ class GGUFSource:
         """Every tensor name (Hugging Face names where known)."""
         return list(self._tensors)
 
-    def load(self, name: str) -> np.ndarray:
-        """One tensor as float32 in the Hugging Face layout ([out, in] for Linear weights)."""
+    def type_name(self, name: str) -> str:
+        """The GGML type of tensor `name` (`F32`, `Q4_1`, ...)."""
+        return self._tensors[name].tensor_type.name
+
+    def load(self, name: str) -> np.ndarray | Blocks:
+        """One tensor in the Hugging Face layout ([out, in] for Linear weights): float32, or
+        its blocks if it is kept quantized."""
         from gguf import dequantize
 
         t = self._tensors[name]
+        proj = name.split(".")[-2]
+        if name in self._keep:
+            w = gguf_blocks(t.data, KEPT[t.tensor_type.name])
+            if proj in self._heads:
+                n = self._heads[proj]
+                w = w.map(lambda a, _shape: undo_qk_permutation(a, n), [], w.shape)
+            return w
         try:
             w = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -239,7 +271,64 @@ class GGUFSource:
                 f"GGUF tensor {t.name} uses {t.tensor_type.name}, which gguf cannot dequantize"
             ) from None
         w = w.reshape(tuple(reversed(t.shape.tolist())))  # GGUF lists dims innermost first
-        proj = name.split(".")[-2]
         if proj in self._heads:
             w = undo_qk_permutation(w, self._heads[proj])
         return w
+
+
+def gguf_blocks(data: np.ndarray, kind: str) -> Blocks:
+    """GGML blocks of rows [rows, row bytes] uint8 (a 2-D tensor's data) -> `quant.Blocks`
+    [rows, n]: the same codes, scales and minimums. Per block of 32 values: Q8_0 is a float16
+    scale and 32 int8 codes; Q4_0 a scale and 16 bytes of codes (value j in the low nibble of
+    byte j, value j + 16 in its high nibble, each minus 8); Q4_1 a scale, a float16 minimum and
+    16 bytes of codes in [0, 15]."""
+    spec = Quant(kind)
+    data = np.asarray(data, np.uint8)
+    scalars = 2 if kind == "q4_1" else 1  # float16s before the codes
+    size = 2 * scalars + (spec.block if spec.bits == 8 else spec.block // 2)
+    rows = data.reshape(*data.shape[:-1], -1, size)  # [..., blocks, block bytes]
+    halves = [np.ascontiguousarray(rows[..., 2 * i : 2 * i + 2]).view(np.float16)[..., 0]
+              for i in range(scalars)]  # fmt: skip
+    packed = rows[..., 2 * scalars :]
+    if spec.bits == 8:
+        codes = packed.view(np.int8)
+    else:
+        codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).astype(np.int8)
+        if kind == "q4_0":
+            codes = codes - np.int8(8)
+    codes = codes.reshape(*data.shape[:-1], -1)
+    return Blocks(spec, codes, halves[0], halves[1] if scalars == 2 else None)
+
+
+def keep_quantized(cfg: ModelConfig, source: GGUFSource) -> tuple[ModelConfig, set[str], str]:
+    """What `--quantize keep` keeps: (cfg with every matrix whose GGUF tensors are all of one
+    kept format (`KEPT`) quantized as they are, the source names loaded as blocks, and a line
+    naming the other quantized tensors, which are dequantized: empty if none)."""
+    from jaxsink.model import quantize_config
+
+    kept: dict[str, Quant] = {}
+    keep: set[str] = set()
+    for target, names in plan_sources(cfg, GGUF_TABLE, source.names()).items():
+        kinds = {KEPT.get(source.type_name(n)) for n in names}
+        if len(kinds) != 1 or None in kinds:
+            continue
+        spec = Quant(kinds.pop())
+        try:
+            quantize_config(cfg, {**kept, target: spec})
+        except (ConfigError, KeyError):  # not a product weight, or sizes that do not fit
+            continue
+        kept[target] = spec
+        keep.update(names)
+    dequantized: dict[str, int] = {}
+    for name in source.names():
+        kind = source.type_name(name)
+        if name not in keep and kind not in FLOAT_TYPES:
+            dequantized[kind] = dequantized.get(kind, 0) + 1
+    line = ""
+    if dequantized:
+        counts = ", ".join(f"{n} {kind}" for kind, n in sorted(dequantized.items()))
+        line = (
+            f"{sum(dequantized.values())} quantized tensors ({counts}) are dequantized to "
+            f"float: --quantize keep keeps the {', '.join(KEPT)} matrices"
+        )
+    return quantize_config(cfg, kept), keep, line

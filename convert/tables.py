@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from jaxsink.checkpoint import DTYPES, param_shapes
 from jaxsink.config import ModelConfig
+from jaxsink.quant import Blocks
 
 from .errors import ConvertError
 
@@ -214,22 +215,33 @@ class TensorSource(Protocol):
         """Every tensor name the source holds."""
         ...
 
-    def load(self, name: str) -> np.ndarray:
-        """The tensor `name` in the Hugging Face layout (e.g. Linear weights [out, in])."""
+    def load(self, name: str) -> np.ndarray | Blocks:
+        """The tensor `name` in the Hugging Face layout (e.g. Linear weights [out, in]), or
+        the blocks of one kept quantized (`quant.Blocks`, same layout)."""
         ...
+
+
+def plan_sources(cfg: ModelConfig, table: Table, names: Collection[str]) -> dict[str, list[str]]:
+    """Which source tensors fill each weight of `cfg` in float (`param_shapes` names of
+    `cfg.dequantized()`), after the checks of `build_params`."""
+    base = cfg.dequantized()
+    plan = _plan(base, table, param_shapes(base), names)
+    return {target: names for target, (_, names) in plan.items()}
 
 
 def build_params(
     cfg: ModelConfig, table: Table, source: TensorSource, dtype: str, progress: bool = True
 ) -> dict[str, np.ndarray]:
-    """Every parameter of `param_shapes(cfg)` filled from `source` by `table`, cast to `dtype`.
+    """Every parameter of `param_shapes(cfg)` filled from `source` by `table`, cast to `dtype`;
+    a weight the source gives as blocks (`quant.Blocks`) is kept as its parts in their
+    checkpoint form (`layers.0.attn.qkv.codes`, ...), as `cfg` must then say.
 
     All names are checked before any tensor is read: a missing source tensor or an unused one is
     a ConvertError naming them.
     """
-    shapes = param_shapes(cfg)
+    shapes = param_shapes(cfg.dequantized())
     source = _Renamed(source, dict(table.aliases), table.base_prefix)
-    plan = _plan(cfg, table, shapes, source.names())
+    plan = _plan(cfg.dequantized(), table, shapes, source.names())
     out_dtype = DTYPES[dtype]
     params = {}
     total = sum(len(names) for _, names in plan.values())
@@ -238,7 +250,11 @@ def build_params(
     with bar:
         for target, (rule, names) in plan.items():
             arrays = [source.load(name) for name in names]
-            params[target] = _apply(rule, target, names, arrays, shapes[target]).astype(out_dtype)
+            value = _apply(rule, target, names, arrays, shapes[target])
+            if isinstance(value, Blocks):
+                params.update({f"{target}.{k}": v for k, v in value.stored().items()})
+            else:
+                params[target] = value.astype(out_dtype)
             bar.update(len(names))
     _check_tied_copy(cfg, table, source)
     _check_constants(table, source)
@@ -311,9 +327,21 @@ def _plan(
 
 
 def _apply(
-    rule: Rule, target: str, names: list[str], arrays: list[np.ndarray], shape: Shape
-) -> np.ndarray:
-    """`rule.transform` on the source tensors of one parameter, checking dtypes and shapes."""
+    rule: Rule, target: str, names: list[str], arrays: list[np.ndarray | Blocks], shape: Shape
+) -> np.ndarray | Blocks:
+    """`rule.transform` on the source tensors of one parameter (on every part of quantized
+    ones), checking dtypes and shapes."""
+    blocks = [a for a in arrays if isinstance(a, Blocks)]
+    if blocks:
+        if len(blocks) != len(arrays):
+            raise ConvertError(f"{target}: sources {', '.join(names)} mix quantized and float")
+        try:
+            out = blocks[0].map(rule.transform, blocks[1:], shape)
+        except ValueError:
+            out = None
+        if out is None or out.shape != shape:
+            raise ConvertError(f"quantized sources {', '.join(names)} do not fit {target} {shape}")
+        return out
     for name, array in zip(names, arrays, strict=True):
         if getattr(rule.transform, "packed", False):
             break
@@ -340,7 +368,11 @@ def _check_tied_copy(cfg: ModelConfig, table: Table, source: TensorSource) -> No
     if not (cfg.tie_embeddings and table.tied_copy and table.tied_copy[0] in source.names()):
         return
     copy, original = table.tied_copy
-    if not np.array_equal(source.load(copy), source.load(original)):
+
+    def dense(a):
+        return a.dequantize() if isinstance(a, Blocks) else a
+
+    if not np.array_equal(dense(source.load(copy)), dense(source.load(original))):
         raise ConvertError(
             f"the config ties the embeddings but {copy} differs from {original}; "
             "the checkpoint is inconsistent"

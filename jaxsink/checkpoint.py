@@ -4,7 +4,10 @@ the completeness marker `complete.json`, written last.
 The weights are the `nnx.Param`s of `jaxsink.model.Decoder`, each stored under its path in the
 module (`embed`, `layers.0.attn.qkv`, ...), in exactly the layout the model runs on (see
 `param_shapes`): loading is reading, and the logical axis names the module gives each weight
-shard it on a `Mesh`. `config.json` holds the `ModelConfig`, one description per layer.
+shard it on a `Mesh`. The parts of a quantized weight (`layers.0.attn.qkv.codes`, `.scales`,
+`.mins`) keep their format's own bytes (4-bit codes two per byte, float16 scales), which
+loading widens exactly (`jaxsink.quant.Stored`). `config.json` holds the `ModelConfig`, one
+description per layer (which weights are quantized included).
 
 A checkpoint is written into a temporary sibling folder and renamed into place once complete;
 loading also requires the marker and the weights' size it records, so no interrupted or
@@ -40,26 +43,34 @@ class CheckpointError(JaxsinkError):
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every weight's name and shape: the `jaxsink.model.Decoder` module's own parameters."""
-    from jaxsink.model import param_shapes as module_shapes
+    """Every weight's name and shape in the checkpoint: the `jaxsink.model.Decoder` module's
+    own parameters (`model.checkpoint_layout`)."""
+    return {name: shape for name, (shape, _) in _layout(cfg).items()}
 
-    return module_shapes(cfg)
+
+def _layout(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], np.dtype | None]]:
+    from jaxsink.model import checkpoint_layout
+
+    return checkpoint_layout(cfg)
 
 
 def check_params(cfg: ModelConfig, params: Mapping[str, np.ndarray]) -> None:
-    """Raise CheckpointError unless `params` has exactly the names and shapes of `param_shapes`."""
-    want = param_shapes(cfg)
+    """Raise CheckpointError unless `params` has exactly the names and shapes of `param_shapes`
+    (and the parts of quantized weights their own dtypes)."""
+    want = _layout(cfg)
     missing = sorted(set(want) - set(params))
     extra = sorted(set(params) - set(want))
     if missing:
         raise CheckpointError(f"missing weights: {', '.join(missing)}")
     if extra:
         raise CheckpointError(f"unexpected weights: {', '.join(extra)}")
-    for name, shape in want.items():
+    for name, (shape, dtype) in want.items():
         if tuple(params[name].shape) != shape:
             raise CheckpointError(
                 f"weight {name} has shape {tuple(params[name].shape)}, expected {shape}"
             )
+        if dtype is not None and params[name].dtype != dtype:
+            raise CheckpointError(f"weight {name} has dtype {params[name].dtype}, expected {dtype}")
 
 
 def check_writable(out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -101,6 +112,7 @@ def save_checkpoint(
 
     tokenizer_files: file name -> contents (`tokenizer.json` and its companions; none for a
       model converted without a tokenizer, which then takes token ids only).
+    dtype: the float weights' dtype; the parts of quantized weights keep their own.
     """
     from safetensors.numpy import save_file
 
@@ -111,9 +123,12 @@ def save_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a model cache is shared
+    layout = _layout(cfg)
     try:
         arrays = {
-            name: np.ascontiguousarray(np.asarray(a).astype(DTYPES[dtype], copy=False))
+            name: np.ascontiguousarray(
+                np.asarray(a).astype(layout[name][1] or DTYPES[dtype], copy=False)
+            )
             for name, a in params.items()
         }
         save_file(arrays, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})

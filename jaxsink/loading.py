@@ -65,7 +65,8 @@ class Model:
 
     @property
     def dtype(self):
-        return self.weights["embed"][...].dtype
+        """The float dtype the model runs in (quantized weights keep their codes)."""
+        return self.weights["final_norm"]["scale"][...].dtype
 
 
 def load(
@@ -73,6 +74,7 @@ def load(
     dtype: str | None = None,
     mesh: Mesh | sh.MeshSpec | str | None = None,
     progress: bool = True,
+    quantize: str | None = None,
 ) -> Model:
     """Load a model.
 
@@ -83,10 +85,13 @@ def load(
     mesh: a `Mesh` with axes (data, model), a `MeshSpec`, "data=D,model=M", or None (one
     device). Each weight is read from the checkpoint straight into its shards.
     progress: say on stderr what is fetched, converted or waited for.
+    quantize: "keep": a `.gguf` spec (or the default model) is converted with its Q8_0, Q4_0
+    and Q4_1 weights kept quantized (`jaxsink.quant`), into its own cached folder.
     """
     from jaxsink.default_model import resolve_model
 
-    path = resolve_model(None if spec is None else str(spec), progress=progress)
+    spec = None if spec is None else str(spec)
+    path = resolve_model(spec, progress=progress, quantize=quantize)
     cfg, meta = read_config(path)
     dtype = dtype or meta.get("dtype", "float32")
     if dtype not in DTYPES:
@@ -122,12 +127,14 @@ def read_sharded(path: Path, cfg: ModelConfig, abstract: nnx.State, shardings) -
     placement = dict(nnx.to_flat_state(shardings))
     single = all(s.get_value().mesh.size == 1 for _, s in placement.items())
     with TensorFile(weights) as f:
-        check_params(cfg, {n: _Shape(f.shape(n)) for n in f.names()})
+        check_params(cfg, {n: _Shape(f.shape(n), f.dtype(n)) for n in f.names()})
         for key, var in flat:
             name, dtype = mdl._name(key), var.get_value().dtype
+            stored = var.get_metadata().get("stored")  # a part of a quantized weight
 
-            def shard(index, name=name, dtype=dtype):
-                return f.read(name, index).astype(dtype, copy=False)
+            def shard(index, name=name, dtype=dtype, var=var, stored=stored):
+                index = index if stored is None else stored.index(tuple(index))
+                return mdl.from_stored(var, f.read(name, index), dtype)
 
             if single:  # uncommitted, as the caches `init_cache` makes: one jit signature
                 value = jax.device_put(shard(()))
@@ -142,3 +149,4 @@ def read_sharded(path: Path, cfg: ModelConfig, abstract: nnx.State, shardings) -
 @dataclasses.dataclass(frozen=True)
 class _Shape:
     shape: tuple[int, ...]
+    dtype: object

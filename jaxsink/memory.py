@@ -3,7 +3,6 @@ model is refused before anything is allocated, never silently shrunk."""
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
@@ -68,12 +67,12 @@ def check_cache_fits(cfg: ModelConfig, stream: StreamConfig, batch: int, dtype) 
 def check_run_fits(cfg: ModelConfig, dtype, streams: list[StreamConfig], batch: int = 1) -> None:
     """Refuse, before the weights are loaded, a run whose weights (at the run-time numpy
     `dtype`) and largest cache would not fit in this machine's memory."""
-    from jaxsink.checkpoint import param_shapes
+    from jaxsink.model import abstract, param_bytes
 
     itemsize = np.dtype(dtype).itemsize
     for stream in streams:
         check_cache_fits(cfg, stream, batch, dtype)
-    weights = sum(math.prod(shape) for shape in param_shapes(cfg).values()) * itemsize
+    weights = param_bytes(abstract(cfg, dtype)[1])  # quantized weights at their own sizes
     cache = max(cache_bytes_at_least(cfg, s, batch, itemsize) for s in streams)
     check_fits(
         weights + cache,

@@ -23,7 +23,9 @@ rotation variants: see `jaxsink.cache`), P rotary positions.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +34,7 @@ from flax import nnx
 
 from jaxsink import cache as kv
 from jaxsink import config as C
+from jaxsink import quant
 from jaxsink.config import ModelConfig
 from jaxsink.executables import EntryPoint
 
@@ -51,6 +54,17 @@ _FUSED_MIN_PAIRS = 12
 def _param(shape: tuple[int, ...], names: tuple[str | None, ...], dtype, fill: float = 0.0):
     """A weight of `shape` whose dimensions carry the logical axis `names` (for sharding)."""
     return nnx.Param(jnp.full(shape, fill, dtype), out_sharding=names, eager_sharding=False)
+
+
+_FLOAT = C.LayerQuant()  # a layer whose matrices are all float
+
+
+def _matrix(shape: tuple[int, ...], names: tuple[str | None, ...], dtype, spec: C.Quant | None):
+    """A matrix weight [*out, *in] (read by `quant.product`): a float `_param`, or kept
+    quantized as `spec` says (`quant.QuantizedWeight`)."""
+    if spec is None:
+        return _param(shape, names, dtype)
+    return quant.QuantizedWeight(spec, shape, names)
 
 
 # --- norms, rotary, activations ------------------------------------------------------------
@@ -343,14 +357,15 @@ class Attention(nnx.Module):
     head) and `sinks` [N] (learned sink logits).
     """
 
-    def __init__(self, spec: C.Attention, hidden: int, dtype):
+    def __init__(self, spec: C.Attention, hidden: int, dtype, quantized: C.LayerQuant = _FLOAT):
         self.spec = spec
         K, E, H, N = spec.num_kv_heads, spec.group + 2, spec.head_dim, spec.num_heads
-        self.qkv = _param((K, E, H, hidden), ("kv_heads", None, "head_dim", "embed"), dtype)
+        qkv_names = ("kv_heads", None, "head_dim", "embed")
+        self.qkv = _matrix((K, E, H, hidden), qkv_names, dtype, quantized.qkv)
         self.qkv_bias = (
             _param((K, E, H), ("kv_heads", None, "head_dim"), dtype) if spec.qkv_bias else None
         )
-        self.out = _param((hidden, N, H), ("embed", "heads", "head_dim"), dtype)
+        self.out = _matrix((hidden, N, H), ("embed", "heads", "head_dim"), dtype, quantized.out)
         self.out_bias = _param((hidden,), ("embed",), dtype) if spec.out_bias else None
         qk, joint = spec.qk_norm, 2 if spec.qk_norm_scope == "all" else 1
         self.q_norm = None if qk is None else Norm(qk, (N, H), ("heads", "head_dim"), dtype, joint)
@@ -370,7 +385,7 @@ class Attention(nnx.Module):
         spec = self.spec
         _, B, C_ = h.shape
         K, G, H = spec.num_kv_heads, spec.group, spec.head_dim
-        qkv = jnp.einsum("kehd,dbc->kehbc", self.qkv[...], h)  # [K, E, H, B, C]
+        qkv = quant.product(self.qkv, h)  # [K, E, H, B, C]
         if self.qkv_bias is not None:
             qkv += self.qkv_bias[...][..., None, None]
         if spec.clip_qkv is not None:
@@ -431,8 +446,8 @@ class Attention(nnx.Module):
         # twice. Row by row, so a non-finite row cannot reach another row's cache.
         first = out[:, 0, 0, 0, 0]  # [B]
         k, v = _after(k, first), _after(v, first)
-        out = out.transpose(1, 3, 4, 0, 2).reshape(K * G * H, B, C_)
-        out = jnp.einsum("dn,nbc->dbc", self.out[...].reshape(-1, K * G * H), out)  # [D, B, C]
+        out = out.transpose(1, 3, 4, 0, 2).reshape(K * G, H, B, C_)  # [N, H, B, C]
+        out = quant.product(self.out, out, n_in=2)  # [D, B, C]
         if self.out_bias is not None:
             out += self.out_bias[...][:, None, None]
         lc = _write(lc, k, v, view["write_slot"], view["blocks"])
@@ -450,15 +465,15 @@ class Mlp(nnx.Module):
     optional `router_bias` [E].
     """
 
-    def __init__(self, spec: C.Mlp, hidden: int, dtype):
+    def __init__(self, spec: C.Mlp, hidden: int, dtype, quantized: C.LayerQuant = _FLOAT):
         self.spec = spec
         F, moe = spec.size, spec.experts
         lead = ((moe.num,) if moe else ()) + ((2,) if spec.gated else ())
         names = (("experts",) if moe else ()) + ((None,) if spec.gated else ())
-        self.up = _param((*lead, F, hidden), (*names, "mlp", "embed"), dtype)
+        self.up = _matrix((*lead, F, hidden), (*names, "mlp", "embed"), dtype, quantized.up)
         self.up_bias = _param((*lead, F), (*names, "mlp"), dtype) if spec.bias else None
         lead, names = lead[:1] if moe else (), names[:1] if moe else ()
-        self.down = _param((*lead, hidden, F), (*names, "embed", "mlp"), dtype)
+        self.down = _matrix((*lead, hidden, F), (*names, "embed", "mlp"), dtype, quantized.down)
         self.down_bias = _param((*lead, hidden), (*names, "embed"), dtype) if spec.bias else None
         self.router = _param((moe.num, hidden), ("experts", "embed"), dtype) if moe else None
         self.router_bias = (
@@ -477,10 +492,10 @@ class Mlp(nnx.Module):
         """Feature-major: h [D, B, C] -> [D, B, C]."""
         if self.spec.experts is not None:
             return self._experts(h)
-        up = jnp.einsum("...fd,dbc->...fbc", self.up[...], h)  # [2, F, B, C] or [F, B, C]
+        up = quant.product(self.up, h)  # [2, F, B, C] or [F, B, C]
         if self.up_bias is not None:
             up += self.up_bias[...][..., None, None]
-        out = jnp.einsum("df,fbc->dbc", self.down[...], self._hidden(up, 0))
+        out = quant.product(self.down, self._hidden(up, 0))  # [D, B, C]
         return out if self.down_bias is None else out + self.down_bias[...][:, None, None]
 
     def route(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -562,8 +577,8 @@ class Block(nnx.Module):
         self.norm = norm(pre)
         self.mlp_norm = norm(pre and spec.residual != "parallel_shared")
         self.post_attn_norm, self.post_mlp_norm = norm(post), norm(post)
-        self.attn = Attention(spec.attention, hidden, dtype)
-        self.mlp = Mlp(spec.mlp, hidden, dtype)
+        self.attn = Attention(spec.attention, hidden, dtype, spec.quant)
+        self.mlp = Mlp(spec.mlp, hidden, dtype, spec.quant)
 
     def __call__(self, x: jax.Array, lc: kv.LayerCache, view: dict):
         """x: [D, B, C] -> (x [D, B, C], the layer's updated cache)."""
@@ -583,7 +598,8 @@ class Block(nnx.Module):
 class Decoder(nnx.Module):
     """The whole network: embedding, one `Block` per `cfg.layers` entry, final norm, output
     projection. Weights: `embed` [V, D], `layers[i]`, `final_norm`, and unless tied `lm_head`
-    [V, D]; `lm_head_bias` [V] if the config says so.
+    [V, D]; `lm_head_bias` [V] if the config says so. The matrices the config quantizes
+    (`config.Quant`) are `quant.QuantizedWeight`s, read through `quant.product` like the others.
 
     Layers run unrolled over per-layer weight and cache buffers: XLA:CPU copies a slice of a
     stacked [L, ...] weight before a matrix product reads it, which would double the bytes a
@@ -596,14 +612,23 @@ class Decoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32):
         self.cfg = cfg
         V, D = cfg.vocab_size, cfg.hidden_size
-        self.embed = _param((V, D), ("vocab", "embed"), dtype)
+        self.embed = _matrix((V, D), ("vocab", "embed"), dtype, cfg.embed_quant)
         self.embed_norm = (
             None if cfg.embed_norm is None else Norm(cfg.embed_norm, (D,), (None,), dtype)
         )
         self.layers = nnx.List([Block(spec, D, dtype) for spec in cfg.layers])
         self.final_norm = Norm(cfg.final_norm, (D,), (None,), dtype)
-        self.lm_head = None if cfg.tie_embeddings else _param((V, D), ("vocab", "embed"), dtype)
+        self.lm_head = (
+            None
+            if cfg.tie_embeddings
+            else _matrix((V, D), ("vocab", "embed"), dtype, cfg.lm_head_quant)
+        )
         self.lm_head_bias = _param((V,), ("vocab",), dtype) if cfg.lm_head_bias else None
+
+    @property
+    def dtype(self):
+        """The float dtype the network runs in (its float weights')."""
+        return self.final_norm.scale[...].dtype
 
     def __call__(self, cache: kv.KVCache, tokens: jax.Array, valid: jax.Array):
         """Run a chunk of tokens through the model, reading and updating the cache.
@@ -615,7 +640,7 @@ class Decoder(nnx.Module):
         """
         cfg = self.cfg
         valid = valid.astype(bool)
-        embed = self.embed[...]
+        dtype = self.dtype
         # One view per cache layout: the full layers' sinks + ring, each native window's ring.
         streams = [lc.stream for lc in cache.layers]
         views = {
@@ -629,11 +654,11 @@ class Decoder(nnx.Module):
                     if ls == stream
                 ],
                 _span(cache.stream),
-                embed.dtype,
+                dtype,
             )
             for stream in dict.fromkeys(streams)
         }
-        x = embed[tokens].transpose(2, 0, 1)  # [D, B, C]
+        x = quant.take(self.embed, tokens, dtype).transpose(2, 0, 1)  # [D, B, C]
         if cfg.embed_scale != 1.0:
             x = x * jnp.asarray(cfg.embed_scale, x.dtype)
         if self.embed_norm is not None:
@@ -654,8 +679,9 @@ class Decoder(nnx.Module):
         16 vs 69 ms), so reductions over the vocabulary (sampling, log-softmax) run along axis 0.
         """
         cfg = self.cfg
-        head = (self.embed if self.lm_head is None else self.lm_head)[...]  # [V, D]
-        out = jnp.einsum("vd,...d->v...", head, hidden, preferred_element_type=jnp.float32)
+        head = self.embed if self.lm_head is None else self.lm_head  # [V, D]
+        hidden = jnp.moveaxis(hidden, -1, 0)  # [D, ...]
+        out = quant.product(head, hidden, preferred_element_type=jnp.float32)  # [V, ...]
         if self.lm_head_bias is not None:
             bias = self.lm_head_bias[...].astype(jnp.float32)
             out = out + bias.reshape(bias.shape + (1,) * (out.ndim - 1))
@@ -764,25 +790,77 @@ def abstract(cfg: ModelConfig, dtype=jnp.float32) -> tuple[nnx.GraphDef, nnx.Sta
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every weight's checkpoint name (its path in the module, dot-joined, e.g.
-    `layers.0.attn.qkv`) and shape, derived from the module itself."""
+    """Every weight's name (its path in the module, dot-joined, e.g. `layers.0.attn.qkv`, or
+    `layers.0.attn.qkv.codes` for a part of a quantized one) and shape in memory, derived from
+    the module itself."""
     _, state = abstract(cfg)
     return {_name(path): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
+
+
+def checkpoint_layout(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], np.dtype | None]]:
+    """Every weight's checkpoint name, its shape in the checkpoint and its dtype there: None
+    for a float weight (kept in the checkpoint's float dtype), the `quant.Stored` dtype for a
+    part of a quantized one (whose shape there may differ: 4-bit codes two per byte)."""
+    _, state = abstract(cfg)
+    layout = {}
+    for path, v in nnx.to_flat_state(state):
+        stored = v.get_metadata().get("stored")
+        shape = tuple(v.shape)
+        layout[_name(path)] = (
+            (shape, None) if stored is None else (stored.shape(shape), np.dtype(stored.dtype))
+        )
+    return layout
 
 
 def _name(path) -> str:
     return ".".join(map(str, path))
 
 
+# The weights a config may keep quantized (`config.Quant`): the layer weights' names after
+# `layers.{i}.` and the `config.LayerQuant` field that says so; `embed` and `lm_head` have
+# their own `ModelConfig` fields.
+QUANTIZABLE = {"attn.qkv": "qkv", "attn.out": "out", "mlp.up": "up", "mlp.down": "down"}
+
+
+def quantize_config(cfg: ModelConfig, weights: Mapping[str, C.Quant]) -> ModelConfig:
+    """`cfg` with each weight named in `weights` (its `param_shapes` name in float: `embed`,
+    `lm_head`, `layers.3.mlp.up`, ...) kept quantized as given. KeyError for a weight that
+    cannot be quantized; ConfigError (from the config) for sizes that do not fit the blocks."""
+    model, layers = {}, [dict() for _ in cfg.layers]
+    for name, spec in weights.items():
+        head, _, rest = name.partition(".")
+        if name in ("embed", "lm_head"):
+            model[f"{name}_quant"] = spec
+        elif head == "layers" and rest.partition(".")[2] in QUANTIZABLE:
+            i, _, weight = rest.partition(".")
+            layers[int(i)][QUANTIZABLE[weight]] = spec
+        else:
+            raise KeyError(f"{name} cannot be kept quantized")
+    specs = tuple(
+        dataclasses.replace(s, quant=dataclasses.replace(s.quant, **q)) if q else s
+        for s, q in zip(cfg.layers, layers, strict=True)
+    )
+    return dataclasses.replace(cfg, layers=specs, **model)
+
+
+def from_stored(var: nnx.Variable, array: np.ndarray, dtype) -> np.ndarray:
+    """A checkpoint array (or a shard of it) in the memory form of weight `var` (abstract):
+    a float weight cast to `dtype`, a part of a quantized one decoded (`quant.Stored`)."""
+    stored = var.get_metadata().get("stored")
+    if stored is None:
+        return array.astype(dtype, copy=False)
+    return stored.decode(array, var.get_value().dtype)
+
+
 def from_flat(
     cfg: ModelConfig, flat: dict[str, np.ndarray], dtype
 ) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, weights) of `Decoder(cfg)` holding the checkpoint arrays `flat` (names of
-    `param_shapes`), each its own device buffer, cast to `dtype`."""
+    `checkpoint_layout`), each its own device buffer, float weights cast to `dtype`."""
     graphdef, state = abstract(cfg, dtype)
     flat_state = nnx.to_flat_state(state)
     for path, var in flat_state:
-        var.set_value(jnp.asarray(flat[_name(path)], dtype))
+        var.set_value(jnp.asarray(from_stored(var, np.asarray(flat[_name(path)]), dtype)))
     return graphdef, nnx.from_flat_state(flat_state)
 
 

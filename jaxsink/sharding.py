@@ -111,13 +111,19 @@ def partition(names, shape, mesh: Mesh, notes: set | None = None) -> P:
 
 def weight_shardings(abstract: nnx.State, mesh: Mesh, notes: set | None = None) -> nnx.State:
     """A NamedSharding per weight of an abstract weights state (`model.abstract`), from the
-    logical axis names each `nnx.Param` carries."""
-    specs = nnx.get_partition_spec(abstract)
-
-    def one(spec, value):
-        return NamedSharding(mesh, partition(tuple(spec), value.shape, mesh, notes))
-
-    return jax.tree.map(one, specs, abstract)
+    logical axis names each `nnx.Param` carries. The parts of a quantized weight (codes,
+    scales, minimums: `quant.QuantizedWeight`) carry the float weight's names and split at
+    block bounds: a dimension is sharded only if its count of blocks divides the mesh axis, so
+    that codes and their scales always split alike."""
+    specs = dict(nnx.to_flat_state(nnx.get_partition_spec(abstract)))
+    flat = nnx.to_flat_state(jax.tree.map(lambda x: x, abstract))  # a copy, filled below
+    for path, var in flat:
+        shape = tuple(var.get_value().shape)
+        if stored := var.get_metadata().get("stored"):  # the last axis counted in blocks
+            shape = (*shape[:-1], shape[-1] // stored.block)
+        names = tuple(specs[path].get_value())
+        var.set_value(NamedSharding(mesh, partition(names, shape, mesh, notes)))
+    return nnx.from_flat_state(flat)
 
 
 def cache_shardings(cache: kv.KVCache, mesh: Mesh, notes: set | None = None) -> kv.KVCache:

@@ -548,11 +548,12 @@ def write_byte_level_vocab(w: gguf.GGUFWriter, model: str = "gpt2") -> None:
     w.add_token_merges(merges)
 
 
-def write_gguf(path: Path, arch: str, sd: dict, hf, add_bos: bool = True, vocab=None):
+def write_gguf(path: Path, arch: str, sd: dict, hf, add_bos: bool = True, vocab=None, types=None):
     """A float32 GGUF as llama.cpp's converter writes it (q/k rows permuted for llama).
 
     vocab: writes the tokenizer's vocabulary metadata into the `gguf.GGUFWriter` it is given
     (default `write_byte_level_vocab`); ids 1 and 2 are BOS and EOS (and pad).
+    types: GGUF tensor name -> a GGML type name (`Q4_1`, ...) it is quantized to by `gguf`.
     """
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny")
@@ -565,7 +566,7 @@ def write_gguf(path: Path, arch: str, sd: dict, hf, add_bos: bool = True, vocab=
     w.add_rope_freq_base(hf.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(hf.rms_norm_eps)
     w.add_vocab_size(hf.vocab_size)
-    w.add_rope_dimension_count(H)
+    w.add_rope_dimension_count(hf.hidden_size // hf.num_attention_heads)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     (vocab or write_byte_level_vocab)(w)
     w.add_bos_token_id(1)
@@ -585,7 +586,13 @@ def write_gguf(path: Path, arch: str, sd: dict, hf, add_bos: bool = True, vocab=
             name = f"blk.{i}.{GGUF_LAYER_NAMES[rest]}"
         else:
             name = GGUF_GLOBAL_NAMES[name]
-        w.add_tensor(name, np.ascontiguousarray(value, np.float32))
+        kind = (types or {}).get(name)
+        if kind is None:
+            w.add_tensor(name, np.ascontiguousarray(value, np.float32))
+        else:
+            qtype = gguf.GGMLQuantizationType[kind]
+            raw = gguf.quants.quantize(np.ascontiguousarray(value, np.float32), qtype)
+            w.add_tensor(name, raw, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -69,3 +69,34 @@ def feed(m: Model, stream: StreamConfig, tokens: np.ndarray, chunk: int, cache=N
         logits, cache = model.step(m.weights, cache, padded, valid, graphdef=m.graphdef)
         outs.append(np.asarray(logits)[:, :n])
     return np.concatenate(outs, axis=1), cache
+
+
+def quantized_params(cfg: ModelConfig, kinds: dict[str, str], seed: int = 0):
+    """A random model with the weights named in `kinds` (e.g. {"embed": "q8_0",
+    "layers.0.mlp.up": "q4_1"}) quantized by the `gguf` package: (its config, its checkpoint
+    arrays, and the same weights dequantized to float32 under `cfg`)."""
+    import gguf
+
+    from jaxsink.config import Quant
+    from jaxsink.convert.gguf import gguf_blocks
+
+    flat = random_flat_params(cfg, seed)
+    stored, dense = {}, dict(flat)
+    for name, kind in kinds.items():
+        w = flat[name]
+        raw = gguf.quants.quantize(
+            w.reshape(-1, w.shape[-1]), gguf.GGMLQuantizationType[kind.upper()]
+        )
+        blocks = gguf_blocks(raw, kind)
+        lead = w.shape[:-1]
+        blocks = type(blocks)(
+            blocks.spec,
+            blocks.codes.reshape(w.shape),
+            blocks.scales.reshape(*lead, -1),
+            None if blocks.mins is None else blocks.mins.reshape(*lead, -1),
+        )
+        dense[name] = blocks.dequantize()
+        stored |= {f"{name}.{part}": a for part, a in blocks.stored().items()}
+    stored |= {k: v for k, v in flat.items() if k not in kinds}
+    qcfg = model.quantize_config(cfg, {name: Quant(kind) for name, kind in kinds.items()})
+    return qcfg, stored, dense
