@@ -4,6 +4,7 @@
     convert("path/to/hf-folder", "out/model")          # config.json + *.safetensors
     convert("model.Q4_1.gguf", "out/model")            # dequantized to float32
     convert("model.Q4_1.gguf", "out/model", quantize="keep")  # Q8_0/Q4_0/Q4_1 kept as they are
+    convert("path/to/hf-folder", "out/model", quantize="int8")  # int8 weights, float32 scales
     convert("HuggingFaceTB/SmolLM2-135M-Instruct", "out/model", dtype="bfloat16")  # hub id
 
 The output is written atomically by `jaxsink.checkpoint.save_checkpoint`. Pickled checkpoints
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 from jaxsink.checkpoint import DTYPES, FORMAT, check_writable, save_checkpoint
+from jaxsink.quant import QUANTIZE_KINDS, weight_plan
 
 from .architectures import FAMILIES
 from .errors import ConvertError
@@ -39,8 +41,9 @@ from .tokenizer import gguf_tokenizer_files, hf_tokenizer_files
 
 __all__ = ["QUANTIZE", "ConvertError", "check_quantize", "convert", "declares_jaxsink"]
 
-# `quantize` values: "keep" keeps a GGUF's Q8_0, Q4_0 and Q4_1 matrices as they are.
-QUANTIZE = ("keep",)
+# `quantize` values: "keep" keeps a GGUF's Q8_0, Q4_0 and Q4_1 matrices as they are; "int8"
+# and "int4" quantize any source's float matrices (`quant.weight_plan`).
+QUANTIZE = ("keep", *QUANTIZE_KINDS)
 
 
 def convert(
@@ -62,9 +65,10 @@ def convert(
     announce: a line printed on stderr once the source has passed its checks (config, file
       headers, tokenizer), just before its tensors are converted: a bad source gives one line,
       its error.
-    quantize: None (every weight in `dtype`), or "keep": a GGUF's Q8_0, Q4_0 and Q4_1 matrices
-      stay quantized as they are (`jaxsink.quant`); its other quantized tensors are dequantized,
-      with a line on stderr saying so.
+    quantize: None (every weight in `dtype`); "keep": a GGUF's Q8_0, Q4_0 and Q4_1 matrices
+      stay quantized as they are (`jaxsink.quant`), its other quantized tensors are dequantized,
+      with a line on stderr saying so; "int8" / "int4": any source's matrices are quantized
+      (`jaxsink.quant.weight_plan`), scales in `dtype`.
     Raises ConvertError (unsupported or unsafe input), ConfigError, CheckpointError.
     """
     if dtype not in DTYPES:
@@ -101,6 +105,14 @@ class _Job:
         if self.progress and self.announce:
             print(self.announce, file=sys.stderr, flush=True)
 
+    def quantized(self, cfg):
+        """`cfg` with the weights `--quantize int8|int4` quantizes (unchanged otherwise)."""
+        if self.quantize not in QUANTIZE_KINDS:
+            return cfg
+        from jaxsink.model import quantize_config
+
+        return quantize_config(cfg, weight_plan(cfg, self.quantize, self.dtype))
+
     def save(self, cfg, params, tokenizer_files, label: str) -> Path:
         return save_checkpoint(
             self.out, cfg, params, self.dtype, tokenizer_files, label, self.overwrite
@@ -131,6 +143,7 @@ def _convert_hf(src: Path, job: _Job, label: str) -> Path:
             file=sys.stderr,
         )
     table = FAMILIES[cfg.architecture].table(cfg)
+    cfg = job.quantized(cfg)
     with SafetensorsSource(files) as source:
         job.start()
         params = build_params(cfg, table, source, job.dtype, job.progress)
@@ -141,19 +154,39 @@ def _is_gguf(path: Path) -> bool:
     return path.is_file() and path.suffix == ".gguf"
 
 
-def check_quantize(quantize: str | None, gguf: bool, src: str) -> None:
+def check_quantize(
+    quantize: str | None, gguf: bool, src: str, checkpoint: Path | None = None
+) -> None:
     """Refuse a `quantize` value that is unknown or does not apply to source `src` (`gguf`:
-    whether it is a GGUF file)."""
+    whether it is a GGUF file; `checkpoint`: the folder, when `src` is a jaxsink checkpoint,
+    which `int8` / `int4` quantize as they load it unless it is quantized already)."""
     if quantize is None:
         return
     if quantize not in QUANTIZE:
         raise ConvertError(
             f"unknown --quantize {quantize!r} (expected one of {', '.join(QUANTIZE)})"
         )
-    if not gguf:
+    if checkpoint is not None and quantize == "keep":
         raise ConvertError(
-            f"--quantize {quantize} keeps a GGUF file's own quantization: {src} is not a .gguf file"
+            f"--quantize keep applies when a .gguf file is converted: {src} is already a "
+            "jaxsink checkpoint"
         )
+    if checkpoint is not None and _quantized_checkpoint(checkpoint):
+        raise ConvertError(
+            f"--quantize {quantize}: {src} is already quantized; give its float checkpoint "
+            "or its source"
+        )
+    if quantize == "keep" and not gguf:
+        raise ConvertError(
+            f"--quantize {quantize} keeps a GGUF file's own quantization: {src} is not a .gguf "
+            "file (--quantize int8 or int4 quantizes any model)"
+        )
+
+
+def _quantized_checkpoint(folder: Path) -> bool:
+    from jaxsink.checkpoint import read_config
+
+    return read_config(folder)[0].quantized
 
 
 def _convert_gguf(src: Path, job: _Job) -> Path:
@@ -168,6 +201,7 @@ def _convert_gguf(src: Path, job: _Job) -> Path:
         cfg, keep, line = keep_quantized(cfg, GGUFSource(reader, cfg))
         if line:
             print(f"jaxsink-convert: {line}", file=sys.stderr, flush=True)
+    cfg = job.quantized(cfg)
     job.start()
     source = GGUFSource(reader, cfg, keep)
     params = build_params(cfg, GGUF_TABLE, source, job.dtype, job.progress)

@@ -1,4 +1,4 @@
-"""`jaxsink-convert SRC OUT [--dtype float32|bfloat16] [--quantize keep] [--overwrite]`."""
+"""`jaxsink-convert SRC OUT [--dtype float32|bfloat16] [--quantize keep|int8|int4] [--overwrite]`."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quantize",
         choices=QUANTIZE,
-        help="keep: a .gguf's Q8_0, Q4_0 and Q4_1 weights stay quantized as they are",
+        help="keep: a .gguf's Q8_0, Q4_0 and Q4_1 weights stay quantized as they are; "
+        "int8 / int4: any source's matrices are quantized (int8 per output channel, int4 in "
+        "groups of 32), scales in --dtype",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

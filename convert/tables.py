@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from jaxsink.checkpoint import DTYPES, param_shapes
 from jaxsink.config import ModelConfig
-from jaxsink.quant import Blocks
+from jaxsink.quant import Blocks, quantize_blocks
 
 from .errors import ConvertError
 
@@ -233,12 +233,16 @@ def build_params(
     cfg: ModelConfig, table: Table, source: TensorSource, dtype: str, progress: bool = True
 ) -> dict[str, np.ndarray]:
     """Every parameter of `param_shapes(cfg)` filled from `source` by `table`, cast to `dtype`;
-    a weight the source gives as blocks (`quant.Blocks`) is kept as its parts in their
-    checkpoint form (`layers.0.attn.qkv.codes`, ...), as `cfg` must then say.
+    a weight `cfg` keeps quantized is stored as its parts in their checkpoint form
+    (`layers.0.attn.qkv.codes`, ...): the blocks the source gives (`quant.Blocks`, a GGUF's
+    kept ones), or those `quant.quantize_blocks` makes from the float weight (`int8`, `int4`).
 
     All names are checked before any tensor is read: a missing source tensor or an unused one is
     a ConvertError naming them.
     """
+    from jaxsink.model import quantized_weights
+
+    made = quantized_weights(cfg)  # those the source gives in float are quantized here
     shapes = param_shapes(cfg.dequantized())
     source = _Renamed(source, dict(table.aliases), table.base_prefix)
     plan = _plan(cfg.dequantized(), table, shapes, source.names())
@@ -251,6 +255,8 @@ def build_params(
         for target, (rule, names) in plan.items():
             arrays = [source.load(name) for name in names]
             value = _apply(rule, target, names, arrays, shapes[target])
+            if target in made and not isinstance(value, Blocks):
+                value = quantize_blocks(value, made[target])
             if isinstance(value, Blocks):
                 params.update({f"{target}.{k}": v for k, v in value.stored().items()})
             else:

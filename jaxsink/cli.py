@@ -35,9 +35,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--quantize",
-        choices=["keep"],
+        choices=["keep", "int8", "int4"],
         help="keep: a .gguf --model (or the default one) keeps its Q8_0/Q4_0/Q4_1 weights "
-        "quantized (converted once into its own cached folder)",
+        "quantized; int8 / int4: any model's matrices are quantized (a source is converted "
+        "once into its own cached folder, a float checkpoint quantized as it loads)",
     )
     p.add_argument(
         "--quiet", action="store_true", help="no progress bars or fetch / convert messages"
@@ -242,7 +243,7 @@ def _load_checked(args, modes, dense_tokens: int):
     from jaxsink.checkpoint import DTYPES, read_config
     from jaxsink.config import StreamConfig
     from jaxsink.default_model import resolve_model
-    from jaxsink.loading import load
+    from jaxsink.loading import load, quantized_on_load
     from jaxsink.memory import check_run_fits
 
     progress = not args.quiet
@@ -253,8 +254,11 @@ def _load_checked(args, modes, dense_tokens: int):
         StreamConfig.for_mode(mode, args.sinks, args.window, dense_capacity=dense_tokens)
         for mode in modes
     ]
-    check_run_fits(read_config(path)[0], DTYPES[dtype], streams)
-    return load(path, dtype=dtype, progress=progress, mesh=mesh)
+    stored = read_config(path)[0]
+    # a float checkpoint is quantized as it loads; a conversion has quantized the others
+    quantize = None if stored.quantized or args.quantize == "keep" else args.quantize
+    check_run_fits(quantized_on_load(stored, quantize, dtype), DTYPES[dtype], streams)
+    return load(path, dtype=dtype, progress=progress, mesh=mesh, quantize=quantize)
 
 
 def _check_out_folder(out: str, flag: str = "--out") -> None:

@@ -20,7 +20,8 @@ NormKind = Literal["rms", "rms_plus_one", "layer"]
 ResidualKind = Literal["sequential", "parallel", "parallel_shared"]
 NormPlacement = Literal["pre", "post", "pre_post"]
 QkNormScope = Literal["head", "all"]
-QuantKind = Literal["q8_0", "q4_0", "q4_1"]
+QuantKind = Literal["q8_0", "q4_0", "q4_1", "int8", "int4"]
+ScaleDtype = Literal["float16", "float32", "bfloat16"]
 
 
 # Hard limits on the sizes a config may state, far above any published model (Llama 3.1 405B:
@@ -329,6 +330,11 @@ class Mlp:
             raise ConfigError("clamped_swiglu needs a gated MLP and a limit")
 
 
+# Fields that JSON leaves out while they hold their default, so that a float model's
+# config.json reads as it did before quantized weights existed.
+_OMIT_DEFAULT = {"omit_default": True}
+
+
 @dataclasses.dataclass(frozen=True)
 class Quant:
     """A weight kept quantized (`jaxsink.quant`): integer codes along its input (last) axis, in
@@ -336,20 +342,32 @@ class Quant:
 
     - `q8_0`: w = scale * code, codes in [-127, 127] (llama.cpp's Q8_0);
     - `q4_0`: w = scale * code, codes in [-8, 7] (Q4_0);
-    - `q4_1`: w = scale * code + minimum, codes in [0, 15] (Q4_1).
+    - `q4_1`: w = scale * code + minimum, codes in [0, 15] (Q4_1);
+    - `int8`: w = scale * code, codes in [-128, 127], one block per output channel (the whole
+      last input axis): `--quantize int8`;
+    - `int4`: w = scale * code, codes in [-8, 7], groups of `block` inputs: `--quantize int4`.
 
-    The values are exactly what the format means (a GGUF's blocks as they are): a product
-    dequantizes them inside the jitted step.
+    The GGUF kinds are a file's blocks as they are; `int8` and `int4` are made from float
+    weights by Qwix (`jaxsink.quant.quantize_blocks`). Either way the values are exactly what
+    the codes and scales mean, and a product dequantizes them inside the jitted step.
+    scale_dtype: the scales' (and minimums') dtype in the checkpoint: float16 for GGUF blocks,
+    the model's dtype for `int8` / `int4`.
     """
 
     kind: QuantKind
     block: int = 32
+    scale_dtype: ScaleDtype = dataclasses.field(default="float16", metadata=_OMIT_DEFAULT)
 
     def __post_init__(self):
         if self.kind not in typing.get_args(QuantKind):
             raise ConfigError(
                 f"unknown weight quantization {self.kind!r} "
                 f"(expected one of {', '.join(typing.get_args(QuantKind))})"
+            )
+        if self.scale_dtype not in typing.get_args(ScaleDtype):
+            raise ConfigError(
+                f"unknown quantization scale dtype {self.scale_dtype!r} "
+                f"(expected one of {', '.join(typing.get_args(ScaleDtype))})"
             )
         _check_size("quantization block", self.block, MAX_HIDDEN)
         if self.bits == 4 and self.block % 2:
@@ -358,16 +376,11 @@ class Quant:
     @property
     def bits(self) -> int:
         """Bits per code: 8 or 4."""
-        return 8 if self.kind == "q8_0" else 4
+        return 8 if self.kind in ("q8_0", "int8") else 4
 
     @property
     def has_minimum(self) -> bool:
         return self.kind == "q4_1"
-
-
-# Fields that JSON leaves out while they hold their default, so that a float model's
-# config.json reads as it did before quantized weights existed.
-_OMIT_DEFAULT = {"omit_default": True}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -92,8 +92,10 @@ def resolve_model(
       folder, a `.gguf` file or a hub id `org/name` (converted once with `dtype` into
       `<home>/converted/<name>-<hash>`; the hash covers the absolute path, the modification
       time, the dtype and `quantize`, so an edited source is converted again).
-    quantize: None, or "keep" for a `.gguf` (or the default model, itself a GGUF): its Q8_0,
-      Q4_0 and Q4_1 weights stay quantized (see `jaxsink.convert.convert`).
+    quantize: None; "keep" for a `.gguf` (or the default model, itself a GGUF): its Q8_0,
+      Q4_0 and Q4_1 weights stay quantized; "int8" / "int4" for any source: converted with
+      its matrices quantized (see `jaxsink.convert.convert`), except a float jaxsink
+      checkpoint, returned as it is (`jaxsink.load` quantizes it as it reads it).
     Raises ConvertError "model not found" for a missing path that is not a hub id, and for a
     `quantize` that does not apply to the spec.
     """
@@ -103,11 +105,7 @@ def resolve_model(
     spec = os.fspath(spec)
     path = Path(spec).expanduser()
     if path.is_dir() and declares_jaxsink(path):
-        if quantize:
-            raise ConvertError(
-                f"--quantize {quantize} applies when a .gguf file is converted: {path} is "
-                "already a jaxsink checkpoint"
-            )
+        check_quantize(quantize, False, spec, checkpoint=path)
         return path
     if path.exists():
         check_quantize(quantize, path.is_file() and path.suffix == ".gguf", spec)

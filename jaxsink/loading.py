@@ -13,8 +13,16 @@ from jax.sharding import Mesh
 
 from jaxsink import model as mdl
 from jaxsink import sharding as sh
-from jaxsink.checkpoint import DTYPES, WEIGHTS_FILE, CheckpointError, check_params, read_config
+from jaxsink.checkpoint import (
+    DTYPES,
+    WEIGHTS_FILE,
+    CheckpointError,
+    check_params,
+    param_shapes,
+    read_config,
+)
 from jaxsink.config import ConfigError, ModelConfig
+from jaxsink.quant import QUANTIZE_KINDS, quantize_blocks, weight_plan
 from jaxsink.tensorfile import TensorFile
 from jaxsink.tokenizer import Tokenizer
 
@@ -86,7 +94,10 @@ def load(
     device). Each weight is read from the checkpoint straight into its shards.
     progress: say on stderr what is fetched, converted or waited for.
     quantize: "keep": a `.gguf` spec (or the default model) is converted with its Q8_0, Q4_0
-    and Q4_1 weights kept quantized (`jaxsink.quant`), into its own cached folder.
+    and Q4_1 weights kept quantized (`jaxsink.quant`), into its own cached folder. "int8" /
+    "int4": the model's matrices are quantized (`quant.weight_plan`): a source that needs
+    converting is converted that way into its own cached folder; a float jaxsink checkpoint is
+    quantized as it is read, one weight at a time (`quantized_on_load`).
     """
     from jaxsink.default_model import resolve_model
 
@@ -96,6 +107,7 @@ def load(
     dtype = dtype or meta.get("dtype", "float32")
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r} (expected one of {sorted(DTYPES)})")
+    cfg = quantized_on_load(cfg, quantize, dtype)
     mesh = mesh if isinstance(mesh, Mesh) else sh.make_mesh(mesh)
     target = jnp.dtype(DTYPES[dtype])
     graphdef, abstract = mdl.abstract(cfg, target)
@@ -126,7 +138,8 @@ def read_sharded(path: Path, cfg: ModelConfig, abstract: nnx.State, shardings) -
     flat = nnx.to_flat_state(abstract)
     placement = dict(nnx.to_flat_state(shardings))
     single = all(s.get_value().mesh.size == 1 for _, s in placement.items())
-    with TensorFile(weights) as f:
+    with TensorFile(weights) as file:
+        f = _Quantizing(file, cfg) if cfg.quantized and not _stores_quantized(file) else file
         check_params(cfg, {n: _Shape(f.shape(n), f.dtype(n)) for n in f.names()})
         for key, var in flat:
             name, dtype = mdl._name(key), var.get_value().dtype
@@ -150,3 +163,60 @@ def read_sharded(path: Path, cfg: ModelConfig, abstract: nnx.State, shardings) -
 class _Shape:
     shape: tuple[int, ...]
     dtype: object
+
+
+def quantized_on_load(cfg: ModelConfig, quantize: str | None, dtype: str) -> ModelConfig:
+    """The config a checkpoint of `cfg` loads as under `quantize`: a float checkpoint with
+    `int8` / `int4` has its matrices quantized as it is read (`_Quantizing`); any other is
+    read as it is (`resolve_model` refuses `--quantize` for a checkpoint already quantized)."""
+    if quantize not in QUANTIZE_KINDS or cfg.quantized:
+        return cfg
+    return mdl.quantize_config(cfg, weight_plan(cfg, quantize, dtype))
+
+
+def _stores_quantized(f: TensorFile) -> bool:
+    return any(n.endswith(".codes") for n in f.names())
+
+
+class _Quantizing:
+    """A float checkpoint's `TensorFile` read as the checkpoint of its quantized config `cfg`:
+    the parts of each weight `cfg` quantizes (`X.codes`, `X.scales`) come from quantizing the
+    float `X` when first read (`quant.quantize_blocks`), in their checkpoint form; the one
+    weight last quantized is kept while its parts and shards are read."""
+
+    def __init__(self, f: TensorFile, cfg: ModelConfig):
+        self._f = f
+        self._made = mdl.quantized_weights(cfg)
+        self._layout = mdl.checkpoint_layout(cfg)
+        self._float = param_shapes(cfg.dequantized())
+        self._last: tuple[str, dict] | None = None
+
+    def _part(self, name: str) -> tuple[str, str] | None:
+        weight, _, part = name.rpartition(".")
+        return (weight, part) if weight in self._made else None
+
+    def names(self) -> list[str]:
+        stored = set(self._f.names())
+        parts = [n for n in self._layout if self._part(n) and self._part(n)[0] in stored]
+        return [n for n in stored if n not in self._made] + parts
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._part(name) is None:
+            return self._f.shape(name)
+        weight = self._part(name)[0]
+        if tuple(self._f.shape(weight)) != self._float[weight]:  # check_params names the part
+            return tuple(self._f.shape(weight))
+        return self._layout[name][0]
+
+    def dtype(self, name: str):
+        return self._f.dtype(name) if self._part(name) is None else self._layout[name][1]
+
+    def read(self, name: str, index: tuple = ()):
+        found = self._part(name)
+        if found is None:
+            return self._f.read(name, index)
+        weight, part = found
+        if self._last is None or self._last[0] != weight:
+            blocks = quantize_blocks(self._f.read(weight), self._made[weight])
+            self._last = (weight, blocks.stored())
+        return self._last[1][part][tuple(index)]

@@ -843,6 +843,16 @@ def quantize_config(cfg: ModelConfig, weights: Mapping[str, C.Quant]) -> ModelCo
     return dataclasses.replace(cfg, layers=specs, **model)
 
 
+def quantized_weights(cfg: ModelConfig) -> dict[str, C.Quant]:
+    """The weights `cfg` keeps quantized: `param_shapes` name in float -> its `config.Quant`
+    (the inverse of `quantize_config`)."""
+    out = {name: q for name, q in (("embed", cfg.embed_quant), ("lm_head", cfg.lm_head_quant))}
+    for i, spec in enumerate(cfg.layers):
+        for weight, field in QUANTIZABLE.items():
+            out[f"layers.{i}.{weight}"] = getattr(spec.quant, field)
+    return {name: q for name, q in out.items() if q is not None}
+
+
 def from_stored(var: nnx.Variable, array: np.ndarray, dtype) -> np.ndarray:
     """A checkpoint array (or a shard of it) in the memory form of weight `var` (abstract):
     a float weight cast to `dtype`, a part of a quantized one decoded (`quant.Stored`)."""

@@ -114,10 +114,10 @@ class Stored:
 def stored_forms(spec: Quant) -> dict[str, Stored]:
     """The checkpoint form of each part (`codes`, `scales`, `mins`) of a weight quantized by
     `spec`."""
-    scale = Stored("float16")
+    scale = Stored(spec.scale_dtype)
     codes = Stored("int8", block=spec.block)
     if spec.bits == 4:
-        codes = Stored("uint8", 2, 8 if spec.kind == "q4_0" else 0, spec.block)
+        codes = Stored("uint8", 2, 0 if spec.has_minimum else 8, spec.block)
     return {"codes": codes, "scales": scale} | ({"mins": scale} if spec.has_minimum else {})
 
 
@@ -251,7 +251,7 @@ def take(w: Weight, index: jax.Array, dtype) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class Blocks:
     """A quantized weight on the host, in memory form: `codes` [*out, n] int8, `scales` and
-    (q4_1) `mins` [*out, n / block] float16, as `spec` describes."""
+    (q4_1) `mins` [*out, n / block] in `spec.scale_dtype`, as `spec` describes."""
 
     spec: Quant
     codes: np.ndarray
@@ -295,3 +295,59 @@ class Blocks:
         """Part name -> its checkpoint form (`Stored.encode`)."""
         forms = stored_forms(self.spec)
         return {name: forms[name].encode(a) for name, a in self.parts().items()}
+
+
+# --- int8 / int4 weights made from float ones ------------------------------------------------
+
+# `--quantize int4` quantizes the layers' matrices in groups of this many inputs (llama.cpp's
+# Q4_0 block: the same bytes per weight as the kept GGUF, so the two compare like for like).
+INT4_GROUP = 32
+QUANTIZE_KINDS = ("int8", "int4")
+
+
+def quantize_blocks(w: np.ndarray, spec: Quant) -> Blocks:
+    """A float weight [*out, n] -> its `Blocks` under `spec` (`int8` or `int4`): symmetric
+    codes per block of `spec.block` inputs. Qwix (`qwix.quantize`, what MaxText quantizes
+    with) calibrates each block's scale in float32 (absmax / 127.5 for int8, / 7.5 for int4);
+    the scales are rounded to `spec.scale_dtype` and each code is rounded to nearest against
+    its stored scale, so code * stored scale is within half a step of the weight."""
+    import qwix
+
+    qtype = {"int8": jnp.int8, "int4": jnp.int4}[spec.kind]
+    x = jnp.asarray(w, jnp.float32)
+    last = x.ndim - 1
+    q = qwix.quantize(x, qtype, channelwise_axes=tuple(range(last)), tiled_axes={last: spec.block})
+    scales = np.asarray(q.scale).astype(spec.scale_dtype)  # [*out, n / block]
+    step = jnp.asarray(scales.astype(np.float32))
+    blocks = x.reshape(*x.shape[:-1], -1, spec.block) / step[..., None]
+    low, high = (-128, 127) if spec.bits == 8 else (-8, 7)
+    codes = jnp.clip(jnp.round(blocks), low, high).astype(jnp.int8).reshape(x.shape)
+    return Blocks(spec, np.asarray(codes), scales)
+
+
+def weight_plan(cfg, kind: str, dtype: str) -> dict[str, Quant]:
+    """Which weights `--quantize kind` (`int8` or `int4`) quantizes, and how: `param_shapes`
+    name in float -> `Quant`. int8: every matrix a product or lookup uses (the embedding, the
+    LM head, each layer's q/k/v, output, up and down projections), one scale per output
+    channel (per channel and head for the output projection, whose last input axis is the head
+    dimension); int4: the layers' matrices in groups of `INT4_GROUP` inputs, the embedding and
+    LM head in int8 (the LM head is the most quantization-sensitive matrix: llama.cpp's 4-bit
+    files keep it at 6 or 8 bits too). Weights a config cannot quantize (expert MLPs, sizes
+    that do not fit the group) stay in float. Scales are kept in the model's `dtype`."""
+    from jaxsink.checkpoint import param_shapes
+    from jaxsink.config import ConfigError
+    from jaxsink.model import quantize_config
+
+    base = cfg.dequantized()
+    plan: dict[str, Quant] = {}
+    for name, shape in param_shapes(base).items():
+        if kind == "int4" and name not in ("embed", "lm_head"):
+            spec = Quant("int4", INT4_GROUP, dtype)
+        else:
+            spec = Quant("int8", shape[-1], dtype)
+        try:
+            quantize_config(base, {**plan, name: spec})
+        except (ConfigError, KeyError):
+            continue
+        plan[name] = spec
+    return plan

@@ -114,14 +114,19 @@ def weight_shardings(abstract: nnx.State, mesh: Mesh, notes: set | None = None) 
     logical axis names each `nnx.Param` carries. The parts of a quantized weight (codes,
     scales, minimums: `quant.QuantizedWeight`) carry the float weight's names and split at
     block bounds: a dimension is sharded only if its count of blocks divides the mesh axis, so
-    that codes and their scales always split alike."""
+    that codes and their scales always split alike. A weight with one block per row (int8's
+    per-channel scales) splits its codes along the last axis like the float weight, and keeps
+    that row's scale on every device."""
     specs = dict(nnx.to_flat_state(nnx.get_partition_spec(abstract)))
     flat = nnx.to_flat_state(jax.tree.map(lambda x: x, abstract))  # a copy, filled below
     for path, var in flat:
         shape = tuple(var.get_value().shape)
-        if stored := var.get_metadata().get("stored"):  # the last axis counted in blocks
-            shape = (*shape[:-1], shape[-1] // stored.block)
         names = tuple(specs[path].get_value())
+        if stored := var.get_metadata().get("stored"):
+            if stored.block == 1 and shape[-1] == 1:  # the scale of a one-block row
+                names = (*names[:-1], None)
+            elif shape[-1] != stored.block:  # the last axis counted in blocks
+                shape = (*shape[:-1], shape[-1] // stored.block)
         var.set_value(NamedSharding(mesh, partition(names, shape, mesh, notes)))
     return nnx.from_flat_state(flat)
 

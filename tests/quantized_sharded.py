@@ -24,7 +24,7 @@ from jaxsink.checkpoint import save_checkpoint
 from jaxsink.config import StreamConfig
 from jaxsink.executables import EntryPoint
 from tests.test_quantized import MIXED, config
-from tests.tiny import quantized_params
+from tests.tiny import quantized_params, random_flat_params
 
 STREAM = StreamConfig(2, 5)
 DTYPES = {"s8": "int8", "f32": "float32"}
@@ -71,10 +71,11 @@ def gathered_weights(m) -> dict:
     exe, _ = step_for(m, 1, 1)
     found = re.findall(r"= (s8|f32)\[([\d,]*)\][^=]*? all-gather\(", exe.as_text())
     weights = {(str(v.dtype), v.size) for v in jax.tree.leaves(m.weights)}
+    logits = f"1,1,{m.cfg.vocab_size}"  # the step's own logits (as many as int8 embed scales)
     return {
         f"{t}[{dims}]": 1
         for t, dims in found
-        if (DTYPES[t], math.prod(map(int, dims.split(",")))) in weights
+        if (DTYPES[t], math.prod(map(int, dims.split(",")))) in weights and dims != logits
     }
 
 
@@ -97,6 +98,13 @@ def main(out_dir: str) -> None:
             report["logits_max_diff"][case] = float(np.abs(got - want).max())
             if mesh == "data=1,model=2":
                 report["weights_all_gathered"] |= gathered_weights(m)
+    # int8 (one scale per row) and int4 made as a float checkpoint loads, sharded over model=2
+    floats = save_checkpoint(out_dir / "f", cfg, random_flat_params(cfg, 15), "float32", {})
+    for kind in ("int8", "int4"):
+        one = feed(jaxsink.load(floats, progress=False, quantize=kind), tokens, 5)
+        m = jaxsink.load(floats, mesh="data=1,model=2", progress=False, quantize=kind)
+        report[f"{kind}_max_diff"] = float(np.abs(feed(m, tokens, 5) - one).max())
+        report[f"{kind}_weights_all_gathered"] = gathered_weights(m)
     print(json.dumps(report))
 
 
