@@ -156,7 +156,13 @@ def _gated(spec: C.Mlp, gate: jax.Array, up: jax.Array) -> jax.Array:
 
 
 def _attention_view(
-    stream: C.StreamConfig, pos: jax.Array, valid: jax.Array, positions, span: int, dtype
+    stream: C.StreamConfig,
+    pos: jax.Array,
+    valid: jax.Array,
+    positions,
+    span: int,
+    dtype,
+    int8: bool = False,
 ):
     """Everything about *which* keys each query sees and at which distance, shared by the
     layers whose caches follow `stream` (their `position`s listed in `positions`), for rows at
@@ -172,6 +178,12 @@ def _attention_view(
     [B, C, J]; the slot each chunk token is written to ([B, C], K = dropped); whether each
     dense ring block holds a visible key ([] bool; None for blocks always attended) and, static,
     the cache blocks ((first slot, slots) each) and sink count.
+
+    int8: the cache is int8 (static), with its own rotations (the slot rotation of
+    `jaxsink.cache`): then also the variant scoring each cached slot [B, 1, S], whether each
+    chunk token is a ring token ([B, C], quantized like the cache), and no rebase. Either way
+    the ring's variants come first (`ring_variants` of them, static) and `sink_variant` is
+    the sinks'.
     """
     S, W = stream.sinks, stream.window
     C_ = valid.shape[1]
@@ -184,13 +196,23 @@ def _attention_view(
     view = {
         "see_cached": kv.visible(stream, tq, cached[:, None, :]),
         "see_chunk": kv.visible(stream, tq, chunk[:, None, :]),
-        "var_chunk": kv.query_variant(stream, chunk[:, None, :]),
-        "n_variants": len(kv.used_variants(stream)),
         "rotary": {},
     }
     n_rot = kv.rotation_count(stream, C_)
-    q_pos = kv.query_rotations(stream, t, base[:, None])[..., : view["n_variants"]]  # [B, C, V]
-    k_pos = kv.key_rotation(stream, t, base[:, None])  # [B, C]
+    if int8:  # slot rotation: keys never re-rotated, two ring variants told apart by lap parity
+        view["var_chunk"] = kv.slot_variant(stream, chunk[:, None, :])
+        view["var_cached"] = kv.slot_variant(stream, cached[:, None, :])
+        view["n_variants"] = kv.slot_variants(stream)
+        view["ring_variants"] = view["sink_variant"] = kv.ring_variants(stream)
+        view["ring_token"] = t >= S  # [B, C]
+        q_pos = kv.slot_query_rotations(stream, t)  # [B, C, V]
+        k_pos = kv.slot_key_rotation(stream, t)  # [B, C]
+    else:
+        view["var_chunk"] = kv.query_variant(stream, chunk[:, None, :])
+        view["n_variants"] = len(kv.used_variants(stream))
+        view["ring_variants"], view["sink_variant"] = 1, kv.SINK
+        q_pos = kv.query_rotations(stream, t, base[:, None])[..., : view["n_variants"]]
+        k_pos = kv.key_rotation(stream, t, base[:, None])  # [B, C]
     shift = kv.ring_base(stream, pos_after) - base  # [B], a multiple of W
     for spec in dict.fromkeys(p for p in positions if isinstance(p, C.Rotary)):
         table = jnp.asarray(rotary_table(n_rot, spec, span), dtype)  # [P, 2, R/2]
@@ -200,7 +222,9 @@ def _attention_view(
         view["rotary"][spec] = {
             "q": rotary(table, q_pos),
             "k": rotary(table, k_pos),
-            "rebase": (shift.max() > 0, rotary(plain, shift)) if stream.wraps else None,
+            "rebase": (
+                (shift.max() > 0, rotary(plain, shift)) if stream.wraps and not int8 else None
+            ),
         }
     if any(isinstance(p, C.Alibi) for p in positions):
         view["dist_cached"] = kv.distance(stream, tq, cached[:, None, :]).astype(jnp.float32)
@@ -258,24 +282,38 @@ def _group(q, keys, values, variant, seen, bias, softcap):
     """Attention of the queries over one group of keys, as partial softmax statistics.
 
     q: [B, K, C, V', G, H] (scaled; the variants this group can need); keys [B, K, H, T];
-    values [B, K, T, H]; variant: [B, 1, T] index into V' (None: V' = 1); seen: [B, C, T];
+    values [B, K, T, H], either as `Int8Block`s (int8 codes and per-slot scales, applied to
+    the scores and to the weights: float keys and values are never materialized);
+    variant: [B, 1, T] index into V' (each key scored by its variant's query; None: V' = 1);
+    seen: [B, C, T], or [B, C, V', T] with variant None: each variant's queries see only the
+    keys they score (an int8 cache's ring of two laps), their softmaxes merged here;
     bias: [B, K, C, G, T] float32 or None; softcap: static (`_score`).
     Returns (peak [B, K, C, G, 1] the row max, mass [B, K, C, G, 1] the sum of exp(score -
     peak), weighted [B, K, C, G, H] float32 the exp-weighted values); `_combine` merges groups.
     """
     f32 = jnp.float32
     B, K, C_, V, G, H = q.shape
+    keys, key_scale = _codes(keys, q.dtype)
+    values, value_scale = _codes(values, q.dtype)
     T = keys.shape[-1]
+    split = seen.ndim == 4  # per-variant queries, V' of them (else V' = 1 after the select)
+    Vs = V if split else 1
+    if split and bias is not None:
+        bias = jnp.broadcast_to(bias[:, :, :, None], (B, K, C_, V, G, T))
     rows = q.reshape(B, K, C_ * V * G, H)  # one [rows, H] x [H, T] product per (b, kv head)
     raw = jnp.einsum("bkrh,bkht->bkrt", rows, keys, preferred_element_type=f32)
+    if key_scale is not None:
+        raw = raw * key_scale  # [B, K, 1, T]: each key's scale
     if variant is None and B * K >= _FUSED_MIN_PAIRS:
         # Fast path (XLA:CPU, tested equal to the plain one): product, score, mask, max and exp
         # fuse into one kernel that runs on every core, but only if the max has no other use,
         # so the peak is recovered outside the kernel as the score of the key with the
         # largest weight, one [H] product per row.
-        bias_rows = None if bias is None else bias.reshape(B, K, C_ * G, T)
-        visible = jnp.broadcast_to(seen[:, None, :, None, :], (B, 1, C_, G, T))
-        visible = visible.reshape(B, 1, C_ * G, T)
+        R = C_ * Vs * G
+        bias_rows = None if bias is None else bias.reshape(B, K, R, T)
+        seen_cv = seen if split else seen[:, :, None, :]  # [B, C, V', T]
+        visible = jnp.broadcast_to(seen_cv[:, None, :, :, None, :], (B, 1, C_, Vs, G, T))
+        visible = visible.reshape(B, 1, R, T)
         # `_mask` as an added term: a select splits the kernel in two (SmolLM2, B = 16 decode
         # step 104 vs 83 ms); adding -1e30 gives the same scores.
         scores = _score(raw, bias_rows, softcap) + jnp.where(visible, 0.0, _MASKED)
@@ -285,20 +323,43 @@ def _group(q, keys, values, variant, seen, bias, softcap):
         first = jnp.minimum(first, T - 1)[..., None]  # [B, K, R, 1]
         best = jnp.take_along_axis(keys, first.swapaxes(-1, -2), axis=-1)  # [B, K, H, R]
         peak = jnp.einsum("bkrh,bkhr->bkr", rows, best, preferred_element_type=f32)
+        if key_scale is not None:
+            peak = peak * jnp.take_along_axis(key_scale, first.swapaxes(-1, -2), axis=-1)[:, :, 0]
         peak_bias = None if bias_rows is None else jnp.take_along_axis(bias_rows, first, -1)[..., 0]
         peak = _score(peak, peak_bias, softcap)
-        peak = _mask(peak, visible.any(axis=-1)).reshape(B, K, C_, G, 1)
-        weights = weights.reshape(B, K, C_, G, T)
+        peak = _mask(peak, visible.any(axis=-1)).reshape(B, K, C_ * Vs, G, 1)
+        weights = weights.reshape(B, K, C_ * Vs, G, T)
     else:
         raw = raw.reshape(B, K, C_, V, G, T)
-        raw = raw[:, :, :, 0] if variant is None else _select_variant(raw, variant)
-        scores = _mask(_score(raw, bias, softcap), seen[:, None, :, None, :])  # [B, K, C, G, T]
+        if split:
+            scores = _mask(_score(raw, bias, softcap), seen[:, None, :, :, None, :])
+        else:
+            raw = raw[:, :, :, 0] if variant is None else _select_variant(raw, variant)
+            scores = _mask(_score(raw, bias, softcap), seen[:, None, :, None, :])
+        scores = scores.reshape(B, K, C_ * Vs, G, T)
         peak = scores.max(axis=-1, keepdims=True)
         weights = jnp.exp(scores - peak)
+    mass = weights.sum(axis=-1, keepdims=True)
+    if value_scale is not None:
+        weights = weights * value_scale.reshape(B, K, 1, 1, T)  # each value's scale
     weighted = jnp.einsum(
         "bkcgs,bksh->bkcgh", weights.astype(values.dtype), values, preferred_element_type=f32
     )
-    return peak, weights.sum(axis=-1, keepdims=True), weighted
+    if not split:
+        return peak, mass, weighted
+    # Merge each query's V' partial softmaxes (as `_combine` merges groups).
+    peak, mass, weighted = (x.reshape(B, K, C_, Vs, G, x.shape[-1]) for x in (peak, mass, weighted))
+    top = peak.max(axis=3)
+    scales = jnp.exp(peak - top[:, :, :, None])
+    return top, (mass * scales).sum(axis=3), (weighted * scales).sum(axis=3)
+
+
+def _codes(x, dtype) -> tuple[jax.Array, jax.Array | None]:
+    """A cache block as the products read it: (float keys or values, None), or for an
+    `Int8Block` (its codes in the queries' `dtype`, exact, and its float32 scales)."""
+    if isinstance(x, kv.Int8Block):
+        return x.codes.astype(dtype), x.scale
+    return x, None
 
 
 def _skipped_group(q, *_):
@@ -395,11 +456,23 @@ class Attention(nnx.Module):
                 return None
             return _alibi_bias(position.slopes, dist, K)
 
+        # An int8 cache quantizes the chunk's ring keys and values as it will store them, and
+        # every query sees them so (its own included): a chunk then gives exactly what its
+        # tokens give one by one, and the codes are written below.
+        int8 = lc.int8
+        if int8:
+            (k_codes, k_scale), (v_codes, v_scale) = kv.quantize(k), kv.quantize(v)
+            ring = view["ring_token"][:, :, None, None]  # [B, C, 1, 1]
+            k_seen = jnp.where(ring, kv.dequantize(k_codes, k_scale), k.astype(jnp.float32))
+            v_seen = jnp.where(ring, kv.dequantize(v_codes, v_scale), v.astype(jnp.float32))
+        else:
+            k_seen, v_seen = k, v
         # Groups of keys, each scored by the query variants it can need: the sink block with
-        # the chunk's own keys (SINK or RING per key; small, so one group saves a group's fixed
-        # costs), then each ring block (RING). A dense cache's block that no query of the chunk
-        # can see yet is skipped at run time.
-        small_keys, small_values = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+        # the chunk's own keys (SINK or a ring variant per key; small, so one group saves a
+        # group's fixed costs), then each ring block (its ring variants: one, or an int8
+        # cache's two laps). A dense cache's block that no query of the chunk can see yet is
+        # skipped at run time.
+        small_keys, small_values = k_seen.transpose(0, 2, 3, 1), v_seen.transpose(0, 2, 1, 3)
         seen, variant = view["see_chunk"], view["var_chunk"] if rot is not None else None
         dist = view.get("dist_chunk")
         blocks = list(zip(view["blocks"], view["live"], lc.keys, lc.values, strict=True))
@@ -409,17 +482,21 @@ class Attention(nnx.Module):
             small_values = jnp.concatenate([sink_values, small_values], axis=-2)
             seen = jnp.concatenate([view["see_cached"][..., :n], seen], axis=-1)
             if variant is not None:
-                sinks = jnp.full((B, 1, n), kv.SINK, variant.dtype)
+                sinks = jnp.full((B, 1, n), view["sink_variant"], variant.dtype)
                 variant = jnp.concatenate([sinks, variant], -1)
             if dist is not None:
                 dist = jnp.concatenate([view["dist_cached"][..., :n], dist], axis=-1)
         group = functools.partial(_group, softcap=spec.softcap)
         parts = [group(q, small_keys, small_values, variant, seen, bias(dist))]
+        n_ring = view["ring_variants"] if rot is not None else 1
         for (start, n), live, keys, values in blocks:
             seen = view["see_cached"][..., start : start + n]  # [B, C, n]
+            if n_ring > 1:  # each ring variant's queries see the keys of their laps only
+                laps = view["var_cached"][:, :, None, start : start + n]  # [B, 1, 1, n]
+                seen = seen[:, :, None, :] & (laps == jnp.arange(n_ring)[:, None])  # [B, C, V, n]
             dist = view.get("dist_cached")
             block_bias = None if dist is None else bias(dist[..., start : start + n])
-            args = (q[:, :, :, kv.RING : kv.RING + 1], keys, values, None, seen, block_bias)
+            args = (q[:, :, :, :n_ring], keys, values, None, seen, block_bias)
             parts.append(
                 group(*args) if live is None else jax.lax.cond(live, group, _skipped_group, *args)
             )
@@ -431,11 +508,18 @@ class Attention(nnx.Module):
         # twice. Row by row, so a non-finite row cannot reach another row's cache.
         first = out[:, 0, 0, 0, 0]  # [B]
         k, v = _after(k, first), _after(v, first)
+        if int8:
+            k_codes, k_scale, v_codes, v_scale = (
+                _after(x, first) for x in (k_codes, k_scale, v_codes, v_scale)
+            )
+            k_int8, v_int8 = kv.Int8Block(k_codes, k_scale), kv.Int8Block(v_codes, v_scale)
+        else:
+            k_int8 = v_int8 = None
         out = out.transpose(1, 3, 4, 0, 2).reshape(K * G * H, B, C_)
         out = jnp.einsum("dn,nbc->dbc", self.out[...].reshape(-1, K * G * H), out)  # [D, B, C]
         if self.out_bias is not None:
             out += self.out_bias[...][:, None, None]
-        lc = _write(lc, k, v, view["write_slot"], view["blocks"])
+        lc = _write(lc, k, v, view["write_slot"], view["blocks"], k_int8, v_int8)
         if rot is not None:
             lc = _rebase(lc, rot["rebase"], view["blocks"], view["n_sinks"], position)
         return out, lc
@@ -630,6 +714,7 @@ class Decoder(nnx.Module):
                 ],
                 _span(cache.stream),
                 embed.dtype,
+                cache.int8,
             )
             for stream in dict.fromkeys(streams)
         }
@@ -666,18 +751,41 @@ class Decoder(nnx.Module):
         return out
 
 
-def _write(lc: kv.LayerCache, k_new, v_new, write_slot, blocks) -> kv.LayerCache:
+def _write(
+    lc: kv.LayerCache,
+    k_new,
+    v_new,
+    write_slot,
+    blocks,
+    k_int8: kv.Int8Block | None = None,
+    v_int8: kv.Int8Block | None = None,
+) -> kv.LayerCache:
     """Store a chunk's keys/values [B, C, K, H] at `write_slot` [B, C] (cache slots, sinks then
     ring; K = dropped) into the blocks holding them, in place once attention has read the old
-    contents. blocks: (first slot, slots) of each block."""
+    contents. blocks: (first slot, slots) of each block. k_int8, v_int8: the chunk's codes
+    [B, C, K, H] and scales [B, C, K, 1] (`quantize`), which an int8 block stores."""
     rows = jnp.arange(write_slot.shape[0])[:, None]  # [B, 1]
+
+    def put_key(buffer, slot, new):  # [B, K, H, n]; [B, C] index axes first: [B, C, K, H]
+        return buffer.at[rows, :, :, slot].set(new.astype(buffer.dtype), mode="drop")
+
+    def put_value(buffer, slot, new):  # [B, K, n, H]
+        return buffer.at[rows, :, slot].set(new.astype(buffer.dtype), mode="drop")
+
+    def put(put_one, buffer, slot, new, new_int8):
+        if isinstance(buffer, kv.Int8Block):
+            return kv.Int8Block(
+                put_one(buffer.codes, slot, new_int8.codes),
+                put_one(buffer.scale, slot, new_int8.scale),
+            )
+        return put_one(buffer, slot, new)
+
     keys, values = [], []
     for (start, n), kb, vb in zip(blocks, lc.keys, lc.values, strict=True):
         inside = (write_slot >= start) & (write_slot < start + n)
         slot = jnp.where(inside, write_slot - start, n)  # n: dropped
-        # Indexing [rows, ..., slot] puts the [B, C] index axes first: updates are [B, C, K, H].
-        keys.append(kb.at[rows, :, :, slot].set(k_new.astype(kb.dtype), mode="drop"))
-        values.append(vb.at[rows, :, slot].set(v_new.astype(vb.dtype), mode="drop"))
+        keys.append(put(put_key, kb, slot, k_new, k_int8))
+        values.append(put(put_value, vb, slot, v_new, v_int8))
     return lc.replace(keys=tuple(keys), values=tuple(values))
 
 
