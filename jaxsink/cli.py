@@ -41,8 +41,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_cache_dtype(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache-dtype",
-        choices=["float32", "bfloat16"],
-        help="KV cache dtype (default: the run-time --dtype)",
+        choices=["float32", "bfloat16", "int8"],
+        help="KV cache dtype (default: the run-time --dtype); int8: ring keys and values int8 "
+        "with per-token scales, sinks exact",
     )
 
 

@@ -278,42 +278,49 @@ def _select_variant(scores: jax.Array, variant: jax.Array) -> jax.Array:
     return out
 
 
-def _group(q, keys, values, variant, seen, bias, softcap):
+def _group(q, keys, values, variant, seen, bias, softcap, split: bool = False):
     """Attention of the queries over one group of keys, as partial softmax statistics.
 
     q: [B, K, C, V', G, H] (scaled; the variants this group can need); keys [B, K, H, T];
     values [B, K, T, H], either as `Int8Block`s (int8 codes and per-slot scales, applied to
     the scores and to the weights: float keys and values are never materialized);
     variant: [B, 1, T] index into V' (each key scored by its variant's query; None: V' = 1);
-    seen: [B, C, T], or [B, C, V', T] with variant None: each variant's queries see only the
-    keys they score (an int8 cache's ring of two laps), their softmaxes merged here;
-    bias: [B, K, C, G, T] float32 or None; softcap: static (`_score`).
+    seen: [B, C, T]; bias: [B, K, C, G, T] float32 or None; softcap: static (`_score`).
+    split: static, whether the fused form may score the variants as queries of their own, each
+    seeing only its keys, and merge their softmaxes (for an int8 cache's ring of two laps: a
+    per-key select would break the fused kernel); else a variant selects its keys' scores.
     Returns (peak [B, K, C, G, 1] the row max, mass [B, K, C, G, 1] the sum of exp(score -
     peak), weighted [B, K, C, G, H] float32 the exp-weighted values); `_combine` merges groups.
     """
     f32 = jnp.float32
     B, K, C_, V, G, H = q.shape
-    keys, key_scale = _codes(keys, q.dtype)
-    values, value_scale = _codes(values, q.dtype)
+    keys, key_scale = _codes(keys)
+    values, value_scale = _codes(values)
     T = keys.shape[-1]
-    split = seen.ndim == 4  # per-variant queries, V' of them (else V' = 1 after the select)
-    Vs = V if split else 1
-    if split and bias is not None:
-        bias = jnp.broadcast_to(bias[:, :, :, None], (B, K, C_, V, G, T))
+    split = split and variant is not None and B * K >= _FUSED_MIN_PAIRS
+    Vs = V if split else 1  # softmaxes per query: one per variant when split
+    if split:  # rows variant-major, so merging the variants is a plain sum over rows
+        q = q.transpose(0, 1, 3, 2, 4, 5)  # [B, K, V, C, G, H]
     rows = q.reshape(B, K, C_ * V * G, H)  # one [rows, H] x [H, T] product per (b, kv head)
-    raw = jnp.einsum("bkrh,bkht->bkrt", rows, keys, preferred_element_type=f32)
+    raw = jnp.einsum(
+        "bkrh,bkht->bkrt", rows, keys.astype(q.dtype), preferred_element_type=f32
+    )  # int8 codes converted inside the product's kernel: their only use
     if key_scale is not None:
         raw = raw * key_scale  # [B, K, 1, T]: each key's scale
-    if variant is None and B * K >= _FUSED_MIN_PAIRS:
+    if (variant is None or split) and B * K >= _FUSED_MIN_PAIRS:
         # Fast path (XLA:CPU, tested equal to the plain one): product, score, mask, max and exp
         # fuse into one kernel that runs on every core, but only if the max has no other use,
         # so the peak is recovered outside the kernel as the score of the key with the
         # largest weight, one [H] product per row.
-        R = C_ * Vs * G
+        R = Vs * C_ * G
+        visible = seen[:, None, None, :, None, :]  # [B, 1, 1, C, 1, T]
+        if split:  # each variant's queries see their own keys
+            own = variant[:, :, None, None, None, :] == jnp.arange(V)[:, None, None, None]
+            visible = visible & own  # [B, 1, V, C, 1, T]
+            if bias is not None:
+                bias = jnp.broadcast_to(bias[:, :, None], (B, K, V, C_, G, T))
+        visible = jnp.broadcast_to(visible, (B, 1, Vs, C_, G, T)).reshape(B, 1, R, T)
         bias_rows = None if bias is None else bias.reshape(B, K, R, T)
-        seen_cv = seen if split else seen[:, :, None, :]  # [B, C, V', T]
-        visible = jnp.broadcast_to(seen_cv[:, None, :, :, None, :], (B, 1, C_, Vs, G, T))
-        visible = visible.reshape(B, 1, R, T)
         # `_mask` as an added term: a select splits the kernel in two (SmolLM2, B = 16 decode
         # step 104 vs 83 ms); adding -1e30 gives the same scores.
         scores = _score(raw, bias_rows, softcap) + jnp.where(visible, 0.0, _MASKED)
@@ -322,43 +329,47 @@ def _group(q, keys, values, variant, seen, bias, softcap):
         first = jnp.min(jnp.where(weights == top, jnp.arange(T), T), axis=-1)  # [B, K, R]
         first = jnp.minimum(first, T - 1)[..., None]  # [B, K, R, 1]
         best = jnp.take_along_axis(keys, first.swapaxes(-1, -2), axis=-1)  # [B, K, H, R]
+        best = best.astype(q.dtype)
         peak = jnp.einsum("bkrh,bkhr->bkr", rows, best, preferred_element_type=f32)
         if key_scale is not None:
             peak = peak * jnp.take_along_axis(key_scale, first.swapaxes(-1, -2), axis=-1)[:, :, 0]
         peak_bias = None if bias_rows is None else jnp.take_along_axis(bias_rows, first, -1)[..., 0]
         peak = _score(peak, peak_bias, softcap)
-        peak = _mask(peak, visible.any(axis=-1)).reshape(B, K, C_ * Vs, G, 1)
-        weights = weights.reshape(B, K, C_ * Vs, G, T)
+        peak = _mask(peak, visible.any(axis=-1)).reshape(B, K, Vs * C_, G, 1)
+        weights = weights.reshape(B, K, Vs * C_, G, T)
     else:
         raw = raw.reshape(B, K, C_, V, G, T)
-        if split:
-            scores = _mask(_score(raw, bias, softcap), seen[:, None, :, :, None, :])
-        else:
-            raw = raw[:, :, :, 0] if variant is None else _select_variant(raw, variant)
-            scores = _mask(_score(raw, bias, softcap), seen[:, None, :, None, :])
-        scores = scores.reshape(B, K, C_ * Vs, G, T)
+        raw = raw[:, :, :, 0] if variant is None else _select_variant(raw, variant)
+        scores = _mask(_score(raw, bias, softcap), seen[:, None, :, None, :])  # [B, K, C, G, T]
         peak = scores.max(axis=-1, keepdims=True)
         weights = jnp.exp(scores - peak)
     mass = weights.sum(axis=-1, keepdims=True)
     if value_scale is not None:
         weights = weights * value_scale.reshape(B, K, 1, 1, T)  # each value's scale
+    compute = q.dtype if value_scale is not None else values.dtype
     weighted = jnp.einsum(
-        "bkcgs,bksh->bkcgh", weights.astype(values.dtype), values, preferred_element_type=f32
+        "bkcgs,bksh->bkcgh",
+        weights.astype(compute),
+        values.astype(compute),
+        preferred_element_type=f32,
     )
     if not split:
         return peak, mass, weighted
-    # Merge each query's V' partial softmaxes (as `_combine` merges groups).
-    peak, mass, weighted = (x.reshape(B, K, C_, Vs, G, x.shape[-1]) for x in (peak, mass, weighted))
-    top = peak.max(axis=3)
-    scales = jnp.exp(peak - top[:, :, :, None])
-    return top, (mass * scales).sum(axis=3), (weighted * scales).sum(axis=3)
+    # Merge each query's V' partial softmaxes (as `_combine` merges groups). Chunk and head
+    # axes as one: a size-1 chunk axis would make XLA copy the products' result first, which
+    # keeps the int8 values' conversion out of their product's kernel.
+    peak, mass, weighted = (x.reshape(B, K, Vs, C_ * G, x.shape[-1]) for x in (peak, mass, weighted))
+    top = peak.max(axis=2)
+    scales = jnp.exp(peak - top[:, :, None])
+    mass, weighted = (mass * scales).sum(axis=2), (weighted * scales).sum(axis=2)
+    return tuple(x.reshape(B, K, C_, G, x.shape[-1]) for x in (top, mass, weighted))
 
 
-def _codes(x, dtype) -> tuple[jax.Array, jax.Array | None]:
-    """A cache block as the products read it: (float keys or values, None), or for an
-    `Int8Block` (its codes in the queries' `dtype`, exact, and its float32 scales)."""
+def _codes(x) -> tuple[jax.Array, jax.Array | None]:
+    """A cache block as the products read it: (float keys or values, None), or an
+    `Int8Block`'s (int8 codes, float32 scales)."""
     if isinstance(x, kv.Int8Block):
-        return x.codes.astype(dtype), x.scale
+        return x.codes, x.scale
     return x, None
 
 
@@ -388,11 +399,14 @@ def _alibi_bias(slopes: tuple[float, ...], dist: jax.Array, K: int) -> jax.Array
     return -s[None, :, None, :, None] * dist[:, None, :, None, :]
 
 
-def _after(x: jax.Array, rows: jax.Array) -> jax.Array:
-    """x [B, ...] made to depend on `rows` [B] without changing it: each batch row on its own
-    row only, and a non-finite value never leaking in (0 * inf would be NaN)."""
+def _after(x: jax.Array, rows: jax.Array, axis: int = 0) -> jax.Array:
+    """x [..., B, ...] (batch along `axis`) made to depend on `rows` [B] without changing it:
+    each batch row on its own row only, and a non-finite value never leaking in (0 * inf
+    would be NaN)."""
     zero = jnp.where(jnp.isfinite(rows), rows, 0) * 0
-    return x + zero.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return x + zero.reshape(shape).astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -461,10 +475,11 @@ class Attention(nnx.Module):
         # tokens give one by one, and the codes are written below.
         int8 = lc.int8
         if int8:
-            (k_codes, k_scale), (v_codes, v_scale) = kv.quantize(k), kv.quantize(v)
+            both = jnp.stack([k, v])  # [2, B, C, K, H]: keys and values quantized at once
+            codes, scale = kv.quantize(both)
             ring = view["ring_token"][:, :, None, None]  # [B, C, 1, 1]
-            k_seen = jnp.where(ring, kv.dequantize(k_codes, k_scale), k.astype(jnp.float32))
-            v_seen = jnp.where(ring, kv.dequantize(v_codes, v_scale), v.astype(jnp.float32))
+            seen = jnp.where(ring, kv.dequantize(codes, scale), both.astype(jnp.float32))
+            k_seen, v_seen = seen[0], seen[1]
         else:
             k_seen, v_seen = k, v
         # Groups of keys, each scored by the query variants it can need: the sink block with
@@ -486,17 +501,15 @@ class Attention(nnx.Module):
                 variant = jnp.concatenate([sinks, variant], -1)
             if dist is not None:
                 dist = jnp.concatenate([view["dist_cached"][..., :n], dist], axis=-1)
-        group = functools.partial(_group, softcap=spec.softcap)
+        group = functools.partial(_group, softcap=spec.softcap, split=int8)
         parts = [group(q, small_keys, small_values, variant, seen, bias(dist))]
         n_ring = view["ring_variants"] if rot is not None else 1
         for (start, n), live, keys, values in blocks:
             seen = view["see_cached"][..., start : start + n]  # [B, C, n]
-            if n_ring > 1:  # each ring variant's queries see the keys of their laps only
-                laps = view["var_cached"][:, :, None, start : start + n]  # [B, 1, 1, n]
-                seen = seen[:, :, None, :] & (laps == jnp.arange(n_ring)[:, None])  # [B, C, V, n]
+            laps = view["var_cached"][..., start : start + n] if n_ring > 1 else None  # [B, 1, n]
             dist = view.get("dist_cached")
             block_bias = None if dist is None else bias(dist[..., start : start + n])
-            args = (q[:, :, :, :n_ring], keys, values, None, seen, block_bias)
+            args = (q[:, :, :, :n_ring], keys, values, laps, seen, block_bias)
             parts.append(
                 group(*args) if live is None else jax.lax.cond(live, group, _skipped_group, *args)
             )
@@ -509,10 +522,8 @@ class Attention(nnx.Module):
         first = out[:, 0, 0, 0, 0]  # [B]
         k, v = _after(k, first), _after(v, first)
         if int8:
-            k_codes, k_scale, v_codes, v_scale = (
-                _after(x, first) for x in (k_codes, k_scale, v_codes, v_scale)
-            )
-            k_int8, v_int8 = kv.Int8Block(k_codes, k_scale), kv.Int8Block(v_codes, v_scale)
+            codes, scale = _after(codes, first, axis=1), _after(scale, first, axis=1)
+            k_int8, v_int8 = kv.Int8Block(codes[0], scale[0]), kv.Int8Block(codes[1], scale[1])
         else:
             k_int8 = v_int8 = None
         out = out.transpose(1, 3, 4, 0, 2).reshape(K * G * H, B, C_)

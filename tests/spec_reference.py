@@ -176,8 +176,10 @@ def stream_logits(
                 axes = (-2, -1) if a.qk_norm_scope == "all" else (-1,)
                 q = _norm(q, a.qk_norm, lp["attn.q_norm.scale"], lp.get("attn.q_norm.bias"), axes)
                 k = _norm(k, a.qk_norm, lp["attn.k_norm.scale"], lp.get("attn.k_norm.bias"), axes)
-            if int8:  # the layer's own ring: (S, W), a dense cache never wrapping
-                S, W = (0, w - 1) if w is not None else (0, len(tokens)) if dense else (sinks, window)
+            if int8:  # the layer's own ring (S, W); a dense cache never wraps
+                S, W = (
+                    (sinks, window) if w is None and not dense else (0, w - 1 if w else len(tokens))
+                )
                 if t >= S:
                     rotary = a.position if isinstance(a.position, Rotary) else None
                     k, v = _int8_key(k, (t - S) % W, rotary, span), int8_round_trip(v)
