@@ -190,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights dtype (default: bfloat16 for cuda/tpu, float32 for cpu)",
     )
     q.add_argument(
-        "--cache-dtype", choices=["float32", "bfloat16"], help="cache dtype (default: --dtype)"
+        "--cache-dtype",
+        choices=["float32", "bfloat16", "int8"],
+        help="cache dtype (default: --dtype; int8: int8 ring, exact sinks)",
     )
     q.add_argument(
         "--device-memory",
