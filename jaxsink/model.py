@@ -358,7 +358,9 @@ def _group(q, keys, values, variant, seen, bias, softcap, split: bool = False):
     # Merge each query's V' partial softmaxes (as `_combine` merges groups). Chunk and head
     # axes as one: a size-1 chunk axis would make XLA copy the products' result first, which
     # keeps the int8 values' conversion out of their product's kernel.
-    peak, mass, weighted = (x.reshape(B, K, Vs, C_ * G, x.shape[-1]) for x in (peak, mass, weighted))
+    peak, mass, weighted = (
+        x.reshape(B, K, Vs, C_ * G, x.shape[-1]) for x in (peak, mass, weighted)
+    )
     top = peak.max(axis=2)
     scales = jnp.exp(peak - top[:, :, None])
     mass, weighted = (mass * scales).sum(axis=2), (weighted * scales).sum(axis=2)
@@ -478,8 +480,8 @@ class Attention(nnx.Module):
             both = jnp.stack([k, v])  # [2, B, C, K, H]: keys and values quantized at once
             codes, scale = kv.quantize(both)
             ring = view["ring_token"][:, :, None, None]  # [B, C, 1, 1]
-            seen = jnp.where(ring, kv.dequantize(codes, scale), both.astype(jnp.float32))
-            k_seen, v_seen = seen[0], seen[1]
+            read = jnp.where(ring, kv.dequantize(codes, scale), both.astype(jnp.float32))
+            k_seen, v_seen = read[0], read[1]
         else:
             k_seen, v_seen = k, v
         # Groups of keys, each scored by the query variants it can need: the sink block with
@@ -501,8 +503,9 @@ class Attention(nnx.Module):
                 variant = jnp.concatenate([sinks, variant], -1)
             if dist is not None:
                 dist = jnp.concatenate([view["dist_cached"][..., :n], dist], axis=-1)
-        group = functools.partial(_group, softcap=spec.softcap, split=int8)
+        group = functools.partial(_group, softcap=spec.softcap)
         parts = [group(q, small_keys, small_values, variant, seen, bias(dist))]
+        group = functools.partial(group, split=int8)  # the int8 ring's two laps (`_group`)
         n_ring = view["ring_variants"] if rot is not None else 1
         for (start, n), live, keys, values in blocks:
             seen = view["see_cached"][..., start : start + n]  # [B, C, n]
