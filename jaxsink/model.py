@@ -180,10 +180,10 @@ def _attention_view(
     the cache blocks ((first slot, slots) each) and sink count.
 
     int8: the cache is int8 (static), with its own rotations (the slot rotation of
-    `jaxsink.cache`): then also the variant scoring each cached slot [B, 1, S], whether each
-    chunk token is a ring token ([B, C], quantized like the cache), and no rebase. Either way
-    the ring's variants come first (`ring_variants` of them, static) and `sink_variant` is
-    the sinks'.
+    `jaxsink.cache`): then also the ring's additive masks per variant count (`lap_masks`),
+    whether each chunk token is a ring token ([B, C], quantized like the cache), and no rebase.
+    Either way the ring's variants come first (`ring_variants` of them, static) and
+    `sink_variant` is the sinks'.
     """
     S, W = stream.sinks, stream.window
     C_ = valid.shape[1]
@@ -201,7 +201,6 @@ def _attention_view(
     n_rot = kv.rotation_count(stream, C_)
     if int8:  # slot rotation: keys never re-rotated, two ring variants told apart by lap parity
         view["var_chunk"] = kv.slot_variant(stream, chunk[:, None, :])
-        view["var_cached"] = kv.slot_variant(stream, cached[:, None, :])
         view["n_variants"] = kv.slot_variants(stream)
         view["ring_variants"] = view["sink_variant"] = kv.ring_variants(stream)
         view["ring_token"] = t >= S  # [B, C]
@@ -241,6 +240,15 @@ def _attention_view(
         None if start < S or stream.wraps else view["see_cached"][..., start : start + n].any()
         for start, n in view["blocks"]
     )
+    if int8:
+        # The int8 ring's additive masks (`_int8_group`'s `lap_masks`), [B, V, C, S] float32
+        # per variant count: for rotary layers one per lap parity (a variant's queries see the
+        # keys of its laps), for the others one.
+        laps = kv.slot_variant(stream, cached)[:, None, None, :]  # [B, 1, 1, S]
+        see = view["see_cached"][:, None]  # [B, 1, C, S]
+        own = laps == jnp.arange(kv.ring_variants(stream))[:, None, None]  # [B, V, 1, S]
+        masks = {1: see, kv.ring_variants(stream): see & own}
+        view["lap_masks"] = {n: jnp.where(m, 0.0, _MASKED) for n, m in masks.items()}
     return view
 
 
@@ -278,49 +286,28 @@ def _select_variant(scores: jax.Array, variant: jax.Array) -> jax.Array:
     return out
 
 
-def _group(q, keys, values, variant, seen, bias, softcap, split: bool = False):
+def _group(q, keys, values, variant, seen, bias, softcap):
     """Attention of the queries over one group of keys, as partial softmax statistics.
 
     q: [B, K, C, V', G, H] (scaled; the variants this group can need); keys [B, K, H, T];
-    values [B, K, T, H], either as `Int8Block`s (int8 codes and per-slot scales, applied to
-    the scores and to the weights: float keys and values are never materialized);
-    variant: [B, 1, T] index into V' (each key scored by its variant's query; None: V' = 1);
-    seen: [B, C, T]; bias: [B, K, C, G, T] float32 or None; softcap: static (`_score`).
-    split: static, whether the fused form may score the variants as queries of their own, each
-    seeing only its keys, and merge their softmaxes (for an int8 cache's ring of two laps: a
-    per-key select would break the fused kernel); else a variant selects its keys' scores.
+    values [B, K, T, H]; variant: [B, 1, T] index into V' (None: V' = 1); seen: [B, C, T];
+    bias: [B, K, C, G, T] float32 or None; softcap: static (`_score`).
     Returns (peak [B, K, C, G, 1] the row max, mass [B, K, C, G, 1] the sum of exp(score -
     peak), weighted [B, K, C, G, H] float32 the exp-weighted values); `_combine` merges groups.
     """
     f32 = jnp.float32
     B, K, C_, V, G, H = q.shape
-    keys, key_scale = _codes(keys)
-    values, value_scale = _codes(values)
     T = keys.shape[-1]
-    split = split and variant is not None and B * K >= _FUSED_MIN_PAIRS
-    Vs = V if split else 1  # softmaxes per query: one per variant when split
-    if split:  # rows variant-major, so merging the variants is a plain sum over rows
-        q = q.transpose(0, 1, 3, 2, 4, 5)  # [B, K, V, C, G, H]
     rows = q.reshape(B, K, C_ * V * G, H)  # one [rows, H] x [H, T] product per (b, kv head)
-    raw = jnp.einsum(
-        "bkrh,bkht->bkrt", rows, keys.astype(q.dtype), preferred_element_type=f32
-    )  # int8 codes converted inside the product's kernel: their only use
-    if key_scale is not None:
-        raw = raw * key_scale  # [B, K, 1, T]: each key's scale
-    if (variant is None or split) and B * K >= _FUSED_MIN_PAIRS:
+    raw = jnp.einsum("bkrh,bkht->bkrt", rows, keys, preferred_element_type=f32)
+    if variant is None and B * K >= _FUSED_MIN_PAIRS:
         # Fast path (XLA:CPU, tested equal to the plain one): product, score, mask, max and exp
         # fuse into one kernel that runs on every core, but only if the max has no other use,
         # so the peak is recovered outside the kernel as the score of the key with the
         # largest weight, one [H] product per row.
-        R = Vs * C_ * G
-        visible = seen[:, None, None, :, None, :]  # [B, 1, 1, C, 1, T]
-        if split:  # each variant's queries see their own keys
-            own = variant[:, :, None, None, None, :] == jnp.arange(V)[:, None, None, None]
-            visible = visible & own  # [B, 1, V, C, 1, T]
-            if bias is not None:
-                bias = jnp.broadcast_to(bias[:, :, None], (B, K, V, C_, G, T))
-        visible = jnp.broadcast_to(visible, (B, 1, Vs, C_, G, T)).reshape(B, 1, R, T)
-        bias_rows = None if bias is None else bias.reshape(B, K, R, T)
+        bias_rows = None if bias is None else bias.reshape(B, K, C_ * G, T)
+        visible = jnp.broadcast_to(seen[:, None, :, None, :], (B, 1, C_, G, T))
+        visible = visible.reshape(B, 1, C_ * G, T)
         # `_mask` as an added term: a select splits the kernel in two (SmolLM2, B = 16 decode
         # step 104 vs 83 ms); adding -1e30 gives the same scores.
         scores = _score(raw, bias_rows, softcap) + jnp.where(visible, 0.0, _MASKED)
@@ -329,50 +316,76 @@ def _group(q, keys, values, variant, seen, bias, softcap, split: bool = False):
         first = jnp.min(jnp.where(weights == top, jnp.arange(T), T), axis=-1)  # [B, K, R]
         first = jnp.minimum(first, T - 1)[..., None]  # [B, K, R, 1]
         best = jnp.take_along_axis(keys, first.swapaxes(-1, -2), axis=-1)  # [B, K, H, R]
-        best = best.astype(q.dtype)
         peak = jnp.einsum("bkrh,bkhr->bkr", rows, best, preferred_element_type=f32)
-        if key_scale is not None:
-            peak = peak * jnp.take_along_axis(key_scale, first.swapaxes(-1, -2), axis=-1)[:, :, 0]
         peak_bias = None if bias_rows is None else jnp.take_along_axis(bias_rows, first, -1)[..., 0]
         peak = _score(peak, peak_bias, softcap)
-        peak = _mask(peak, visible.any(axis=-1)).reshape(B, K, Vs * C_, G, 1)
-        weights = weights.reshape(B, K, Vs * C_, G, T)
+        peak = _mask(peak, visible.any(axis=-1)).reshape(B, K, C_, G, 1)
+        weights = weights.reshape(B, K, C_, G, T)
     else:
         raw = raw.reshape(B, K, C_, V, G, T)
         raw = raw[:, :, :, 0] if variant is None else _select_variant(raw, variant)
         scores = _mask(_score(raw, bias, softcap), seen[:, None, :, None, :])  # [B, K, C, G, T]
         peak = scores.max(axis=-1, keepdims=True)
         weights = jnp.exp(scores - peak)
-    mass = weights.sum(axis=-1, keepdims=True)
-    if value_scale is not None:
-        weights = weights * value_scale.reshape(B, K, 1, 1, T)  # each value's scale
-    compute = q.dtype if value_scale is not None else values.dtype
     weighted = jnp.einsum(
-        "bkcgs,bksh->bkcgh",
-        weights.astype(compute),
-        values.astype(compute),
-        preferred_element_type=f32,
+        "bkcgs,bksh->bkcgh", weights.astype(values.dtype), values, preferred_element_type=f32
     )
-    if not split:
-        return peak, mass, weighted
-    # Merge each query's V' partial softmaxes (as `_combine` merges groups). Chunk and head
-    # axes as one: a size-1 chunk axis would make XLA copy the products' result first, which
-    # keeps the int8 values' conversion out of their product's kernel.
-    peak, mass, weighted = (
-        x.reshape(B, K, Vs, C_ * G, x.shape[-1]) for x in (peak, mass, weighted)
-    )
-    top = peak.max(axis=2)
-    scales = jnp.exp(peak - top[:, :, None])
-    mass, weighted = (mass * scales).sum(axis=2), (weighted * scales).sum(axis=2)
-    return tuple(x.reshape(B, K, C_, G, x.shape[-1]) for x in (top, mass, weighted))
+    return peak, weights.sum(axis=-1, keepdims=True), weighted
 
 
-def _codes(x) -> tuple[jax.Array, jax.Array | None]:
-    """A cache block as the products read it: (float keys or values, None), or an
-    `Int8Block`'s (int8 codes, float32 scales)."""
-    if isinstance(x, kv.Int8Block):
-        return x.codes, x.scale
-    return x, None
+def _int8_group(q, keys: kv.Int8Block, values: kv.Int8Block, lap_masks, bias, softcap):
+    """`_group` over an int8 ring block: every key scored by every query variant, only its
+    own variant's score kept (`lap_masks`), with the codes' scales applied to the scores and
+    to the weights (no float copy of the block is ever made).
+
+    q: [B, K, C, V, G, H] (scaled); keys: codes [B, K, H, T], scales [B, K, 1, T]; values:
+    codes [B, K, T, H], scales [B, K, T, 1]; lap_masks: [B, V, C, T] float32, 0 where a
+    variant's queries see a key, -1e30 elsewhere (the two laps of the ring, or V = 1 for a
+    layer without rotary positions); bias: [B, K, C, G, T] float32 or None; softcap: static.
+    Returns `_group`'s (peak, mass, weighted).
+
+    Shaped for XLA:CPU (SmolLM2, B = 16): the variants' scores are masked by an added -1e30
+    and share one max, and the peak is recovered outside that kernel as in `_group`'s fast
+    path, so product, scales, mask, max and exp fuse with the codes' conversion into one
+    kernel; rows are variant-major, since a size-1 chunk axis between variant and head axes
+    makes XLA copy the scores first; each variant's weights go through the value product
+    and are summed after it (the same sum in another order), since a product followed by a
+    sum takes the values' conversion into its kernel and a product alone does not. A per-key
+    select of the variants' scores split the kernels, and materialized converted codes cost
+    more than the float32 cache's reads.
+    """
+    f32 = jnp.float32
+    B, K, C_, V, G, H = q.shape
+    T, CG = keys.codes.shape[-1], C_ * G
+    rows = q.transpose(0, 1, 3, 2, 4, 5).reshape(B, K, V, CG, H)  # variant-major
+    raw = jnp.einsum(
+        "bkvch,bkht->bkvct", rows, keys.codes.astype(q.dtype), preferred_element_type=f32
+    )
+    raw = raw * keys.scale[:, :, None]  # [B, K, V, CG, T]: each key's scale
+    mask = lap_masks[:, None, :, :, None, :]  # [B, 1, V, C, 1, T]
+    mask = jnp.broadcast_to(mask, (B, 1, V, C_, G, T)).reshape(B, 1, V, CG, T)
+    if bias is not None:
+        bias = jnp.broadcast_to(bias.reshape(B, K, 1, CG, T), (B, K, V, CG, T))
+    scores = _score(raw, bias, softcap) + mask
+    each = jnp.exp(scores - scores.max(axis=(2, 4), keepdims=True))  # [B, K, V, CG, T]
+    weights = each.sum(axis=2)  # [B, K, CG, T]: each key under its own variant
+    # The peak: the score of the key of largest weight (1 = exp(0)), under its variant.
+    top = weights.max(axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(weights == top, jnp.arange(T), T), axis=-1)  # [B, K, CG]
+    at = jnp.minimum(first, T - 1)[:, :, None, :]  # [B, K, 1, CG]
+    best = jnp.take_along_axis(keys.codes, at, axis=-1).astype(q.dtype)  # [B, K, H, CG]
+    peak = jnp.einsum("bkvch,bkhc->bkvc", rows, best, preferred_element_type=f32)
+    peak = peak * jnp.take_along_axis(keys.scale, at, axis=-1)  # [B, K, V, CG]
+    at = at[..., None]  # [B, K, 1, CG, 1]
+    peak_bias = None if bias is None else jnp.take_along_axis(bias, at, -1)[..., 0]
+    peak = _score(peak, peak_bias, softcap) + jnp.take_along_axis(mask, at, -1)[..., 0]
+    peak = peak.max(axis=2).reshape(B, K, C_, G, 1)
+    mass = weights.sum(axis=-1).reshape(B, K, C_, G, 1)
+    each = each * values.scale.reshape(B, K, 1, 1, T)  # each value's scale
+    weighted = jnp.einsum(
+        "bkvcs,bksh->bkvch", each, values.codes.astype(q.dtype), preferred_element_type=f32
+    ).sum(axis=2)
+    return peak, mass, weighted.reshape(B, K, C_, G, H)
 
 
 def _skipped_group(q, *_):
@@ -505,16 +518,20 @@ class Attention(nnx.Module):
                 dist = jnp.concatenate([view["dist_cached"][..., :n], dist], axis=-1)
         group = functools.partial(_group, softcap=spec.softcap)
         parts = [group(q, small_keys, small_values, variant, seen, bias(dist))]
-        group = functools.partial(group, split=int8)  # the int8 ring's two laps (`_group`)
         n_ring = view["ring_variants"] if rot is not None else 1
         for (start, n), live, keys, values in blocks:
-            seen = view["see_cached"][..., start : start + n]  # [B, C, n]
-            laps = view["var_cached"][..., start : start + n] if n_ring > 1 else None  # [B, 1, n]
             dist = view.get("dist_cached")
             block_bias = None if dist is None else bias(dist[..., start : start + n])
-            args = (q[:, :, :, :n_ring], keys, values, laps, seen, block_bias)
+            if int8:  # each ring variant's queries see the keys of their laps
+                masks = view["lap_masks"][n_ring][..., start : start + n]  # [B, V, C, n]
+                args = (q[:, :, :, :n_ring], keys, values, masks, block_bias)
+                read = functools.partial(_int8_group, softcap=spec.softcap)
+            else:
+                seen = view["see_cached"][..., start : start + n]  # [B, C, n]
+                args = (q[:, :, :, kv.RING : kv.RING + 1], keys, values, None, seen, block_bias)
+                read = group
             parts.append(
-                group(*args) if live is None else jax.lax.cond(live, group, _skipped_group, *args)
+                read(*args) if live is None else jax.lax.cond(live, read, _skipped_group, *args)
             )
         sinks = None if self.sinks is None else self.sinks[...].astype(jnp.float32).reshape(K, G)
         out = _combine(parts, sinks).astype(v.dtype)  # [B, K, C, G, H]
