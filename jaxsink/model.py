@@ -357,6 +357,8 @@ def _int8_group(q, keys: kv.Int8Block, values: kv.Int8Block, lap_masks, bias, so
     f32 = jnp.float32
     B, K, C_, V, G, H = q.shape
     T, CG = keys.codes.shape[-1], C_ * G
+    if C_ > 1:  # a prefill chunk, where the products' arithmetic dominates
+        return _int8_chunk_group(q, keys, values, lap_masks, bias, softcap)
     rows = q.transpose(0, 1, 3, 2, 4, 5).reshape(B, K, V, CG, H)  # variant-major
     raw = jnp.einsum(
         "bkvch,bkht->bkvct", rows, keys.codes.astype(q.dtype), preferred_element_type=f32
@@ -386,6 +388,34 @@ def _int8_group(q, keys: kv.Int8Block, values: kv.Int8Block, lap_masks, bias, so
         "bkvcs,bksh->bkvch", each, values.codes.astype(q.dtype), preferred_element_type=f32
     ).sum(axis=2)
     return peak, mass, weighted.reshape(B, K, C_, G, H)
+
+
+def _int8_chunk_group(q, keys: kv.Int8Block, values: kv.Int8Block, lap_masks, bias, softcap):
+    """`_int8_group` for a chunk of several queries, where the arithmetic dominates (prefill):
+    each key's score taken from its own variant (the one its mask keeps), then one softmax and
+    one value product, as `_group`'s plain form (for SmolLM2's 128-token chunks, 145 against
+    75 tok/s for the decode form, which runs every product and exp for both variants)."""
+    f32 = jnp.float32
+    B, K, C_, V, G, H = q.shape
+    T = keys.codes.shape[-1]
+    rows = q.reshape(B, K, C_ * V * G, H)
+    raw = jnp.einsum(
+        "bkrh,bkht->bkrt", rows, keys.codes.astype(q.dtype), preferred_element_type=f32
+    )
+    raw = (raw * keys.scale).reshape(B, K, C_, V, G, T)
+    kept = lap_masks.transpose(0, 2, 1, 3)[:, None, :, :, None, :] == 0  # [B, 1, C, V, 1, T]
+    own = raw[:, :, :, 0]  # [B, K, C, G, T]: each key's score under its own variant
+    for v in range(1, V):
+        own = jnp.where(kept[:, :, :, v], raw[:, :, :, v], own)
+    scores = _mask(_score(own, bias, softcap), kept.any(axis=3))
+    peak = scores.max(axis=-1, keepdims=True)
+    weights = jnp.exp(scores - peak)
+    mass = weights.sum(axis=-1, keepdims=True)
+    weights = weights * values.scale.reshape(B, K, 1, 1, T)  # each value's scale
+    weighted = jnp.einsum(
+        "bkcgs,bksh->bkcgh", weights, values.codes.astype(q.dtype), preferred_element_type=f32
+    )
+    return peak, mass, weighted
 
 
 def _skipped_group(q, *_):
