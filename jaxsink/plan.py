@@ -209,7 +209,7 @@ def lower_steps(cfg, batch, stream, mesh_spec, wdt, cdt, platform, chunk) -> dic
     """Export the prefill chunk (`model.last_logits`) and the decode loop
     (`engine.decode_rows`) for `platform` with the mesh's shardings, from abstract arguments;
     returns each serialized module's size in bytes. ConfigError when one does not lower."""
-    from jaxsink.engine import decode_rows
+    from jaxsink.engine import TOP_LOGPROBS, decode_rows
 
     mesh = sh.make_mesh(mesh_spec)
     graphdef, abstract = mdl.abstract(cfg, wdt)
@@ -239,7 +239,15 @@ def lower_steps(cfg, batch, stream, mesh_spec, wdt, cdt, platform, chunk) -> dic
     decode = (
         decode_rows.with_shardings(
             (w_sh, c_sh, logits_rows, flags, flags, flags, flags, one),
-            (sh.rows(mesh, (batch, block)), c_sh, logits_rows, flags, flags, flags),
+            (
+                *(sh.rows(mesh, (batch, block)),) * 2,
+                *(sh.rows(mesh, (batch, block, TOP_LOGPROBS)),) * 2,
+                c_sh,
+                logits_rows,
+                flags,
+                flags,
+                flags,
+            ),
         ),
         (
             weights,
@@ -248,7 +256,9 @@ def lower_steps(cfg, batch, stream, mesh_spec, wdt, cdt, platform, chunk) -> dic
             arg((batch, *key.shape), key.dtype, flags),
             arg((batch,), jnp.bool_, flags),
             arg((batch,), jnp.int32, flags),
-            tuple(arg((batch,), t, flags) for t in (jnp.float32, jnp.int32, jnp.float32)),
+            tuple(
+                arg((batch,), t, flags) for t in (jnp.float32, jnp.int32, jnp.float32, jnp.bool_)
+            ),
             arg((max(len(cfg.eos_token_ids), 1),), jnp.int32, one),
             graphdef,
             block,
