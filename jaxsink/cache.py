@@ -20,6 +20,18 @@ of itself ("variants"):
 so every score sees exactly the contract's distance d(t, k) (t - k for recent keys, min(t, K) - k for
 sinks) with one query rotation for the whole ring, and every angle is below 2W + C: nothing
 depends on t in floating point. A dense cache never wraps: b = 0 for good.
+
+An int8 cache (`init_cache(..., dtype=jnp.int8)`) keeps its sinks in float32 (exact) and each
+ring key and value as int8 codes with one float32 scale per token and kv head (`Int8Block`).
+Re-rotating codes would quantize them again, so its ring keys are never rotated after the
+write ("slot rotation"): ring token k is rotated by its ring offset r(k) = (k - S) mod W and
+quantized once. The ring then holds keys of two laps, lap(k) = (k - S) // W, which need two
+query rotations, told apart by the lap's parity:
+  - EVEN / ODD: a ring key of an even / odd lap: query rotated by t - S - W L, L the latest
+               lap <= lap(t) of that parity (so r(t) or r(t) + W, below 2W),
+  - SINK: as above, min(t, K).
+`slot_query_rotations`, `slot_key_rotation` and `slot_variant` are the int8 cache's
+`query_rotations`, `key_rotation` and `query_variant`.
 """
 
 from __future__ import annotations
@@ -34,6 +46,42 @@ from flax import struct
 from jaxsink.config import Attention, ConfigError, ModelConfig, StreamConfig
 
 RING, SINK = 0, 1
+INT8 = np.dtype(np.int8)  # the cache dtype of an int8 cache (`Int8Block` ring, float32 sinks)
+
+
+@struct.dataclass
+class Int8Block:
+    """A ring block of an int8 cache: int8 codes and one float32 scale per slot and kv head,
+    the stored value being `codes * scale` (`quantize`).
+
+    codes: keys [B, Hkv, H, n] / values [B, Hkv, n, H] int8 in [-127, 127];
+    scale: keys [B, Hkv, 1, n] / values [B, Hkv, n, 1] float32 (laid out like the codes, so
+      that a block's codes and scales shard and slice alike).
+    """
+
+    codes: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.codes.shape
+
+
+def quantize(x: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 quantization over `axis` (a head's H features): (codes int8 in
+    [-127, 127], scale float32 with `axis` kept as 1), scale = max |x| / 127 and codes =
+    round(x / scale) (to nearest, ties to even); an all-zero x gives codes 0, scale 0.
+    `codes * scale` is within scale / 2 of x in every element."""
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=axis, keepdims=True) / 127.0
+    safe = jnp.where(scale > 0, scale, 1.0)
+    codes = jnp.clip(jnp.round(x / safe), -127, 127).astype(jnp.int8)
+    return codes, scale
+
+
+def dequantize(codes: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """`quantize`'s stored value: codes * scale, in `dtype`."""
+    return (codes.astype(jnp.float32) * scale).astype(dtype)
 
 
 @struct.dataclass
@@ -44,14 +92,20 @@ class LayerCache:
     skips a block no query can see. Keys are stored transposed, the layout the score product
     reads without a transposing copy.
 
-    keys: one [B, Hkv, H, n] per block; values: one [B, Hkv, n, H] per block (n slots each).
+    keys: one [B, Hkv, H, n] per block; values: one [B, Hkv, n, H] per block (n slots each);
+      in an int8 cache each ring block is an `Int8Block` of those shapes.
     stream: static: which tokens this layer keeps (`layer_stream`): the cache's stream for a
       full layer, a ring of its own for a native sliding-window layer.
     """
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: tuple[jax.Array | Int8Block, ...]
+    values: tuple[jax.Array | Int8Block, ...]
     stream: StreamConfig = struct.field(pytree_node=False)
+
+    @property
+    def int8(self) -> bool:
+        """Whether the ring is stored int8 (`Int8Block`s): static, from the pytree's structure."""
+        return any(isinstance(b, Int8Block) for b in self.keys)
 
 
 @struct.dataclass
@@ -82,6 +136,16 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self))
+
+    @property
+    def int8(self) -> bool:
+        """Whether the rings are stored int8 (static)."""
+        return any(lc.int8 for lc in self.layers)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The cache dtype `init_cache` was given: `INT8` for an int8 cache, else its keys'."""
+        return INT8 if self.int8 else np.dtype(self.layers[0].keys[0].dtype)
 
 
 RING_BLOCK = 1024  # ring slots per cache block at most
@@ -123,6 +187,9 @@ def init_cache(
 ) -> KVCache:
     """An empty cache for `batch` streams, every row at position 0.
 
+    dtype: float32 or bfloat16 for every slot; int8 (`INT8`) for an int8 cache: ring keys and
+      values as `Int8Block`s, the sink slots in float32, which holds the keys and values of a
+      model of any dtype exactly.
     native_windows: False gives every layer `stream`'s cache, as if no layer had a native
       sliding window (only to measure what the native windows save).
     Raises ConfigError if the model sets a `position_limit` the cache's positions could reach.
@@ -134,13 +201,24 @@ def init_cache(
             f"{cfg.position_limit}: logn scaling / dynamic NTK); use sinks + window below it"
         )
 
+    int8 = np.dtype(dtype) == INT8
+
+    def buffer(shape, scale_shape, ring: bool):
+        if int8 and ring:
+            return Int8Block(jnp.zeros(shape, jnp.int8), jnp.zeros(scale_shape, jnp.float32))
+        return jnp.zeros(shape, jnp.float32 if int8 else dtype)
+
     def layer_cache(attention):
         B, K, H = batch, attention.num_kv_heads, attention.head_dim
         own = layer_stream(attention, stream) if native_windows else stream
         blocks = slot_blocks(own)
         return LayerCache(
-            keys=tuple(jnp.zeros((B, K, H, n), dtype) for _, n in blocks),
-            values=tuple(jnp.zeros((B, K, n, H), dtype) for _, n in blocks),
+            keys=tuple(
+                buffer((B, K, H, n), (B, K, 1, n), start >= own.sinks) for start, n in blocks
+            ),
+            values=tuple(
+                buffer((B, K, n, H), (B, K, n, 1), start >= own.sinks) for start, n in blocks
+            ),
             stream=own,
         )
 
@@ -292,3 +370,50 @@ def rotation_count(stream: StreamConfig, chunk: int) -> int:
 def used_variants(stream: StreamConfig) -> tuple[int, ...]:
     """The variants a stream can need (static): fewer variants, fewer score dot products."""
     return (RING, SINK) if stream.sinks else (RING,)
+
+
+# --- an int8 cache's slot rotation (module docstring) ---------------------------------------
+
+
+def ring_variants(stream: StreamConfig) -> int:
+    """How many query rotations an int8 cache's ring needs (static): EVEN and ODD for a ring
+    that wraps, one for a dense cache (lap 0 for good). The SINK variant follows them."""
+    return 2 if stream.wraps else 1
+
+
+def slot_variants(stream: StreamConfig) -> int:
+    """How many query variants an int8 cache's stream needs (static): its ring variants, plus
+    SINK when it keeps sinks."""
+    return ring_variants(stream) + (1 if stream.sinks else 0)
+
+
+def lap(stream: StreamConfig, k: jax.Array) -> jax.Array:
+    """The lap of stream index k (int32, any shape): (max(k, S) - S) // W."""
+    return jnp.floor_divide(jnp.maximum(k, stream.sinks) - stream.sinks, stream.window)
+
+
+def slot_key_rotation(stream: StreamConfig, k: jax.Array) -> jax.Array:
+    """The position an int8 cache's key of stream index k is rotated by, for good: k for a
+    sink, its ring offset r(k) = (k - S) mod W for a ring token."""
+    return jnp.where(k < stream.sinks, k, ring_index(stream, k))
+
+
+def slot_variant(stream: StreamConfig, k: jax.Array) -> jax.Array:
+    """Which query variant scores key k in an int8 cache (int32, k's shape): its lap's parity
+    (EVEN = 0, ODD = 1; 0 for a dense cache) for a ring token, SINK (`ring_variants`) for a
+    sink. Meaningless for an empty slot (k < 0), which no query sees."""
+    ring = jnp.mod(lap(stream, k), ring_variants(stream))
+    return jnp.where(k < stream.sinks, ring_variants(stream), ring).astype(jnp.int32)
+
+
+def slot_query_rotations(stream: StreamConfig, t: jax.Array) -> jax.Array:
+    """Positions of an int8 cache's query variants of stream index t: [..., V] int32 in variant
+    order (`slot_variant`): for parity p, t - S - W L with L the latest lap <= lap(t) of parity
+    p (r(t) or r(t) + W), then min(t, K) for the sinks. The score of a ring key k of parity p
+    then sees R(t - S - W lap(k)) q . R(r(k)) k_k = the contract's distance t - k."""
+    r = ring_index(stream, jnp.maximum(t, stream.sinks))
+    n = ring_variants(stream)
+    out = [r + stream.window * jnp.mod(lap(stream, t) - p, 2) for p in range(n)]
+    if stream.sinks:
+        out.append(jnp.minimum(t, stream.capacity))
+    return jnp.stack(out, axis=-1)

@@ -26,7 +26,7 @@ from typing import TextIO
 import jax
 import numpy as np
 
-from jaxsink.checkpoint import DTYPES, CheckpointError
+from jaxsink.checkpoint import CACHE_DTYPES, CheckpointError
 from jaxsink.config import ConfigError, JaxsinkError, StreamConfig, one_line
 from jaxsink.conversation import Conversation
 from jaxsink.engine import Engine, RowSampling
@@ -262,8 +262,8 @@ class Chat:
             conversation = Conversation(self.model.tokenizer).restore(state)
         except ValueError as e:
             raise StreamFileError(f"{where}: {e}") from None
-        ours = jax.tree.leaves(self.engine.cache.layers)[0].dtype
-        if saved.stream != self.stream or np.dtype(DTYPES[saved.cache_dtype]) != ours:
+        ours = self.engine.cache.dtype
+        if saved.stream != self.stream or np.dtype(CACHE_DTYPES[saved.cache_dtype]) != ours:
             raise StreamFileError(
                 f"{where} holds a chat with sinks {saved.stream.sinks}, window "
                 f"{saved.stream.window} and a {saved.cache_dtype} cache, this one has sinks "

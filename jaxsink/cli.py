@@ -48,8 +48,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_cache_dtype(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache-dtype",
-        choices=["float32", "bfloat16"],
-        help="KV cache dtype (default: the run-time --dtype)",
+        choices=["float32", "bfloat16", "int8"],
+        help="KV cache dtype (default: the run-time --dtype); int8: ring keys and values int8 "
+        "with per-token scales, sinks exact",
     )
 
 
@@ -196,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights dtype (default: bfloat16 for cuda/tpu, float32 for cpu)",
     )
     q.add_argument(
-        "--cache-dtype", choices=["float32", "bfloat16"], help="cache dtype (default: --dtype)"
+        "--cache-dtype",
+        choices=["float32", "bfloat16", "int8"],
+        help="cache dtype (default: --dtype; int8: int8 ring, exact sinks)",
     )
     q.add_argument(
         "--device-memory",

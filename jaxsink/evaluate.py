@@ -84,16 +84,19 @@ class StreamResult:
 
 
 def cache_dtype_of(model: Model, cache_dtype):
-    """The cache's dtype: `cache_dtype` (a name or a dtype), else the model's."""
-    from jaxsink.checkpoint import DTYPES
+    """The cache's dtype: `cache_dtype` (a name of `CACHE_DTYPES` or a dtype; int8 is the int8
+    cache of `jaxsink.cache.init_cache`), else the model's."""
+    from jaxsink.checkpoint import CACHE_DTYPES
 
     if cache_dtype is None:
         return model.dtype
     if not isinstance(cache_dtype, str):  # already a dtype
         return jnp.dtype(cache_dtype)
-    if cache_dtype not in DTYPES:
-        raise ConfigError(f"unknown cache dtype {cache_dtype!r} (expected one of {sorted(DTYPES)})")
-    return jnp.dtype(DTYPES[cache_dtype])
+    if cache_dtype not in CACHE_DTYPES:
+        raise ConfigError(
+            f"unknown cache dtype {cache_dtype!r} (expected one of {sorted(CACHE_DTYPES)})"
+        )
+    return jnp.dtype(CACHE_DTYPES[cache_dtype])
 
 
 def stream_config(mode: str, sinks: int, window: int, n_tokens: int, chunk: int) -> StreamConfig:
@@ -128,7 +131,7 @@ def stream_nll(
 
     The dense cache (capacity = the stream, rounded up to the chunk) is allocated up front;
     a cache too large for the machine's memory is refused before it is.
-    cache_dtype: "float32" or "bfloat16" (default: the model's dtype). mesh: run on this mesh
+    cache_dtype: "float32", "bfloat16" or "int8" (default: the model's dtype). mesh: run on this mesh
     (`jaxsink.sharding.make_mesh`'s argument) instead of the model's own.
     """
     from tqdm import tqdm
@@ -181,7 +184,7 @@ def stream_nll(
         compile_seconds=compile_seconds,
         cache_bytes=cache_bytes,
         cache_bytes_all_full=kv.cache_bytes(
-            model.cfg, stream, 1, cache.layers[0].keys[0].dtype, native_windows=False
+            model.cfg, stream, 1, cache.dtype, native_windows=False
         ),
         compiles=sum(mdl.TRACES.values()) - traces,
         sinks=stream.sinks,

@@ -229,8 +229,8 @@ def generate(model: Model, prompt: str | Sequence[int], **kwargs) -> Generation:
 
     Keyword arguments: max_new_tokens, sampling (Sampling), seed, mode ("sink", "window" or
     "dense"), sinks (default 4), window (default 1020), chunk (prefill chunk length C), block (decode steps per device loop),
-    stop (stop strings), chat (apply the chat template), cache_dtype ("float32" or "bfloat16"),
-    mesh (run sharded on this mesh, see `jaxsink.sharding.make_mesh`), resume (a `SavedStream`:
+    stop (stop strings), chat (apply the chat template), cache_dtype ("float32", "bfloat16" or
+    "int8": int8 ring keys and values with per-token scales, exact sinks), mesh (run sharded on this mesh, see `jaxsink.sharding.make_mesh`), resume (a `SavedStream`:
     go on with that stream, its layout and model; `prompt` is then appended text, or None).
     After iterating, `.stats`, `.token_ids`, `.text`, the final `.cache` and `.saved()` are
     available.

@@ -170,7 +170,13 @@ def _gated(spec: C.Mlp, gate: jax.Array, up: jax.Array) -> jax.Array:
 
 
 def _attention_view(
-    stream: C.StreamConfig, pos: jax.Array, valid: jax.Array, positions, span: int, dtype
+    stream: C.StreamConfig,
+    pos: jax.Array,
+    valid: jax.Array,
+    positions,
+    span: int,
+    dtype,
+    int8: bool = False,
 ):
     """Everything about *which* keys each query sees and at which distance, shared by the
     layers whose caches follow `stream` (their `position`s listed in `positions`), for rows at
@@ -186,6 +192,12 @@ def _attention_view(
     [B, C, J]; the slot each chunk token is written to ([B, C], K = dropped); whether each
     dense ring block holds a visible key ([] bool; None for blocks always attended) and, static,
     the cache blocks ((first slot, slots) each) and sink count.
+
+    int8: the cache is int8 (static), with its own rotations (the slot rotation of
+    `jaxsink.cache`): then also the ring's additive masks per variant count (`lap_masks`),
+    whether each chunk token is a ring token ([B, C], quantized like the cache), and no rebase.
+    Either way the ring's variants come first (`ring_variants` of them, static) and
+    `sink_variant` is the sinks'.
     """
     S, W = stream.sinks, stream.window
     C_ = valid.shape[1]
@@ -198,13 +210,22 @@ def _attention_view(
     view = {
         "see_cached": kv.visible(stream, tq, cached[:, None, :]),
         "see_chunk": kv.visible(stream, tq, chunk[:, None, :]),
-        "var_chunk": kv.query_variant(stream, chunk[:, None, :]),
-        "n_variants": len(kv.used_variants(stream)),
         "rotary": {},
     }
     n_rot = kv.rotation_count(stream, C_)
-    q_pos = kv.query_rotations(stream, t, base[:, None])[..., : view["n_variants"]]  # [B, C, V]
-    k_pos = kv.key_rotation(stream, t, base[:, None])  # [B, C]
+    if int8:  # slot rotation: keys never re-rotated, two ring variants told apart by lap parity
+        view["var_chunk"] = kv.slot_variant(stream, chunk[:, None, :])
+        view["n_variants"] = kv.slot_variants(stream)
+        view["ring_variants"] = view["sink_variant"] = kv.ring_variants(stream)
+        view["ring_token"] = t >= S  # [B, C]
+        q_pos = kv.slot_query_rotations(stream, t)  # [B, C, V]
+        k_pos = kv.slot_key_rotation(stream, t)  # [B, C]
+    else:
+        view["var_chunk"] = kv.query_variant(stream, chunk[:, None, :])
+        view["n_variants"] = len(kv.used_variants(stream))
+        view["ring_variants"], view["sink_variant"] = 1, kv.SINK
+        q_pos = kv.query_rotations(stream, t, base[:, None])[..., : view["n_variants"]]
+        k_pos = kv.key_rotation(stream, t, base[:, None])  # [B, C]
     shift = kv.ring_base(stream, pos_after) - base  # [B], a multiple of W
     for spec in dict.fromkeys(p for p in positions if isinstance(p, C.Rotary)):
         table = jnp.asarray(rotary_table(n_rot, spec, span), dtype)  # [P, 2, R/2]
@@ -214,7 +235,9 @@ def _attention_view(
         view["rotary"][spec] = {
             "q": rotary(table, q_pos),
             "k": rotary(table, k_pos),
-            "rebase": (shift.max() > 0, rotary(plain, shift)) if stream.wraps else None,
+            "rebase": (
+                (shift.max() > 0, rotary(plain, shift)) if stream.wraps and not int8 else None
+            ),
         }
     if any(isinstance(p, C.Alibi) for p in positions):
         view["dist_cached"] = kv.distance(stream, tq, cached[:, None, :]).astype(jnp.float32)
@@ -231,6 +254,15 @@ def _attention_view(
         None if start < S or stream.wraps else view["see_cached"][..., start : start + n].any()
         for start, n in view["blocks"]
     )
+    if int8:
+        # The int8 ring's additive masks (`_int8_group`'s `lap_masks`), [B, V, C, S] float32
+        # per variant count: for rotary layers one per lap parity (a variant's queries see the
+        # keys of its laps), for the others one.
+        laps = kv.slot_variant(stream, cached)[:, None, None, :]  # [B, 1, 1, S]
+        see = view["see_cached"][:, None]  # [B, 1, C, S]
+        own = laps == jnp.arange(kv.ring_variants(stream))[:, None, None]  # [B, V, 1, S]
+        masks = {1: see, kv.ring_variants(stream): see & own}
+        view["lap_masks"] = {n: jnp.where(m, 0.0, _MASKED) for n, m in masks.items()}
     return view
 
 
@@ -315,6 +347,91 @@ def _group(q, keys, values, variant, seen, bias, softcap):
     return peak, weights.sum(axis=-1, keepdims=True), weighted
 
 
+def _int8_group(q, keys: kv.Int8Block, values: kv.Int8Block, lap_masks, bias, softcap):
+    """`_group` over an int8 ring block: every key scored by every query variant, only its
+    own variant's score kept (`lap_masks`), with the codes' scales applied to the scores and
+    to the weights (no float copy of the block is ever made).
+
+    q: [B, K, C, V, G, H] (scaled); keys: codes [B, K, H, T], scales [B, K, 1, T]; values:
+    codes [B, K, T, H], scales [B, K, T, 1]; lap_masks: [B, V, C, T] float32, 0 where a
+    variant's queries see a key, -1e30 elsewhere (the two laps of the ring, or V = 1 for a
+    layer without rotary positions); bias: [B, K, C, G, T] float32 or None; softcap: static.
+    Returns `_group`'s (peak, mass, weighted).
+
+    Shaped for XLA:CPU (SmolLM2, B = 16): the variants' scores are masked by an added -1e30
+    and share one max, and the peak is recovered outside that kernel as in `_group`'s fast
+    path, so product, scales, mask, max and exp fuse with the codes' conversion into one
+    kernel; rows are variant-major, since a size-1 chunk axis between variant and head axes
+    makes XLA copy the scores first; each variant's weights go through the value product
+    and are summed after it (the same sum in another order), since a product followed by a
+    sum takes the values' conversion into its kernel and a product alone does not. A per-key
+    select of the variants' scores split the kernels, and materialized converted codes cost
+    more than the float32 cache's reads.
+    """
+    f32 = jnp.float32
+    B, K, C_, V, G, H = q.shape
+    T, CG = keys.codes.shape[-1], C_ * G
+    if C_ > 1:  # a prefill chunk, where the products' arithmetic dominates
+        return _int8_chunk_group(q, keys, values, lap_masks, bias, softcap)
+    rows = q.transpose(0, 1, 3, 2, 4, 5).reshape(B, K, V, CG, H)  # variant-major
+    raw = jnp.einsum(
+        "bkvch,bkht->bkvct", rows, keys.codes.astype(q.dtype), preferred_element_type=f32
+    )
+    raw = raw * keys.scale[:, :, None]  # [B, K, V, CG, T]: each key's scale
+    mask = lap_masks[:, None, :, :, None, :]  # [B, 1, V, C, 1, T]
+    mask = jnp.broadcast_to(mask, (B, 1, V, C_, G, T)).reshape(B, 1, V, CG, T)
+    if bias is not None:
+        bias = jnp.broadcast_to(bias.reshape(B, K, 1, CG, T), (B, K, V, CG, T))
+    scores = _score(raw, bias, softcap) + mask
+    each = jnp.exp(scores - scores.max(axis=(2, 4), keepdims=True))  # [B, K, V, CG, T]
+    weights = each.sum(axis=2)  # [B, K, CG, T]: each key under its own variant
+    # The peak: the score of the key of largest weight (1 = exp(0)), under its variant.
+    top = weights.max(axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(weights == top, jnp.arange(T), T), axis=-1)  # [B, K, CG]
+    at = jnp.minimum(first, T - 1)[:, :, None, :]  # [B, K, 1, CG]
+    best = jnp.take_along_axis(keys.codes, at, axis=-1).astype(q.dtype)  # [B, K, H, CG]
+    peak = jnp.einsum("bkvch,bkhc->bkvc", rows, best, preferred_element_type=f32)
+    peak = peak * jnp.take_along_axis(keys.scale, at, axis=-1)  # [B, K, V, CG]
+    at = at[..., None]  # [B, K, 1, CG, 1]
+    peak_bias = None if bias is None else jnp.take_along_axis(bias, at, -1)[..., 0]
+    peak = _score(peak, peak_bias, softcap) + jnp.take_along_axis(mask, at, -1)[..., 0]
+    peak = peak.max(axis=2).reshape(B, K, C_, G, 1)
+    mass = weights.sum(axis=-1).reshape(B, K, C_, G, 1)
+    each = each * values.scale.reshape(B, K, 1, 1, T)  # each value's scale
+    weighted = jnp.einsum(
+        "bkvcs,bksh->bkvch", each, values.codes.astype(q.dtype), preferred_element_type=f32
+    ).sum(axis=2)
+    return peak, mass, weighted.reshape(B, K, C_, G, H)
+
+
+def _int8_chunk_group(q, keys: kv.Int8Block, values: kv.Int8Block, lap_masks, bias, softcap):
+    """`_int8_group` for a chunk of several queries, where the arithmetic dominates (prefill):
+    each key's score taken from its own variant (the one its mask keeps), then one softmax and
+    one value product, as `_group`'s plain form (for SmolLM2's 128-token chunks, 145 against
+    75 tok/s for the decode form, which runs every product and exp for both variants)."""
+    f32 = jnp.float32
+    B, K, C_, V, G, H = q.shape
+    T = keys.codes.shape[-1]
+    rows = q.reshape(B, K, C_ * V * G, H)
+    raw = jnp.einsum(
+        "bkrh,bkht->bkrt", rows, keys.codes.astype(q.dtype), preferred_element_type=f32
+    )
+    raw = (raw * keys.scale).reshape(B, K, C_, V, G, T)
+    kept = lap_masks.transpose(0, 2, 1, 3)[:, None, :, :, None, :] == 0  # [B, 1, C, V, 1, T]
+    own = raw[:, :, :, 0]  # [B, K, C, G, T]: each key's score under its own variant
+    for v in range(1, V):
+        own = jnp.where(kept[:, :, :, v], raw[:, :, :, v], own)
+    scores = _mask(_score(own, bias, softcap), kept.any(axis=3))
+    peak = scores.max(axis=-1, keepdims=True)
+    weights = jnp.exp(scores - peak)
+    mass = weights.sum(axis=-1, keepdims=True)
+    weights = weights * values.scale.reshape(B, K, 1, 1, T)  # each value's scale
+    weighted = jnp.einsum(
+        "bkcgs,bksh->bkcgh", weights, values.codes.astype(q.dtype), preferred_element_type=f32
+    )
+    return peak, mass, weighted
+
+
 def _skipped_group(q, *_):
     """`_group`'s result for keys no query sees: no mass."""
     B, K, C_, _, G, H = q.shape
@@ -341,11 +458,14 @@ def _alibi_bias(slopes: tuple[float, ...], dist: jax.Array, K: int) -> jax.Array
     return -s[None, :, None, :, None] * dist[:, None, :, None, :]
 
 
-def _after(x: jax.Array, rows: jax.Array) -> jax.Array:
-    """x [B, ...] made to depend on `rows` [B] without changing it: each batch row on its own
-    row only, and a non-finite value never leaking in (0 * inf would be NaN)."""
+def _after(x: jax.Array, rows: jax.Array, axis: int = 0) -> jax.Array:
+    """x [..., B, ...] (batch along `axis`) made to depend on `rows` [B] without changing it:
+    each batch row on its own row only, and a non-finite value never leaking in (0 * inf
+    would be NaN)."""
     zero = jnp.where(jnp.isfinite(rows), rows, 0) * 0
-    return x + zero.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return x + zero.reshape(shape).astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -410,11 +530,24 @@ class Attention(nnx.Module):
                 return None
             return _alibi_bias(position.slopes, dist, K)
 
+        # An int8 cache quantizes the chunk's ring keys and values as it will store them, and
+        # every query sees them so (its own included): a chunk then gives exactly what its
+        # tokens give one by one, and the codes are written below.
+        int8 = lc.int8
+        if int8:
+            both = jnp.stack([k, v])  # [2, B, C, K, H]: keys and values quantized at once
+            codes, scale = kv.quantize(both)
+            ring = view["ring_token"][:, :, None, None]  # [B, C, 1, 1]
+            read = jnp.where(ring, kv.dequantize(codes, scale), both.astype(jnp.float32))
+            k_seen, v_seen = read[0], read[1]
+        else:
+            k_seen, v_seen = k, v
         # Groups of keys, each scored by the query variants it can need: the sink block with
-        # the chunk's own keys (SINK or RING per key; small, so one group saves a group's fixed
-        # costs), then each ring block (RING). A dense cache's block that no query of the chunk
-        # can see yet is skipped at run time.
-        small_keys, small_values = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+        # the chunk's own keys (SINK or a ring variant per key; small, so one group saves a
+        # group's fixed costs), then each ring block (its ring variants: one, or an int8
+        # cache's two laps). A dense cache's block that no query of the chunk can see yet is
+        # skipped at run time.
+        small_keys, small_values = k_seen.transpose(0, 2, 3, 1), v_seen.transpose(0, 2, 1, 3)
         seen, variant = view["see_chunk"], view["var_chunk"] if rot is not None else None
         dist = view.get("dist_chunk")
         blocks = list(zip(view["blocks"], view["live"], lc.keys, lc.values, strict=True))
@@ -424,19 +557,26 @@ class Attention(nnx.Module):
             small_values = jnp.concatenate([sink_values, small_values], axis=-2)
             seen = jnp.concatenate([view["see_cached"][..., :n], seen], axis=-1)
             if variant is not None:
-                sinks = jnp.full((B, 1, n), kv.SINK, variant.dtype)
+                sinks = jnp.full((B, 1, n), view["sink_variant"], variant.dtype)
                 variant = jnp.concatenate([sinks, variant], -1)
             if dist is not None:
                 dist = jnp.concatenate([view["dist_cached"][..., :n], dist], axis=-1)
         group = functools.partial(_group, softcap=spec.softcap)
         parts = [group(q, small_keys, small_values, variant, seen, bias(dist))]
+        n_ring = view["ring_variants"] if rot is not None else 1
         for (start, n), live, keys, values in blocks:
-            seen = view["see_cached"][..., start : start + n]  # [B, C, n]
             dist = view.get("dist_cached")
             block_bias = None if dist is None else bias(dist[..., start : start + n])
-            args = (q[:, :, :, kv.RING : kv.RING + 1], keys, values, None, seen, block_bias)
+            if int8:  # each ring variant's queries see the keys of their laps
+                masks = view["lap_masks"][n_ring][..., start : start + n]  # [B, V, C, n]
+                args = (q[:, :, :, :n_ring], keys, values, masks, block_bias)
+                read = functools.partial(_int8_group, softcap=spec.softcap)
+            else:
+                seen = view["see_cached"][..., start : start + n]  # [B, C, n]
+                args = (q[:, :, :, kv.RING : kv.RING + 1], keys, values, None, seen, block_bias)
+                read = group
             parts.append(
-                group(*args) if live is None else jax.lax.cond(live, group, _skipped_group, *args)
+                read(*args) if live is None else jax.lax.cond(live, read, _skipped_group, *args)
             )
         sinks = None if self.sinks is None else self.sinks[...].astype(jnp.float32).reshape(K, G)
         out = _combine(parts, sinks).astype(v.dtype)  # [B, K, C, G, H]
@@ -446,11 +586,16 @@ class Attention(nnx.Module):
         # twice. Row by row, so a non-finite row cannot reach another row's cache.
         first = out[:, 0, 0, 0, 0]  # [B]
         k, v = _after(k, first), _after(v, first)
+        if int8:
+            codes, scale = _after(codes, first, axis=1), _after(scale, first, axis=1)
+            k_int8, v_int8 = kv.Int8Block(codes[0], scale[0]), kv.Int8Block(codes[1], scale[1])
+        else:
+            k_int8 = v_int8 = None
         out = out.transpose(1, 3, 4, 0, 2).reshape(K * G, H, B, C_)  # [N, H, B, C]
         out = quant.product(self.out, out, n_in=2)  # [D, B, C]
         if self.out_bias is not None:
             out += self.out_bias[...][:, None, None]
-        lc = _write(lc, k, v, view["write_slot"], view["blocks"])
+        lc = _write(lc, k, v, view["write_slot"], view["blocks"], k_int8, v_int8)
         if rot is not None:
             lc = _rebase(lc, rot["rebase"], view["blocks"], view["n_sinks"], position)
         return out, lc
@@ -655,6 +800,7 @@ class Decoder(nnx.Module):
                 ],
                 _span(cache.stream),
                 dtype,
+                cache.int8,
             )
             for stream in dict.fromkeys(streams)
         }
@@ -692,18 +838,41 @@ class Decoder(nnx.Module):
         return out
 
 
-def _write(lc: kv.LayerCache, k_new, v_new, write_slot, blocks) -> kv.LayerCache:
+def _write(
+    lc: kv.LayerCache,
+    k_new,
+    v_new,
+    write_slot,
+    blocks,
+    k_int8: kv.Int8Block | None = None,
+    v_int8: kv.Int8Block | None = None,
+) -> kv.LayerCache:
     """Store a chunk's keys/values [B, C, K, H] at `write_slot` [B, C] (cache slots, sinks then
     ring; K = dropped) into the blocks holding them, in place once attention has read the old
-    contents. blocks: (first slot, slots) of each block."""
+    contents. blocks: (first slot, slots) of each block. k_int8, v_int8: the chunk's codes
+    [B, C, K, H] and scales [B, C, K, 1] (`quantize`), which an int8 block stores."""
     rows = jnp.arange(write_slot.shape[0])[:, None]  # [B, 1]
+
+    def put_key(buffer, slot, new):  # [B, K, H, n]; [B, C] index axes first: [B, C, K, H]
+        return buffer.at[rows, :, :, slot].set(new.astype(buffer.dtype), mode="drop")
+
+    def put_value(buffer, slot, new):  # [B, K, n, H]
+        return buffer.at[rows, :, slot].set(new.astype(buffer.dtype), mode="drop")
+
+    def put(put_one, buffer, slot, new, new_int8):
+        if isinstance(buffer, kv.Int8Block):
+            return kv.Int8Block(
+                put_one(buffer.codes, slot, new_int8.codes),
+                put_one(buffer.scale, slot, new_int8.scale),
+            )
+        return put_one(buffer, slot, new)
+
     keys, values = [], []
     for (start, n), kb, vb in zip(blocks, lc.keys, lc.values, strict=True):
         inside = (write_slot >= start) & (write_slot < start + n)
         slot = jnp.where(inside, write_slot - start, n)  # n: dropped
-        # Indexing [rows, ..., slot] puts the [B, C] index axes first: updates are [B, C, K, H].
-        keys.append(kb.at[rows, :, :, slot].set(k_new.astype(kb.dtype), mode="drop"))
-        values.append(vb.at[rows, :, slot].set(v_new.astype(vb.dtype), mode="drop"))
+        keys.append(put(put_key, kb, slot, k_new, k_int8))
+        values.append(put(put_value, vb, slot, v_new, v_int8))
     return lc.replace(keys=tuple(keys), values=tuple(values))
 
 

@@ -24,7 +24,7 @@ from flax import nnx
 from jaxsink import cache as kv
 from jaxsink import model as mdl
 from jaxsink import sharding as sh
-from jaxsink.checkpoint import DTYPES
+from jaxsink.checkpoint import CACHE_DTYPES, DTYPES
 from jaxsink.config import ConfigError, ModelConfig, StreamConfig
 
 CONFIGS = Path(__file__).parent / "configs"  # bundled Hugging Face config.json files
@@ -167,7 +167,7 @@ def plan(
     """The memory plan, and with `lower` the exported prefill and decode steps' sizes."""
     if batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {batch}")
-    wdt, cdt = jnp.dtype(DTYPES[dtype]), jnp.dtype(DTYPES[cache_dtype or dtype])
+    wdt, cdt = jnp.dtype(DTYPES[dtype]), jnp.dtype(CACHE_DTYPES[cache_dtype or dtype])
     sizes = _sizes(mesh)
     notes: set = set()
     params = params_bytes(cfg, wdt, sizes, notes)

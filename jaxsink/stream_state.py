@@ -27,7 +27,13 @@ import jax
 import numpy as np
 
 from jaxsink import cache as kv
-from jaxsink.checkpoint import DTYPES, WEIGHTS_FILE, CheckpointError, check_safetensors
+from jaxsink.checkpoint import (
+    CACHE_DTYPES,
+    DTYPES,
+    WEIGHTS_FILE,
+    CheckpointError,
+    check_safetensors,
+)
 from jaxsink.config import ConfigError, JaxsinkError, StreamConfig
 from jaxsink.engine import RowState
 from jaxsink.loading import Model
@@ -62,11 +68,11 @@ class SavedStream:
 
     @property
     def cache_dtype(self) -> str:
-        return _dtype_name(jax.tree.leaves(self.row.cache.layers)[0].dtype)
+        return _dtype_name(self.row.cache.dtype, CACHE_DTYPES)
 
 
-def _dtype_name(dtype) -> str:
-    return next(name for name, d in DTYPES.items() if d == np.dtype(dtype))
+def _dtype_name(dtype, names=DTYPES) -> str:
+    return next(name for name, d in names.items() if d == np.dtype(dtype))
 
 
 def model_identity(model: Model) -> dict:
@@ -209,7 +215,7 @@ def read_stream_info(path: str | os.PathLike) -> StreamInfo:
         state = json.loads(metadata["state"])
         s = state["stream"]
         stream = StreamConfig(_int(s["sinks"]), _int(s["window"]), s["mode"])
-        if state["cache_dtype"] not in DTYPES:
+        if state["cache_dtype"] not in CACHE_DTYPES:
             raise ValueError(f"cache dtype {state['cache_dtype']!r}")
         index = _int(state["stream_index"])
         if index < 0:
@@ -294,7 +300,7 @@ def load_stream(path: str | os.PathLike, model: Model) -> SavedStream:
     path = Path(path)
     info = read_stream_info(path)
     state, stream, index = info.state, info.stream, info.index
-    cache_dtype = DTYPES[info.cache_dtype]
+    cache_dtype = CACHE_DTYPES[info.cache_dtype]
     _, headers = _read_header(path)
     _check_model(path, info.model, model_identity(model))
     abstract = jax.eval_shape(lambda: kv.init_cache(model.cfg, stream, 1, cache_dtype))

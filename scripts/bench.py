@@ -13,7 +13,8 @@ Sections (select with `--sections decode,bounds,...`; all by default):
 - recompute: the StreamingLLM paper's "sliding window with re-computation" baseline (a fresh
              dense forward over the last K tokens per new token) against one sink decode step.
 - prefill:   chunked prefill tok/s against the chunk length C (sink mode, K = 1024).
-- batch:     aggregate decode tok/s of B = 1, 4, 16 independent streams.
+- batch:     aggregate decode tok/s of B = 1, 4, 16 independent streams, with the run's cache
+             dtype and with the int8 cache (`--cache-dtype int8`), interleaved.
 - memory:    compilations, RSS, live device bytes and cache bytes at the start and the end of a
              long sink stream.
 - bf16:      the decode section's jaxsink run with bfloat16 weights and cache.
@@ -173,6 +174,7 @@ TARGETS = {
     "decode_vs_weights_only_pass": {"min": 0.9},
     "sink_latency_flat_2k_to_100k": {"tolerance": 0.05},
     "batch16_vs_batch1_aggregate": {"min": 5.0},
+    "batch16_vs_batch1_aggregate_int8_cache": {"min": 5.0},
     "prefill_tok_s_at_c256": {"min": 200.0},
 }
 
@@ -500,10 +502,16 @@ class Bench:
         return self.compiled("decode_rows", decode_rows, args, static)
 
     def _greedy(self, B: int):
-        """Per-row settings of greedy rows: temperature 0, no top-k, no top-p."""
+        """Per-row settings of greedy rows: temperature 0, no top-k, no top-p, no top
+        log-probabilities (`Engine.settings`)."""
         import jax.numpy as jnp
 
-        return (jnp.zeros((B,), jnp.float32), jnp.zeros((B,), jnp.int32), jnp.ones((B,)))
+        return (
+            jnp.zeros((B,), jnp.float32),
+            jnp.zeros((B,), jnp.int32),
+            jnp.ones((B,), jnp.float32),
+            jnp.zeros((B,), bool),
+        )
 
     def _no_eos(self):
         import jax.numpy as jnp
@@ -524,7 +532,7 @@ class Bench:
         keys = jax.random.split(jax.random.key(0), B)
         live, n = jnp.ones((B,), bool), jnp.full((B,), steps, jnp.int32)
         t = time.perf_counter()
-        out, cache, _, _, _, left = exe(
+        out, _, _, _, cache, _, _, _, left = exe(
             net.weights, cache, logits, keys, live, n, self._greedy(B), self._no_eos()
         )
         jax.block_until_ready((out, cache))
@@ -532,20 +540,26 @@ class Bench:
         assert int(np.asarray(left).max()) == 0, f"decode left {np.asarray(left)} steps"
         return seconds, np.asarray(out)[:, :steps], cache
 
-    def decode_runs(self, net: Net, stream, batch: int, prompt: int, steps: int) -> list:
+    def decode_runs(
+        self, net: Net, stream, batch: int, prompt: int, steps: int, cache_dtype=None
+    ) -> list:
         """Seconds of each timed run (after a warm-up) of `steps` greedy decode steps of `batch`
-        streams, each row prefilled in one chunk with its own `prompt` random tokens."""
+        streams, each row prefilled in one chunk with its own `prompt` random tokens; the
+        cache in `cache_dtype` (default: the weights')."""
+        run = self.decode_setup(net, stream, batch, prompt, steps, cache_dtype)
+        return [run() for _ in range(max(self.sizes["repeats"], self.sizes["min_repeats"]))]
+
+    def decode_setup(self, net: Net, stream, batch: int, prompt: int, steps: int, cache_dtype):
+        """`decode_runs`' streams prefilled, compiled and warmed up: a function that times one
+        run of `steps` decode steps (seconds)."""
         from jaxsink import cache as kv
 
         ids = self.tokens(prompt, seed=4, batch=batch, cfg=net.cfg)
-        cache = kv.init_cache(net.cfg, stream, batch, net.dtype)
+        cache = kv.init_cache(net.cfg, stream, batch, cache_dtype or net.dtype)
         logits, cache = self.prefill(net, cache, ids, min(prompt, 256))
         exe = self.decode_exe(net, cache, steps)
         self.run_decode(exe, net, cache, logits, steps)  # warm-up
-        return [
-            self.run_decode(exe, net, cache, logits, steps)[0]
-            for _ in range(max(self.sizes["repeats"], self.sizes["min_repeats"]))
-        ]
+        return lambda: self.run_decode(exe, net, cache, logits, steps)[0]
 
     def row(self, section: str, what: str, value: str, note: str = "") -> None:
         self.rows.append((section, what, value, note))
@@ -1055,30 +1069,62 @@ class Bench:
         }
 
     def section_batch(self) -> dict:
+        import numpy as np
+
+        from jaxsink import cache as kv
         from jaxsink.config import StreamConfig
 
         sz, net = self.sizes, self.net
         stream = StreamConfig.for_mode("sink", SINKS, WINDOW)
         steps = sz["batch_steps"]
-        out = []
+        caches = {"": net.dtype, "_int8": kv.INT8}  # result key suffix: cache dtype
+        out: dict = {suffix: [] for suffix in caches}
+        setups = {
+            (B, suffix): self.decode_setup(net, stream, B, sz["batch_prompt"], steps, dtype)
+            for B in sz["batches"]
+            for suffix, dtype in caches.items()
+        }
+        # Every batch size and cache timed in each round, so that the ratios compare runs of
+        # the same machine load (the machine may be shared); the best round of each counts.
+        runs: dict = {key: [] for key in setups}
+        for _ in range(2 * max(sz["repeats"], sz["min_repeats"])):
+            for key, run in setups.items():
+                runs[key].append(run())
         for B in sz["batches"]:
-            best = min(self.decode_runs(net, stream, B, sz["batch_prompt"], steps))
-            out.append(
-                {"batch": B, "aggregate_tok_s": B * steps / best, "ms_per_step": best / steps * 1e3}
-            )
-            log(f"batch B={B}: {B * steps / best:.1f} tok/s aggregate")
-        for o in out:
-            o["vs_batch1"] = o["aggregate_tok_s"] / out[0]["aggregate_tok_s"]
-            self.row(
-                "batch",
-                f"aggregate decode, B={o['batch']}",
-                f"{o['aggregate_tok_s']:.1f} tok/s",
-                f"{o['ms_per_step']:.1f} ms/step; {o['vs_batch1']:.2f}x of B={out[0]['batch']}",
-            )
+            for suffix, dtype in caches.items():
+                best = min(runs[B, suffix])
+                out[suffix].append(
+                    {
+                        "batch": B,
+                        "aggregate_tok_s": B * steps / best,
+                        "ms_per_step": best / steps * 1e3,
+                        "cache_bytes": kv.cache_bytes(net.cfg, stream, B, dtype),
+                    }
+                )
+                log(f"batch B={B}{suffix or ''}: {B * steps / best:.1f} tok/s aggregate")
+        for suffix, dtype in caches.items():
+            for o in out[suffix]:
+                o["vs_batch1"] = o["aggregate_tok_s"] / out[suffix][0]["aggregate_tok_s"]
+                self.row(
+                    "batch",
+                    f"aggregate decode, B={o['batch']}, {np.dtype(dtype).name} cache",
+                    f"{o['aggregate_tok_s']:.1f} tok/s",
+                    f"{o['ms_per_step']:.1f} ms/step; {o['vs_batch1']:.2f}x of "
+                    f"B={out[suffix][0]['batch']}; cache {o['cache_bytes'] / 1e6:.0f} MB",
+                )
+        int8_vs_float = [
+            i["aggregate_tok_s"] / f["aggregate_tok_s"]
+            for f, i in zip(out[""], out["_int8"], strict=True)
+        ]
         return {
-            "by_batch": out,
+            "by_batch": out[""],
+            "by_batch_int8_cache": out["_int8"],
+            "int8_cache_vs_float_cache": int8_vs_float,
             "steps_timed": steps,
-            "note": f"independent streams (sink K=1024), each row prefilled with its own {sz['batch_prompt']} random tokens",
+            "note": f"independent streams (sink K=1024), each row prefilled with its own "
+            f"{sz['batch_prompt']} random tokens; by_batch with the weights' cache dtype, "
+            "by_batch_int8_cache with the int8 cache; every batch size and cache timed in each "
+            "round, best round",
         }
 
     def section_memory(self) -> dict:
@@ -1346,6 +1392,14 @@ class Bench:
                 v = by[16]["aggregate_tok_s"] / by[1]["aggregate_tok_s"]
                 out["batch16_vs_batch1_aggregate"] = {
                     **TARGETS["batch16_vs_batch1_aggregate"],
+                    "value": v,
+                    "met": v >= 5.0,
+                }
+            by = {o["batch"]: o for o in r["batch"].get("by_batch_int8_cache", [])}
+            if 16 in by and 1 in by:
+                v = by[16]["aggregate_tok_s"] / by[1]["aggregate_tok_s"]
+                out["batch16_vs_batch1_aggregate_int8_cache"] = {
+                    **TARGETS["batch16_vs_batch1_aggregate_int8_cache"],
                     "value": v,
                     "met": v >= 5.0,
                 }

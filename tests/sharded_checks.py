@@ -35,11 +35,11 @@ MESHES = ("data=1,model=2", "data=2,model=2", "data=4,model=2")
 STREAMS = {"sink": StreamConfig(2, 5), "dense": StreamConfig(0, 32, "dense")}
 
 
-def sharded_feed(m, stream, tokens: np.ndarray, chunk: int) -> np.ndarray:
+def sharded_feed(m, stream, tokens: np.ndarray, chunk: int, cache_dtype=None) -> np.ndarray:
     """Logits [B, N, V] of feeding tokens [B, N] in chunks through `mdl.step` compiled with the
-    model mesh's shardings."""
+    model mesh's shardings (the cache in `cache_dtype`, default the model's)."""
     B, N = tokens.shape
-    cache = sh.sharded_cache(m.cfg, stream, B, m.dtype, m.mesh)
+    cache = sh.sharded_cache(m.cfg, stream, B, cache_dtype or m.dtype, m.mesh)
     cache_sharding = sh.cache_shardings(cache, m.mesh)
     row = sh.rows(m.mesh, (B, chunk))
     shardings = (
@@ -85,6 +85,12 @@ def main(out_dir: str) -> None:
 
     # The rules on every leaf (data=2, model=2).
     m = jaxsink.load(path, mesh="data=2,model=2")
+
+    # An int8 cache (codes and scales sharded like float buffers) equals its single-device run.
+    one, many = (sharded_feed(x, STREAMS["sink"], tokens, 8, np.int8) for x in (single, m))
+    report["int8_logits_max_diff"] = float(np.abs(one - many).max())
+    cache = sh.sharded_cache(cfg, STREAMS["sink"], 4, np.int8, m.mesh)
+    report["int8_cache_specs"] = sorted({json.dumps(spec_of(x)) for x in jax.tree.leaves(cache)})
     report["weight_specs"] = {
         mdl._name(k): spec_of(v.get_value()) for k, v in nnx.to_flat_state(m.weights)
     }

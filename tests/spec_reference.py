@@ -8,6 +8,10 @@ each query the visible set and the distances d(t, k) are recomputed from scratch
 contract's formulas; RoPE is applied at the "cache order" positions (the query at L = min(t, K),
 each visible key at L - d(t, k)) and ALiBi adds -slope * d(t, k). A native sliding-window
 layer of w sees the keys t - w < k <= t at their true distances (its query at min(t, w - 1)).
+
+With `int8=True` it is the contract of an int8 cache: every ring token's key (rotated by its
+ring offset (k - S) mod W, its layer's own S and W) and value are stored quantized per kv head
+(`int8_round_trip`), a query sees them so, its own included; sinks stay exact.
 """
 
 from __future__ import annotations
@@ -55,6 +59,25 @@ def _rope(x, pos, spec: Rotary, span: int):
         x1, x2 = x[..., : r // 2], x[..., r // 2 : r]
         out = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return np.concatenate([out, x[..., r:]], axis=-1)
+
+
+def int8_round_trip(x):
+    """x [..., H] quantized per row as an int8 cache stores it and read back: scale = max|x| /
+    127, codes = round(x / scale) (ties to even) in [-127, 127], value = codes * scale."""
+    scale = np.abs(x).max(axis=-1, keepdims=True) / 127
+    safe = np.where(scale > 0, scale, 1.0)
+    return np.clip(np.round(x / safe), -127, 127) * scale
+
+
+def _int8_key(k, offset: int, spec: Rotary | None, span: int):
+    """The un-rotated key [Kh, H] an int8 cache's ring slot gives back: rotated by the slot's
+    ring offset, quantized, rotated back (the rotation's cos/sin factor, applied once by the
+    cache, undone)."""
+    if spec is None:
+        return int8_round_trip(k)
+    back = _rope(int8_round_trip(_rope(k, offset, spec, span)), -offset, spec, span)
+    back[..., : spec.dim] /= spec.cos_sin_scale() ** 2
+    return back
 
 
 def spec_view(t: int, sinks: int, window: int, dense: bool = False, native: int | None = None):
@@ -109,9 +132,16 @@ def _moe(m, lp, h):
 
 
 def stream_logits(
-    flat: dict, cfg: ModelConfig, tokens, sinks: int, window: int, dense: bool = False
+    flat: dict,
+    cfg: ModelConfig,
+    tokens,
+    sinks: int,
+    window: int,
+    dense: bool = False,
+    int8: bool = False,
 ):
-    """Per-token logits [N, V] of a single stream under the contract (float64)."""
+    """Per-token logits [N, V] of a single stream under the contract (float64); int8: of an
+    int8 cache (module docstring)."""
     p = {k: np.asarray(v, np.float64) for k, v in flat.items()}
     L = cfg.num_layers
     keys = [[] for _ in range(L)]  # un-rotated, per layer, per token: [Kh, H]
@@ -146,6 +176,13 @@ def stream_logits(
                 axes = (-2, -1) if a.qk_norm_scope == "all" else (-1,)
                 q = _norm(q, a.qk_norm, lp["attn.q_norm.scale"], lp.get("attn.q_norm.bias"), axes)
                 k = _norm(k, a.qk_norm, lp["attn.k_norm.scale"], lp.get("attn.k_norm.bias"), axes)
+            if int8:  # the layer's own ring (S, W); a dense cache never wraps
+                S, W = (
+                    (sinks, window) if w is None and not dense else (0, w - 1 if w else len(tokens))
+                )
+                if t >= S:
+                    rotary = a.position if isinstance(a.position, Rotary) else None
+                    k, v = _int8_key(k, (t - S) % W, rotary, span), int8_round_trip(v)
             keys[i].append(k)
             values[i].append(v)
             att = np.zeros((a.num_heads, a.head_dim))

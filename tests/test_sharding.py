@@ -50,6 +50,13 @@ def test_sharded_equals_single_device(report):
         assert diff < 1e-4, case
 
 
+def test_an_int8_cache_sharded_equals_single_device(report):
+    """data=2, model=2: an int8 cache's codes and scales over batch rows and kv heads, the
+    same logits as on one device."""
+    assert report["int8_logits_max_diff"] < 1e-4
+    assert report["int8_cache_specs"] == ['["data", "model", null, null]', '["data"]']
+
+
 def test_commands_and_apis_equal_single_device(report):
     assert report["cli_ppl_max_diff"] < 1e-4  # jaxsink ppl --mesh data=1,model=2
     assert report["api_dense_nll_max_diff"] < 1e-4
