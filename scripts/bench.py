@@ -1510,6 +1510,7 @@ class Bench:
             n_threads=self.args.threads,
             n_threads_batch=self.args.threads,
             n_batch=prompt,
+            logits_all=True,  # keeps each evaluated token's logits (`scores`): one row per step
             verbose=False,
         )
         ids = self.tokens(prompt, seed=4, cfg=self.cfg).tolist()

@@ -8,6 +8,20 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_persistent_compilation_cache():
+    """The test process never turns on JAX's persistent compilation cache (the in-process CLI
+    would, for the rest of the session): with it on, JAX 0.10.2 crashed the whole run in its
+    cache path (a segfault or abort in `executable.serialize()` or the compile that writes the
+    entry) at a test late in the run, four runs out of four, never with the same tests run
+    alone. CLI children (subprocesses) still use their cache."""
+    from jaxsink import cli
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "_use_compilation_cache", lambda: None)
+        yield
+
+
 @pytest.fixture(scope="session")
 def jaxsink_test_home() -> Path:
     """A persistent jaxsink home for tests that download: `$JAXSINK_TEST_HOME`, else
