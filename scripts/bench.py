@@ -1679,6 +1679,8 @@ def markdown(rows, targets: dict) -> str:
             req = (
                 (f">= {t['min']}" + (f" (goal {t['goal']})" if "goal" in t else ""))
                 if "min" in t
+                else f"<= {t['max']}"
+                if "max" in t
                 else f"<= ±{t['tolerance']:.0%}"
             )
             met = "yes" if t["met"] else "**no**"
