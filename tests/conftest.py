@@ -8,18 +8,23 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="session", autouse=True)
-def no_persistent_compilation_cache():
-    """The test process never turns on JAX's persistent compilation cache (the in-process CLI
-    would, for the rest of the session): with it on, JAX 0.10.2 crashed the whole run in its
-    cache path (a segfault or abort in `executable.serialize()` or the compile that writes the
-    entry) at a test late in the run, four runs out of four, never with the same tests run
-    alone. CLI children (subprocesses) still use their cache."""
-    from jaxsink import cli
+@pytest.fixture(scope="module", autouse=True)
+def free_executables():
+    """Every module's compiled executables are dropped after it (jaxsink's AOT table and JAX's
+    own caches): each holds JIT-compiled code in its own memory mappings, and a whole run's
+    worth stayed alive in one process. Suspected cause of late-run crashes inside XLA's
+    compiler (segfaults at a test late in full runs, never when its module ran alone): the
+    process's mapping count nearing `vm.max_map_count` (65530)."""
+    import gc
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli, "_use_compilation_cache", lambda: None)
-        yield
+    import jax
+
+    from jaxsink import executables
+
+    yield
+    executables._EXECUTABLES.clear()
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
