@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from jaxsink.checkpoint import DTYPES, FORMAT, check_writable, save_checkpoint
-from jaxsink.quant import QUANTIZE_KINDS, weight_plan
+from jaxsink.quant import QUANTIZE_KINDS, quantized_config
 
 from .architectures import FAMILIES
 from .errors import ConvertError
@@ -109,9 +109,7 @@ class _Job:
         """`cfg` with the weights `--quantize int8|int4` quantizes (unchanged otherwise)."""
         if self.quantize not in QUANTIZE_KINDS:
             return cfg
-        from jaxsink.model import quantize_config
-
-        return quantize_config(cfg, weight_plan(cfg, self.quantize, self.dtype))
+        return quantized_config(cfg, self.quantize, self.dtype)
 
     def save(self, cfg, params, tokenizer_files, label: str) -> Path:
         return save_checkpoint(

@@ -22,7 +22,7 @@ from jaxsink.checkpoint import (
     read_config,
 )
 from jaxsink.config import ConfigError, ModelConfig
-from jaxsink.quant import QUANTIZE_KINDS, quantize_blocks, weight_plan
+from jaxsink.quant import QUANTIZE_KINDS, quantize_blocks, quantized_config
 from jaxsink.tensorfile import TensorFile
 from jaxsink.tokenizer import Tokenizer
 
@@ -171,7 +171,7 @@ def quantized_on_load(cfg: ModelConfig, quantize: str | None, dtype: str) -> Mod
     read as it is (`resolve_model` refuses `--quantize` for a checkpoint already quantized)."""
     if quantize not in QUANTIZE_KINDS or cfg.quantized:
         return cfg
-    return mdl.quantize_config(cfg, weight_plan(cfg, quantize, dtype))
+    return quantized_config(cfg, quantize, dtype)
 
 
 def _stores_quantized(f: TensorFile) -> bool:

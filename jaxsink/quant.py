@@ -351,3 +351,10 @@ def weight_plan(cfg, kind: str, dtype: str) -> dict[str, Quant]:
             continue
         plan[name] = spec
     return plan
+
+
+def quantized_config(cfg, kind: str, dtype: str):
+    """`cfg` with the weights `--quantize kind` (`int8` or `int4`) quantizes (`weight_plan`)."""
+    from jaxsink.model import quantize_config
+
+    return quantize_config(cfg, weight_plan(cfg, kind, dtype))
