@@ -459,26 +459,17 @@ def _read_ids(args, model):
         if not np.issubdtype(ids.dtype, np.integer):
             raise JaxsinkError(f"{args.tokens} holds {ids.dtype}, expected integer token ids")
         ids = ids.reshape(-1)
+    elif args.text:
+        try:
+            text = Path(args.text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise JaxsinkError(f"cannot read text from {args.text}: {e}") from None
+        ids = np.asarray(model.tokenizer.encode(text, add_special_tokens=True), np.int64)
     else:
-        if args.text:
-            try:
-                texts = [Path(args.text).read_text(encoding="utf-8")]
-            except (OSError, UnicodeDecodeError) as e:
-                raise JaxsinkError(f"cannot read text from {args.text}: {e}") from None
-        else:
-            from jaxsink.default_model import default_text_files
+        from jaxsink.default_model import default_text_ids
 
-            texts = (
-                f.read_text(encoding="utf-8", errors="replace")
-                for f in default_text_files(progress=not args.quiet)
-            )
-            n = n or 4096
-        ids = []
-        for i, text in enumerate(texts):
-            ids += model.tokenizer.encode(text, add_special_tokens=(i == 0))
-            if n is not None and len(ids) > n:
-                break
-        ids = np.asarray(ids, np.int64)
+        n = n or 4096
+        ids = default_text_ids(model.tokenizer, n + 1, progress=not args.quiet)
     if n is not None:
         if len(ids) < n + 1:
             raise JaxsinkError(f"the stream has {len(ids)} tokens, --n-tokens {n} needs {n + 1}")

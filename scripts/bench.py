@@ -1375,6 +1375,7 @@ class Bench:
         """Quantized weights against float32: decode, perplexity, llama.cpp (module docstring)."""
         import jaxsink
         from jaxsink.config import JaxsinkError, StreamConfig
+        from jaxsink.default_model import default_text_ids
         from jaxsink.evaluate import stream_nll
 
         sz, out = self.sizes, {"skipped": {}}
@@ -1397,7 +1398,7 @@ class Bench:
             for kind, run in timers.items():
                 runs[kind].append(run())
                 log(f"weights: {kind} round {r + 1}: {n / runs[kind][-1]:.2f} tok/s")
-        ids = self.default_text_ids(sz["weights_ppl_tokens"] + 1)
+        ids = default_text_ids(self.model.tokenizer, sz["weights_ppl_tokens"] + 1, progress=False)
         ppl_runs = [(kind, m, None) for kind, m in models.items()]
         ppl_runs.append(("float32_int8_cache", self.model, "int8"))
         nll = {}
@@ -1467,20 +1468,6 @@ class Bench:
             f"{out['int8_cache_bytes_vs_float32']:.3f}x",
         )
         return base
-
-    def default_text_ids(self, n: int):
-        """The first n token ids of the default text, as `jaxsink ppl` reads it."""
-        import numpy as np
-
-        from jaxsink.default_model import default_text_files
-
-        ids: list[int] = []
-        for i, f in enumerate(default_text_files(progress=False)):
-            text = f.read_text(encoding="utf-8", errors="replace")
-            ids += self.model.tokenizer.encode(text, add_special_tokens=(i == 0))
-            if len(ids) >= n:
-                break
-        return np.asarray(ids[:n], np.int64)
 
     def llama_cpp_decode(self, prompt: int, n: int) -> dict:
         """llama.cpp's B = 1 decode tok/s on the GGUF file (`--gguf`, default the default

@@ -433,10 +433,13 @@ def section_outside(args) -> dict:
 def section_ppl(args) -> dict:
     import numpy as np
 
+    from jaxsink.default_model import default_text_ids
+    from jaxsink.tokenizer import Tokenizer
+
     paths = models(args)
     with tempfile.TemporaryDirectory() as tmp:
         ids = Path(tmp) / "ids.npy"
-        np.save(ids, default_ids(paths["float32"], 4097))
+        np.save(ids, default_text_ids(Tokenizer(paths["float32"]), 4097))
         out, nll = {}, {}
         for name, path in paths.items():
             folder = Path(tmp) / name
@@ -452,21 +455,6 @@ def section_ppl(args) -> dict:
     out["nll_mean_abs_diff"] = float(diff.mean())
     out["what"] = "jaxsink ppl --n-tokens 4096 --mode sink (S=4, W=1020) over the default text"
     return out
-
-
-def default_ids(path: Path, n: int):
-    """The first n token ids of the default text (as `jaxsink ppl` reads it)."""
-    import numpy as np
-
-    from jaxsink.default_model import default_text_files
-    from jaxsink.tokenizer import Tokenizer
-
-    tokenizer, ids = Tokenizer(path, ()), []
-    for i, f in enumerate(default_text_files()):
-        ids += tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"), i == 0)
-        if len(ids) >= n:
-            break
-    return np.asarray(ids[:n], np.int64)
 
 
 def section_disk(args) -> dict:
