@@ -23,6 +23,7 @@ from jaxsink import sharding as sh
 from jaxsink.checkpoint import save_checkpoint
 from jaxsink.config import StreamConfig
 from jaxsink.executables import EntryPoint
+from tests.sharded_checks import sharded_step_inputs
 from tests.test_quantized import MIXED, config
 from tests.tiny import quantized_params, random_flat_params
 
@@ -41,17 +42,9 @@ def fresh_step() -> EntryPoint:
 
 def step_for(m, batch: int, chunk: int):
     """(a fresh step compiled with the mesh's shardings for [batch, chunk] tokens, a cache)."""
-    cache = sh.sharded_cache(m.cfg, STREAM, batch, m.dtype, m.mesh)
-    cache_sharding = sh.cache_shardings(cache, m.mesh)
-    row = sh.rows(m.mesh, (batch, chunk))
-    shardings = (
-        (m.weight_shardings, cache_sharding, row, row),
-        (sh.rows(m.mesh, (batch, chunk, m.cfg.vocab_size)), cache_sharding),
-    )
-    zeros = np.zeros((batch, chunk), np.int32)
-    jitted = fresh_step().with_shardings(*shardings)
-    exe = jitted.lower(m.weights, cache, zeros, zeros.astype(bool), m.graphdef).compile()
-    return exe, cache
+    args, shardings = sharded_step_inputs(m, STREAM, batch, chunk)
+    exe = fresh_step().with_shardings(*shardings).lower(*args, m.graphdef).compile()
+    return exe, args[1]
 
 
 def feed(m, tokens: np.ndarray, chunk: int) -> np.ndarray:

@@ -1,8 +1,10 @@
 """Sharding checks that need many devices, run in a child process started with 8 forced host
-devices (`tests/test_sharding.py` starts it; JAX fixes its device count at start-up). Prints
-one JSON object of measured values; the tests assert on them.
+devices (`tests/test_sharding.py` starts it with `forced_devices_report`; JAX fixes its device
+count at start-up). Prints one JSON object of measured values; the tests assert on them.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.sharded_checks OUT_DIR
+
+`forced_devices_report` and `sharded_step_inputs` also serve `tests/quantized_sharded.py`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,24 +35,52 @@ from jaxsink.generate import Generation
 from tests.hf_tiny import write_tokenizer
 from tests.tiny import random_flat_params, tiny_config
 
+ROOT = Path(__file__).resolve().parent.parent
 MESHES = ("data=1,model=2", "data=2,model=2", "data=4,model=2")
 STREAMS = {"sink": StreamConfig(2, 5), "dense": StreamConfig(0, 32, "dense")}
+
+
+def forced_devices_report(module: str, devices: int, out_dir: Path) -> dict:
+    """Run `python -m <module> <out_dir>` in a child process with `devices` forced host devices
+    and return the JSON object its last stdout line holds (its stderr's tail if it fails)."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    run = subprocess.run(
+        [sys.executable, "-m", module, str(out_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def sharded_step_inputs(m, stream, batch: int, chunk: int, cache_dtype=None):
+    """What a step sharded over the model's mesh is compiled from, for tokens [batch, chunk].
+
+    Returns (args, shardings): args = (weights, cache, tokens [batch, chunk] int32 zeros, valid
+    [batch, chunk] bool), the cache a fresh sharded one in `cache_dtype` (default the model's);
+    shardings = (in: weights, cache, tokens, valid; out: logits [batch, chunk, V], cache).
+    """
+    cache = sh.sharded_cache(m.cfg, stream, batch, cache_dtype or m.dtype, m.mesh)
+    cache_sharding = sh.cache_shardings(cache, m.mesh)
+    row = sh.rows(m.mesh, (batch, chunk))
+    shardings = (
+        (m.weight_shardings, cache_sharding, row, row),
+        (sh.rows(m.mesh, (batch, chunk, m.cfg.vocab_size)), cache_sharding),
+    )
+    zeros = np.zeros((batch, chunk), np.int32)
+    return (m.weights, cache, zeros, zeros.astype(bool)), shardings
 
 
 def sharded_feed(m, stream, tokens: np.ndarray, chunk: int, cache_dtype=None) -> np.ndarray:
     """Logits [B, N, V] of feeding tokens [B, N] in chunks through `mdl.step` compiled with the
     model mesh's shardings (the cache in `cache_dtype`, default the model's)."""
     B, N = tokens.shape
-    cache = sh.sharded_cache(m.cfg, stream, B, cache_dtype or m.dtype, m.mesh)
-    cache_sharding = sh.cache_shardings(cache, m.mesh)
-    row = sh.rows(m.mesh, (B, chunk))
-    shardings = (
-        (m.weight_shardings, cache_sharding, row, row),
-        (sh.rows(m.mesh, (B, chunk, m.cfg.vocab_size)), cache_sharding),
-    )
-    zeros = np.zeros((B, chunk), np.int32)
-    args = (m.weights, cache, zeros, zeros.astype(bool))
+    args, shardings = sharded_step_inputs(m, stream, B, chunk, cache_dtype)
     exe, _ = compiled(mdl.step, "step", args, {"graphdef": m.graphdef}, shardings)
+    cache = args[1]
     outs = []
     for i in range(0, N, chunk):
         part = tokens[:, i : i + chunk]
@@ -103,18 +135,8 @@ def main(out_dir: str) -> None:
 
     # No weight is all-gathered in a sharded decode step (model = 2).
     m2 = jaxsink.load(path, mesh="data=1,model=2")
-    cache = sh.sharded_cache(cfg, STREAMS["sink"], 1, m2.dtype, m2.mesh)
-    cache_sharding = sh.cache_shardings(cache, m2.mesh)
-    row = sh.rows(m2.mesh, (1, 1))
-    shardings = (
-        (m2.weight_shardings, cache_sharding, row, row),
-        (sh.rows(m2.mesh, (1, 1, cfg.vocab_size)), cache_sharding),
-    )
-    one = np.zeros((1, 1), np.int32)
-    exe, _ = compiled(
-        mdl.step, "step", (m2.weights, cache, one, one.astype(bool)), {"graphdef": m2.graphdef},
-        shardings,
-    )  # fmt: skip
+    args, shardings = sharded_step_inputs(m2, STREAMS["sink"], 1, 1)
+    exe, _ = compiled(mdl.step, "step", args, {"graphdef": m2.graphdef}, shardings)
     hlo = exe.as_text()
     gathered = re.findall(r"= f32\[([\d,]*)\][^=]*? all-gather\(", hlo)
     weight_shapes = {",".join(map(str, v.shape)) for v in jax.tree.leaves(m2.weights)}

@@ -11,9 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -34,9 +31,9 @@ from jaxsink.convert import convert
 from jaxsink.convert.cli import main as convert_main
 from jaxsink.convert.gguf import GGUFSource, gguf_blocks, read_gguf
 from tests.hf_tiny import write_tokenizer
+from tests.sharded_checks import forced_devices_report
 from tests.tiny import feed, quantized_params, random_flat_params, tiny_config, tiny_model
 
-ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("q8_0", "q4_0", "q4_1")
 TYPES = {kind: gguf.GGMLQuantizationType[kind.upper()] for kind in KINDS}
 
@@ -239,17 +236,7 @@ def test_sharded_quantized_runs_equal_one_device(tmp_path):
     (and data=2, model=2), its products whole or sliced, gives the single-device logits and
     gathers no weight in a decode step; so do int8 weights quantized as a float checkpoint
     loads."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    run = subprocess.run(
-        [sys.executable, "-m", "tests.quantized_sharded", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(run.stdout.strip().splitlines()[-1])
+    report = forced_devices_report("tests.quantized_sharded", 4, tmp_path)
     assert report["devices"] == 4
     assert len(report["logits_max_diff"]) == 3
     for case, diff in report["logits_max_diff"].items():

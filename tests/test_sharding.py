@@ -6,7 +6,6 @@ The checks that need many devices run once in a child process with 8 forced host
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 
 from jaxsink import sharding as sh
 from jaxsink.config import ConfigError
+from tests.sharded_checks import forced_devices_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,18 +28,7 @@ def checks_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(checks_dir) -> dict:
-    out = checks_dir
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    run = subprocess.run(
-        [sys.executable, "-m", "tests.sharded_checks", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return forced_devices_report("tests.sharded_checks", 8, checks_dir)
 
 
 def test_sharded_equals_single_device(report):
