@@ -28,7 +28,12 @@ float buffer just before its product (one vectorized, multi-threaded loop), whol
 stays in cache: the step reads the quantized weight from memory, never a float copy of the whole
 model. Every part of every slice is made to depend on the product's input: otherwise XLA
 schedules all the dequantizations of a step first, or hoists them out of a decode loop, and
-the float copies exist at once.
+the float copies exist at once. A weight with one scale per output row (int8) is only
+converted: its scales multiply the product's rows instead (`QuantizedWeight.row_scaled`).
+
+XLA:CPU's YNNPACK fusions (`--xla_cpu_experimental_ynn_fusion_type=dot,eltwise`) take the
+conversion into the product for a chunk of 2 or more columns, but not for decode's one column,
+and were no faster than the float32 product (measured on the same machine).
 """
 
 from __future__ import annotations
@@ -157,9 +162,19 @@ class QuantizedWeight(nnx.Module):
         shape = self.codes.shape
         axis = len(shape) - n_in - 1  # the last output axis: the one sliced
         slices, groups = self.slicing(jnp.dtype(x.dtype).itemsize, axis)
+        # One scale per output row factors out of the product: the codes are then only
+        # converted (exactly) and the product's rows scaled after it (int8 weights, SmolLM2
+        # decode 1.13x the scaled conversion).
+        row_scales = self.scales[...] if self.row_scaled(n_in) else None
+
+        def dequantize(codes, scales, mins):
+            scales = None if row_scales is not None else scales
+            return _dequantize(codes, scales, mins, self.spec.block, x.dtype, x)
+
         if slices == 1:
-            w = self.dequantize(x.dtype, after=x)
-            return _contract(w, x, n_in, preferred_element_type)
+            mins = None if self.mins is None else self.mins[...]
+            w = dequantize(self.codes[...], self.scales[...], mins)
+            return _row_scaled(_contract(w, x, n_in, preferred_element_type), row_scales)
         lead, size = shape[:axis], shape[axis]
         rows = size // (slices * groups)  # consecutive rows of a group
 
@@ -175,14 +190,19 @@ class QuantizedWeight(nnx.Module):
                 )
                 for a in parts
             )
-            w = _dequantize(codes, scales, mins[0] if mins else None, self.spec.block, x.dtype, x)
+            w = dequantize(codes, scales, mins[0] if mins else None)
             return _contract(w, x, n_in, preferred_element_type)
 
         ys = jax.lax.map(one, jnp.arange(slices))  # [slices, *lead, groups * rows, *rest]
         rest = ys.shape[axis + 2 :]
         ys = ys.reshape(slices, *lead, groups, rows, *rest)
         ys = jnp.moveaxis(ys, 0, axis + 1)  # [*lead, groups, slices, rows, *rest]
-        return ys.reshape(*lead, size, *rest)
+        return _row_scaled(ys.reshape(*lead, size, *rest), row_scales)
+
+    def row_scaled(self, n_in: int) -> bool:
+        """Whether each output row of a product over the last `n_in` axes has one scale and no
+        minimum (per-output-channel int8 over one input axis)."""
+        return n_in == 1 and self.mins is None and self.spec.block == self.codes.shape[-1]
 
     def slicing(self, itemsize: int, axis: int) -> tuple[int, int]:
         """(slices, groups): on CPU the product dequantizes this weight in the fewest equal
@@ -201,19 +221,31 @@ class QuantizedWeight(nnx.Module):
 
 
 def _dequantize(codes, scales, mins, block: int, dtype, after) -> jax.Array:
-    """codes [..., n] int8, scales / mins [..., n / block] -> [..., n] in `dtype`. after: an
+    """codes [..., n] int8, scales / mins [..., n / block] -> [..., n] in `dtype` (scales None:
+    the codes converted, a row-scaled product applies its scales after). after: an
     array whose value the result waits for (every part does: XLA would otherwise hoist a part's
     conversion out of a decode loop, the whole weight at once), or None."""
     if after is not None:
         first = after.reshape(-1)[0]
         zero = jnp.where(jnp.isfinite(first), first, 0) * 0  # a non-finite value never leaks in
-        codes, scales = codes + zero.astype(codes.dtype), scales + zero.astype(scales.dtype)
+        codes = codes + zero.astype(codes.dtype)
+        scales = None if scales is None else scales + zero.astype(scales.dtype)
         mins = None if mins is None else mins + zero.astype(mins.dtype)
+    if scales is None:
+        return codes.astype(dtype)
     blocks = codes.reshape(*codes.shape[:-1], -1, block).astype(jnp.float32)
     w = blocks * scales[..., None].astype(jnp.float32)
     if mins is not None:
         w = w + mins[..., None].astype(jnp.float32)
     return w.reshape(codes.shape).astype(dtype)
+
+
+def _row_scaled(y: jax.Array, scales: jax.Array | None) -> jax.Array:
+    """A product y [*out, *rest] times its rows' scales [*out, 1] (None: y as it is)."""
+    if scales is None:
+        return y
+    out = scales.shape[:-1]
+    return y * scales.reshape(*out, *[1] * (y.ndim - len(out))).astype(y.dtype)
 
 
 def _contract(w: jax.Array, x: jax.Array, n_in: int, preferred_element_type) -> jax.Array:

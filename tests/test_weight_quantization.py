@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,8 +19,8 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 import jaxsink
+from jaxsink import executables, quant
 from jaxsink import model as mdl
-from jaxsink import quant
 from jaxsink import sharding as sh
 from jaxsink.checkpoint import load_params, read_config, save_checkpoint
 from jaxsink.config import Quant, StreamConfig
@@ -109,11 +110,18 @@ def dequantized_flat(path) -> tuple:
     return cfg.dequantized(), flat
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_converted_model_equals_its_dequantized_float_model(kind, tiny_float_gguf, tmp_path):
+@pytest.mark.parametrize("kind, sliced", [("int8", False), ("int4", False), ("int8", True)])
+def test_converted_model_equals_its_dequantized_float_model(
+    kind, sliced, tiny_float_gguf, tmp_path, monkeypatch
+):
     """`--quantize kind` of a float GGUF: the config says which weights, the logits are the
     float model's built from the stored codes and scales, each within a step of the float
-    conversion's weight."""
+    conversion's weight; also with the products dequantized slice by slice (int8's scales
+    applied to each product's rows)."""
+    if sliced:
+        monkeypatch.setattr(quant, "DEQUANT_BYTES", 4096)
+        monkeypatch.setattr(executables, "_EXECUTABLES", {})  # traced anew
+        jax.clear_caches()
     out = convert(tiny_float_gguf, tmp_path / kind, progress=False, quantize=kind)
     floats = convert(tiny_float_gguf, tmp_path / "float", progress=False)
     cfg = read_config(out)[0]
@@ -122,7 +130,11 @@ def test_converted_model_equals_its_dequantized_float_model(kind, tiny_float_ggu
     base, flat = dequantized_flat(out)
     tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, size=(2, 24)).astype(np.int32)
     stream = StreamConfig(2, 7)
-    got, _ = feed(jaxsink.load(out, progress=False), stream, tokens, 6)
+    m = jaxsink.load(out, progress=False)
+    head = m.module.lm_head
+    assert head.row_scaled(1)  # the LM head is int8 in both plans
+    assert (head.slicing(4, 0)[0] > 1) == sliced
+    got, _ = feed(m, stream, tokens, 6)
     want, _ = feed(tiny_model(base, flat), stream, tokens, 6)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
     # each weight is within a step of the float conversion's (the codes of the right layout)
