@@ -91,6 +91,12 @@ def test_ppl_runs_on_a_tiny_model(capsys, tmp_path, tiny_dir):
         (["--prompt", "t1", "--top-k", "-1"], "top-k"),
         (["--prompt", "t1", "--top-p", "1.5"], "top-p"),
         (["--prompt", "t1", "--mode", "window", "--window", "0"], "window must be >= 1"),
+        (["--prompt", "t1", "--window", "0"], "window must be >= 1"),
+        (["--prompt", "t1", "--sinks", "-1"], "sinks must be >= 0"),
+        (["--prompt", "t1", "--top-p", "0"], "top-p"),
+        (["--prompt", "t1", "--temperature", "-1"], "temperature"),
+        (["--prompt", "t1", "--max-new-tokens", "0"], "max-new-tokens"),
+        (["--prompt", "t1", "--chunk", "0"], "chunk"),
     ],
 )
 def test_generate_bad_flags(capsys, tiny_dir, argv, message):

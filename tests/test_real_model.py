@@ -60,7 +60,7 @@ def test_stream_nll_matches_reference_loop(smollm2, hf_smollm2, smollm2_ids, mod
     from jaxsink.evaluate import stream_nll
     from tests.torch_reference import reference_nll
 
-    ids = smollm2_ids[:161]
+    ids = smollm2_ids[:121]  # 2.5 turns of the ring past the first 48 tokens
     got = stream_nll(smollm2, ids, mode, sinks=4, window=44, chunk=32, progress=False).nll
     ref_sinks, ref_window = {"sink": (4, 44), "window": (0, 48), "dense": (0, 0)}[mode]
     want = reference_nll(hf_smollm2[0], ids, ref_sinks, ref_window, dense=mode == "dense")
@@ -92,12 +92,12 @@ def test_cli_generate_json(smollm2_dir, hf_smollm2):
 
 
 def test_long_prompt_same_cache_and_compiles(smollm2_dir, smollm2_ids):
-    long_prompt = jaxsink.load(smollm2_dir).tokenizer.decode(smollm2_ids[:3000])
+    long_prompt = jaxsink.load(smollm2_dir).tokenizer.decode(smollm2_ids[:1200])
     flags = ["--model", str(smollm2_dir), "--sinks", "4", "--window", "252", "--chunk", "256",
              "--max-new-tokens", "8", "--json"]  # fmt: skip
     short = json.loads(_cli("generate", "--prompt", "Hello", *flags).stdout.splitlines()[-1])
     long = json.loads(_cli("generate", "--prompt", long_prompt, *flags).stdout.splitlines()[-1])
-    assert long["prompt_tokens"] > 2500
+    assert long["prompt_tokens"] > 1000  # 4 turns of the ring
     assert long["cache_bytes"] == short["cache_bytes"]
     assert long["compiles"] == short["compiles"] <= 2
     assert long["stream_position"] == long["prompt_tokens"] + long["new_tokens"]
@@ -105,16 +105,10 @@ def test_long_prompt_same_cache_and_compiles(smollm2_dir, smollm2_ids):
 
 @pytest.mark.parametrize(
     "flags, message",
-    [
-        (["--window", "0"], "window must be >= 1"),
-        (["--sinks", "-1"], "sinks must be >= 0"),
-        (["--top-p", "0"], "top-p"),
-        (["--temperature", "-1"], "temperature"),
-        (["--max-new-tokens", "0"], "max-new-tokens"),
-        (["--chunk", "0"], "chunk"),
-    ],
+    [(["--window", "0"], "window must be >= 1"), (["--top-p", "0"], "top-p")],
 )
 def test_cli_bad_input_exits_2_with_one_line(smollm2_dir, flags, message):
+    """From outside, on the real model (every bad flag in-process: tests/test_cli_errors.py)."""
     proc = _cli("generate", "--model", str(smollm2_dir), "--prompt", "Hi", *flags, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr
@@ -169,13 +163,13 @@ def test_sampling_with_a_seed_is_reproducible(smollm2):
 
 
 def test_bfloat16_perplexity_is_within_its_bound_of_float32(smollm2_dir, smollm2_ids):
-    """bfloat16 weights and cache (the accelerator default) against float32 over 2,048 tokens of
-    Hamlet in sink mode (S = 4, W = 1020, evictions after 1,024): the mean per-token NLL within
-    0.005 nats, so the perplexity within 0.5% (measured: 5.5e-5 nats, 30.516 vs 30.518)."""
+    """bfloat16 weights and cache (the accelerator default) against float32 over 768 tokens of
+    Hamlet in sink mode (S = 4, W = 252: evictions after 256, two turns of the ring): the mean
+    per-token NLL within 0.005 nats, so the perplexity within 0.5% (measured: 4.3e-5 nats, 18.5095 vs 18.5087)."""
     from jaxsink.evaluate import stream_nll
 
-    ids = smollm2_ids[:2049]
-    f32 = stream_nll(jaxsink.load(smollm2_dir), ids, chunk=256, progress=False)
-    bf16 = stream_nll(jaxsink.load(smollm2_dir, "bfloat16"), ids, chunk=256, progress=False)
+    ids, stream = smollm2_ids[:769], {"sinks": 4, "window": 252, "chunk": 128, "progress": False}
+    f32 = stream_nll(jaxsink.load(smollm2_dir), ids, **stream)
+    bf16 = stream_nll(jaxsink.load(smollm2_dir, "bfloat16"), ids, **stream)
     assert abs(bf16.nll.mean() - f32.nll.mean()) < 0.005
     assert bf16.cache_bytes * 2 == f32.cache_bytes + 8  # positions and epochs stay int32
