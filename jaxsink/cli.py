@@ -643,34 +643,13 @@ COMMANDS = {
     "plan": cmd_plan,
     "serve": cmd_serve,
 }
-XLA_CACHE_BYTES = 8 << 30  # the compilation cache's size limit (least recently used go first)
-
-
-def _use_compilation_cache() -> None:
-    """Keep compiled executables across runs in JAX's persistent compilation cache, under
-    `$JAXSINK_HOME/compilation-cache` unless the user chose a folder
-    (JAX_COMPILATION_CACHE_DIR): the model's layers run unrolled, which takes seconds to compile.
-
-    Processes share the folder. JAX (0.10) writes an entry in place, not by an atomic rename,
-    and takes its cross-process file lock around reads and writes only when a cache size limit
-    is set; so jaxsink's folder has one, and no process reads an entry another is still
-    writing. (An entry cut short by a killed writer fails to decompress: JAX warns and compiles
-    again, it never runs it.) JAX's eviction needs an access-time file per entry, which
-    entries written without a limit lack: hence a folder of its own, not the older `xla-cache`.
-    """
-    import jax
-
-    from jaxsink.default_model import jaxsink_home
-
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(jaxsink_home() / "compilation-cache"))
-        if jax.config.jax_compilation_cache_max_size == -1:
-            jax.config.update("jax_compilation_cache_max_size", XLA_CACHE_BYTES)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _use_compilation_cache()
+    from jaxsink.executables import use_compilation_cache
+
+    use_compilation_cache()
     try:
         from jaxsink.sharding import init_distributed
 

@@ -62,10 +62,9 @@ sys.path.insert(0, str(ROOT))  # the repository's jaxsink, however (or whether) 
 import jaxsink  # noqa: E402
 from jaxsink import cache as kv  # noqa: E402
 from jaxsink import model as mdl  # noqa: E402
-from jaxsink.cli import _use_compilation_cache  # noqa: E402
 from jaxsink.default_model import DEFAULT_TEXT_REQUIREMENT, default_text_files  # noqa: E402
 from jaxsink.engine import greedy  # noqa: E402
-from jaxsink.executables import EntryPoint, compiled  # noqa: E402
+from jaxsink.executables import EntryPoint, compiled, use_compilation_cache  # noqa: E402
 from jaxsink.tokenizer import Tokenizer  # noqa: E402
 
 # Below this, (head L1 norm x max |h| + max |bias|) x |scale| proves every logit finite: a
@@ -253,7 +252,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     out = Path(args.out)
     png = Path(args.plot) if args.plot else out.with_suffix(".png")
-    _use_compilation_cache()  # as the jaxsink CLIs do: a second run compiles nothing
+    use_compilation_cache()  # as the jaxsink CLIs do: a second run compiles nothing
 
     t0 = time.perf_counter()
     model = jaxsink.load(args.model)

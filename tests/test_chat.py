@@ -15,7 +15,7 @@ import pexpect
 import pytest
 
 import jaxsink
-from jaxsink import cli
+from jaxsink import cli, executables
 from jaxsink.chat import Chat, ChatSettings, prompted_lines, resolve_settings, run
 from jaxsink.config import ConfigError, StreamConfig
 from jaxsink.conversation import Conversation
@@ -35,7 +35,7 @@ def smollm2(smollm2_dir, jaxsink_test_home):
     # (tens of seconds on two cores).
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JAXSINK_HOME", str(jaxsink_test_home))
-        cli._use_compilation_cache()
+        executables.use_compilation_cache()
     return jaxsink.load(smollm2_dir)
 
 
