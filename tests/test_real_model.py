@@ -31,13 +31,15 @@ def hf_smollm2(smollm2_transformers):
     return smollm2_transformers
 
 
-def _hf_greedy(hf_smollm2, prompt: str, n: int) -> list[int]:
+@pytest.fixture(scope="module")
+def hf_greedy(hf_smollm2) -> list[int]:
+    """transformers' own greedy continuation of PROMPT: 32 token ids."""
     import torch
 
     model, tok = hf_smollm2
-    ids = tok(prompt, return_tensors="pt").input_ids
+    ids = tok(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=n, do_sample=False)
+        out = model.generate(ids, max_new_tokens=32, do_sample=False)
     return out[0, ids.shape[1] :].tolist()
 
 
@@ -46,8 +48,8 @@ def test_tokenizer_matches_transformers(smollm2, hf_smollm2):
     assert smollm2.tokenizer.encode(text) == hf_smollm2[1](text).input_ids
 
 
-def test_greedy_generation_matches_transformers(smollm2, hf_smollm2):
-    want = _hf_greedy(hf_smollm2, PROMPT, 32)
+def test_greedy_generation_matches_transformers(smollm2, hf_smollm2, hf_greedy):
+    want = hf_greedy
     gen = jaxsink.generate(smollm2, PROMPT, max_new_tokens=32)
     text = "".join(gen)
     assert gen.token_ids == want
@@ -76,7 +78,7 @@ def _cli(*args, check=True):
     return proc
 
 
-def test_cli_generate_json(smollm2_dir, hf_smollm2):
+def test_cli_generate_json(smollm2_dir, hf_smollm2, hf_greedy):
     proc = _cli("generate", "--model", str(smollm2_dir), "--prompt", PROMPT,
                 "--max-new-tokens", "32", "--temperature", "0", "--json")  # fmt: skip
     *text_lines, last = proc.stdout.rstrip("\n").split("\n")
@@ -84,7 +86,7 @@ def test_cli_generate_json(smollm2_dir, hf_smollm2):
     for key in ("new_tokens", "prompt_tokens", "prefill_tokens_per_s", "decode_tokens_per_s",
                 "time_to_first_token_s", "compiles", "cache_bytes"):  # fmt: skip
         assert key in report, key
-    want = _hf_greedy(hf_smollm2, PROMPT, 32)
+    want = hf_greedy
     assert report["token_ids"] == want
     assert "\n".join(text_lines) == hf_smollm2[1].decode(want, skip_special_tokens=True)
     assert report["new_tokens"] == len(want)
