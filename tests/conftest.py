@@ -36,6 +36,16 @@ def jaxsink_test_home() -> Path:
     return home
 
 
+@pytest.fixture(scope="session", autouse=True)
+def test_home_for_everything(jaxsink_test_home: Path):
+    """`JAXSINK_HOME` is the test home for the whole run (tests may point it elsewhere): no test
+    reads or writes the user's own jaxsink home, such as its compilation cache, which the
+    in-process CLI calls would otherwise use."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAXSINK_HOME", str(jaxsink_test_home))
+        yield
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(jaxsink_test_home: Path) -> Path:
     """The real default model (SmolLM2-135M-Instruct, float32) as a jaxsink checkpoint folder,
