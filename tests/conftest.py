@@ -37,7 +37,7 @@ def jaxsink_test_home() -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def test_home_for_everything(jaxsink_test_home: Path):
+def jaxsink_home_is_the_test_home(jaxsink_test_home: Path):
     """`JAXSINK_HOME` is the test home for the whole run (tests may point it elsewhere): no test
     reads or writes the user's own jaxsink home, such as its compilation cache, which the
     in-process CLI calls would otherwise use."""
