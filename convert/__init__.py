@@ -140,9 +140,11 @@ def _convert_hf(src: Path, job: _Job, label: str) -> Path:
             f"text commands need one: copy tokenizer.json into {job.out}",
             file=sys.stderr,
         )
-    table = FAMILIES[cfg.architecture].table(cfg)
-    cfg = job.quantized(cfg)
+    family = FAMILIES[cfg.architecture]
     with SafetensorsSource(files) as source:
+        cfg = family.widths(cfg, source.shapes())
+        table = family.table(cfg)
+        cfg = job.quantized(cfg)
         job.start()
         params = build_params(cfg, table, source, job.dtype, job.progress)
     return job.save(cfg, params, tokenizer_files, label)

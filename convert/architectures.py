@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_dtypes
@@ -47,13 +47,18 @@ class Family:
 
     required: keys without which the config means nothing; defaults: transformers' values for
     keys a config.json may omit (its config class fills them the same way); read: the reader;
-    table: the tensor names of a config of this family.
+    table: the tensor names of a config of this family; widths: the config with the widths
+    only the tensors tell truthfully read from their shapes (name -> shape), where the
+    family's reference codes disagree with its config.
     """
 
     required: tuple[str, ...]
     defaults: dict[str, Any]
     read: Callable[[str, ConfigReader], ModelConfig]
     table: Callable[[ModelConfig], Table]
+    widths: Callable[[ModelConfig, Mapping[str, tuple[int, ...]]], ModelConfig] = (
+        lambda cfg, shapes: cfg
+    )
 
 
 # --- layout transforms beyond the generic ones ---------------------------------------------
@@ -390,6 +395,9 @@ def _falcon(arch: str, r: ConfigReader) -> ModelConfig:
     if not new:  # the RW layout: one shared kv head, or plain multi-head
         kv_heads = 1 if multi_query else num_heads
     kv_heads = kv_heads or num_heads
+    r.derived(
+        "num_key_value_heads", kv_heads, "multi_query, new_decoder_architecture and num_kv_heads"
+    )
     parallel = bool(r.take("parallel_attn"))
     n_ln = r.take("num_ln_in_parallel_attn")
     if new and n_ln is None:
@@ -491,6 +499,7 @@ def _mpt(arch: str, r: ConfigReader) -> ModelConfig:
     _require(r, "embedding_fraction", (1.0,), "an MPT embedding_fraction other than 1")
     _require(r, "norm_type", ("low_precision_layernorm", "layernorm"), "this MPT norm_type")
     norm = Norm("layer", float(r.take("layer_norm_epsilon")))
+    # The width as MosaicML's code computes it; `_mpt_widths` replaces it by the weights'.
     mlp = Mlp(r.take("expansion_ratio") * hidden, "gelu", gated=False)
     r.ignore("resid_pdrop", "emb_pdrop", "init_device", "learned_pos_emb")
     return _uniform(
@@ -503,6 +512,21 @@ def _mpt(arch: str, r: ConfigReader) -> ModelConfig:
         max_position_embeddings=r.take("max_seq_len"),
         tie_embeddings=bool(r.take("tie_word_embeddings")),
     )
+
+
+def _mpt_widths(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]]) -> ModelConfig:
+    """MPT's MLP width from its up projection's rows: transformers builds it 4 x d_model wide
+    whatever `expansion_ratio` says, MosaicML's own code `expansion_ratio` x d_model wide, and
+    both save the same config key, so the tensors are the only truth."""
+    rows = {s[0] for n, s in shapes.items() if n.endswith("ffn.up_proj.weight") and s}
+    if len(rows) != 1:  # none, or layers that differ: build_params names what is wrong
+        return cfg
+    width = rows.pop()
+    layers = tuple(
+        dataclasses.replace(layer, mlp=dataclasses.replace(layer.mlp, size=width))
+        for layer in cfg.layers
+    )
+    return dataclasses.replace(cfg, layers=layers)
 
 
 _MPT_ATTN_DEFAULTS = {"attn_type": "multihead_attention", "alibi": True, "alibi_bias_max": 8}
@@ -1431,6 +1455,7 @@ FAMILIES: dict[str, Family] = {
         },
         _mpt,
         _constant(MPT),
+        _mpt_widths,
     ),
     "stablelm": Family(
         _LLAMA_REQUIRED,

@@ -197,6 +197,16 @@ class ConfigReader:
         keys whose null means "off" where the default is on (a soft-cap)."""
         return self.d.pop(key) if key in self.d else self.defaults.get(key)
 
+    def derived(self, key: str, value: Any, rule: str) -> None:
+        """A key the family's reference code derives from other keys (`rule`) and newer
+        transformers writes out: accepted when it equals `value`, what jaxsink derives the
+        same way, else refused naming both values."""
+        given = self.d.pop(key, None)
+        if given is not None and given != value:
+            raise ConvertError(
+                f"{key} = {given!r} disagrees with {value!r}, what {rule} give; fix the config"
+            )
+
     def ignore(self, *keys: str) -> None:
         """Drop keys that change nothing at inference (dropout, precision, kernel choice)."""
         for key in keys:
@@ -434,6 +444,13 @@ class SafetensorsSource:
     def names(self) -> list[str]:
         """Every tensor name over all files."""
         return list(self._handles)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the headers (nothing loaded)."""
+        return {
+            name: tuple(handle.get_slice(name).get_shape())
+            for name, (handle, _) in self._handles.items()
+        }
 
     def load(self, name: str) -> np.ndarray:
         """One tensor as numpy (bfloat16 comes back as ml_dtypes.bfloat16)."""
