@@ -284,6 +284,7 @@ def _gpt_neox(arch: str, r: ConfigReader) -> ModelConfig:
     rope = read_rope(r.d, float(r.d.pop("rotary_emb_base", None) or 10000.0))
     head_dim = hidden // num_heads
     partial = _partial(r, rope, "rotary_pct", 0.25)
+    r.derived("partial_rotary_factor", partial, "rotary_pct")  # transformers 4.x writes both
     biased = bool(r.take("attention_bias"))
     attention = Attention(
         num_heads,
@@ -501,7 +502,7 @@ def _mpt(arch: str, r: ConfigReader) -> ModelConfig:
     norm = Norm("layer", float(r.take("layer_norm_epsilon")))
     # The width as MosaicML's code computes it; `_mpt_widths` replaces it by the weights'.
     mlp = Mlp(r.take("expansion_ratio") * hidden, "gelu", gated=False)
-    r.ignore("resid_pdrop", "emb_pdrop", "init_device", "learned_pos_emb")
+    r.ignore("resid_pdrop", "emb_pdrop", "init_device", "learned_pos_emb", "verbose")
     return _uniform(
         arch,
         r,
