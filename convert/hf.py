@@ -57,6 +57,8 @@ HARMLESS = frozenset(
         "initializer_range",
         "attention_dropout",
         "use_cache",
+        # the kind of cache transformers' generate builds (Gemma 2's "hybrid" in 4.x)
+        "cache_implementation",
         # token ids that play no part in the forward pass
         "pad_token_id",
         "unk_token_id",

@@ -74,17 +74,17 @@ def test_mpt_width_comes_from_the_weights(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("layout", "wrong"),
-    [(dict(), 4), (dict(new_decoder_architecture=True, num_kv_heads=2), 1)],
+    ("layout", "right", "wrong"),
+    [(dict(), 1, 4), (dict(new_decoder_architecture=True, num_kv_heads=2), 2, 1)],
     ids=["rw-mqa", "new-gqa"],
 )
-def test_falcon_derived_kv_heads_that_disagree_are_refused(tmp_path, capsys, layout, wrong):
-    """transformers writes `num_key_value_heads` (1 for multi-query RW, else `num_kv_heads`);
+def test_falcon_derived_kv_heads_that_disagree_are_refused(tmp_path, capsys, layout, right, wrong):
+    """transformers 5 writes `num_key_value_heads` (1 for multi-query RW, else `num_kv_heads`);
     a value that disagrees with the layout is refused with both values named."""
     build_from_config(transformers.FalconConfig(**TINY, **layout), tmp_path / "src", "sdpa")
     config_file = tmp_path / "src" / "config.json"
     config = json.loads(config_file.read_text())
-    right = config["num_key_value_heads"]
+    assert config.get("num_key_value_heads", right) == right  # absent before transformers 5
     config["num_key_value_heads"] = wrong
     config_file.write_text(json.dumps(config))
     capsys.readouterr()
