@@ -31,6 +31,7 @@ from jaxsink.config import ConfigError, JaxsinkError, StreamConfig, one_line
 from jaxsink.conversation import Conversation
 from jaxsink.engine import Engine, RowSampling
 from jaxsink.loading import Model
+from jaxsink.row_text import RowText
 from jaxsink.stream_state import (
     SavedStream,
     StreamFileError,
@@ -38,7 +39,7 @@ from jaxsink.stream_state import (
     load_stream,
     save_stream,
 )
-from jaxsink.tokenizer import IncrementalDecoder, no_tokenizer_message
+from jaxsink.tokenizer import no_tokenizer_message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,25 +194,21 @@ class Chat:
         engine.append(0, ids, self.settings.sampling())
         jax.block_until_ready(engine.logits)
         stats.prompt_tokens, stats.prefill_s = len(ids), time.perf_counter() - start
-        decoder = IncrementalDecoder(self.model.tokenizer, skip_special_tokens=True)
-        text = ""
+        reply = RowText(self.model.tokenizer, engine.eos_ids)
+        stats.token_ids = reply.tokens
         try:
             while engine.live[0]:
                 start = time.perf_counter()
                 new = engine.decode()[0]
                 stats.decode_s += time.perf_counter() - start
-                stats.token_ids += new
-                piece = decoder.push(new)
-                text += piece
-                yield piece
+                yield reply.push(new)
         finally:
             stopped = bool(engine.live[0])
             if stopped:
                 engine.halt(0)
-            tail = decoder.flush()
-            self.conversation.assistant_reply(text + tail)
-            ended = stats.token_ids and stats.token_ids[-1] in engine._eos
-            stats.stop_reason = "stopped" if stopped else "eos" if ended else "max_new_tokens"
+            tail = reply.finish()
+            self.conversation.assistant_reply(reply.text)
+            stats.stop_reason = "stopped" if stopped else reply.reason or "max_new_tokens"
         if tail:
             yield tail
 

@@ -150,6 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--block", type=int, default=16, help="decode steps between admissions (default 16)"
     )
+    v.add_argument(
+        "--prefill-tokens",
+        type=int,
+        default=256,
+        help="prompt tokens one prefill step feeds at most, a chunk per prompt (default 256)",
+    )
+    v.add_argument(
+        "--prompt-cache-bytes",
+        type=int,
+        help="host memory for stream states that requests resending a prefix start from "
+        "(default: an eighth of the machine's memory; 0 turns the prompt cache off)",
+    )
     _add_cache_dtype(v)
     v.add_argument(
         "--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask"
@@ -548,12 +560,14 @@ def cmd_serve(args) -> int:
     from jaxsink.default_model import jaxsink_home
     from jaxsink.engine import Engine
     from jaxsink.evaluate import cache_dtype_of
+    from jaxsink.prompt_cache import PromptCache, default_bytes
     from jaxsink.scheduler import Scheduler
     from jaxsink.server import Limits, check_port_free, serve
 
     for flag in (
         "max_batch",
         "block",
+        "prefill_tokens",
         "max_tokens",
         "max_prompt_tokens",
         "max_body_bytes",
@@ -565,6 +579,8 @@ def cmd_serve(args) -> int:
             )
     if not 0 <= args.port < 65536:
         raise JaxsinkError(f"--port must be in [0, 65535], got {args.port}")
+    if args.prompt_cache_bytes is not None and args.prompt_cache_bytes < 0:
+        raise JaxsinkError(f"--prompt-cache-bytes must be >= 0, got {args.prompt_cache_bytes}")
     if not args.session_idle_s > 0:
         raise JaxsinkError(f"--session-idle-s must be > 0, got {args.session_idle_s}")
     _check_stream_flags(["sink"], args)
@@ -585,7 +601,16 @@ def cmd_serve(args) -> int:
         args.block,
         cache_dtype_of(model, args.cache_dtype),
     )
-    scheduler = Scheduler(engine, sessions, args.max_prompt_tokens, args.session_idle_s).start()
+    engine.warm()  # every bucket compiled before the first request (or read from the cache)
+    cache_bytes = args.prompt_cache_bytes
+    scheduler = Scheduler(
+        engine,
+        sessions,
+        args.max_prompt_tokens,
+        args.session_idle_s,
+        args.prefill_tokens,
+        PromptCache(default_bytes() if cache_bytes is None else cache_bytes),
+    ).start()
     limits = Limits(args.max_body_bytes, args.max_tokens)
     model_id = model.path.name
 

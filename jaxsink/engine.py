@@ -3,10 +3,13 @@ compiled decode loop.
 
 A stream is inserted into a free row: the row's position is reset (its old slots become
 invisible: a slot is seen only if it holds a token of the row's current stream) and its prompt
-is prefilled in chunks into that row alone, the row cut out of the cache, run at batch 1 and
-written back in place. Decode blocks run every live row together. Sampling settings are per row
-and are arrays, not static arguments, so requests with different settings share one
-executable. A finished row is released. None of this recompiles or touches the other rows.
+is prefilled in chunks. Every step runs only the rows it needs: they are gathered out of the
+cache into a batch of the smallest bucket that holds them (1, 2, 4, ... up to B rows, each
+bucket compiled once), run, and scattered back in place; the B-row bucket runs the cache as
+it is. A prefill step feeds one chunk into each of several rows at once; a decode block runs
+the live rows. Sampling settings are per row and are arrays, not static arguments, so requests
+with different settings share one executable. A finished row is released. None of this
+recompiles past the buckets or touches the other rows.
 
 `jaxsink.generate` is the B = 1 case of this engine.
 """
@@ -19,7 +22,7 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from jaxsink import cache as kv
 from jaxsink import model as mdl
@@ -62,18 +65,6 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
         raise ConfigError(f"top-k must be >= 0, got {top_k}")
     if not 0 < top_p <= 1:
         raise ConfigError(f"top-p must be in (0, 1], got {top_p}")
-
-
-def cut_at_stop(text: str, piece: str, stops) -> tuple[str, int | None]:
-    """`piece` appended to `text` and cut at the first of `stops` (a stop string may begin in
-    `text`): (the part of `piece` to emit, where the stop string begins in `text + piece`, or
-    None when there is none)."""
-    whole = text + piece
-    hits = [whole.find(s, max(0, len(text) - len(s) + 1)) for s in stops]
-    cut = min((h for h in hits if h >= 0), default=None)
-    if cut is None:
-        return piece, None
-    return whole[len(text) : max(cut, len(text))], cut
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,24 +148,52 @@ def sample_rows(logits, keys, temperature, top_k, top_p) -> jax.Array:
 # --- the compiled steps ---------------------------------------------------------------------
 
 
-def _prefill_row(weights, cache, row, tokens, valid, graphdef):
-    """Feed tokens [1, C] (valid [1, C]) into batch row `row` alone: the row's cache is cut out,
-    run at batch 1 and written back in place. Returns (its last valid token's logits [V]
-    float32, the cache)."""
-    mdl.TRACES["prefill_row"] += 1
+def buckets(batch: int) -> tuple[int, ...]:
+    """The row counts a step is compiled for: 1, 2, 4, ... below `batch`, then `batch`
+    (ceil(log2 batch) + 1 of them)."""
+    out = [1 << k for k in range(batch.bit_length()) if 1 << k < batch]
+    return (*out, batch)
+
+
+def bucket_of(n: int, batch: int) -> int:
+    """The smallest bucket of `batch` rows that holds `n` rows."""
+    return next(b for b in buckets(batch) if b >= n)
+
+
+def _gathered(tree, index: jax.Array, batch: int):
+    """The rows `index` [b] of every batch-major leaf of `tree`; all rows as they are when
+    b is the whole batch (then `index` is every row in order)."""
+    if index.shape[0] == batch:
+        return tree
+    return jax.tree.map(lambda x: x[index], tree)
+
+
+def _scattered(tree, part, index: jax.Array, batch: int):
+    """`tree` with its rows `index` [b] replaced by `part`'s (in place when donated)."""
+    if index.shape[0] == batch:
+        return part
+    return jax.tree.map(lambda x, y: x.at[index].set(y), tree, part)
+
+
+def _prefill_rows(weights, cache, logits, index, tokens, valid, graphdef):
+    """Feed tokens [b, C] (valid [b, C]) into the rows `index` [b] (distinct) of the cache:
+    gathered, run as one batch, scattered back in place. A row with a valid token gets its last
+    valid token's logits into `logits` [B, V] float32; a row with none is left as it was (the
+    padding of a bucket). Returns (cache, logits)."""
+    mdl.TRACES["prefill_rows"] += 1
     module = nnx.merge(graphdef, weights)
-
-    def cut(x):
-        return jax.lax.dynamic_slice_in_dim(x, row, 1, axis=0)
-
-    hidden, one = module(jax.tree.map(cut, cache), tokens, valid)
-    cache = jax.tree.map(
-        lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, row, axis=0), cache, one
+    B = logits.shape[0]
+    hidden, part = module(_gathered(cache, index, B), tokens, valid)
+    new = module.logits(mdl.last_valid(hidden, valid)).T  # [b, V]
+    old = _gathered(logits, index, B)
+    fed = valid.any(axis=1)[:, None]
+    return (
+        _scattered(cache, part, index, B),
+        _scattered(logits, jnp.where(fed, new, old), index, B),
     )
-    return module.logits(mdl.last_valid(hidden, valid))[:, 0], cache
 
 
-prefill_row = EntryPoint(_prefill_row, static=("graphdef",), donate=("cache",))
+prefill_rows = EntryPoint(_prefill_rows, static=("graphdef",), donate=("cache", "logits"))
 
 
 TOP_LOGPROBS = 5  # the most alternatives a row can ask to see at each token
@@ -197,79 +216,120 @@ def _logprobs(logits, token, want_top):
     return chosen, ids, values
 
 
-def _decode_rows(weights, cache, logits, keys, live, n_left, settings, eos_ids, graphdef, block):
-    """Up to `block` decode steps of every live row: each samples from its `logits` [B, V] with
-    its own key and settings (temperature, top_k, top_p: [B] each; want_top [B] bool: report
-    the most likely alternatives), records the token and its log-probability, and is done
-    after an EOS id or `n_left` [B] tokens; live rows feed their token for the next logits.
-    A row not live keeps its key and logits untouched (what it goes on from when armed again
-    or exported), however many steps the other rows take.
-    Returns (tokens [B, block] (-1 = none), logprobs [B, block], top ids [B, block, T], top
-    logprobs [B, block, T], cache, logits, keys, live, n_left)."""
+@struct.dataclass
+class Rows:
+    """Every row's decode state: one pytree in and out of the decode loop, [B, ...] each.
+
+    logits: [B, V] float32, each row's next-token logits; keys: [B] PRNG keys; live: [B] bool,
+    decoding now; n_left: [B] int32, tokens it may still draw; temperature [B] float32, top_k
+    [B] int32, top_p [B] float32: its sampling (`RowSampling`); want_top: [B] bool, whether it
+    reports the TOP_LOGPROBS most likely alternatives of each token.
+    """
+
+    logits: jax.Array
+    keys: jax.Array
+    live: jax.Array
+    n_left: jax.Array
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    want_top: jax.Array
+
+    @classmethod
+    def idle(cls, batch: int, vocab: int, keys: jax.Array) -> Rows:
+        """Rows not live, greedy, no alternatives, zero logits (host arrays but `keys`)."""
+        return cls(
+            logits=np.zeros((batch, vocab), np.float32),
+            keys=keys,
+            live=np.zeros(batch, bool),
+            n_left=np.zeros(batch, np.int32),
+            temperature=np.zeros(batch, np.float32),
+            top_k=np.zeros(batch, np.int32),
+            top_p=np.ones(batch, np.float32),
+            want_top=np.zeros(batch, bool),
+        )
+
+
+@struct.dataclass
+class Drawn:
+    """What a decode block drew for each of its b rows: tokens [b, block] int32 (-1: none),
+    their log-probabilities [b, block] float32, and the TOP_LOGPROBS most likely ids [b, block,
+    T] int32 and log-probabilities [b, block, T] float32 at each (zeros unless asked)."""
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
+def _decode_rows(weights, cache, rows: Rows, index, eos_ids, graphdef, block):
+    """Up to `block` decode steps of the rows `index` [b] (distinct; gathered out of the cache
+    and `rows`, scattered back in place): each live one samples from its logits with its own
+    key and settings, records the token and its log-probability, and is done after an EOS id
+    or `n_left` tokens; a live row feeds its token for the next logits. A row not live keeps
+    its key and logits untouched (what it goes on from when armed again or exported), however
+    many steps the other rows take. Returns (Drawn [b, ...], cache, rows)."""
     mdl.TRACES["decode_rows"] += 1
     module = nnx.merge(graphdef, weights)
-    B = logits.shape[0]
-    temperature, top_k, top_p, want_top = settings
+    B = rows.live.shape[0]
+    part = _gathered(rows, index, B)
+    b = part.live.shape[0]
 
     def cond(c):
-        i, *_, live, _, _ = c
-        return (i < block) & jnp.any(live)
+        i, _, part, _ = c
+        return (i < block) & jnp.any(part.live)
 
     def body(c):
-        i, cache, logits, keys, live, n_left, out = c
-        split = jax.vmap(jax.random.split)(keys)  # [B, 2]
+        i, cache, r, out = c
+        split = jax.vmap(jax.random.split)(r.keys)  # [b, 2]
         # only a live row draws: an idle row's key (and logits, below) wait for its next token
-        keys, draw = jnp.where(live, split[:, 0], keys), split[:, 1]
-        token = sample_rows(logits.T, draw, temperature, top_k, top_p)
-        token = jnp.where(live, token, -1)
-        chosen, top_ids, top_values = _logprobs(logits, token, want_top & live)
-        out = (
-            out[0].at[:, i].set(token),
-            out[1].at[:, i].set(chosen),
-            out[2].at[:, i].set(top_ids),
-            out[3].at[:, i].set(top_values),
+        keys, draw = jnp.where(r.live, split[:, 0], r.keys), split[:, 1]
+        token = sample_rows(r.logits.T, draw, r.temperature, r.top_k, r.top_p)
+        token = jnp.where(r.live, token, -1)
+        chosen, top_ids, top_values = _logprobs(r.logits, token, r.want_top & r.live)
+        out = Drawn(
+            out.tokens.at[:, i].set(token),
+            out.logprobs.at[:, i].set(chosen),
+            out.top_ids.at[:, i].set(top_ids),
+            out.top_logprobs.at[:, i].set(top_values),
         )
-        n_left = n_left - live.astype(jnp.int32)
+        n_left = r.n_left - r.live.astype(jnp.int32)
         # every token but an EOS enters the cache (a row stopped by its budget may go on later)
-        fed = live & ~jnp.isin(token, eos_ids)
-        live = fed & (n_left > 0)
+        fed = r.live & ~jnp.isin(token, eos_ids)
         hidden, cache = module(cache, jnp.maximum(token, 0)[:, None], fed[:, None])
-        logits = jnp.where(fed[:, None], module.logits(hidden[:, 0]).T, logits)  # [B, V]
-        return i + 1, cache, logits, keys, live, n_left, out
+        logits = jnp.where(fed[:, None], module.logits(hidden[:, 0]).T, r.logits)  # [b, V]
+        r = r.replace(logits=logits, keys=keys, live=fed & (n_left > 0), n_left=n_left)
+        return i + 1, cache, r, out
 
     T = TOP_LOGPROBS
-    out = (
-        jnp.full((B, block), -1, jnp.int32),
-        jnp.zeros((B, block), jnp.float32),
-        jnp.zeros((B, block, T), jnp.int32),
-        jnp.zeros((B, block, T), jnp.float32),
+    out = Drawn(
+        jnp.full((b, block), -1, jnp.int32),
+        jnp.zeros((b, block), jnp.float32),
+        jnp.zeros((b, block, T), jnp.int32),
+        jnp.zeros((b, block, T), jnp.float32),
     )
-    init = (jnp.int32(0), cache, logits, keys, live, n_left, out)
-    _, cache, logits, keys, live, n_left, out = jax.lax.while_loop(cond, body, init)
-    return (*out, cache, logits, keys, live, n_left)
+    init = (jnp.int32(0), _gathered(cache, index, B), part, out)
+    _, cache_part, part, out = jax.lax.while_loop(cond, body, init)
+    return out, _scattered(cache, cache_part, index, B), _scattered(rows, part, index, B)
 
 
-decode_rows = EntryPoint(
-    _decode_rows, static=("graphdef", "block"), donate=("cache", "logits", "keys")
-)
-SETTINGS_DTYPES = (
-    jnp.float32,
-    jnp.int32,
-    jnp.float32,
-    jnp.bool_,
-)  # temperature, top_k, top_p, want_top
+decode_rows = EntryPoint(_decode_rows, static=("graphdef", "block"), donate=("cache", "rows"))
 
 
-def decode_rows_shardings(mesh, batch: int, block: int, vocab: int, weights, cache):
-    """(in, out) shardings of `decode_rows` on `mesh`: every per-row array's rows over `data`,
-    given the weights' and the cache's shardings."""
-    rows, one = sh.rows(mesh, (batch,)), sh.replicated(mesh)
-    logits = sh.rows(mesh, (batch, vocab))
-    per_step = sh.rows(mesh, (batch, block))
-    per_top = sh.rows(mesh, (batch, block, TOP_LOGPROBS))
-    ins = (weights, cache, logits, rows, rows, rows, rows, one)
-    outs = (per_step, per_step, per_top, per_top, cache, logits, rows, rows, rows)
-    return ins, outs
+def rows_shardings(mesh, batch: int, vocab: int) -> Rows:
+    """Every per-row array's rows over `data` (`Rows` of shardings)."""
+    flags = sh.rows(mesh, (batch,))
+    return Rows(sh.rows(mesh, (batch, vocab)), *(flags,) * 7)
+
+
+def decode_rows_shardings(mesh, batch: int, bucket: int, block: int, vocab: int, weights, cache):
+    """(in, out) shardings of `decode_rows` on `mesh` for a `bucket` of `batch` rows: every
+    per-row array's rows over `data`, given the weights' and the cache's shardings."""
+    rows, one = rows_shardings(mesh, batch, vocab), sh.replicated(mesh)
+    per_step = sh.rows(mesh, (bucket, block))
+    per_top = sh.rows(mesh, (bucket, block, TOP_LOGPROBS))
+    drawn = Drawn(per_step, per_step, per_top, per_top)
+    return (weights, cache, rows, one, one), (drawn, cache, rows)
 
 
 # --- the host side --------------------------------------------------------------------------
@@ -281,9 +341,10 @@ def _reset_row(pos, epoch, keys, row, seed):
     return pos.at[row].set(0), epoch.at[row].set(0), keys.at[row].set(jax.random.key(seed))
 
 
-@jax.jit
-def _set_row(values, row, value):
-    return values.at[row].set(value)
+def seed_key(seed: int) -> np.ndarray:
+    """The PRNG key data (uint32) `Engine.open` gives a row for `seed`: a restored state's key
+    replaced by it starts its sampling where a fresh stream with that seed would."""
+    return np.asarray(jax.random.key_data(jax.random.key(np.uint32(seed))))
 
 
 def _take_row(cache, logits, keys, row):
@@ -334,18 +395,21 @@ class Decoded:
 
 class Engine:
     """B rows of independent streams over one model: `insert` a stream into a free row (its
-    prompt prefilled into that row alone), `decode` a block of steps for every live row,
-    `release` a finished row. One compiled prefill (per chunk length) and one compiled decode
-    loop serve every row and every mix of settings.
+    prompt prefilled), `decode` a block of steps for every live row, `release` a finished row.
+    Each step runs the smallest bucket of rows (`buckets`) that holds the rows it needs; one
+    compiled prefill (per bucket) and one compiled decode loop (per bucket) serve every row and
+    every mix of settings.
 
     A stream can also go on: `append` prefills more tokens into a row that stopped (a chat's
     next turn) and decodes again; `export` takes a row's whole state out to the host and
     `restore` puts it into a free row, bit-exact (save/resume, idle sessions). `open` + `feed`
-    + `arm` are `insert` in steps, so a long prompt can be fed a chunk at a time between other
-    rows' decode blocks.
+    + `arm` are `insert` in steps, and `prefill` feeds a chunk into each of several rows in one
+    step, so a server feeds many prompts a chunk at a time between other rows' decode blocks.
 
     stream: the full layers' cache (native sliding layers keep their own); chunk: prefill chunk
     length; block: decode steps per device loop; cache_dtype, mesh: as `jaxsink.generate`.
+    The B-row buckets are compiled at construction (`compile_s`, `compiles`), smaller ones at
+    their first use or by `warm`.
     """
 
     def __init__(
@@ -367,67 +431,103 @@ class Engine:
         cfg, mesh = m.cfg, m.mesh
         check_cache_fits(cfg, stream, batch, m.dtype)
         self.batch, self.stream, self.chunk, self.block = batch, stream, chunk, block
-        traces = sum(mdl.TRACES.values())
         notes: set = set()
         self.cache = sh.sharded_cache(cfg, stream, batch, cache_dtype_of(m, cache_dtype), mesh)
-        cache_sharding = sh.cache_shardings(self.cache, mesh, notes)
+        self._cache_sharding = sh.cache_shardings(self.cache, mesh, notes)
         sh.say(notes)
-        one = sh.replicated(mesh)
-        rows = sh.rows(mesh, (batch,))
-        logits_rows = sh.rows(mesh, (batch, cfg.vocab_size))
+        self._row_shardings = rows_shardings(mesh, batch, cfg.vocab_size)
         # made in their shardings by jit: device_put of a host value cannot span processes
         self.logits = jax.jit(
-            lambda: jnp.zeros((batch, cfg.vocab_size), jnp.float32), out_shardings=logits_rows
+            lambda: jnp.zeros((batch, cfg.vocab_size), jnp.float32),
+            out_shardings=self._row_shardings.logits,
         )()
         self.keys = jax.jit(
-            lambda: jax.random.split(jax.random.key(0), batch), out_shardings=rows
+            lambda: jax.random.split(jax.random.key(0), batch),
+            out_shardings=self._row_shardings.keys,
         )()
-        self.live = np.zeros(batch, bool)
-        self.n_left = np.zeros(batch, np.int32)
-        temperature, top_k, top_p, want_top = (np.zeros(batch, t) for t in SETTINGS_DTYPES)
-        self.settings = (temperature, top_k, top_p + 1, want_top)
+        idle = Rows.idle(batch, cfg.vocab_size, self.keys)
+        self.live, self.n_left = idle.live, idle.n_left
+        self.settings = (idle.temperature, idle.top_k, idle.top_p, idle.want_top)
         self.eos = jnp.asarray(
             cfg.eos_token_ids or (m.tokenizer.eos_token_ids if m.tokenizer else ()) or (-2,),
             jnp.int32,
         )
-        self._eos = set(np.asarray(self.eos).tolist())
-        tokens = np.zeros((1, chunk), np.int32)
-        self._prefill, t_pre = compiled(
-            prefill_row,
-            "prefill_row",
-            (m.weights, self.cache, np.int32(0), tokens, tokens.astype(bool)),
-            {"graphdef": m.graphdef},
-            (
-                (m.weight_shardings, cache_sharding, one, one, one),
-                (one, cache_sharding),
-            ),
-        )
-        args = (
-            m.weights,
-            self.cache,
-            self.logits,
-            self.keys,
-            self.live,
-            self.n_left,
-            self.settings,
-            self.eos,
-        )
-        self._decode, t_dec = compiled(
-            decode_rows,
-            "decode_rows",
-            args,
-            {"graphdef": m.graphdef, "block": block},
-            decode_rows_shardings(
-                mesh, batch, block, cfg.vocab_size, m.weight_shardings, cache_sharding
-            ),
-        )
-        self.compile_s = t_pre + t_dec
+        self.eos_ids = frozenset(np.asarray(self.eos).tolist())
+        self._prefills: dict[int, object] = {}
+        self._decodes: dict[int, object] = {}
+        traces = sum(mdl.TRACES.values())
+        self.compile_s = self._prefill_exe(batch) + self._decode_exe(batch)
         self.compiles = sum(mdl.TRACES.values()) - traces
-        state = (cache_sharding, logits_rows, rows)
+        state = (self._cache_sharding, self._row_shardings.logits, self._row_shardings.keys)
         self._take = jax.jit(_take_row)
         self._put = jax.jit(_put_row, donate_argnums=(0, 1, 2), out_shardings=state)
         self.rows: list[RowSampling | None] = [None] * batch
-        self.last: Decoded | None = None
+        self.last: list[Decoded] | None = None
+
+    # --- the executables, one per bucket ---------------------------------------------------
+
+    def _prefill_exe(self, bucket: int) -> float:
+        """Compile the prefill step of `bucket` rows unless it is; returns seconds spent."""
+        if bucket in self._prefills:
+            return 0.0
+        m, one, rows = self.model, sh.replicated(self.model.mesh), self._row_shardings
+        tokens = np.zeros((bucket, self.chunk), np.int32)
+        self._prefills[bucket], seconds = compiled(
+            prefill_rows,
+            "prefill_rows",
+            (m.weights, self.cache, self.logits, np.zeros(bucket, np.int32), tokens, tokens > 0),
+            {"graphdef": m.graphdef},
+            (
+                (m.weight_shardings, self._cache_sharding, rows.logits, one, one, one),
+                (self._cache_sharding, rows.logits),
+            ),
+        )
+        return seconds
+
+    def _decode_exe(self, bucket: int) -> float:
+        """Compile the decode loop of `bucket` rows unless it is; returns seconds spent."""
+        if bucket in self._decodes:
+            return 0.0
+        m = self.model
+        args = (m.weights, self.cache, self._rows(), np.zeros(bucket, np.int32), self.eos)
+        self._decodes[bucket], seconds = compiled(
+            decode_rows,
+            "decode_rows",
+            args,
+            {"graphdef": m.graphdef, "block": self.block},
+            decode_rows_shardings(
+                m.mesh,
+                self.batch,
+                bucket,
+                self.block,
+                m.cfg.vocab_size,
+                m.weight_shardings,
+                self._cache_sharding,
+            ),
+        )
+        return seconds
+
+    def warm(self) -> float:
+        """Compile every bucket's prefill and decode now (a server, before its first request);
+        returns the seconds spent."""
+        return sum(self._prefill_exe(b) + self._decode_exe(b) for b in buckets(self.batch))
+
+    def _rows(self, n_left: np.ndarray | None = None) -> Rows:
+        temperature, top_k, top_p, want_top = self.settings
+        n_left = self.n_left if n_left is None else n_left
+        return Rows(self.logits, self.keys, self.live, n_left, temperature, top_k, top_p, want_top)
+
+    def _bucket(self, wanted: list[int]) -> np.ndarray:
+        """The rows of the smallest bucket holding `wanted` (distinct rows), `wanted` first,
+        then rows not wanted as padding (a step leaves those as they are)."""
+        size = bucket_of(len(wanted), self.batch)
+        if size == self.batch:
+            return np.arange(self.batch, dtype=np.int32)
+        chosen = set(wanted)
+        padding = [r for r in range(self.batch) if r not in chosen][: size - len(wanted)]
+        return np.asarray(wanted + padding, np.int32)
+
+    # --- rows ----------------------------------------------------------------------------
 
     def free_rows(self) -> list[int]:
         return [i for i, r in enumerate(self.rows) if r is None]
@@ -451,22 +551,35 @@ class Engine:
         self.cache = cache.replace(pos=pos, epoch=epoch)
         return row
 
+    def prefill(self, feeds: dict[int, Sequence[int]]) -> None:
+        """One prefill step: each row's token ids (1 to `chunk` of them, checked) fed into its
+        stream, every row in one bucket; each row's next-token logits are then its last
+        token's."""
+        if not 0 < len(feeds) <= self.batch:
+            raise ConfigError(f"a prefill step feeds 1 to {self.batch} rows, got {len(feeds)}")
+        index = self._bucket(list(feeds))
+        tokens = np.zeros((len(index), self.chunk), np.int32)
+        valid = np.zeros((len(index), self.chunk), bool)
+        for i, row in enumerate(index.tolist()):
+            if row not in feeds:
+                continue
+            ids = check_ids(feeds[row], self.model.cfg.vocab_size)
+            if len(ids) > self.chunk:
+                raise ConfigError(f"a prefill step feeds at most {self.chunk} tokens per row")
+            tokens[i, : len(ids)], valid[i, : len(ids)] = ids, True
+        self._prefill_exe(len(index))
+        self.cache, self.logits = self._prefills[len(index)](
+            self.model.weights, self.cache, self.logits, index, tokens, valid
+        )
+
     def feeding(self, row: int, ids: Sequence[int]) -> Iterator[int]:
         """Prefill token ids into `row`, continuing its stream, one chunk per step of the
         iterator (it yields the tokens fed so far): a caller can run other rows' decode blocks
-        between chunks. The row's next-token logits are set after the last chunk."""
+        between chunks. The row's next-token logits are set by the last chunk."""
         ids = check_ids(ids, self.model.cfg.vocab_size)
-        done = 0
-        logits = None
-        for tokens, valid, n in padded_chunks(ids, self.chunk):
-            logits, self.cache = self._prefill(
-                self.model.weights, self.cache, np.int32(row), tokens, valid
-            )
-            done += n
-            if done < len(ids):
-                yield done
-        self.logits = _set_row(self.logits, np.int32(row), logits)
-        yield done
+        for done in range(0, len(ids), self.chunk):
+            self.prefill({row: ids[done : done + self.chunk]})
+            yield min(done + self.chunk, len(ids))
 
     def feed(self, row: int, ids: Sequence[int]) -> None:
         """Prefill token ids into `row` at once (see `feeding`)."""
@@ -484,7 +597,7 @@ class Engine:
 
     def insert(self, prompt: Sequence[int], sampling: RowSampling = RowSampling()) -> int:
         """Start a stream in a free row: its position reset to 0 and `prompt` (token ids)
-        prefilled into it alone. Returns the row. ConfigError when no row is free."""
+        prefilled into it. Returns the row. ConfigError when no row is free."""
         ids = check_ids(prompt, self.model.cfg.vocab_size)
         row = self.open(sampling)
         self.feed(row, ids)
@@ -500,47 +613,45 @@ class Engine:
         self.arm(row, sampling)
 
     def decode(self, limit: int | None = None) -> list[list[int]]:
-        """One block of decode steps for every live row: the new token ids of each row (empty
-        for rows not live); their log-probabilities are in `self.last`. A row stops being live
-        after an EOS id or its max tokens. limit: at most this many tokens per row now (the
-        rows stay live for the rest)."""
+        """One block of decode steps for every live row, run in the smallest bucket that holds
+        them: the new token ids of each row (empty for rows not live); their log-probabilities
+        are in `self.last`. A row stops being live after an EOS id or its max tokens. limit: at
+        most this many tokens per row now (the rows stay live for the rest)."""
+        live = np.flatnonzero(self.live).tolist()
+        new: list[list[int]] = [[] for _ in range(self.batch)]
+        self.last = [Decoded([], [], []) for _ in range(self.batch)]
+        if not live:
+            return new
+        index = self._bucket(live)
         budget = self.n_left if limit is None else np.minimum(self.n_left, limit)
-        tokens, logprobs, top_ids, top_values, self.cache, self.logits, self.keys, live, left = (
-            self._decode(
-                self.model.weights,
-                self.cache,
-                self.logits,
-                self.keys,
-                self.live,
-                budget,
-                self.settings,
-                self.eos,
-            )
+        self._decode_exe(len(index))
+        drawn, self.cache, rows = self._decodes[len(index)](
+            self.model.weights, self.cache, self._rows(budget), index, self.eos
         )
-        tokens = sh.to_host(tokens)
-        n = (tokens >= 0).sum(axis=1)
-        new = [row[:k].tolist() for row, k in zip(tokens, n, strict=True)]
-        logprobs = sh.to_host(logprobs)
-        wants_top = self.settings[3]
+        self.logits, self.keys = rows.logits, rows.keys
+        tokens, logprobs = sh.to_host(drawn.tokens), sh.to_host(drawn.logprobs)
+        wants_top = self.settings[3][index]
         top_ids, top_values = (
-            sh.to_host(x) if wants_top.any() else None for x in (top_ids, top_values)
+            (sh.to_host(drawn.top_ids), sh.to_host(drawn.top_logprobs))
+            if wants_top.any()
+            else (None, None)
         )
-        self.last = [
-            Decoded(
-                new[b],
-                logprobs[b, : n[b]].tolist(),
+        for i, row in enumerate(index.tolist()):
+            n = int((tokens[i] >= 0).sum())
+            new[row] = tokens[i, :n].tolist()
+            top = (
                 [
-                    list(zip(top_ids[b, i].tolist(), top_values[b, i].tolist(), strict=True))
-                    for i in range(n[b])
+                    list(zip(top_ids[i, j].tolist(), top_values[i, j].tolist(), strict=True))
+                    for j in range(n)
                 ]
-                if wants_top[b]
-                else [],
+                if wants_top[i]
+                else []
             )
-            for b in range(self.batch)
-        ]
-        self.n_left = self.n_left - (budget - np.asarray(sh.to_host(left)))
-        ended = np.array([bool(r) and r[-1] in self._eos for r in new])
-        self.live = np.asarray(sh.to_host(live)) | (self.live & ~ended & (self.n_left > 0))
+            self.last[row] = Decoded(new[row], logprobs[i, :n].tolist(), top)
+        drawn_now = np.array([len(t) for t in new], np.int32)
+        self.n_left = self.n_left - drawn_now
+        ended = np.array([bool(t) and t[-1] in self.eos_ids for t in new])
+        self.live = self.live & ~ended & (self.n_left > 0)
         return new
 
     def halt(self, row: int) -> None:

@@ -16,12 +16,12 @@ import jax
 
 from jaxsink import cache as kv
 from jaxsink.config import ConfigError, StreamConfig
-from jaxsink.engine import check_ids, check_sampling, cut_at_stop
+from jaxsink.engine import check_ids, check_sampling
 from jaxsink.evaluate import cache_dtype_of
 from jaxsink.loading import Model
 from jaxsink.memory import check_cache_fits
+from jaxsink.row_text import RowText
 from jaxsink.stream_state import SavedStream
-from jaxsink.tokenizer import IncrementalDecoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +147,7 @@ class Generation:
             engine.cache.nbytes,
         )
         settings = RowSampling(s.temperature, s.top_k, s.top_p, self.seed, self.max_new_tokens)
-        decoder = IncrementalDecoder(m.tokenizer, skip_special_tokens=True)
+        reply = RowText(m.tokenizer, engine.eos_ids, self.stop)
         start = time.perf_counter()
         if self.resume is None:
             engine.insert(self.prompt_ids, settings)
@@ -156,31 +156,26 @@ class Generation:
             if len(self.prompt_ids):
                 engine.feed(row, self.prompt_ids)
             engine.arm(row, settings)
-            decoder.restore(self.resume.decoder)
+            reply.decoder.restore(self.resume.decoder)
         jax.block_until_ready(engine.logits)
         st.prefill_s = time.perf_counter() - start
 
         first_at = None
-        st.stop_reason = "max_new_tokens"
-        while engine.live[0]:
+        while engine.live[0] and not reply.stopped:
             new = engine.decode(limit=1 if first_at is None else None)[0]  # the first alone
             if first_at is None:
                 first_at = time.perf_counter()
                 st.time_to_first_token_s = first_at - start
-            self.token_ids.extend(new)
-            piece, stopped = self._cut_at_stop(decoder.push(new))
+            piece = reply.push(new)
+            self.token_ids, self.text = reply.tokens, reply.text
             if piece:
                 yield piece
-            if stopped:
-                st.stop_reason = "stop_string"
-                break
-            if new and new[-1] in engine._eos:
-                st.stop_reason = "eos"
-        self._decoder_state = decoder.state()
-        if st.stop_reason != "stop_string":
-            piece, _ = self._cut_at_stop(decoder.flush())
-            if piece:
-                yield piece
+        st.stop_reason = reply.reason or "max_new_tokens"
+        self._decoder_state = reply.decoder.state()
+        piece = reply.finish()
+        self.text = reply.text
+        if piece:
+            yield piece
         jax.block_until_ready(engine.cache)
         st.decode_s = time.perf_counter() - first_at
         st.new_tokens = len(self.token_ids)
@@ -216,12 +211,6 @@ class Generation:
             pending=[last] if ended else [],
             extra=extra or {},
         )
-
-    def _cut_at_stop(self, piece: str) -> tuple[str, bool]:
-        """Append `piece` to the text, cut at the first stop string; (text to emit, stopped)."""
-        emit, cut = cut_at_stop(self.text, piece, self.stop)
-        self.text = (self.text + piece)[:cut]
-        return emit, cut is not None
 
 
 def generate(model: Model, prompt: str | Sequence[int], **kwargs) -> Generation:

@@ -209,7 +209,7 @@ def lower_steps(cfg, batch, stream, mesh_spec, wdt, cdt, platform, chunk) -> dic
     """Export the prefill chunk (`model.last_logits`) and the decode loop
     (`engine.decode_rows`) for `platform` with the mesh's shardings, from abstract arguments;
     returns each serialized module's size in bytes. ConfigError when one does not lower."""
-    from jaxsink.engine import SETTINGS_DTYPES, decode_rows, decode_rows_shardings
+    from jaxsink.engine import Rows, decode_rows, decode_rows_shardings
 
     mesh = sh.make_mesh(mesh_spec)
     graphdef, abstract = mdl.abstract(cfg, wdt)
@@ -234,20 +234,16 @@ def lower_steps(cfg, batch, stream, mesh_spec, wdt, cdt, platform, chunk) -> dic
         (weights, cache, tokens, arg((batch, chunk), jnp.bool_, row), graphdef),
     )
     block = 16
-    flags = sh.rows(mesh, (batch,))
     key = jax.eval_shape(lambda: jax.random.key(0))
+    idle = Rows.idle(batch, cfg.vocab_size, jax.ShapeDtypeStruct((batch, *key.shape), key.dtype))
+    ins, outs = decode_rows_shardings(mesh, batch, batch, block, cfg.vocab_size, w_sh, c_sh)
     decode = (
-        decode_rows.with_shardings(
-            *decode_rows_shardings(mesh, batch, block, cfg.vocab_size, w_sh, c_sh)
-        ),
+        decode_rows.with_shardings(ins, outs),
         (
             weights,
             cache,
-            arg((batch, cfg.vocab_size), jnp.float32, logits_rows),
-            arg((batch, *key.shape), key.dtype, flags),
-            arg((batch,), jnp.bool_, flags),
-            arg((batch,), jnp.int32, flags),
-            tuple(arg((batch,), t, flags) for t in SETTINGS_DTYPES),
+            jax.tree.map(lambda x, s: arg(x.shape, x.dtype, s), idle, ins[2]),
+            arg((batch,), jnp.int32, one),
             arg((max(len(cfg.eos_token_ids), 1),), jnp.int32, one),
             graphdef,
             block,

@@ -1,9 +1,11 @@
 """Continuous batching over the engine: many requests, `max_batch` rows, one thread.
 
 One thread owns the `Engine` and loops: it takes new jobs, gives each a row when one is free,
-feeds prompts a chunk at a time between decode blocks (a long prompt never stalls the rows that
-are decoding), runs a decode block for every live row, and streams each row's text to its
-job. A job whose client went away is dropped and its row freed at the next turn of the loop.
+runs one prefill step (a chunk of each of the oldest prompts, up to `prefill_tokens` tokens in
+all, first come first served) and then a decode block of the live rows (a single step while
+prompts are waiting, so they do not wait a whole block per chunk, and the decoding rows keep
+going), and streams each row's text to its job. A job whose client went away is dropped and its
+row freed at the next turn of the loop.
 
 Sessions keep a conversation's stream between requests: when its reply is done the row is
 parked, not reset, and the next request of the session feeds only its new message. A parked
@@ -23,12 +25,14 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from jaxsink.config import ConfigError, JaxsinkError
 from jaxsink.conversation import Conversation
-from jaxsink.engine import Engine, RowSampling, check_ids, cut_at_stop
+from jaxsink.engine import Engine, RowSampling, check_ids, seed_key
+from jaxsink.prompt_cache import PromptCache
+from jaxsink.row_text import RowText
 from jaxsink.stream_state import (
     SavedStream,
     StreamFileError,
@@ -36,7 +40,6 @@ from jaxsink.stream_state import (
     read_stream_info,
     save_stream,
 )
-from jaxsink.tokenizer import IncrementalDecoder
 
 SESSION_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 
@@ -52,8 +55,9 @@ class RequestError(JaxsinkError):
 @dataclasses.dataclass
 class Event:
     """What a job hears: "accepted" (prompt_tokens set), "text" (text and the tokens it
-    completes, with log-probabilities), "done" (finish_reason, completion_tokens) or "error"
-    (error: a RequestError)."""
+    completes, with log-probabilities), "done" (finish_reason, completion_tokens, and
+    cached_tokens: the prompt tokens a cached state spared) or "error" (error: a
+    RequestError)."""
 
     kind: str
     text: str = ""
@@ -61,6 +65,7 @@ class Event:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
     error: RequestError | None = None
@@ -85,10 +90,10 @@ class Job:
     # the scheduler's own bookkeeping
     ids: list[int] = dataclasses.field(default_factory=list)
     row: int | None = None
-    feeding: Iterator | None = None
-    decoder: IncrementalDecoder | None = None
-    text: str = ""
-    generated: int = 0
+    fed: int = 0  # how many of `ids` the row has consumed
+    cached: int = 0  # how many of them a cached state gave
+    marks: list[int] = dataclasses.field(default_factory=list)  # fed counts to cache states at
+    reply: RowText | None = None  # from its admission on
 
 
 @dataclasses.dataclass
@@ -117,7 +122,11 @@ class Scheduler:
 
     max_prompt_tokens: a longer prompt (or session turn) is refused with 400.
     sessions_dir: where idle sessions are saved; idle_s: a parked session older than this is
-    saved and its row freed.
+    saved and its row freed. prefill_tokens: the prompt tokens one prefill step feeds at most
+    (a chunk per row, so `prefill_tokens // chunk` rows, at least one). prompt_cache: the
+    stream states requests without a session start from (`jaxsink.prompt_cache`); states are
+    kept at the end of each such request's prompt and reply, and at the end of a chat's system
+    message.
     """
 
     def __init__(
@@ -126,8 +135,12 @@ class Scheduler:
         sessions_dir: Path,
         max_prompt_tokens: int = 32768,
         idle_s: float = 300.0,
+        prefill_tokens: int = 256,
+        prompt_cache: PromptCache | None = None,
     ):
         self.engine = engine
+        self.prompt_cache = PromptCache(0) if prompt_cache is None else prompt_cache
+        self.prefill_rows = max(1, prefill_tokens // engine.chunk)
         self.tokenizer = engine.model.tokenizer
         self.sessions_dir = Path(sessions_dir)
         self.max_prompt_tokens = max_prompt_tokens
@@ -167,6 +180,7 @@ class Scheduler:
             "queued": len(self.waiting) + self.incoming.qsize(),
             "sessions": len(self.sessions),
             "completed": self.completed,
+            **self.prompt_cache.stats(),
         }
 
     # --- the loop ---------------------------------------------------------------------------
@@ -180,7 +194,7 @@ class Scheduler:
                 self._save_idle_sessions()
                 self._admit()
                 if self.prefilling:
-                    self._prefill_one_chunk()
+                    self._prefill_step()
                 if self.decoding:
                     self._decode_block()
         except BaseException as e:  # the server answers 503 from now on
@@ -219,8 +233,22 @@ class Scheduler:
             error = e if isinstance(e, RequestError) else RequestError(str(e))
             job.emit(Event("error", error=error))
             return
+        if job.session is None and self.prompt_cache.max_bytes:
+            job.marks = self._marks(job)
         job.emit(Event("accepted", prompt_tokens=len(job.ids)))
         self.waiting.append(job)
+
+    def _marks(self, job: Job) -> list[int]:
+        """Where a request without a session keeps its stream's state in the prompt cache:
+        the end of a chat's system message (where the prompt begins with it as rendered
+        alone: a new conversation with the same system prompt finds it) and the end of the
+        prompt (the reply's end is kept when it is done)."""
+        marks = [len(job.ids)]
+        if job.messages and job.messages[0]["role"] == "system":
+            system = Conversation(self.tokenizer, job.messages[0]["content"]).system_ids()
+            if 0 < len(system) < len(job.ids) and job.ids[: len(system)] == system:
+                marks.insert(0, len(system))
+        return marks
 
     def _prompt_ids(self, job: Job) -> list[int]:
         tok = self.tokenizer
@@ -321,12 +349,31 @@ class Scheduler:
                 row = self.engine.restore(saved.row, job.sampling)
                 job.ids = saved.pending + job.ids
             else:
-                row = self.engine.open(job.sampling)
+                row = self._open(job)
             self.waiting.pop(0)
             job.row = row
-            job.decoder = IncrementalDecoder(self.tokenizer, skip_special_tokens=True)
-            job.feeding = self.engine.feeding(row, job.ids)
-            self.prefilling.append(job)
+            job.reply = RowText(self.tokenizer, self.engine.eos_ids, job.sampling.stop)
+            if job.fed == len(job.ids):  # the whole prompt was cached
+                self._start_decoding(job)
+            else:
+                self.prefilling.append(job)
+
+    def _open(self, job: Job) -> int:
+        """A row for a request without a session: its stream restored from the prompt
+        cache's longest prefix of its ids, with the key of its own seed (as `Engine.open`
+        gives it), or a fresh one."""
+        hit = self.prompt_cache.lookup(job.ids) if self.prompt_cache.max_bytes else None
+        if hit is None:
+            return self.engine.open(job.sampling)
+        job.fed = job.cached = hit.tokens
+        state = dataclasses.replace(hit.state, key=seed_key(job.sampling.seed))
+        return self.engine.restore(state, job.sampling)
+
+    def _keep(self, job: Job, ids: list[int]) -> None:
+        """Keep the job's row, which has consumed exactly `ids`, in the prompt cache (only
+        its use is noted when it is there)."""
+        if not self.prompt_cache.touch(ids):
+            self.prompt_cache.store(ids, self.engine.export(job.row))
 
     def _make_room(self) -> bool:
         """Whether a row is free, after saving the least recently used idle parked session
@@ -362,22 +409,40 @@ class Scheduler:
             if not session.busy and now - session.last_used > self.idle_s:
                 self._park_to_disk(session)
 
-    def _prefill_one_chunk(self) -> None:
-        """One prefill chunk of the oldest prefilling job; a finished prompt starts decoding."""
-        job = self.prefilling[0]
-        done = next(job.feeding)
-        if done == len(job.ids):
-            self.prefilling.pop(0)
-            self.engine.arm(job.row, job.sampling, logprobs=job.logprobs > 0)
-            self.decoding[job.row] = job
-        else:  # round robin between long prompts
-            self.prefilling.append(self.prefilling.pop(0))
+    def _prefill_step(self) -> None:
+        """One prefill step: the next chunk of each of the oldest prefilling jobs, as many as
+        the step's token budget holds (first come, first served); a job whose prompt is all
+        fed starts decoding."""
+        jobs = self.prefilling[: self.prefill_rows]
+        ends = [self._chunk_end(job) for job in jobs]
+        self.engine.prefill(
+            {job.row: job.ids[job.fed : end] for job, end in zip(jobs, ends, strict=True)}
+        )
+        for job, end in zip(jobs, ends, strict=True):
+            job.fed = end
+            if end in job.marks:
+                self._keep(job, job.ids[:end])
+            if job.fed == len(job.ids):
+                self.prefilling.remove(job)
+                self._start_decoding(job)
+
+    def _chunk_end(self, job: Job) -> int:
+        """Where the job's next chunk ends: a chunk on, at the prompt's end, or at the next
+        point where its state is kept."""
+        end = min(job.fed + self.engine.chunk, len(job.ids))
+        return min([m for m in job.marks if job.fed < m < end] + [end])
+
+    def _start_decoding(self, job: Job) -> None:
+        """A job's prompt is fed: its row decodes from the next block on."""
+        self.engine.arm(job.row, job.sampling, logprobs=job.logprobs > 0)
+        self.decoding[job.row] = job
 
     def _decode_block(self) -> None:
         engine = self.engine
-        # a row that has not given its first token yet gets it after one step, not a block
-        fresh = any(job.generated == 0 for job in self.decoding.values())
-        new = engine.decode(limit=1 if fresh else None)
+        # A row that has not given its first token yet gets it after one step, not a block;
+        # while prompts wait, one step too, then the next prefill step.
+        fresh = any(not job.reply.tokens for job in self.decoding.values())
+        engine.decode(limit=1 if fresh or self.prefilling else None)
         for row, job in list(self.decoding.items()):
             out = engine.last[row]
             if out.tokens:
@@ -385,33 +450,40 @@ class Scheduler:
             if job.row is None:  # a stop string ended it
                 continue
             if not engine.live[row]:
-                ended = bool(new[row]) and new[row][-1] in engine._eos
-                self._finish(job, "stop" if ended else "length")
+                self._finish(job, "stop" if job.reply.reason == "eos" else "length")
 
     def _emit_tokens(self, job: Job, out) -> None:
         """Detokenize a block's tokens, cut at a stop string, and emit them."""
-        job.generated += len(out.tokens)
-        piece, cut = cut_at_stop(job.text, job.decoder.push(out.tokens), job.sampling.stop)
-        job.text += piece
+        piece = job.reply.push(out.tokens)
         job.emit(Event("text", piece, out.tokens, out.logprobs, out.top))
-        if cut is not None:
+        if job.reply.stopped:
             self.engine.halt(job.row)
-            self._finish(job, "stop", cut=True)
+            self._finish(job, "stop")
 
-    def _finish(self, job: Job, reason: str | None, cut: bool = False) -> None:
+    def _keep_reply(self, job: Job) -> None:
+        """Keep a finished request's stream at the end of its reply: its prompt and every
+        token it generated but a final EOS (which never enters the stream)."""
+        consumed = job.ids + job.reply.tokens
+        if consumed[-1] in self.engine.eos_ids:
+            consumed = consumed[:-1]
+        if self.engine.positions()[job.row] == len(consumed):
+            self._keep(job, consumed)
+
+    def _finish(self, job: Job, reason: str | None) -> None:
         """End a job: the rest of its text, then "done" (none when cancelled: reason None),
         and its row parked (a session) or freed."""
         row = job.row
         self.decoding.pop(row, None)
-        if reason is not None and not cut and job.decoder is not None:
-            rest = job.decoder.flush()  # text held back for a character not yet complete
+        if reason is not None:
+            rest = job.reply.finish()  # text held back for a character not yet complete
             if rest:
-                job.text += rest
                 job.emit(Event("text", rest))
         session = self.sessions.get(job.session) if job.session is not None else None
+        if session is None and row is not None and reason is not None and job.marks:
+            self._keep_reply(job)
         if session is not None:
             if session.conversation is not None:
-                session.conversation.assistant_reply(job.text)
+                session.conversation.assistant_reply(job.reply.text if job.reply else "")
             session.busy, session.last_used = False, time.monotonic()
             if row is not None:
                 session.row = row
@@ -421,4 +493,11 @@ class Scheduler:
         job.row = None
         if reason is not None:
             self.completed += 1
-            job.emit(Event("done", finish_reason=reason, completion_tokens=job.generated))
+            job.emit(
+                Event(
+                    "done",
+                    finish_reason=reason,
+                    completion_tokens=len(job.reply.tokens),
+                    cached_tokens=job.cached,
+                )
+            )

@@ -219,20 +219,30 @@ class Reply:
             choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
         return self._envelope([choice], chunk=True)
 
-    def whole(self, finish: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage_chunk(self, usage: dict) -> dict:
+        """The last server-sent event of a stream that asked for usage (`stream_options`:
+        `include_usage`): no choices, the request's usage."""
+        return {**self._envelope([], chunk=True), "usage": usage}
+
+    def whole(self, finish: str, usage: dict) -> dict:
         lp = self.logprobs_of(self.tokens, self.logprobs, self.top_lists)
         if self.chat:
             message = {"role": "assistant", "content": self.text}
             choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": self.text, "logprobs": lp, "finish_reason": finish}
-        body = self._envelope([choice], chunk=False)
-        body["usage"] = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
-        return body
+        return {**self._envelope([choice], chunk=False), "usage": usage}
+
+
+def usage_of(prompt_tokens: int, done: Event) -> dict:
+    """OpenAI's `usage` of a finished request: its prompt tokens (and how many of them a cached
+    stream state spared), completion and total tokens."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": prompt_tokens + done.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
+    }
 
 
 # --- the application ------------------------------------------------------------------------
@@ -280,6 +290,12 @@ def make_app(scheduler: Scheduler, model_id: str, limits: Limits = Limits(), on_
             default_max_tokens = min(512 if chat else 16, limits.max_tokens)
             sampling = sampling_of(body, limits, default_max_tokens)
             stream = _field(body, "stream", bool, False, why="must be true or false")
+            options = _field(body, "stream_options", dict, {}, why="must be an object")
+            if options and not stream:
+                raise RequestError("stream_options needs stream: true", param="stream_options")
+            include_usage = _field(
+                options, "include_usage", bool, False, why="must be true or false"
+            )
             if chat:
                 want = _field(body, "logprobs", bool, False, why="must be true or false")
                 top = _field(
@@ -336,6 +352,8 @@ def make_app(scheduler: Scheduler, model_id: str, limits: Limits = Limits(), on_
                                 yield _sse(reply.chunk(event))
                         elif event.kind == "done":
                             yield _sse(reply.chunk(None, finish=event.finish_reason))
+                            if include_usage:
+                                yield _sse(reply.usage_chunk(usage_of(prompt_tokens, event)))
                             yield "data: [DONE]\n\n"
                             return
                         else:
@@ -360,8 +378,8 @@ def make_app(scheduler: Scheduler, model_id: str, limits: Limits = Limits(), on_
                 if event.kind == "text":
                     reply.add(event)
                 elif event.kind == "done":
-                    body = reply.whole(event.finish_reason, prompt_tokens, event.completion_tokens)
-                    return JSONResponse(body)
+                    usage = usage_of(prompt_tokens, event)
+                    return JSONResponse(reply.whole(event.finish_reason, usage))
                 else:
                     return error_response(event.error)
         finally:

@@ -497,37 +497,33 @@ class Bench:
         return logits, cache
 
     def decode_exe(self, net: Net, cache, block: int):
-        """The engine's on-device decode loop (greedy rows), compiled for this cache, `block`
-        steps max."""
-        import jax.numpy as jnp
-
+        """The engine's on-device decode loop over every row of this cache (the whole-batch
+        bucket), compiled for it, `block` steps max."""
         from jaxsink.engine import decode_rows
 
         B = cache.pos.shape[0]
-        args = (
-            net.weights,
-            cache,
-            jnp.zeros((B, net.cfg.vocab_size), jnp.float32),
-            self.jax.random.split(self.jax.random.key(0), B),
-            jnp.ones((B,), bool),
-            jnp.full((B,), block, jnp.int32),
-            self._greedy(B),
-            self._no_eos(),
-        )
+        args = (net.weights, cache, self._greedy(net, B, block), self._rows(B), self._no_eos())
         static = {"graphdef": net.graphdef, "block": block}
         return self.compiled("decode_rows", decode_rows, args, static)
 
-    def _greedy(self, B: int):
-        """Per-row settings of greedy rows: temperature 0, no top-k, no top-p, no top
-        log-probabilities (`Engine.settings`)."""
-        import jax.numpy as jnp
+    def _greedy(self, net: Net, B: int, steps: int, logits=None):
+        """Per-row state of B live greedy rows that draw `steps` tokens (`engine.Rows`)."""
+        import numpy as np
 
-        return (
-            jnp.zeros((B,), jnp.float32),
-            jnp.zeros((B,), jnp.int32),
-            jnp.ones((B,), jnp.float32),
-            jnp.zeros((B,), bool),
+        from jaxsink.engine import Rows
+
+        keys = self.jax.random.split(self.jax.random.key(0), B)
+        idle = Rows.idle(B, net.cfg.vocab_size, keys)
+        return idle.replace(
+            logits=idle.logits if logits is None else logits,
+            live=np.ones(B, bool),
+            n_left=np.full(B, steps, np.int32),
         )
+
+    def _rows(self, B: int):
+        import numpy as np
+
+        return np.arange(B, dtype=np.int32)
 
     def _no_eos(self):
         import jax.numpy as jnp
@@ -545,16 +541,14 @@ class Bench:
         jax = self.jax
         cache, logits = jax.block_until_ready(jax.tree.map(jnp.copy, (cache, logits)))
         B = cache.pos.shape[0]
-        keys = jax.random.split(jax.random.key(0), B)
-        live, n = jnp.ones((B,), bool), jnp.full((B,), steps, jnp.int32)
+        rows = self._greedy(net, B, steps, logits)
         t = time.perf_counter()
-        out, _, _, _, cache, _, _, _, left = exe(
-            net.weights, cache, logits, keys, live, n, self._greedy(B), self._no_eos()
-        )
-        jax.block_until_ready((out, cache))
+        drawn, cache, rows = exe(net.weights, cache, rows, self._rows(B), self._no_eos())
+        jax.block_until_ready((drawn, cache))
         seconds = time.perf_counter() - t
-        assert int(np.asarray(left).max()) == 0, f"decode left {np.asarray(left)} steps"
-        return seconds, np.asarray(out)[:, :steps], cache
+        left = np.asarray(rows.n_left)
+        assert int(left.max()) == 0, f"decode left {left} steps"
+        return seconds, np.asarray(drawn.tokens)[:, :steps], cache
 
     def decode_runs(
         self, net: Net, stream, batch: int, prompt: int, steps: int, cache_dtype=None
@@ -1144,7 +1138,6 @@ class Bench:
         }
 
     def section_memory(self) -> dict:
-        import jax.numpy as jnp
 
         from jaxsink.config import StreamConfig
 
@@ -1166,14 +1159,12 @@ class Bench:
 
         cache = self.init_cache(stream)
         exe = self.decode_exe(net, cache, block)
-        done, key, eos = jnp.zeros((1,), bool), jax.random.key(0), self._no_eos()
         i, start = 0, None
         while i < len(ids):
             logits, cache = self.prefill(net, cache, ids[None, i : i + C], C)
             i += C
-            _, _, cache, logits, key, done = exe(
-                net.weights, cache, logits, key, done, jnp.int32(block), eos
-            )
+            rows = self._greedy(net, 1, block, logits)
+            _, cache, _ = exe(net.weights, cache, rows, self._rows(1), self._no_eos())
             if start is None:
                 start = snapshot(cache)
             if int(cache.pos[0]) >= sz["memory_tokens"]:

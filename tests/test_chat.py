@@ -63,7 +63,7 @@ def _greedy_continuation(model, ids, stream, max_new_tokens):
 
 def _fed(chat, token_ids):
     """A reply's tokens that entered the stream (all but an EOS that ended it)."""
-    return [t for t in token_ids if t not in chat.engine._eos]
+    return [t for t in token_ids if t not in chat.engine.eos_ids]
 
 
 def test_turns_are_one_stream_with_the_system_prompt_as_sinks(smollm2):

@@ -4,12 +4,21 @@ release included, with one compile each for prefill and decode; per-row sampling
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from jaxsink import model as mdl
 from jaxsink.config import ConfigError, StreamConfig
-from jaxsink.engine import Engine, RowSampling, padded_chunks, sample_rows
+from jaxsink.engine import (
+    Engine,
+    RowSampling,
+    bucket_of,
+    buckets,
+    padded_chunks,
+    sample_rows,
+)
 from tests.tiny import random_flat_params, tiny_config, tiny_model
 
 STREAM = StreamConfig(2, 5)
@@ -67,7 +76,9 @@ def test_rows_equal_streams_run_alone(tiny):
         step += 1
     assert [got[i] for i in range(len(REQUESTS))] == alone
     traced = {k: v - before.get(k, 0) for k, v in mdl.TRACES.items() if v != before.get(k, 0)}
-    assert traced == {"prefill_row": 1, "decode_rows": 1}  # for the whole run
+    # for the whole run: decode in each bucket of 3 rows (1, 2, 3), prefill one row at a time
+    # (and the 3-row bucket the engine compiles at its start)
+    assert traced == {"prefill_rows": 2, "decode_rows": 3}
 
 
 def test_a_full_engine_and_bad_prompts_are_clear_errors(tiny):
@@ -129,3 +140,62 @@ def test_a_prompt_fed_between_other_rows_blocks_equals_it_alone(tiny):
     while engine.live[row]:
         got += engine.decode()[row]
     assert got == want
+
+
+def test_each_bucket_compiles_once_and_rows_move_between_buckets(tiny):
+    """An 8-row engine compiles prefill and decode once per bucket (1, 2, 4, 8: ceil(log2 8)
+    + 1 each, one chunk length) and never again, while five streams start together and end at
+    different times, so the live rows run in buckets 8, 4, 2 and 1 in turn: each equals its
+    stream run alone."""
+    assert buckets(8) == (1, 2, 4, 8) and buckets(12) == (1, 2, 4, 8, 12) and buckets(1) == (1,)
+    settings = [dataclasses.replace(s, max_tokens=3 + 5 * i) for i, (_, s) in enumerate(REQUESTS)]
+    settings.append(RowSampling(temperature=0.5, seed=5, max_tokens=23))
+    rng = np.random.default_rng(23)
+    streams = [(rng.integers(0, 97, size=4 + i).tolist(), s) for i, s in enumerate(settings)]
+    alone = [run_alone(tiny, p, s) for p, s in streams]
+    before = dict(mdl.TRACES)
+    engine = Engine(tiny, 8, STREAM, chunk=4, block=5)
+    engine.warm()
+    traced = {k: v - before.get(k, 0) for k, v in mdl.TRACES.items() if v != before.get(k, 0)}
+    assert traced == {"prefill_rows": 4, "decode_rows": 4}
+    rows = [engine.insert(p, s) for p, s in streams]
+    got = {row: [] for row in rows}
+    sizes = set()
+    while engine.live.any():
+        sizes.add(bucket_of(int(engine.live.sum()), 8))
+        for row, new in enumerate(engine.decode()):
+            if row in got:
+                got[row] += new
+    assert [got[r] for r in rows] == alone
+    assert sizes == {1, 2, 4, 8}
+    assert all(mdl.TRACES[k] == before.get(k, 0) + n for k, n in traced.items())  # no more
+
+
+def test_prompts_fed_together_equal_each_fed_alone(tiny):
+    """Prefill steps that feed a chunk of several prompts at once (of different lengths, one
+    row's stream already going on), with a decode step of the live rows between them, as the
+    server mixes them: each stream equals the same stream run alone."""
+    streams = [(p, s) for p, (_, s) in zip(prompts(), REQUESTS, strict=True)]
+    alone = [run_alone(tiny, p, s) for p, s in streams]
+    engine = Engine(tiny, 4, STREAM, chunk=4, block=5)
+    first = engine.insert(*streams[0])
+    got = {first: engine.decode(limit=2)[first]}
+    rows = [engine.open(s) for _, s in streams[1:]]
+    fed = dict.fromkeys(rows, 0)
+    while any(fed[r] < len(p) for r, (p, _) in zip(rows, streams[1:], strict=True)):
+        feeds = {r: p[fed[r] : fed[r] + 4] for r, (p, _) in zip(rows, streams[1:], strict=True)}
+        feeds = {r: ids for r, ids in feeds.items() if ids}
+        engine.prefill(feeds)
+        for r, ids in feeds.items():
+            fed[r] += len(ids)
+            if fed[r] == len(streams[1 + rows.index(r)][0]):
+                engine.arm(r, streams[1 + rows.index(r)][1])
+                got[r] = []
+        for r, new in enumerate(engine.decode(limit=1)):
+            if r in got:
+                got[r] += new
+    while engine.live.any():
+        for r, new in enumerate(engine.decode()):
+            if r in got:
+                got[r] += new
+    assert [got[r] for r in [first, *rows]] == alone

@@ -19,30 +19,16 @@ import httpx
 import pytest
 
 import jaxsink
-from jaxsink.checkpoint import save_checkpoint
 from jaxsink.generate import Sampling
-from tests.hf_tiny import write_tokenizer
-from tests.tiny import random_flat_params, tiny_config
+from tests.tiny import chat_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE = (  # a user turn is t3 ... t4, a reply t5 ... t4 (ChatML's shape, in the tiny words)
-    "{% for m in messages %}{% if m['role'] == 'assistant' %}t5 {{ m['content'] }} t4 "
-    "{% else %}t3 {{ m['content'] }} t4 {% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}t5 {% endif %}"
-)
 STREAM = {"sinks": 2, "window": 13, "chunk": 4, "block": 3}
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("served")
-    write_tokenizer(path)
-    (path / "tokenizer_config.json").write_text(
-        json.dumps({"chat_template": TEMPLATE, "eos_token": "t2"})
-    )
-    cfg = tiny_config()
-    files = {n: (path / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json")}
-    return save_checkpoint(path / "ckpt", cfg, random_flat_params(cfg, seed=5), "float32", files)
+    return chat_checkpoint(tmp_path_factory.mktemp("served"))
 
 
 def free_port() -> int:
@@ -176,7 +162,45 @@ def test_streamed_equals_unstreamed_with_logprobs(server):
     ):
         best = max(top, key=top.get)
         assert best == token and top[best] == pytest.approx(logprob) and logprob <= 0
-    assert whole["usage"] == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
+    usage = {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
+    assert whole["usage"] == usage | {"prompt_tokens_details": {"cached_tokens": 0}}
+    # the streamed request ran the same prompt again: its state at the prompt's end was kept
+    body |= {"stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    last = json.loads(lines[-2][len("data: ") :])
+    assert last["choices"] == [] and last["usage"] == usage | {
+        "prompt_tokens_details": {"cached_tokens": 3}
+    }
+
+
+def test_a_resent_conversation_starts_from_its_cached_stream(server, tiny):
+    """The openai client resending a whole chat (no session): each later turn reports the
+    tokens its cached history spared (`stream_options.include_usage`), and every reply equals
+    the conversation run alone."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    messages = [{"role": "system", "content": "t60 t61 t62 t63 t64"}]
+    for turn, question in enumerate(["t30 t31", "t32", "t33 t34"]):
+        messages.append({"role": "user", "content": question})
+        parts = list(
+            client.chat.completions.create(
+                model="ckpt",
+                messages=messages,
+                max_tokens=5,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        reply = "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
+        ids = tiny.tokenizer.encode(tiny.tokenizer.apply_chat_template(messages), False)
+        assert reply == alone(tiny, ids, 5)
+        usage = parts[-1].usage
+        assert usage.prompt_tokens == len(ids)
+        cached = usage.prompt_tokens_details.cached_tokens
+        assert (cached == 0) if turn == 0 else (len(ids) - 8 <= cached < len(ids))
+        messages.append({"role": "assistant", "content": reply})
 
 
 def test_openai_client_chat_and_completions(server, tiny):

@@ -100,3 +100,30 @@ def quantized_params(cfg: ModelConfig, kinds: dict[str, str], seed: int = 0):
     stored |= {k: v for k, v in flat.items() if k not in kinds}
     qcfg = model.quantize_config(cfg, {name: Quant(kind) for name, kind in kinds.items()})
     return qcfg, stored, dense
+
+
+# A chat template in the tiny word-level vocabulary (`hf_tiny.write_tokenizer`): a user turn is
+# t3 ... t4, a reply t5 ... t4 (ChatML's shape).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}t5 {{ m['content'] }} t4 "
+    "{% else %}t3 {{ m['content'] }} t4 {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}t5 {% endif %}"
+)
+
+
+def chat_checkpoint(path, seed: int = 5):
+    """A tiny random checkpoint folder with a word-level tokenizer (`t0` ... `t96`, EOS `t2`)
+    and `CHAT_TEMPLATE`: what a server or chat needs. Returns its path."""
+    import json
+
+    from jaxsink.checkpoint import save_checkpoint
+    from tests.hf_tiny import write_tokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(path)
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": CHAT_TEMPLATE, "eos_token": "t2"})
+    )
+    cfg = tiny_config()
+    files = {n: (path / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json")}
+    return save_checkpoint(path / "ckpt", cfg, random_flat_params(cfg, seed=seed), "float32", files)
