@@ -558,7 +558,7 @@ def cmd_ppl(args) -> int:
 
 def cmd_serve(args) -> int:
     from jaxsink.default_model import jaxsink_home
-    from jaxsink.engine import Engine
+    from jaxsink.engine import Engine, token_buckets
     from jaxsink.evaluate import cache_dtype_of
     from jaxsink.prompt_cache import PromptCache, default_bytes
     from jaxsink.scheduler import Scheduler
@@ -601,7 +601,8 @@ def cmd_serve(args) -> int:
         args.block,
         cache_dtype_of(model, args.cache_dtype),
     )
-    engine.warm()  # every bucket compiled before the first request (or read from the cache)
+    # every bucket the scheduler runs, compiled before the first request (or read from the cache)
+    engine.warm(args.prefill_tokens // token_buckets(args.chunk)[0])
     cache_bytes = args.prompt_cache_bytes
     scheduler = Scheduler(
         engine,

@@ -160,6 +160,13 @@ def bucket_of(n: int, batch: int) -> int:
     return next(b for b in buckets(batch) if b >= n)
 
 
+def token_buckets(chunk: int) -> tuple[int, ...]:
+    """The tokens per row a prefill step is compiled for: half a chunk and a whole one (a
+    prompt's last piece, or a turn's few new tokens, pays for half a chunk's compute, not a
+    whole one's)."""
+    return tuple(sorted({max(1, chunk // 2), chunk}))
+
+
 def _gathered(tree, index: jax.Array, batch: int):
     """The rows `index` [b] of every batch-major leaf of `tree`; all rows as they are when
     b is the whole batch (then `index` is every row in order)."""
@@ -453,10 +460,10 @@ class Engine:
             jnp.int32,
         )
         self.eos_ids = frozenset(np.asarray(self.eos).tolist())
-        self._prefills: dict[int, object] = {}
+        self._prefills: dict[tuple[int, int], object] = {}
         self._decodes: dict[int, object] = {}
         traces = sum(mdl.TRACES.values())
-        self.compile_s = self._prefill_exe(batch) + self._decode_exe(batch)
+        self.compile_s = self._prefill_exe(1, chunk) + self._decode_exe(batch)
         self.compiles = sum(mdl.TRACES.values()) - traces
         state = (self._cache_sharding, self._row_shardings.logits, self._row_shardings.keys)
         self._take = jax.jit(_take_row)
@@ -466,13 +473,14 @@ class Engine:
 
     # --- the executables, one per bucket ---------------------------------------------------
 
-    def _prefill_exe(self, bucket: int) -> float:
-        """Compile the prefill step of `bucket` rows unless it is; returns seconds spent."""
-        if bucket in self._prefills:
+    def _prefill_exe(self, bucket: int, length: int) -> float:
+        """Compile the prefill step of `bucket` rows of `length` tokens unless it is; returns
+        the seconds spent."""
+        if (bucket, length) in self._prefills:
             return 0.0
         m, one, rows = self.model, sh.replicated(self.model.mesh), self._row_shardings
-        tokens = np.zeros((bucket, self.chunk), np.int32)
-        self._prefills[bucket], seconds = compiled(
+        tokens = np.zeros((bucket, length), np.int32)
+        self._prefills[bucket, length], seconds = compiled(
             prefill_rows,
             "prefill_rows",
             (m.weights, self.cache, self.logits, np.zeros(bucket, np.int32), tokens, tokens > 0),
@@ -507,10 +515,14 @@ class Engine:
         )
         return seconds
 
-    def warm(self) -> float:
-        """Compile every bucket's prefill and decode now (a server, before its first request);
-        returns the seconds spent."""
-        return sum(self._prefill_exe(b) + self._decode_exe(b) for b in buckets(self.batch))
+    def warm(self, prefill_rows: int | None = None) -> float:
+        """Compile every bucket's decode, and prefill for each token bucket and each row bucket
+        up to the one holding `prefill_rows` (default: all), now (a server, before its first
+        request); returns the seconds spent."""
+        most = bucket_of(min(prefill_rows or self.batch, self.batch), self.batch)
+        rows = [b for b in buckets(self.batch) if b <= most]
+        prefill = sum(self._prefill_exe(b, n) for b in rows for n in token_buckets(self.chunk))
+        return prefill + sum(self._decode_exe(b) for b in buckets(self.batch))
 
     def _rows(self, n_left: np.ndarray | None = None) -> Rows:
         temperature, top_k, top_p, want_top = self.settings
@@ -553,13 +565,15 @@ class Engine:
 
     def prefill(self, feeds: dict[int, Sequence[int]]) -> None:
         """One prefill step: each row's token ids (1 to `chunk` of them, checked) fed into its
-        stream, every row in one bucket; each row's next-token logits are then its last
-        token's."""
+        stream, in the smallest bucket of rows and of tokens per row (`token_buckets`) holding
+        them; each row's next-token logits are then its last token's."""
         if not 0 < len(feeds) <= self.batch:
             raise ConfigError(f"a prefill step feeds 1 to {self.batch} rows, got {len(feeds)}")
         index = self._bucket(list(feeds))
-        tokens = np.zeros((len(index), self.chunk), np.int32)
-        valid = np.zeros((len(index), self.chunk), bool)
+        longest = max(len(ids) for ids in feeds.values())
+        length = next((n for n in token_buckets(self.chunk) if n >= longest), self.chunk)
+        tokens = np.zeros((len(index), length), np.int32)
+        valid = np.zeros((len(index), length), bool)
         for i, row in enumerate(index.tolist()):
             if row not in feeds:
                 continue
@@ -567,8 +581,8 @@ class Engine:
             if len(ids) > self.chunk:
                 raise ConfigError(f"a prefill step feeds at most {self.chunk} tokens per row")
             tokens[i, : len(ids)], valid[i, : len(ids)] = ids, True
-        self._prefill_exe(len(index))
-        self.cache, self.logits = self._prefills[len(index)](
+        self._prefill_exe(len(index), length)
+        self.cache, self.logits = self._prefills[len(index), length](
             self.model.weights, self.cache, self.logits, index, tokens, valid
         )
 

@@ -1,9 +1,12 @@
 """A prompt cache of stream states: the rows' whole states after given token-id prefixes, kept
 in host memory and restored into a row instead of feeding those tokens again.
 
-A sink stream's state after any prefix is a fixed-size object (`engine.RowState`: the sinks,
-the ring, the position, the next-token logits), exact for a prefix of any length, so an entry
-of a 100k-token conversation takes the same bytes as one of a 1k-token conversation. Entries
+A sink stream's state after any prefix is a bounded object (`engine.RowState`: the sinks, the
+ring, the position, the next-token logits), exact for a prefix of any length, so an entry of a
+100k-token conversation takes the same bytes as one of a 1k-token conversation. An entry keeps
+only the slots its tokens fill (the first min(n, K) of each layer's cache: token t < K sits in
+slot t), so a short prompt's entry is small too; the empty slots come back as zeros, which no
+query sees. Entries
 are keyed by the exact token ids their stream consumed: a state reaches another request only
 when its ids are a true prefix of that request's, so one conversation's state never reaches
 another that merely shares some text. The cache is a least-recently-used map bounded in bytes.
@@ -22,7 +25,50 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from jaxsink import cache as kv
 from jaxsink.engine import RowState
+
+# The slot axis of a block of keys ([B, Hkv, H, n], scales [B, Hkv, 1, n]) and of values
+# ([B, Hkv, n, H], scales [B, Hkv, n, 1]).
+_KEY_SLOTS, _VALUE_SLOTS = 3, 2
+
+
+def _layer_slots(lc: kv.LayerCache, index: int, resize) -> kv.LayerCache:
+    """`lc` with each block resized along its slot axis to the slots a stream of `index`
+    tokens fills (`resize(block array, axis, slots used, slots in all)`)."""
+    used = min(index, lc.stream.capacity)
+
+    def each(blocks, axis):
+        return tuple(
+            jax.tree.map(
+                lambda x, a=axis, s=start, n=n: resize(x, a, min(max(used - s, 0), n), n), b
+            )
+            for (start, n), b in zip(kv.slot_blocks(lc.stream), blocks, strict=True)
+        )
+
+    return lc.replace(keys=each(lc.keys, _KEY_SLOTS), values=each(lc.values, _VALUE_SLOTS))
+
+
+def trimmed(state: RowState) -> RowState:
+    """`state` keeping only the cache slots its tokens fill."""
+
+    def cut(x, axis, used, _):
+        return np.take(np.asarray(x), np.arange(used), axis=axis)
+
+    layers = tuple(_layer_slots(lc, state.index, cut) for lc in state.cache.layers)
+    return dataclasses.replace(state, cache=state.cache.replace(layers=layers))
+
+
+def padded(state: RowState) -> RowState:
+    """A `trimmed` state with its empty slots back, as zeros: the engine's layout."""
+
+    def pad(x, axis, used, n):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, n - x.shape[axis])
+        return np.pad(x, widths)
+
+    layers = tuple(_layer_slots(lc, state.index, pad) for lc in state.cache.layers)
+    return dataclasses.replace(state, cache=state.cache.replace(layers=layers))
 
 
 def state_bytes(state: RowState) -> int:
@@ -81,7 +127,7 @@ class PromptCache:
             if n <= len(ids) and key in self._entries:
                 self._entries.move_to_end(key)
                 self.hits += 1
-                return Hit(n, self._entries[key][0])
+                return Hit(n, padded(self._entries[key][0]))
         self.misses += 1
         return None
 
@@ -98,6 +144,7 @@ class PromptCache:
         """Keep `state`, the stream after exactly `ids`, evicting the least recently used
         entries until the bound holds; a state larger than the bound is not kept."""
         key = tuple(ids)
+        state = trimmed(state)
         size = state_bytes(state)
         if not key or size > self.max_bytes:
             return

@@ -2,7 +2,7 @@
 
 One thread owns the `Engine` and loops: it takes new jobs, gives each a row when one is free,
 runs one prefill step (a chunk of each of the oldest prompts, up to `prefill_tokens` tokens in
-all, first come first served) and then a decode block of the live rows (a single step while
+all, padding included, first come first served) and then a decode block of the live rows (a single step while
 prompts are waiting, so they do not wait a whole block per chunk, and the decoding rows keep
 going), and streams each row's text to its job. A job whose client went away is dropped and its
 row freed at the next turn of the loop.
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from jaxsink.config import ConfigError, JaxsinkError
 from jaxsink.conversation import Conversation
-from jaxsink.engine import Engine, RowSampling, check_ids, seed_key
+from jaxsink.engine import Engine, RowSampling, check_ids, seed_key, token_buckets
 from jaxsink.prompt_cache import PromptCache
 from jaxsink.row_text import RowText
 from jaxsink.stream_state import (
@@ -122,8 +122,8 @@ class Scheduler:
 
     max_prompt_tokens: a longer prompt (or session turn) is refused with 400.
     sessions_dir: where idle sessions are saved; idle_s: a parked session older than this is
-    saved and its row freed. prefill_tokens: the prompt tokens one prefill step feeds at most
-    (a chunk per row, so `prefill_tokens // chunk` rows, at least one). prompt_cache: the
+    saved and its row freed. prefill_tokens: the prompt tokens one prefill step feeds at most,
+    counted as its rows times its tokens per row (a step feeds one row at least). prompt_cache: the
     stream states requests without a session start from (`jaxsink.prompt_cache`); states are
     kept at the end of each such request's prompt and reply, and at the end of a chat's system
     message.
@@ -140,7 +140,7 @@ class Scheduler:
     ):
         self.engine = engine
         self.prompt_cache = PromptCache(0) if prompt_cache is None else prompt_cache
-        self.prefill_rows = max(1, prefill_tokens // engine.chunk)
+        self.prefill_tokens = prefill_tokens
         self.tokenizer = engine.model.tokenizer
         self.sessions_dir = Path(sessions_dir)
         self.max_prompt_tokens = max_prompt_tokens
@@ -413,8 +413,15 @@ class Scheduler:
         """One prefill step: the next chunk of each of the oldest prefilling jobs, as many as
         the step's token budget holds (first come, first served); a job whose prompt is all
         fed starts decoding."""
-        jobs = self.prefilling[: self.prefill_rows]
-        ends = [self._chunk_end(job) for job in jobs]
+        jobs, ends = [], []
+        for job in self.prefilling:
+            end = self._chunk_end(job)
+            longest = max([end - job.fed] + [e - j.fed for j, e in zip(jobs, ends, strict=True)])
+            length = next(n for n in token_buckets(self.engine.chunk) if n >= longest)
+            if jobs and (len(jobs) + 1) * length > self.prefill_tokens:
+                break
+            jobs.append(job)
+            ends.append(end)
         self.engine.prefill(
             {job.row: job.ids[job.fed : end] for job, end in zip(jobs, ends, strict=True)}
         )

@@ -18,6 +18,7 @@ from jaxsink.engine import (
     buckets,
     padded_chunks,
     sample_rows,
+    token_buckets,
 )
 from tests.tiny import random_flat_params, tiny_config, tiny_model
 
@@ -77,7 +78,7 @@ def test_rows_equal_streams_run_alone(tiny):
     assert [got[i] for i in range(len(REQUESTS))] == alone
     traced = {k: v - before.get(k, 0) for k, v in mdl.TRACES.items() if v != before.get(k, 0)}
     # for the whole run: decode in each bucket of 3 rows (1, 2, 3), prefill one row at a time
-    # (and the 3-row bucket the engine compiles at its start)
+    # in chunks of 4 and last pieces of at most 2, and the 3-row decode compiled at the start
     assert traced == {"prefill_rows": 2, "decode_rows": 3}
 
 
@@ -143,10 +144,10 @@ def test_a_prompt_fed_between_other_rows_blocks_equals_it_alone(tiny):
 
 
 def test_each_bucket_compiles_once_and_rows_move_between_buckets(tiny):
-    """An 8-row engine compiles prefill and decode once per bucket (1, 2, 4, 8: ceil(log2 8)
-    + 1 each, one chunk length) and never again, while five streams start together and end at
-    different times, so the live rows run in buckets 8, 4, 2 and 1 in turn: each equals its
-    stream run alone."""
+    """An 8-row engine compiles decode once per row bucket (1, 2, 4, 8: ceil(log2 8) + 1) and
+    prefill once per row bucket and token bucket (half a chunk and a chunk), and never again,
+    while five streams start together and end at different times, so the live rows run in
+    buckets 8, 4, 2 and 1 in turn: each equals its stream run alone."""
     assert buckets(8) == (1, 2, 4, 8) and buckets(12) == (1, 2, 4, 8, 12) and buckets(1) == (1,)
     settings = [dataclasses.replace(s, max_tokens=3 + 5 * i) for i, (_, s) in enumerate(REQUESTS)]
     settings.append(RowSampling(temperature=0.5, seed=5, max_tokens=23))
@@ -157,7 +158,8 @@ def test_each_bucket_compiles_once_and_rows_move_between_buckets(tiny):
     engine = Engine(tiny, 8, STREAM, chunk=4, block=5)
     engine.warm()
     traced = {k: v - before.get(k, 0) for k, v in mdl.TRACES.items() if v != before.get(k, 0)}
-    assert traced == {"prefill_rows": 4, "decode_rows": 4}
+    assert token_buckets(4) == (2, 4) and token_buckets(64) == (32, 64)
+    assert traced == {"prefill_rows": 4 * 2, "decode_rows": 4}
     rows = [engine.insert(p, s) for p, s in streams]
     got = {row: [] for row in rows}
     sizes = set()

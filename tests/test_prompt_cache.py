@@ -110,20 +110,33 @@ def test_conversations_sharing_a_system_prompt_share_only_it(servers):
     assert got["tokens"] == plain.ask(messages=resent)["tokens"]
 
 
-def test_a_restored_prefix_gives_the_uncached_logits(tiny):
+@pytest.mark.parametrize("stream", [STREAM, StreamConfig(2, 30)], ids=["wrapped", "not-full"])
+def test_a_restored_prefix_gives_the_uncached_logits(tiny, stream):
     """Feeding a prompt's rest into a state restored from its prefix (kept at another chunk
-    boundary) gives the next-token logits of the whole prompt fed at once, within 1e-5."""
-    engine = Engine(tiny, 2, STREAM, CHUNK, BLOCK)
+    boundary, through the cache, which keeps only the slots the prefix fills) gives the
+    next-token logits of the whole prompt fed at once, within 1e-5, and the same tokens."""
+    engine = Engine(tiny, 2, stream, CHUNK, BLOCK)
     row = engine.open()
     engine.feed(row, PROMPT[:9])
-    state = engine.export(row)
+    cache = PromptCache(1 << 30)
+    cache.store(PROMPT[:9], engine.export(row))
+    full = state_bytes(engine.export(row))
+    assert cache.bytes == full if stream.capacity <= 9 else cache.bytes < full
     engine.release(row)
-    restored = engine.restore(state)
+    restored = engine.restore(cache.lookup(PROMPT).state, GREEDY)
     engine.feed(restored, PROMPT[9:])
-    fresh = engine.open()
+    fresh = engine.open(GREEDY)
     engine.feed(fresh, PROMPT)
     got, want = (engine.export(r).logits for r in (restored, fresh))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    for r in (restored, fresh):
+        engine.arm(r, GREEDY)
+    tokens = {restored: [], fresh: []}
+    while engine.live.any():
+        for r, new in enumerate(engine.decode()):
+            if r in tokens:
+                tokens[r] += new
+    assert tokens[restored] == tokens[fresh] and len(tokens[fresh]) == GREEDY.max_tokens
 
 
 def fake_state(n_bytes: int) -> RowState:
