@@ -163,6 +163,36 @@ def slot_blocks(stream: StreamConfig) -> tuple[tuple[int, int], ...]:
     return tuple(zip(starts, sizes, strict=True))
 
 
+# The slot axis of a block of keys ([B, Hkv, H, n], int8 scales [B, Hkv, 1, n]) and of values
+# ([B, Hkv, n, H], int8 scales [B, Hkv, n, 1]).
+KEY_SLOT_AXIS, VALUE_SLOT_AXIS = 3, 2
+
+
+def with_first_slots(layers: tuple[LayerCache, ...], tokens: int, resize) -> tuple:
+    """`layers` with every block resized along its slot axis to the slots the first `tokens`
+    tokens of a stream fill (token t < K sits in slot t, so the first min(tokens, K) of each
+    layer's own stream): `resize(array, axis, kept, n)` gives a block of `n` slots that keeps
+    its first `kept` (static). Slicing keeps a stream's state without its empty slots; padding
+    gives them back."""
+
+    def layer(lc: LayerCache) -> LayerCache:
+        used = min(tokens, lc.stream.capacity)
+
+        def each(blocks, axis):
+            return tuple(
+                jax.tree.map(
+                    lambda x, a=axis, s=start, n=n: resize(x, a, min(max(used - s, 0), n), n), b
+                )
+                for (start, n), b in zip(slot_blocks(lc.stream), blocks, strict=True)
+            )
+
+        return lc.replace(
+            keys=each(lc.keys, KEY_SLOT_AXIS), values=each(lc.values, VALUE_SLOT_AXIS)
+        )
+
+    return tuple(layer(lc) for lc in layers)
+
+
 def layer_stream(attention: Attention, stream: StreamConfig) -> StreamConfig:
     """Which tokens a layer keeps in a cache whose full layers follow `stream` (static).
 

@@ -17,6 +17,7 @@ recompiles past the buckets or touches the other rows.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -354,13 +355,20 @@ def seed_key(seed: int) -> np.ndarray:
     return np.asarray(jax.random.key_data(jax.random.key(np.uint32(seed))))
 
 
-def _take_row(cache, logits, keys, row):
-    """Row `row`'s state: (its one-row cache, logits [V], PRNG key data)."""
+def _take_row(cache, logits, keys, row, slots):
+    """Row `row`'s state: (its one-row cache, logits [V], PRNG key data); the cache keeps the
+    slots the first `slots` tokens fill (static; None: every slot)."""
 
     def cut(x):
         return jax.lax.dynamic_slice_in_dim(x, row, 1, axis=0)
 
-    return jax.tree.map(cut, cache), logits[row], jax.random.key_data(keys[row])
+    one = jax.tree.map(cut, cache)
+    if slots is not None:
+        layers = kv.with_first_slots(
+            one.layers, slots, lambda x, axis, kept, _: jax.lax.slice_in_dim(x, 0, kept, axis=axis)
+        )
+        one = one.replace(layers=layers)
+    return one, logits[row], jax.random.key_data(keys[row])
 
 
 def _put_row(cache, logits, keys, row, one, row_logits, key_data):
@@ -466,7 +474,7 @@ class Engine:
         self.compile_s = self._prefill_exe(1, chunk) + self._decode_exe(batch)
         self.compiles = sum(mdl.TRACES.values()) - traces
         state = (self._cache_sharding, self._row_shardings.logits, self._row_shardings.keys)
-        self._take = jax.jit(_take_row)
+        self._take = jax.jit(_take_row, static_argnames="slots")
         self._put = jax.jit(_put_row, donate_argnums=(0, 1, 2), out_shardings=state)
         self.rows: list[RowSampling | None] = [None] * batch
         self.last: list[Decoded] | None = None
@@ -517,22 +525,52 @@ class Engine:
 
     def warm(self, prefill_rows: int | None = None) -> float:
         """Compile every bucket's decode, and prefill for each token bucket and each row bucket
-        up to the one holding `prefill_rows` (default: all), now (a server, before its first
-        request); returns the seconds spent."""
+        up to the one holding `prefill_rows` (default: all), and run each once on the free
+        rows, now (a server, before its first request; every row must be free); returns the
+        seconds spent.
+
+        Running matters as much as compiling on XLA:CPU: an executable's first run is 2-4x
+        slower than the next (the first touch of its buffers), which a burst of requests would
+        otherwise pay once per bucket. The runs write only free rows, whose streams `open`
+        starts again."""
+        if any(r is not None for r in self.rows):
+            raise ConfigError("warm the engine before any row is in use")
+        start = time.perf_counter()
         most = bucket_of(min(prefill_rows or self.batch, self.batch), self.batch)
-        rows = [b for b in buckets(self.batch) if b <= most]
-        prefill = sum(self._prefill_exe(b, n) for b in rows for n in token_buckets(self.chunk))
-        return prefill + sum(self._decode_exe(b) for b in buckets(self.batch))
+        for b in [b for b in buckets(self.batch) if b <= most]:
+            for n in token_buckets(self.chunk):
+                self.prefill({row: [0] * n for row in range(b)})
+        for b in buckets(self.batch):
+            self._decode_exe(b)
+            rows = self._rows(np.ones(self.batch, np.int32)).replace(live=np.arange(self.batch) < b)
+            _, self.cache, rows = self._decodes[b](
+                self.model.weights, self.cache, rows, self._bucket(list(range(b))), self.eos
+            )
+            self.logits, self.keys = rows.logits, rows.keys
+        for slots in [1 << k for k in range(self.stream.capacity.bit_length())]:
+            self._take(self.cache, self.logits, self.keys, np.int32(0), slots)  # `export`s
+        zero = jax.jit(jnp.zeros_like)
+        self.cache = self.cache.replace(pos=zero(self.cache.pos), epoch=zero(self.cache.epoch))
+        jax.block_until_ready(self.cache)
+        return time.perf_counter() - start
 
     def _rows(self, n_left: np.ndarray | None = None) -> Rows:
         temperature, top_k, top_p, want_top = self.settings
         n_left = self.n_left if n_left is None else n_left
         return Rows(self.logits, self.keys, self.live, n_left, temperature, top_k, top_p, want_top)
 
-    def _bucket(self, wanted: list[int]) -> np.ndarray:
+    def _bucket(self, wanted: list[int], steps: int | None = None) -> np.ndarray:
         """The rows of the smallest bucket holding `wanted` (distinct rows), `wanted` first,
-        then rows not wanted as padding (a step leaves those as they are)."""
+        then rows not wanted as padding (a step leaves those as they are).
+
+        steps: the decode steps the bucket is for. Gathering b rows and scattering them back
+        moves each of their caches about four times (read and write, out and in), where a
+        decode step reads it once: for fewer than 4 b / (B - b) steps the whole batch, which
+        reads every row once a step but copies nothing, is cheaper (measured on SmolLM2 with
+        16 rows: one step of 8 gathered rows 0.22 s, of all 16 rows 0.11 s)."""
         size = bucket_of(len(wanted), self.batch)
+        if steps is not None and steps * (self.batch - size) <= 4 * size:
+            size = self.batch
         if size == self.batch:
             return np.arange(self.batch, dtype=np.int32)
         chosen = set(wanted)
@@ -636,8 +674,8 @@ class Engine:
         self.last = [Decoded([], [], []) for _ in range(self.batch)]
         if not live:
             return new
-        index = self._bucket(live)
         budget = self.n_left if limit is None else np.minimum(self.n_left, limit)
+        index = self._bucket(live, min(self.block, int(budget[live].max())))
         self._decode_exe(len(index))
         drawn, self.cache, rows = self._decodes[len(index)](
             self.model.weights, self.cache, self._rows(budget), index, self.eos
@@ -684,13 +722,18 @@ class Engine:
             cache.replace(pos=sh.to_host(cache.pos), epoch=sh.to_host(cache.epoch))
         )
 
-    def export(self, row: int) -> RowState:
-        """Row `row`'s whole state on the host (the row itself is untouched)."""
-        one, logits, key = self._take(self.cache, self.logits, self.keys, np.int32(row))
-        one = jax.tree.map(sh.to_host, one)
+    def export(self, row: int, filled_only: bool = False) -> RowState:
+        """Row `row`'s whole state on the host (the row itself is untouched). filled_only: its
+        cache keeps only the slots its tokens fill, rounded up to a power of two (a state
+        `jaxsink.prompt_cache` pads back; the copy out of the row is that much smaller)."""
+        index = self.positions()[row]
+        slots = None
+        if filled_only and index < self.stream.capacity:
+            slots = 1 << max(index - 1, 0).bit_length()
+        one, logits, key = self._take(self.cache, self.logits, self.keys, np.int32(row), slots)
         return RowState(
-            cache=one,
-            index=self.positions()[row],
+            cache=jax.tree.map(sh.to_host, one),
+            index=index,
             logits=sh.to_host(logits),
             key=sh.to_host(key),
         )

@@ -28,46 +28,26 @@ import numpy as np
 from jaxsink import cache as kv
 from jaxsink.engine import RowState
 
-# The slot axis of a block of keys ([B, Hkv, H, n], scales [B, Hkv, 1, n]) and of values
-# ([B, Hkv, n, H], scales [B, Hkv, n, 1]).
-_KEY_SLOTS, _VALUE_SLOTS = 3, 2
-
-
-def _layer_slots(lc: kv.LayerCache, index: int, resize) -> kv.LayerCache:
-    """`lc` with each block resized along its slot axis to the slots a stream of `index`
-    tokens fills (`resize(block array, axis, slots used, slots in all)`)."""
-    used = min(index, lc.stream.capacity)
-
-    def each(blocks, axis):
-        return tuple(
-            jax.tree.map(
-                lambda x, a=axis, s=start, n=n: resize(x, a, min(max(used - s, 0), n), n), b
-            )
-            for (start, n), b in zip(kv.slot_blocks(lc.stream), blocks, strict=True)
-        )
-
-    return lc.replace(keys=each(lc.keys, _KEY_SLOTS), values=each(lc.values, _VALUE_SLOTS))
-
 
 def trimmed(state: RowState) -> RowState:
     """`state` keeping only the cache slots its tokens fill."""
 
     def cut(x, axis, used, _):
-        return np.take(np.asarray(x), np.arange(used), axis=axis)
+        return np.take(np.asarray(x), np.arange(used), axis=axis)  # a copy of those slots only
 
-    layers = tuple(_layer_slots(lc, state.index, cut) for lc in state.cache.layers)
+    layers = kv.with_first_slots(state.cache.layers, state.index, cut)
     return dataclasses.replace(state, cache=state.cache.replace(layers=layers))
 
 
 def padded(state: RowState) -> RowState:
     """A `trimmed` state with its empty slots back, as zeros: the engine's layout."""
 
-    def pad(x, axis, used, n):
+    def pad(x, axis, _, n):
         widths = [(0, 0)] * x.ndim
         widths[axis] = (0, n - x.shape[axis])
         return np.pad(x, widths)
 
-    layers = tuple(_layer_slots(lc, state.index, pad) for lc in state.cache.layers)
+    layers = kv.with_first_slots(state.cache.layers, state.index, pad)
     return dataclasses.replace(state, cache=state.cache.replace(layers=layers))
 
 

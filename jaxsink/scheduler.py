@@ -373,7 +373,7 @@ class Scheduler:
         """Keep the job's row, which has consumed exactly `ids`, in the prompt cache (only
         its use is noted when it is there)."""
         if not self.prompt_cache.touch(ids):
-            self.prompt_cache.store(ids, self.engine.export(job.row))
+            self.prompt_cache.store(ids, self.engine.export(job.row, filled_only=True))
 
     def _make_room(self) -> bool:
         """Whether a row is free, after saving the least recently used idle parked session
