@@ -92,13 +92,11 @@ FULL = {
     "turns": 8,
     "reply_tokens": 32,
 }
-QUICK = {
+QUICK = FULL | {  # a smoke run: the same sections, shorter
     "long_prompt": 128,
     "short_prompt": 32,
-    "clients": (1, 4, 16),
     "max_tokens": 16,
     "generate_runs": 1,
-    "burst_clients": 16,
     "burst_prompt": 48,
     "burst_max_tokens": 4,
     "system": 256,
