@@ -2,10 +2,10 @@
 
 One thread owns the `Engine` and loops: it takes new jobs, gives each a row when one is free,
 runs one prefill step (a chunk of each of the oldest prompts, up to `prefill_tokens` tokens in
-all, padding included, first come first served) and then a decode block of the live rows (a single step while
-prompts are waiting, so they do not wait a whole block per chunk, and the decoding rows keep
-going), and streams each row's text to its job. A job whose client went away is dropped and its
-row freed at the next turn of the loop.
+all, padding included, first come first served) and then a decode block of the live rows (a
+single step while prompts are waiting, so they do not wait a whole block per chunk, and the
+decoding rows keep going), and streams each row's text to its job. A job whose client went away
+is dropped and its row freed at the next turn of the loop.
 
 Sessions keep a conversation's stream between requests: when its reply is done the row is
 parked, not reset, and the next request of the session feeds only its new message. A parked
@@ -123,10 +123,10 @@ class Scheduler:
     max_prompt_tokens: a longer prompt (or session turn) is refused with 400.
     sessions_dir: where idle sessions are saved; idle_s: a parked session older than this is
     saved and its row freed. prefill_tokens: the prompt tokens one prefill step feeds at most,
-    counted as its rows times its tokens per row (a step feeds one row at least). prompt_cache: the
-    stream states requests without a session start from (`jaxsink.prompt_cache`); states are
-    kept at the end of each such request's prompt and reply, and at the end of a chat's system
-    message.
+    counted as its rows times its tokens per row (a step feeds one row at least).
+    prompt_cache: the stream states requests without a session start from
+    (`jaxsink.prompt_cache`); states are kept at the end of each such request's prompt and
+    reply, and at the end of a chat's system message.
     """
 
     def __init__(
