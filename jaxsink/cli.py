@@ -558,7 +558,7 @@ def cmd_ppl(args) -> int:
 
 def cmd_serve(args) -> int:
     from jaxsink.default_model import jaxsink_home
-    from jaxsink.engine import Engine, token_buckets
+    from jaxsink.engine import Engine
     from jaxsink.evaluate import cache_dtype_of
     from jaxsink.prompt_cache import PromptCache, default_bytes
     from jaxsink.scheduler import Scheduler
@@ -601,8 +601,6 @@ def cmd_serve(args) -> int:
         args.block,
         cache_dtype_of(model, args.cache_dtype),
     )
-    # every bucket the scheduler runs, compiled before the first request (or read from the cache)
-    engine.warm(args.prefill_tokens // token_buckets(args.chunk)[0])
     cache_bytes = args.prompt_cache_bytes
     scheduler = Scheduler(
         engine,
@@ -611,7 +609,9 @@ def cmd_serve(args) -> int:
         args.session_idle_s,
         args.prefill_tokens,
         PromptCache(default_bytes() if cache_bytes is None else cache_bytes),
-    ).start()
+    )
+    # every bucket the scheduler runs, compiled before the first request (or read from the cache)
+    scheduler.warm().start()
     limits = Limits(args.max_body_bytes, args.max_tokens)
     model_id = model.path.name
 

@@ -547,7 +547,7 @@ class Engine:
                 self.model.weights, self.cache, rows, self._bucket(list(range(b))), self.eos
             )
             self.logits, self.keys = rows.logits, rows.keys
-        for slots in [1 << k for k in range(self.stream.capacity.bit_length())]:
+        for slots in {self._filled_slots(i) for i in range(self.stream.capacity + 1)}:
             self._take(self.cache, self.logits, self.keys, np.int32(0), slots)  # `export`s
         zero = jax.jit(jnp.zeros_like)
         self.cache = self.cache.replace(pos=zero(self.cache.pos), epoch=zero(self.cache.epoch))
@@ -727,9 +727,7 @@ class Engine:
         cache keeps only the slots its tokens fill, rounded up to a power of two (a state
         `jaxsink.prompt_cache` pads back; the copy out of the row is that much smaller)."""
         index = self.positions()[row]
-        slots = None
-        if filled_only and index < self.stream.capacity:
-            slots = 1 << max(index - 1, 0).bit_length()
+        slots = self._filled_slots(index) if filled_only else None
         one, logits, key = self._take(self.cache, self.logits, self.keys, np.int32(row), slots)
         return RowState(
             cache=jax.tree.map(sh.to_host, one),
@@ -737,6 +735,12 @@ class Engine:
             logits=sh.to_host(logits),
             key=sh.to_host(key),
         )
+
+    def _filled_slots(self, index: int) -> int | None:
+        """The slots `export(filled_only=True)` keeps of a stream of `index` tokens: a power of
+        two holding them (a bounded number of compiles), or None (all) once the cache is
+        full."""
+        return 1 << max(index - 1, 0).bit_length() if index < self.stream.capacity else None
 
     def restore(self, state: RowState, sampling: RowSampling = RowSampling()) -> int:
         """Put a stream's exported state into a free row, not live until `arm` (or `append`):

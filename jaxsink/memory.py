@@ -12,6 +12,14 @@ from jaxsink.config import ConfigError, ModelConfig, StreamConfig
 HEADROOM = 0.9  # the share of the available memory one request may take
 
 
+def host_memory() -> int:
+    """This machine's physical memory in bytes, 0 when it cannot be read."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def available_bytes() -> int | None:
     """Bytes free for new buffers: on an accelerator its limit minus what is in use, else the
     host's MemAvailable (reclaimable page cache counts as free); None when unknown."""

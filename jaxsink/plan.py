@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import types
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from jaxsink import model as mdl
 from jaxsink import sharding as sh
 from jaxsink.checkpoint import CACHE_DTYPES, DTYPES
 from jaxsink.config import ConfigError, ModelConfig, StreamConfig
+from jaxsink.memory import host_memory
 
 CONFIGS = Path(__file__).parent / "configs"  # bundled Hugging Face config.json files
 # Device memory assumed without --device-memory (GPU: an H100's 80 GiB; TPU: a v5e chip's 16).
@@ -178,7 +178,7 @@ def plan(
     rows = -(-batch // mesh.data)
     cache = cache_one * rows
     act = act_one * rows
-    memory = device_memory or DEFAULT_MEMORY.get(platform) or _host_memory()
+    memory = device_memory or DEFAULT_MEMORY.get(platform) or host_memory()
     per_row = cache_one + act_one
     max_batch = max(0, (memory - params) // per_row) * mesh.data if per_row else 0
     lowered, lowered_bytes = [], {}
@@ -196,13 +196,6 @@ def plan(
         lowered_bytes=lowered_bytes,
         notes=sorted(notes),
     )
-
-
-def _host_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 def lower_steps(cfg, batch, stream, mesh_spec, wdt, cdt, platform, chunk) -> dict:

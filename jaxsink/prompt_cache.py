@@ -6,10 +6,10 @@ ring, the position, the next-token logits), exact for a prefix of any length, so
 100k-token conversation takes the same bytes as one of a 1k-token conversation. An entry keeps
 only the slots its tokens fill (the first min(n, K) of each layer's cache: token t < K sits in
 slot t), so a short prompt's entry is small too; the empty slots come back as zeros, which no
-query sees. Entries
-are keyed by the exact token ids their stream consumed: a state reaches another request only
-when its ids are a true prefix of that request's, so one conversation's state never reaches
-another that merely shares some text. The cache is a least-recently-used map bounded in bytes.
+query sees. Entries are keyed by the exact token ids their stream consumed: a state reaches
+another request only when its ids are a true prefix of that request's, so one conversation's
+state never reaches another that merely shares some text. The cache is a least-recently-used
+map bounded in bytes.
 
 This is the same kind of object a parked session or a saved stream keeps (`Engine.export`); the
 prompt cache indexes such states by what they consumed instead of by a session's name.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 from collections.abc import Sequence
 
 import jax
@@ -27,6 +26,7 @@ import numpy as np
 
 from jaxsink import cache as kv
 from jaxsink.engine import RowState
+from jaxsink.memory import host_memory
 
 
 def trimmed(state: RowState) -> RowState:
@@ -61,10 +61,7 @@ def default_bytes() -> int:
     """The default bound: an eighth of this machine's physical memory (2-3 GiB on a 16-24 GiB
     machine: dozens of SmolLM2 streams of 1,024 slots in float32, 47 MB each), or 1 GiB
     where the memory cannot be read."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8
-    except (ValueError, OSError, AttributeError):
-        return 1 << 30
+    return host_memory() // 8 or 1 << 30
 
 
 @dataclasses.dataclass

@@ -413,10 +413,10 @@ class Scheduler:
         """One prefill step: the next chunk of each of the oldest prefilling jobs, as many as
         the step's token budget holds (first come, first served); a job whose prompt is all
         fed starts decoding."""
-        jobs, ends = [], []
+        jobs, ends, longest = [], [], 0
         for job in self.prefilling:
             end = self._chunk_end(job)
-            longest = max([end - job.fed] + [e - j.fed for j, e in zip(jobs, ends, strict=True)])
+            longest = max(longest, end - job.fed)
             length = next(n for n in token_buckets(self.engine.chunk) if n >= longest)
             if jobs and (len(jobs) + 1) * length > self.prefill_tokens:
                 break
@@ -432,6 +432,13 @@ class Scheduler:
             if job.fed == len(job.ids):
                 self.prefilling.remove(job)
                 self._start_decoding(job)
+
+    def warm(self) -> Scheduler:
+        """Compile and run once every bucket its steps use (`Engine.warm`): the decode buckets,
+        and prefill up to the most rows a step of `prefill_tokens` holds, at half a chunk
+        each."""
+        self.engine.warm(self.prefill_tokens // token_buckets(self.engine.chunk)[0])
+        return self
 
     def _chunk_end(self, job: Job) -> int:
         """Where the job's next chunk ends: a chunk on, at the prompt's end, or at the next
