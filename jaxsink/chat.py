@@ -26,6 +26,7 @@ from typing import TextIO
 import jax
 import numpy as np
 
+from jaxsink import settings
 from jaxsink.checkpoint import CACHE_DTYPES, CheckpointError
 from jaxsink.config import ConfigError, JaxsinkError, StreamConfig, one_line
 from jaxsink.conversation import Conversation
@@ -54,15 +55,15 @@ class ChatSettings:
 
     system: str | None = None
     keep_system: bool = False
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
+    max_new_tokens: int = settings.CHAT_DEFAULTS["max_new_tokens"]
+    temperature: float = settings.CHAT_DEFAULTS["temperature"]
+    top_k: int = settings.CHAT_DEFAULTS["top_k"]
+    top_p: float = settings.CHAT_DEFAULTS["top_p"]
+    seed: int = settings.CHAT_DEFAULTS["seed"]
     sinks: int = 4
     window: int = 1020
-    chunk: int = 64
-    block: int = 4  # text comes out every `block` tokens; on CPU as fast as 16
+    chunk: int = settings.CHAT_DEFAULTS["chunk"]
+    block: int = settings.CHAT_DEFAULTS["block"]
     cache_dtype: str | None = None
 
     def __post_init__(self):
@@ -70,10 +71,11 @@ class ChatSettings:
             raise ConfigError(
                 "--keep-system keeps the system prompt as the sinks: give one with --system"
             )
-        for name in ("max_new_tokens", "chunk", "block"):
-            if getattr(self, name) < 1:
-                flag = "--" + name.replace("_", "-")
-                raise ConfigError(f"{flag} must be >= 1, got {getattr(self, name)}")
+        names = ("max_new_tokens", "chunk", "block")
+        settings.check(
+            {name: getattr(self, name) for name in names},
+            {name: settings.SETTINGS[name].flag for name in names},
+        )
         StreamConfig(self.sinks, self.window)
         self.sampling()
 

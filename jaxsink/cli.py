@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from jaxsink import settings
 from jaxsink.config import JaxsinkError, one_line
 
 
@@ -69,24 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     # Settings default to None: a resumed stream takes its saved value for each flag not given.
     g.add_argument("--prompt", help="prompt text (with --resume: text appended to the stream)")
-    g.add_argument("--max-new-tokens", type=int, help="default 64")
-    g.add_argument("--temperature", type=float, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, help="0 = off (default)")
-    g.add_argument("--top-p", type=float, help="1 = off (default)")
-    g.add_argument("--seed", type=int, help="default 0")
     g.add_argument("--mode", choices=["sink", "window", "dense"], help="default sink")
     g.add_argument("--sinks", type=int, help="attention sink tokens kept (default 4)")
     g.add_argument("--window", type=int, help="recent tokens kept (default 1020)")
-    g.add_argument("--chunk", type=int, help="prefill chunk length C (default 64)")
-    g.add_argument("--block", type=int, help="decode steps per device loop (default 16)")
-    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    settings.add_flags(g, settings.SETTINGS)
     _add_cache_dtype(g)
-    g.add_argument(
-        "--chat",
-        action="store_true",
-        default=None,
-        help="wrap the prompt in the model's chat template",
-    )
     g.add_argument("--save", help="when done, save the stream's whole state to this file")
     g.add_argument(
         "--resume",
@@ -104,15 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the whole system prompt as the sinks (S = its token count; needs --system)",
     )
-    c.add_argument("--max-new-tokens", type=int, help="per reply (default 256)")
-    c.add_argument("--temperature", type=float, help="0 = greedy (default)")
-    c.add_argument("--top-k", type=int, help="0 = off (default)")
-    c.add_argument("--top-p", type=float, help="1 = off (default)")
-    c.add_argument("--seed", type=int, help="default 0")
     c.add_argument("--sinks", type=int, help="attention sink tokens kept (default 4)")
     c.add_argument("--window", type=int, help="recent tokens kept (default 1020)")
-    c.add_argument("--chunk", type=int, help="prefill chunk length C (default 64)")
-    c.add_argument("--block", type=int, help="decode steps per device loop (default 4)")
+    settings.add_flags(c, settings.CHAT_DEFAULTS, **settings.CHAT_DEFAULTS)
     _add_cache_dtype(c)
     c.add_argument("--load", help="go on with a chat saved by /save")
     p = sub.add_parser(
@@ -289,20 +271,9 @@ def _check_out_folder(out: str, flag: str = "--out") -> None:
         raise JaxsinkError(f"{flag} {out}: {parent} is not writable: choose another path")
 
 
-GENERATE_DEFAULTS = {
-    "max_new_tokens": 64,
-    "temperature": 0.0,
-    "top_k": 0,
-    "top_p": 1.0,
-    "seed": 0,
-    "mode": "sink",
-    "sinks": 4,
-    "window": 1020,
-    "chunk": 64,
-    "block": 16,
-    "stop": [],
-    "chat": False,
-}
+GENERATE_DEFAULTS = {"mode": "sink", "sinks": 4, "window": 1020} | settings.defaults(
+    settings.SETTINGS
+)
 
 
 def _generate_settings(args, saved) -> None:
@@ -355,11 +326,11 @@ def cmd_generate(args) -> int:
         info = read_stream_info(args.resume)
     _generate_settings(args, info)
     _check_stream_flags([args.mode], args)
-    for flag in ("max_new_tokens", "block"):
-        if getattr(args, flag) < 1:
-            raise JaxsinkError(
-                f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}"
-            )
+    names = ("max_new_tokens", "block")
+    settings.check(
+        {name: getattr(args, name) for name in names},
+        {name: settings.SETTINGS[name].flag for name in names},
+    )
     model = _load_checked(args, [args.mode], dense_tokens=args.max_new_tokens + 1)
     saved = None
     if args.resume:
@@ -413,19 +384,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
-CHAT_FLAGS = (
-    "system",
-    "max_new_tokens",
-    "temperature",
-    "top_k",
-    "top_p",
-    "seed",
-    "sinks",
-    "window",
-    "chunk",
-    "block",
-    "cache_dtype",
-)
+CHAT_FLAGS = ("system", *settings.CHAT_DEFAULTS, "sinks", "window", "cache_dtype")
 
 
 def cmd_chat(args) -> int:

@@ -15,8 +15,9 @@ from collections.abc import Iterator, Sequence
 import jax
 
 from jaxsink import cache as kv
+from jaxsink import settings
 from jaxsink.config import ConfigError, StreamConfig
-from jaxsink.engine import check_ids, check_sampling
+from jaxsink.engine import check_ids
 from jaxsink.evaluate import cache_dtype_of
 from jaxsink.loading import Model
 from jaxsink.memory import check_cache_fits
@@ -29,12 +30,12 @@ class Sampling:
     """How the next token is drawn: temperature 0 = greedy; top_k 0 = no top-k cut; top_p 1 =
     no nucleus cut. Values of the engine's arrays: a change recompiles nothing."""
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    temperature: float = settings.SETTINGS["temperature"].default
+    top_k: int = settings.SETTINGS["top_k"].default
+    top_p: float = settings.SETTINGS["top_p"].default
 
     def __post_init__(self):
-        check_sampling(self.temperature, self.top_k, self.top_p)
+        settings.check({name: getattr(self, name) for name in settings.SAMPLING})
 
 
 @dataclasses.dataclass
@@ -84,14 +85,9 @@ class Generation:
         mesh=None,
         resume: SavedStream | None = None,
     ):
-        if max_new_tokens < 1:
-            raise ConfigError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
-        if chunk < 1:
-            raise ConfigError(f"chunk must be >= 1, got {chunk}")
-        if block < 1:
-            raise ConfigError(f"block must be >= 1, got {block}")
-        if not 0 <= seed < 2**32:
-            raise ConfigError(f"seed must be in [0, 2^32), got {seed}")
+        settings.check(
+            {"max_new_tokens": max_new_tokens, "chunk": chunk, "block": block, "seed": seed}
+        )
         tok = model.tokenizer
         if isinstance(prompt, str):
             if not prompt and resume is None:
@@ -184,18 +180,10 @@ class Generation:
 
     def settings(self) -> dict:
         """The settings of this generation, as JSON values (what a saved stream keeps)."""
-        s = self.sampling
-        return {
-            "max_new_tokens": self.max_new_tokens,
-            "temperature": s.temperature,
-            "top_k": s.top_k,
-            "top_p": s.top_p,
-            "seed": self.seed,
-            "chunk": self.chunk,
-            "block": self.block,
-            "stop": list(self.stop),
-            "chat": self.chat,
-        }
+        values = {name: getattr(self.sampling, name) for name in settings.SAMPLING}
+        values |= {name: getattr(self, name) for name in ("max_new_tokens", "seed", "chunk")}
+        values |= {"block": self.block, "stop": list(self.stop), "chat": self.chat}
+        return {name: values[name] for name in settings.SETTINGS}
 
     def saved(self, extra: dict | None = None) -> SavedStream:
         """The stream's whole state once iterated: resuming it (`resume=`) goes on exactly where

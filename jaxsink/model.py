@@ -468,6 +468,32 @@ def _after(x: jax.Array, rows: jax.Array, axis: int = 0) -> jax.Array:
     return x + zero.reshape(shape).astype(x.dtype)
 
 
+def _split(x: jax.Array, shapes: tuple) -> list[jax.Array]:
+    """Segments' tokens laid end to end, x [..., 1, N], back to each segment's [..., B, C]
+    (`shapes`: each (B, C)); one segment's x [..., B, C] as it is."""
+    if len(shapes) == 1:
+        return [x]
+    parts, start = [], 0
+    for b, c in shapes:
+        parts.append(x[..., 0, start : start + b * c].reshape(*x.shape[:-2], b, c))
+        start += b * c
+    return parts
+
+
+def _zero(values: list[jax.Array]) -> jax.Array:
+    """A float32 zero that depends on every scalar of `values` (never NaN: non-finite ones
+    count as zero)."""
+    x = jnp.stack([v.astype(jnp.float32) for v in values])
+    return jnp.where(jnp.isfinite(x), x, 0).sum() * 0
+
+
+def _joined(parts: list[jax.Array]) -> jax.Array:
+    """`_split`'s inverse: segments [..., B, C] laid end to end [..., 1, N] (one as it is)."""
+    if len(parts) == 1:
+        return parts[0]
+    return jnp.concatenate([p.reshape(*p.shape[:-2], 1, -1) for p in parts], axis=-1)
+
+
 class Attention(nnx.Module):
     """Self-attention of a chunk over one layer's cached sink and ring slots plus its own keys.
 
@@ -494,22 +520,55 @@ class Attention(nnx.Module):
         )
         self.sinks = _param((N,), ("heads",), dtype) if spec.learned_sinks else None
 
-    def __call__(self, h: jax.Array, lc: kv.LayerCache, view: dict):
-        """h: [D, B, C] (feature-major, see `Decoder`); lc: this layer's cache, one key
-        [B, K, H, n] and value [B, K, n, H] buffer per block of n slots (`view["blocks"]`).
-        Returns (out [D, B, C], the updated layer cache): the chunk's surviving keys/values
-        are written into the cache after attention read it.
-        Intermediates keep (batch, kv head) leading, like the cache, so every score and value
-        product is one batched matrix product over B * K.
+    def __call__(self, h: jax.Array, lcs: tuple, views: tuple, shapes: tuple):
+        """h: one segment's tokens [D, B, C] (feature-major, see `Decoder`), or several
+        segments' laid end to end [D, 1, N] (`_split`); per segment, its layer cache `lcs[i]`
+        (one key [B, K, H, n] and value [B, K, n, H] buffer per block of n slots, see
+        `views[i]["blocks"]`), its view and its (B, C) `shapes[i]`. The projections run once
+        over every segment's tokens, attention per segment over its own cache.
+        Returns (out, h's shape; the updated layer caches): each chunk's surviving keys/values
+        are written into its cache after attention read it.
         """
         spec = self.spec
-        _, B, C_ = h.shape
-        K, G, H = spec.num_kv_heads, spec.group, spec.head_dim
         qkv = quant.product(self.qkv, h)  # [K, E, H, B, C]
         if self.qkv_bias is not None:
             qkv += self.qkv_bias[...][..., None, None]
         if spec.clip_qkv is not None:
             qkv = jnp.clip(qkv, -spec.clip_qkv, spec.clip_qkv)
+        attended = [
+            self._attend(part, lc, view)
+            for part, lc, view in zip(_split(qkv, shapes), lcs, views, strict=True)
+        ]
+        # Segments after the first may hold rows gathered out of the buffers the first writes
+        # in place: every write waits for every segment's reads, and the segments write last to
+        # first, each after the later ones' written buffers (made from the gathered rows), so
+        # that XLA can order the gathers before the in-place writes instead of copying the
+        # cache. `read`: a zero that depends on all of that.
+        read = None
+        if len(attended) > 1:
+            read = _zero([out[0, 0, 0, 0] for out, _ in attended])
+        new = [None] * len(attended)
+        for i in reversed(range(len(attended))):
+            new[i] = attended[i][1](read)
+            if read is not None:
+                read = read + _zero([x.reshape(-1)[0] for x in jax.tree.leaves(new[i])])
+        new = tuple(new)
+        out = quant.product(self.out, _joined([out for out, _ in attended]), n_in=2)  # [D, B, C]
+        if self.out_bias is not None:
+            out += self.out_bias[...][:, None, None]
+        return out, new
+
+    def _attend(self, qkv: jax.Array, lc: kv.LayerCache, view: dict):
+        """One segment's attention: its projections qkv [K, E, H, B, C], its layer cache and
+        view -> (the heads' outputs [N, H, B, C], `write`: the layer cache with the chunk's
+        keys and values written, given a zero scalar that depends on every other segment's
+        reads (None when there are none)).
+        Intermediates keep (batch, kv head) leading, like the cache, so every score and value
+        product is one batched matrix product over B * K.
+        """
+        spec = self.spec
+        *_, B, C_ = qkv.shape
+        K, G, H = spec.num_kv_heads, spec.group, spec.head_dim
         qkv = qkv.transpose(3, 4, 0, 1, 2)  # [B, C, K, E, H]
         q = qkv[:, :, :, :G].reshape(B, C_, K * G, H)
         k = qkv[:, :, :, G]  # [B, C, K, H]
@@ -583,22 +642,24 @@ class Attention(nnx.Module):
         # The written keys/values are made to depend on `out`, which read the whole old cache:
         # only a data dependence lets XLA prove the write comes after the reads and do it in
         # place (an optimization_barrier does not); otherwise it copies every cache buffer
-        # twice. Row by row, so a non-finite row cannot reach another row's cache.
-        first = out[:, 0, 0, 0, 0]  # [B]
-        k, v = _after(k, first), _after(v, first)
-        if int8:
-            codes, scale = _after(codes, first, axis=1), _after(scale, first, axis=1)
-            k_int8, v_int8 = kv.Int8Block(codes[0], scale[0]), kv.Int8Block(codes[1], scale[1])
-        else:
-            k_int8 = v_int8 = None
-        out = out.transpose(1, 3, 4, 0, 2).reshape(K * G, H, B, C_)  # [N, H, B, C]
-        out = quant.product(self.out, out, n_in=2)  # [D, B, C]
-        if self.out_bias is not None:
-            out += self.out_bias[...][:, None, None]
-        lc = _write(lc, k, v, view["write_slot"], view["blocks"], k_int8, v_int8)
-        if rot is not None:
-            lc = _rebase(lc, rot["rebase"], view["blocks"], view["n_sinks"], position)
-        return out, lc
+        # twice. Row by row, so a non-finite row cannot reach another row's cache. `read`:
+        # the other segments' reads, which may have gathered rows out of the same buffers.
+
+        def write(read: jax.Array | None) -> kv.LayerCache:
+            first = out[:, 0, 0, 0, 0] if read is None else out[:, 0, 0, 0, 0] + read  # [B]
+            k_new, v_new = _after(k, first), _after(v, first)
+            if int8:
+                codes_new, scale_new = _after(codes, first, axis=1), _after(scale, first, axis=1)
+                k_int8 = kv.Int8Block(codes_new[0], scale_new[0])
+                v_int8 = kv.Int8Block(codes_new[1], scale_new[1])
+            else:
+                k_int8 = v_int8 = None
+            new = _write(lc, k_new, v_new, view["write_slot"], view["blocks"], k_int8, v_int8)
+            if rot is not None:
+                new = _rebase(new, rot["rebase"], view["blocks"], view["n_sinks"], position)
+            return new
+
+        return out.transpose(1, 3, 4, 0, 2).reshape(K * G, H, B, C_), write  # [N, H, B, C]
 
 
 class Mlp(nnx.Module):
@@ -725,19 +786,20 @@ class Block(nnx.Module):
         self.attn = Attention(spec.attention, hidden, dtype, spec.quant)
         self.mlp = Mlp(spec.mlp, hidden, dtype, spec.quant)
 
-    def __call__(self, x: jax.Array, lc: kv.LayerCache, view: dict):
-        """x: [D, B, C] -> (x [D, B, C], the layer's updated cache)."""
+    def __call__(self, x: jax.Array, lcs: tuple, views: tuple, shapes: tuple):
+        """x: [D, B, C] (or segments laid end to end, see `Attention`) -> (x, the layer's
+        updated caches, one per segment)."""
 
         def apply(norm, y):  # an optional norm over the feature axis
             return y if norm is None else norm(y, axis=0)
 
         h = apply(self.norm, x)
-        attn, lc = self.attn(h, lc, view)
+        attn, lcs = self.attn(h, lcs, views, shapes)
         if self.spec.residual == "sequential":
             x = x + apply(self.post_attn_norm, attn)
-            return x + apply(self.post_mlp_norm, self.mlp(apply(self.mlp_norm, x))), lc
+            return x + apply(self.post_mlp_norm, self.mlp(apply(self.mlp_norm, x))), lcs
         mlp_in = h if self.mlp_norm is None else self.mlp_norm(x, axis=0)
-        return x + attn + self.mlp(mlp_in), lc
+        return x + attn + self.mlp(mlp_in), lcs
 
 
 class Decoder(nnx.Module):
@@ -783,39 +845,60 @@ class Decoder(nnx.Module):
         streaming contract, so a chunk gives the same result as feeding its tokens one by one.
         Returns (final hidden states [B, C, D] after the final norm, updated cache).
         """
+        return self.segments(((cache, tokens, valid),))[0]
+
+    def segments(self, parts: tuple) -> list:
+        """Several batches in one pass: parts, each (cache, tokens [B, C], valid [B, C]) as
+        `__call__` takes them, with their own B and C (a serving step's decode rows, one
+        token each, beside prefilling rows' chunks). Every matrix product runs once over all
+        their tokens, reading each weight once; attention runs per part over its own cache.
+        Returns each part's (hidden [B, C, D], updated cache), as `__call__` would."""
         cfg = self.cfg
-        valid = valid.astype(bool)
         dtype = self.dtype
-        # One view per cache layout: the full layers' sinks + ring, each native window's ring.
-        streams = [lc.stream for lc in cache.layers]
-        views = {
-            stream: _attention_view(
-                stream,
-                cache.pos,
-                valid,
-                [
-                    s.attention.position
-                    for s, ls in zip(cfg.layers, streams, strict=True)
-                    if ls == stream
-                ],
-                _span(cache.stream),
-                dtype,
-                cache.int8,
+        shapes = tuple(tokens.shape for _, tokens, _ in parts)
+        views, xs = [], []
+        for cache, tokens, valid in parts:
+            valid = valid.astype(bool)
+            # One view per cache layout: the full layers' sinks + ring, each native window's.
+            streams = [lc.stream for lc in cache.layers]
+            views.append(
+                {
+                    stream: _attention_view(
+                        stream,
+                        cache.pos,
+                        valid,
+                        [
+                            s.attention.position
+                            for s, ls in zip(cfg.layers, streams, strict=True)
+                            if ls == stream
+                        ],
+                        _span(cache.stream),
+                        dtype,
+                        cache.int8,
+                    )
+                    for stream in dict.fromkeys(streams)
+                }
             )
-            for stream in dict.fromkeys(streams)
-        }
-        x = quant.take(self.embed, tokens, dtype).transpose(2, 0, 1)  # [D, B, C]
+            xs.append(quant.take(self.embed, tokens, dtype).transpose(2, 0, 1))  # [D, B, C]
+        x = _joined(xs)
         if cfg.embed_scale != 1.0:
             x = x * jnp.asarray(cfg.embed_scale, x.dtype)
         if self.embed_norm is not None:
             x = self.embed_norm(x, axis=0)
-        new_layers = []
-        for block, lc in zip(self.layers, cache.layers, strict=True):
-            x, lc = block(x, lc, views[lc.stream])
-            new_layers.append(lc)
-        x = self.final_norm(x.transpose(1, 2, 0))
-        pos, epoch = kv.fold(cache, cache.pos + valid.sum(axis=1, dtype=jnp.int32))
-        return x, cache.replace(layers=tuple(new_layers), pos=pos, epoch=epoch)
+        layers = [[] for _ in parts]
+        for i, block in enumerate(self.layers):
+            lcs = tuple(cache.layers[i] for cache, _, _ in parts)
+            seen = tuple(v[lc.stream] for v, lc in zip(views, lcs, strict=True))
+            x, lcs = block(x, lcs, seen, shapes)
+            for new, lc in zip(layers, lcs, strict=True):
+                new.append(lc)
+        out = []
+        for part, new, (cache, _, valid) in zip(_split(x, shapes), layers, parts, strict=True):
+            hidden = self.final_norm(part.transpose(1, 2, 0))
+            fed = valid.astype(bool).sum(axis=1, dtype=jnp.int32)
+            pos, epoch = kv.fold(cache, cache.pos + fed)
+            out.append((hidden, cache.replace(layers=tuple(new), pos=pos, epoch=epoch)))
+        return out
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Next-token logits, float32, vocabulary-major: hidden [..., D] -> [V, ...].

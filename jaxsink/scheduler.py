@@ -194,8 +194,8 @@ class Scheduler:
                 self._save_idle_sessions()
                 self._admit()
                 if self.prefilling:
-                    self._prefill_step()
-                if self.decoding:
+                    self._prefill_step()  # with one decode step of the live rows
+                elif self.decoding:
                     self._decode_block()
         except BaseException as e:  # the server answers 503 from now on
             self.failure = e
@@ -411,8 +411,8 @@ class Scheduler:
 
     def _prefill_step(self) -> None:
         """One prefill step: the next chunk of each of the oldest prefilling jobs, as many as
-        the step's token budget holds (first come, first served); a job whose prompt is all
-        fed starts decoding."""
+        the step's token budget holds (first come, first served), with one decode step of the
+        decoding rows (`Engine.step`); a job whose prompt is all fed starts decoding."""
         jobs, ends, longest = [], [], 0
         for job in self.prefilling:
             end = self._chunk_end(job)
@@ -422,9 +422,10 @@ class Scheduler:
                 break
             jobs.append(job)
             ends.append(end)
-        self.engine.prefill(
+        self.engine.step(
             {job.row: job.ids[job.fed : end] for job, end in zip(jobs, ends, strict=True)}
         )
+        self._emit_decoded()
         for job, end in zip(jobs, ends, strict=True):
             job.fed = end
             if end in job.marks:
@@ -452,11 +453,15 @@ class Scheduler:
         self.decoding[job.row] = job
 
     def _decode_block(self) -> None:
-        engine = self.engine
-        # A row that has not given its first token yet gets it after one step, not a block;
-        # while prompts wait, one step too, then the next prefill step.
+        # A row that has not given its first token yet gets it after one step, not a block.
         fresh = any(not job.reply.tokens for job in self.decoding.values())
-        engine.decode(limit=1 if fresh or self.prefilling else None)
+        self.engine.decode(limit=1 if fresh else None)
+        self._emit_decoded()
+
+    def _emit_decoded(self) -> None:
+        """Emit what the last decode step drew for each decoding job; finish the jobs that
+        stopped."""
+        engine = self.engine
         for row, job in list(self.decoding.items()):
             out = engine.last[row]
             if out.tokens:

@@ -22,6 +22,7 @@ import json
 import time
 import uuid
 
+from jaxsink import settings
 from jaxsink.engine import TOP_LOGPROBS, RowSampling
 from jaxsink.scheduler import Event, Job, RequestError, Scheduler, check_session_name
 
@@ -64,7 +65,8 @@ def sampling_of(body: dict, limits: Limits, default_max_tokens: int) -> RowSampl
     temperature = _field(
         body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "must be in [0, 2]"
     )
-    top_p = _field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "must be in (0, 1]")
+    nucleus = settings.SETTINGS["top_p"]
+    top_p = _field(body, "top_p", (int, float), 1.0, nucleus.valid, nucleus.rule)
     seed = _field(body, "seed", int, 0, lambda v: -(2**63) <= v < 2**64, "must be a 64-bit integer")
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop

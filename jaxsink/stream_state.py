@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from jaxsink import cache as kv
+from jaxsink import settings
 from jaxsink.checkpoint import (
     CACHE_DTYPES,
     DTYPES,
@@ -240,17 +241,8 @@ def read_stream_info(path: str | os.PathLike) -> StreamInfo:
         raise StreamFileError(f"{path} has a corrupt stream header ({e!r})") from None
 
 
-SETTING_TYPES = {  # the settings `jaxsink.generate` keeps (`Generation.settings`); others pass
-    "max_new_tokens": int,
-    "temperature": float,
-    "top_k": int,
-    "top_p": float,
-    "seed": int,
-    "chunk": int,
-    "block": int,
-    "stop": list,
-    "chat": bool,
-}
+# the settings `jaxsink.generate` keeps (`Generation.settings`): all of them; others pass
+SETTING_TYPES = settings.saved_types(settings.SETTINGS)
 
 
 def _int(value) -> int:

@@ -145,8 +145,9 @@ def test_a_prompt_fed_between_other_rows_blocks_equals_it_alone(tiny):
 
 
 def test_each_bucket_compiles_once_and_rows_move_between_buckets(tiny):
-    """An 8-row engine compiles decode once per row bucket (1, 2, 4, 8: ceil(log2 8) + 1) and
-    prefill once per row bucket and token bucket (half a chunk and a chunk), and never again,
+    """An 8-row engine compiles decode once per row bucket (1, 2, 4, 8: ceil(log2 8) + 1), and
+    prefill and the mixed step once per row bucket and token bucket (half a chunk and a chunk),
+    and never again,
     while five streams start together and end at different times, so the live rows run in
     buckets 8, 4, 2 and 1 in turn: each equals its stream run alone."""
     assert buckets(8) == (1, 2, 4, 8) and buckets(12) == (1, 2, 4, 8, 12) and buckets(1) == (1,)
@@ -160,7 +161,7 @@ def test_each_bucket_compiles_once_and_rows_move_between_buckets(tiny):
     engine.warm()
     traced = {k: v - before.get(k, 0) for k, v in mdl.TRACES.items() if v != before.get(k, 0)}
     assert token_buckets(4) == (2, 4) and token_buckets(64) == (32, 64)
-    assert traced == {"prefill_rows": 4 * 2, "decode_rows": 4}
+    assert traced == {"prefill_rows": 4 * 2, "mixed_rows": 4 * 2, "decode_rows": 4}
     rows = [engine.insert(p, s) for p, s in streams]
     got = {row: [] for row in rows}
     sizes = set()
@@ -202,3 +203,41 @@ def test_prompts_fed_together_equal_each_fed_alone(tiny):
             if r in got:
                 got[r] += new
     assert [got[r] for r in [first, *rows]] == alone
+
+
+def test_mixed_steps_equal_prefill_then_decode(tiny):
+    """Mixed steps (`Engine.step`: every live row's decode step and a chunk of several prompts
+    in one pass) equal the same streams run alone, and compile once per prefill shape: the
+    prompts are fed while other rows decode, and rows start decoding as their prompts end."""
+    streams = [(p, s) for p, (_, s) in zip(prompts(), REQUESTS, strict=True)]
+    alone = [run_alone(tiny, p, s) for p, s in streams]
+    engine = Engine(tiny, 4, STREAM, chunk=4, block=5)
+    before = dict(mdl.TRACES)
+    first = engine.insert(*streams[0])
+    got = {first: engine.decode(limit=2)[first]}
+    rows = [engine.open(s) for _, s in streams[1:]]
+    fed = dict.fromkeys(rows, 0)
+    mixed = 0
+    while any(fed[r] < len(p) for r, (p, _) in zip(rows, streams[1:], strict=True)):
+        feeds = {r: p[fed[r] : fed[r] + 4] for r, (p, _) in zip(rows, streams[1:], strict=True)}
+        feeds = {r: ids for r, ids in feeds.items() if ids}
+        mixed += bool(engine.live.any())
+        for r, new in enumerate(engine.step(feeds)):
+            if r in got:
+                got[r] += new
+        for r, ids in feeds.items():
+            fed[r] += len(ids)
+            if fed[r] == len(streams[1 + rows.index(r)][0]):
+                engine.arm(r, streams[1 + rows.index(r)][1])
+                got[r] = []
+    while engine.live.any():
+        for r, new in enumerate(engine.decode()):
+            if r in got:
+                got[r] += new
+    assert mixed >= 3
+    assert [got[r] for r in [first, *rows]] == alone
+    traced = {k: v - before.get(k, 0) for k, v in mdl.TRACES.items() if v != before.get(k, 0)}
+    assert traced["mixed_rows"] <= len(buckets(4)) * len(token_buckets(4))
+    engine.append(first, [5], RowSampling(max_tokens=3))
+    with pytest.raises(ConfigError, match="must not be decoding"):
+        engine.step({first: [1]})
