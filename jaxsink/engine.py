@@ -17,6 +17,7 @@ recompiles past the buckets or touches the other rows.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Iterator, Sequence
@@ -519,6 +520,8 @@ class Engine:
         self._put = jax.jit(_put_row, donate_argnums=(0, 1, 2), out_shardings=state)
         self.rows: list[RowSampling | None] = [None] * batch
         self.last: list[Decoded] | None = None
+        # device steps run, by kind ("prefill", "decode" blocks, "mixed"), `warm`'s not counted
+        self.steps: collections.Counter = collections.Counter()
 
     # --- the executables, one per bucket ---------------------------------------------------
 
@@ -612,6 +615,7 @@ class Engine:
             self._take(self.cache, self.logits, self.keys, np.int32(0), slots)  # `export`s
         zero = jax.jit(jnp.zeros_like)
         self.cache = self.cache.replace(pos=zero(self.cache.pos), epoch=zero(self.cache.epoch))
+        self.steps.clear()
         jax.block_until_ready(self.cache)
         return time.perf_counter() - start
 
@@ -668,6 +672,7 @@ class Engine:
         them; each row's next-token logits are then its last token's."""
         index, tokens, valid = self._feed_batch(feeds)
         self._prefill_exe(*tokens.shape)
+        self.steps["prefill"] += 1
         self.cache, self.logits = self._prefills[tokens.shape](
             self.model.weights, self.cache, self.logits, index, tokens, valid
         )
@@ -743,6 +748,7 @@ class Engine:
         budget = self.n_left if limit is None else np.minimum(self.n_left, limit)
         index = self._bucket(live, min(self.block, int(budget[live].max())))
         self._decode_exe(len(index))
+        self.steps["decode"] += 1
         drawn, self.cache, rows = self._decodes[len(index)](
             self.model.weights, self.cache, self._rows(budget), index, self.eos
         )
@@ -774,6 +780,7 @@ class Engine:
             raise ConfigError("a row being fed must not be decoding")
         index, tokens, valid = self._feed_batch(feeds, whole=False)
         self._mixed_exe(*tokens.shape)
+        self.steps["mixed"] += 1
         drawn, self.cache, rows = self._mixes[tokens.shape](
             self.model.weights, self.cache, self._rows(), index, tokens, valid, self.eos
         )

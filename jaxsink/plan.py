@@ -199,10 +199,16 @@ def plan(
 
 
 def lower_steps(cfg, batch, stream, mesh_spec, wdt, cdt, platform, chunk) -> dict:
-    """Export the prefill chunk (`model.last_logits`) and the decode loop
-    (`engine.decode_rows`) for `platform` with the mesh's shardings, from abstract arguments;
+    """Export the prefill chunk (`model.last_logits`), the decode loop
+    (`engine.decode_rows`) and the server's mixed step (`engine.mixed_rows`) for `platform` with the mesh's shardings, from abstract arguments;
     returns each serialized module's size in bytes. ConfigError when one does not lower."""
-    from jaxsink.engine import Rows, decode_rows, decode_rows_shardings
+    from jaxsink.engine import (
+        Rows,
+        decode_rows,
+        decode_rows_shardings,
+        mixed_rows,
+        mixed_rows_shardings,
+    )
 
     mesh = sh.make_mesh(mesh_spec)
     graphdef, abstract = mdl.abstract(cfg, wdt)
@@ -242,8 +248,22 @@ def lower_steps(cfg, batch, stream, mesh_spec, wdt, cdt, platform, chunk) -> dic
             block,
         ),
     )
+    # the server's mixed step: every row's decode step beside one row's prefill chunk
+    ins, outs = mixed_rows_shardings(mesh, batch, cfg.vocab_size, w_sh, c_sh)
+    one_row = arg((1, chunk), jnp.int32, one)
+    mixed = (
+        mixed_rows.with_shardings(ins, outs),
+        (
+            *decode[1][:3],
+            arg((1,), jnp.int32, one),
+            one_row,
+            arg((1, chunk), jnp.bool_, one),
+            decode[1][4],
+            graphdef,
+        ),
+    )
     sizes = {}
-    for name, (fn, args) in (("prefill", prefill), ("decode", decode)):
+    for name, (fn, args) in (("prefill", prefill), ("decode", decode), ("mixed", mixed)):
         try:
             exported = jax.export.export(fn, platforms=(platform,))(*args)
         except Exception as e:  # any lowering failure is the user's answer, in one line

@@ -180,6 +180,7 @@ class Scheduler:
             "queued": len(self.waiting) + self.incoming.qsize(),
             "sessions": len(self.sessions),
             "completed": self.completed,
+            **{f"steps_{kind}": self.engine.steps[kind] for kind in ("prefill", "mixed", "decode")},
             **self.prompt_cache.stats(),
         }
 

@@ -146,6 +146,9 @@ def test_concurrent_streams_equal_each_request_alone(server, tiny):
     assert all(got)
     h = server.health()
     assert h["rows_decoding"] == h["rows_prefilling"] == h["queued"] == 0
+    # prompts were fed beside a decoding row in one pass (one live row of two is the whole
+    # batch's bucket), and in plain prefill steps while no row decoded
+    assert h["steps_mixed"] > 0 and h["steps_prefill"] > 0 and h["steps_decode"] > 0
 
 
 def test_streamed_equals_unstreamed_with_logprobs(server):

@@ -85,14 +85,14 @@ def test_a_mesh_larger_than_the_machine_is_a_clear_error(report):
 
 
 def test_plan_lowers_prefill_and_decode_for_tpu_and_cuda(report):
-    """`jaxsink plan --model llama-2-7b ... --mesh data=1,model=8 --lower` exports both steps
+    """`jaxsink plan --model llama-2-7b ... --mesh data=1,model=8 --lower` exports the three steps
     for each platform; its parameter bytes per device are the model's / 8 within 5%."""
     for platform in ("tpu", "cuda"):
         run = report["plan"][platform]
         assert run["rc"] == 0
         p = run["json"]
         assert p["lowered"] == [platform]
-        assert set(p["lowered_bytes"]) == {"prefill", "decode"}
+        assert set(p["lowered_bytes"]) == {"prefill", "decode", "mixed"}
         assert abs(p["params_bytes_per_device"] / (6_738_415_616 * 2 / 8) - 1) < 0.05
     too_big = report["plan_too_big"]
     assert too_big["rc"] == 2 and too_big["stderr"].count("\n") == 1
