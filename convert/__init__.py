@@ -20,10 +20,11 @@ import os
 import sys
 from pathlib import Path
 
-from jaxsink.checkpoint import DTYPES, FORMAT, check_writable, save_checkpoint
-from jaxsink.quant import QUANTIZE_KINDS, quantized_config
+from jaxsink.checkpoint import FORMAT, check_writable, save_checkpoint
+from jaxsink.config import DTYPES
+from jaxsink.quantize import QUANTIZE_KINDS, quantized_config
 
-from .architectures import FAMILIES
+from .architectures import FAMILIES, read_hf_config
 from .errors import ConvertError
 from .gguf import GGUF_TABLE, GGUFSource, config_from_gguf, keep_quantized, read_gguf
 from .hf import (
@@ -33,7 +34,6 @@ from .hf import (
     looks_like_hub_id,
     malformed_values,
     pickle_refusal,
-    read_hf_config,
     weight_files,
 )
 from .tables import build_params
@@ -42,7 +42,7 @@ from .tokenizer import gguf_tokenizer_files, hf_tokenizer_files
 __all__ = ["QUANTIZE", "ConvertError", "check_quantize", "convert", "declares_jaxsink"]
 
 # `quantize` values: "keep" keeps a GGUF's Q8_0, Q4_0 and Q4_1 matrices as they are; "int8"
-# and "int4" quantize any source's float matrices (`quant.weight_plan`).
+# and "int4" quantize any source's float matrices (`quantize.weight_plan`).
 QUANTIZE = ("keep", *QUANTIZE_KINDS)
 
 
@@ -68,7 +68,7 @@ def convert(
     quantize: None (every weight in `dtype`); "keep": a GGUF's Q8_0, Q4_0 and Q4_1 matrices
       stay quantized as they are (`jaxsink.quant`), its other quantized tensors are dequantized,
       with a line on stderr saying so; "int8" / "int4": any source's matrices are quantized
-      (`jaxsink.quant.weight_plan`), scales in `dtype`.
+      (`jaxsink.quantize.weight_plan`), scales in `dtype`.
     Raises ConvertError (unsupported or unsafe input), ConfigError, CheckpointError.
     """
     if dtype not in DTYPES:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import ml_dtypes
@@ -21,7 +22,15 @@ from jaxsink.config import Alibi, Attention, Experts, LayerSpec, Mlp, ModelConfi
 
 from . import mxfp4
 from .errors import ConvertError
-from .hf import ConfigReader, RopeSpec, layer_windows, read_rope
+from .hf import (
+    ConfigReader,
+    RopeSpec,
+    layer_windows,
+    malformed_values,
+    read_json,
+    read_rope,
+    refusal,
+)
 from .tables import (
     LLAMA,
     Rule,
@@ -1662,3 +1671,53 @@ FAMILIES: dict[str, Family] = {
         _btlm_table,
     ),
 }
+
+
+# --- reading a Hugging Face config through the registry ---------------------------------------
+
+
+def read_hf_config(src: Path) -> ModelConfig:
+    """The ModelConfig of a Hugging Face folder (`config.json`, plus the end-of-sequence ids of
+    `generation_config.json` if present)."""
+    cfg_file = src / "config.json"
+    if not cfg_file.is_file():
+        raise ConvertError(f"{src} has no config.json (not a Hugging Face model folder)")
+    gen_file = src / "generation_config.json"
+    generation = read_json(gen_file) if gen_file.is_file() else {}
+    config = read_json(cfg_file)
+    with malformed_values(cfg_file):
+        return config_from_hf(config, generation)
+
+
+def config_from_hf(
+    config: Mapping[str, Any], generation: Mapping[str, Any] | None = None
+) -> ModelConfig:
+    """Map a Hugging Face `config.json` dict (transformers 4.x or 5.x) to a ModelConfig.
+
+    generation: the `generation_config.json` dict; its `eos_token_id`s join the config's.
+    Raises ConvertError for an unsupported architecture, rope type, sliding window or any key
+    this function does not understand.
+    """
+    d = dict(config)
+    arch = d.pop("model_type", None)
+    if arch not in FAMILIES:
+        raise ConvertError(refusal(arch, list(FAMILIES)))
+    family = FAMILIES[arch]
+    missing = [k for k in family.required if d.get(k) is None]
+    if missing:
+        raise ConvertError(f"missing required keys: {', '.join(missing)}")
+    reader = ConfigReader(d, family.defaults)
+    cfg = family.read(arch, reader)
+    eos = _ids(reader.take("eos_token_id")) + _ids((generation or {}).get("eos_token_id"))
+    cfg = dataclasses.replace(
+        cfg, bos_token_id=reader.take("bos_token_id"), eos_token_ids=tuple(dict.fromkeys(eos))
+    )
+    reader.check_all_read(arch)
+    return cfg
+
+
+def _ids(value: int | list[int] | None) -> list[int]:
+    """Token ids given as one int, a list or null."""
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]

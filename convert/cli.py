@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxsink.checkpoint import DTYPES, CheckpointError
+from jaxsink.checkpoint import CheckpointError
 from jaxsink.cli import OneLineParser, one_line
-from jaxsink.config import ConfigError
+from jaxsink.config import DTYPES, ConfigError
 
 from . import QUANTIZE, ConvertError, convert
 

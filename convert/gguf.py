@@ -6,7 +6,7 @@ Tensors are dequantized to float32 with `gguf.quants.dequantize` and renamed by
 weights equal the Hugging Face ones (jaxsink uses the half-split "rotate_half" layout).
 
 With `--quantize keep` (`keep_quantized`), the matrices stored in Q8_0, Q4_0 or Q4_1 stay in
-their blocks (`quant.Blocks`: the same codes, scales and minimums, so the same values): the
+their blocks (`quantize.Blocks`: the same codes, scales and minimums, so the same values): the
 config says which (`config.Quant`), and the checkpoint keeps their bytes.
 """
 
@@ -30,7 +30,7 @@ from jaxsink.config import (
     RopeScaling,
     Rotary,
 )
-from jaxsink.quant import Blocks
+from jaxsink.quantize import Blocks
 
 from .errors import ConvertError
 from .hf import refusal
@@ -229,7 +229,7 @@ def undo_qk_permutation(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 class GGUFSource:
     """The tensors of a GGUF file under Hugging Face names, dequantized on load, except those
-    named in `keep` (Hugging Face names), which load as their blocks (`quant.Blocks`).
+    named in `keep` (Hugging Face names), which load as their blocks (`quantize.Blocks`).
 
     Names with no Hugging Face counterpart keep their GGUF name, so the conversion's unused-tensor
     check reports them.
@@ -277,7 +277,7 @@ class GGUFSource:
 
 
 def gguf_blocks(data: np.ndarray, kind: str) -> Blocks:
-    """GGML blocks of rows [rows, row bytes] uint8 (a 2-D tensor's data) -> `quant.Blocks`
+    """GGML blocks of rows [rows, row bytes] uint8 (a 2-D tensor's data) -> `quantize.Blocks`
     [rows, n]: the same codes, scales and minimums. Per block of 32 values: Q8_0 is a float16
     scale and 32 int8 codes; Q4_0 a scale and 16 bytes of codes (value j in the low nibble of
     byte j, value j + 16 in its high nibble, each minus 8); Q4_1 a scale, a float16 minimum and
@@ -304,7 +304,7 @@ def keep_quantized(cfg: ModelConfig, source: GGUFSource) -> tuple[ModelConfig, s
     """What `--quantize keep` keeps: (cfg with every matrix whose GGUF tensors are all of one
     kept format (`KEPT`) quantized as they are, the source names loaded as blocks, and a line
     naming the other quantized tensors, which are dequantized: empty if none)."""
-    from jaxsink.model import quantize_config
+    from jaxsink.config import quantize_config
 
     kept: dict[str, Quant] = {}
     keep: set[str] = set()

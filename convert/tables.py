@@ -21,9 +21,9 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from jaxsink.checkpoint import DTYPES, param_shapes
-from jaxsink.config import ModelConfig
-from jaxsink.quant import Blocks, quantize_blocks
+from jaxsink.checkpoint import param_shapes
+from jaxsink.config import DTYPES, ModelConfig
+from jaxsink.quantize import Blocks, quantize_blocks
 
 from .errors import ConvertError
 
@@ -217,7 +217,7 @@ class TensorSource(Protocol):
 
     def load(self, name: str) -> np.ndarray | Blocks:
         """The tensor `name` in the Hugging Face layout (e.g. Linear weights [out, in]), or
-        the blocks of one kept quantized (`quant.Blocks`, same layout)."""
+        the blocks of one kept quantized (`quantize.Blocks`, same layout)."""
         ...
 
 
@@ -234,13 +234,13 @@ def build_params(
 ) -> dict[str, np.ndarray]:
     """Every parameter of `param_shapes(cfg)` filled from `source` by `table`, cast to `dtype`;
     a weight `cfg` keeps quantized is stored as its parts in their checkpoint form
-    (`layers.0.attn.qkv.codes`, ...): the blocks the source gives (`quant.Blocks`, a GGUF's
-    kept ones), or those `quant.quantize_blocks` makes from the float weight (`int8`, `int4`).
+    (`layers.0.attn.qkv.codes`, ...): the blocks the source gives (`quantize.Blocks`, a GGUF's
+    kept ones), or those `quantize.quantize_blocks` makes from the float weight (`int8`, `int4`).
 
     All names are checked before any tensor is read: a missing source tensor or an unused one is
     a ConvertError naming them.
     """
-    from jaxsink.model import quantized_weights
+    from jaxsink.config import quantized_weights
 
     made = quantized_weights(cfg)  # those the source gives in float are quantized here
     shapes = param_shapes(cfg.dequantized())

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxsink.config import Attention, ConfigError, ModelConfig, StreamConfig
+from jaxsink.config import CACHE_DTYPES, Attention, ConfigError, ModelConfig, StreamConfig
 
 RING, SINK = 0, 1
 INT8 = np.dtype(np.int8)  # the cache dtype of an int8 cache (`Int8Block` ring, float32 sinks)
@@ -447,3 +447,17 @@ def slot_query_rotations(stream: StreamConfig, t: jax.Array) -> jax.Array:
     if stream.sinks:
         out.append(jnp.minimum(t, stream.capacity))
     return jnp.stack(out, axis=-1)
+
+
+def cache_dtype_of(dtype, cache_dtype):
+    """The cache's dtype: `cache_dtype` (a name of `CACHE_DTYPES` or a dtype; int8 is the int8
+    cache of `init_cache`), else `dtype`, the model's."""
+    if cache_dtype is None:
+        return jnp.dtype(dtype)
+    if not isinstance(cache_dtype, str):  # already a dtype
+        return jnp.dtype(cache_dtype)
+    if cache_dtype not in CACHE_DTYPES:
+        raise ConfigError(
+            f"unknown cache dtype {cache_dtype!r} (expected one of {sorted(CACHE_DTYPES)})"
+        )
+    return jnp.dtype(CACHE_DTYPES[cache_dtype])

@@ -27,8 +27,8 @@ import jax
 import numpy as np
 
 from jaxsink import settings
-from jaxsink.checkpoint import CACHE_DTYPES, CheckpointError
-from jaxsink.config import ConfigError, JaxsinkError, StreamConfig, one_line
+from jaxsink.checkpoint import CheckpointError
+from jaxsink.config import CACHE_DTYPES, ConfigError, JaxsinkError, StreamConfig, one_line
 from jaxsink.conversation import Conversation
 from jaxsink.engine import Engine, RowSampling
 from jaxsink.loading import Model

@@ -25,20 +25,15 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
-from jaxsink.config import ConfigError, JaxsinkError, ModelConfig
+from jaxsink.config import DTYPES, ConfigError, JaxsinkError, ModelConfig
 
 FORMAT = "jaxsink"
 FORMAT_VERSION = 3  # 3: the NNX module's parameters, per layer (2: stacked layers)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 COMPLETE_FILE = "complete.json"  # written last: {"weights_bytes": size of WEIGHTS_FILE}
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-# The KV cache's dtypes: the weights' and int8 (int8 ring keys and values with per-token,
-# per-head scales, exact float32 sinks: `jaxsink.cache.Int8Block`).
-CACHE_DTYPES = {**DTYPES, "int8": np.dtype(np.int8)}
 
 
 class CheckpointError(JaxsinkError):

@@ -237,8 +237,8 @@ def _load_checked(args, modes, dense_tokens: int):
     """The model of --model, once its config shows that its weights and the caches of `modes`
     fit in this machine's memory (dense over at least `dense_tokens`): an oversized request
     is refused before anything is allocated."""
-    from jaxsink.checkpoint import DTYPES, read_config
-    from jaxsink.config import StreamConfig
+    from jaxsink.checkpoint import read_config
+    from jaxsink.config import DTYPES, StreamConfig
     from jaxsink.default_model import resolve_model
     from jaxsink.loading import load, quantized_on_load
     from jaxsink.memory import check_run_fits
@@ -516,9 +516,9 @@ def cmd_ppl(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from jaxsink.default_model import jaxsink_home
+    from jaxsink import cache as kv
     from jaxsink.engine import Engine
-    from jaxsink.evaluate import cache_dtype_of
+    from jaxsink.paths import jaxsink_home
     from jaxsink.prompt_cache import PromptCache, default_bytes
     from jaxsink.scheduler import Scheduler
     from jaxsink.server import Limits, check_port_free, serve
@@ -558,7 +558,7 @@ def cmd_serve(args) -> int:
         stream,
         args.chunk,
         args.block,
-        cache_dtype_of(model, args.cache_dtype),
+        kv.cache_dtype_of(model.dtype, args.cache_dtype),
     )
     cache_bytes = args.prompt_cache_bytes
     scheduler = Scheduler(

@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+from collections.abc import Mapping
 from typing import Literal
 
+import ml_dtypes
 import numpy as np
 
 Mode = Literal["sink", "window", "dense"]
@@ -35,6 +37,12 @@ MAX_HEADS = 4096
 MAX_HEAD_DIM = 4096
 MAX_MLP = 1 << 20
 MAX_EXPERTS = 4096
+
+
+# The weights' dtypes by name, and the KV cache's: the weights' and int8 (int8 ring keys and
+# values with per-token, per-head scales, exact float32 sinks: `jaxsink.cache.Int8Block`).
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+CACHE_DTYPES = {**DTYPES, "int8": np.dtype(np.int8)}
 
 
 class JaxsinkError(ValueError):
@@ -348,7 +356,7 @@ class Quant:
     - `int4`: w = scale * code, codes in [-8, 7], groups of `block` inputs: `--quantize int4`.
 
     The GGUF kinds are a file's blocks as they are; `int8` and `int4` are made from float
-    weights by Qwix (`jaxsink.quant.quantize_blocks`). Either way the values are exactly what
+    weights by Qwix (`jaxsink.quantize.quantize_blocks`). Either way the values are exactly what
     the codes and scales mean, and a product dequantizes them inside the jitted step.
     scale_dtype: the scales' (and minimums') dtype in the checkpoint: float16 for GGUF blocks,
     the model's dtype for `int8` / `int4`.
@@ -658,3 +666,43 @@ class StreamConfig:
                 raise ConfigError("dense mode needs the stream length as its capacity")
             return cls(0, dense_capacity, "dense")
         raise ConfigError(f"unknown mode {mode!r} (expected sink, window or dense)")
+
+
+# --- which weights a config keeps quantized ---------------------------------------------------
+
+
+# The weights a config may keep quantized (`config.Quant`): the layer weights' names after
+# `layers.{i}.` and the `config.LayerQuant` field that says so; `embed` and `lm_head` have
+# their own `ModelConfig` fields.
+QUANTIZABLE = {"attn.qkv": "qkv", "attn.out": "out", "mlp.up": "up", "mlp.down": "down"}
+
+
+def quantize_config(cfg: ModelConfig, weights: Mapping[str, Quant]) -> ModelConfig:
+    """`cfg` with each weight named in `weights` (its `param_shapes` name in float: `embed`,
+    `lm_head`, `layers.3.mlp.up`, ...) kept quantized as given. KeyError for a weight that
+    cannot be quantized; ConfigError (from the config) for sizes that do not fit the blocks."""
+    model, layers = {}, [dict() for _ in cfg.layers]
+    for name, spec in weights.items():
+        head, _, rest = name.partition(".")
+        if name in ("embed", "lm_head"):
+            model[f"{name}_quant"] = spec
+        elif head == "layers" and rest.partition(".")[2] in QUANTIZABLE:
+            i, _, weight = rest.partition(".")
+            layers[int(i)][QUANTIZABLE[weight]] = spec
+        else:
+            raise KeyError(f"{name} cannot be kept quantized")
+    specs = tuple(
+        dataclasses.replace(s, quant=dataclasses.replace(s.quant, **q)) if q else s
+        for s, q in zip(cfg.layers, layers, strict=True)
+    )
+    return dataclasses.replace(cfg, layers=specs, **model)
+
+
+def quantized_weights(cfg: ModelConfig) -> dict[str, Quant]:
+    """The weights `cfg` keeps quantized: `param_shapes` name in float -> its `config.Quant`
+    (the inverse of `quantize_config`)."""
+    out = {name: q for name, q in (("embed", cfg.embed_quant), ("lm_head", cfg.lm_head_quant))}
+    for i, spec in enumerate(cfg.layers):
+        for weight, field in QUANTIZABLE.items():
+            out[f"layers.{i}.{weight}"] = getattr(spec.quant, field)
+    return {name: q for name, q in out.items() if q is not None}

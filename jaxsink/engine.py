@@ -478,7 +478,6 @@ class Engine:
         cache_dtype=None,
         mesh=None,
     ):
-        from jaxsink.evaluate import cache_dtype_of
         from jaxsink.memory import check_cache_fits
 
         if batch < 1 or chunk < 1 or block < 1:
@@ -488,7 +487,9 @@ class Engine:
         check_cache_fits(cfg, stream, batch, m.dtype)
         self.batch, self.stream, self.chunk, self.block = batch, stream, chunk, block
         notes: set = set()
-        self.cache = sh.sharded_cache(cfg, stream, batch, cache_dtype_of(m, cache_dtype), mesh)
+        self.cache = sh.sharded_cache(
+            cfg, stream, batch, kv.cache_dtype_of(m.dtype, cache_dtype), mesh
+        )
         self._cache_sharding = sh.cache_shardings(self.cache, mesh, notes)
         sh.say(notes)
         self._row_shardings = rows_shardings(mesh, batch, cfg.vocab_size)

@@ -83,22 +83,6 @@ class StreamResult:
         }
 
 
-def cache_dtype_of(model: Model, cache_dtype):
-    """The cache's dtype: `cache_dtype` (a name of `CACHE_DTYPES` or a dtype; int8 is the int8
-    cache of `jaxsink.cache.init_cache`), else the model's."""
-    from jaxsink.checkpoint import CACHE_DTYPES
-
-    if cache_dtype is None:
-        return model.dtype
-    if not isinstance(cache_dtype, str):  # already a dtype
-        return jnp.dtype(cache_dtype)
-    if cache_dtype not in CACHE_DTYPES:
-        raise ConfigError(
-            f"unknown cache dtype {cache_dtype!r} (expected one of {sorted(CACHE_DTYPES)})"
-        )
-    return jnp.dtype(CACHE_DTYPES[cache_dtype])
-
-
 def stream_config(mode: str, sinks: int, window: int, n_tokens: int, chunk: int) -> StreamConfig:
     """The cache of `mode` at capacity sinks + window; dense holds the whole stream."""
     return StreamConfig.for_mode(mode, sinks, window, dense_capacity=-(-n_tokens // chunk) * chunk)
@@ -148,7 +132,9 @@ def stream_nll(
     check_stream(model, stream)
     model = model.on_mesh(mesh)
     mesh, notes = model.mesh, set()
-    cache = sh.sharded_cache(model.cfg, stream, 1, cache_dtype_of(model, cache_dtype), mesh)
+    cache = sh.sharded_cache(
+        model.cfg, stream, 1, kv.cache_dtype_of(model.dtype, cache_dtype), mesh
+    )
     cache_sharding = sh.cache_shardings(cache, mesh, notes)
     sh.say(notes)
     cache_bytes = cache.nbytes

@@ -34,7 +34,7 @@ def use_compilation_cache() -> None:
     again, it never runs it.) JAX's eviction needs an access-time file per entry, which
     entries written without a limit lack: hence a folder of its own, not the older `xla-cache`.
     """
-    from jaxsink.default_model import jaxsink_home
+    from jaxsink.paths import jaxsink_home
 
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(jaxsink_home() / "compilation-cache"))

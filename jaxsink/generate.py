@@ -18,7 +18,6 @@ from jaxsink import cache as kv
 from jaxsink import settings
 from jaxsink.config import ConfigError, StreamConfig
 from jaxsink.engine import check_ids
-from jaxsink.evaluate import cache_dtype_of
 from jaxsink.loading import Model
 from jaxsink.memory import check_cache_fits
 from jaxsink.row_text import RowText
@@ -105,13 +104,16 @@ class Generation:
         self.sampling = sampling
         self.seed = seed
         if resume is None:
-            self.cache_dtype = cache_dtype_of(model, cache_dtype)
+            self.cache_dtype = kv.cache_dtype_of(model.dtype, cache_dtype)
             # Dense mode allocates the whole stream, rounded up so nearby lengths share a compile.
             n = len(self.prompt_ids) + max_new_tokens
             dense = -(-n // 256) * 256
             self.stream = StreamConfig.for_mode(mode, sinks, window, dense_capacity=dense)
         else:
-            self.cache_dtype, self.stream = cache_dtype_of(model, resume.cache_dtype), resume.stream
+            self.cache_dtype, self.stream = (
+                kv.cache_dtype_of(model.dtype, resume.cache_dtype),
+                resume.stream,
+            )
             room = self.stream.capacity - resume.row.index - len(self.prompt_ids)
             if not self.stream.wraps and max_new_tokens > room:
                 raise ConfigError(

@@ -11,18 +11,18 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxsink import config as C
 from jaxsink import model as mdl
 from jaxsink import sharding as sh
 from jaxsink.checkpoint import (
-    DTYPES,
     WEIGHTS_FILE,
     CheckpointError,
     check_params,
     param_shapes,
     read_config,
 )
-from jaxsink.config import ConfigError, ModelConfig
-from jaxsink.quant import QUANTIZE_KINDS, quantize_blocks, quantized_config
+from jaxsink.config import DTYPES, ConfigError, ModelConfig
+from jaxsink.quantize import QUANTIZE_KINDS, quantize_blocks, quantized_config
 from jaxsink.tensorfile import TensorFile
 from jaxsink.tokenizer import Tokenizer
 
@@ -95,7 +95,7 @@ def load(
     progress: say on stderr what is fetched, converted or waited for.
     quantize: "keep": a `.gguf` spec (or the default model) is converted with its Q8_0, Q4_0
     and Q4_1 weights kept quantized (`jaxsink.quant`), into its own cached folder. "int8" /
-    "int4": the model's matrices are quantized (`quant.weight_plan`): a source that needs
+    "int4": the model's matrices are quantized (`quantize.weight_plan`): a source that needs
     converting is converted that way into its own cached folder; a float jaxsink checkpoint is
     quantized as it is read, one weight at a time (`quantized_on_load`).
     """
@@ -181,12 +181,12 @@ def _stores_quantized(f: TensorFile) -> bool:
 class _Quantizing:
     """A float checkpoint's `TensorFile` read as the checkpoint of its quantized config `cfg`:
     the parts of each weight `cfg` quantizes (`X.codes`, `X.scales`) come from quantizing the
-    float `X` when first read (`quant.quantize_blocks`), in their checkpoint form; the one
+    float `X` when first read (`quantize.quantize_blocks`), in their checkpoint form; the one
     weight last quantized is kept while its parts and shards are read."""
 
     def __init__(self, f: TensorFile, cfg: ModelConfig):
         self._f = f
-        self._made = mdl.quantized_weights(cfg)
+        self._made = C.quantized_weights(cfg)
         self._layout = mdl.checkpoint_layout(cfg)
         self._float = param_shapes(cfg.dequantized())
         self._last: tuple[str, dict] | None = None

@@ -23,9 +23,7 @@ rotation variants: see `jaxsink.cache`), P rotary positions.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
-from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -1066,43 +1064,6 @@ def checkpoint_layout(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], np.d
 
 def _name(path) -> str:
     return ".".join(map(str, path))
-
-
-# The weights a config may keep quantized (`config.Quant`): the layer weights' names after
-# `layers.{i}.` and the `config.LayerQuant` field that says so; `embed` and `lm_head` have
-# their own `ModelConfig` fields.
-QUANTIZABLE = {"attn.qkv": "qkv", "attn.out": "out", "mlp.up": "up", "mlp.down": "down"}
-
-
-def quantize_config(cfg: ModelConfig, weights: Mapping[str, C.Quant]) -> ModelConfig:
-    """`cfg` with each weight named in `weights` (its `param_shapes` name in float: `embed`,
-    `lm_head`, `layers.3.mlp.up`, ...) kept quantized as given. KeyError for a weight that
-    cannot be quantized; ConfigError (from the config) for sizes that do not fit the blocks."""
-    model, layers = {}, [dict() for _ in cfg.layers]
-    for name, spec in weights.items():
-        head, _, rest = name.partition(".")
-        if name in ("embed", "lm_head"):
-            model[f"{name}_quant"] = spec
-        elif head == "layers" and rest.partition(".")[2] in QUANTIZABLE:
-            i, _, weight = rest.partition(".")
-            layers[int(i)][QUANTIZABLE[weight]] = spec
-        else:
-            raise KeyError(f"{name} cannot be kept quantized")
-    specs = tuple(
-        dataclasses.replace(s, quant=dataclasses.replace(s.quant, **q)) if q else s
-        for s, q in zip(cfg.layers, layers, strict=True)
-    )
-    return dataclasses.replace(cfg, layers=specs, **model)
-
-
-def quantized_weights(cfg: ModelConfig) -> dict[str, C.Quant]:
-    """The weights `cfg` keeps quantized: `param_shapes` name in float -> its `config.Quant`
-    (the inverse of `quantize_config`)."""
-    out = {name: q for name, q in (("embed", cfg.embed_quant), ("lm_head", cfg.lm_head_quant))}
-    for i, spec in enumerate(cfg.layers):
-        for weight, field in QUANTIZABLE.items():
-            out[f"layers.{i}.{weight}"] = getattr(spec.quant, field)
-    return {name: q for name, q in out.items() if q is not None}
 
 
 def from_stored(var: nnx.Variable, array: np.ndarray, dtype) -> np.ndarray:

@@ -23,8 +23,7 @@ from flax import nnx
 from jaxsink import cache as kv
 from jaxsink import model as mdl
 from jaxsink import sharding as sh
-from jaxsink.checkpoint import CACHE_DTYPES, DTYPES
-from jaxsink.config import ConfigError, ModelConfig, StreamConfig
+from jaxsink.config import CACHE_DTYPES, DTYPES, ConfigError, ModelConfig, StreamConfig
 from jaxsink.memory import host_memory
 
 CONFIGS = Path(__file__).parent / "configs"  # bundled Hugging Face config.json files
@@ -42,7 +41,8 @@ def bundled() -> list[str]:
 def read_model_config(spec: str) -> ModelConfig:
     """A bundled name, a jaxsink checkpoint folder, a Hugging Face folder or a config.json."""
     from jaxsink.checkpoint import read_config
-    from jaxsink.convert.hf import config_from_hf, read_json
+    from jaxsink.convert.architectures import config_from_hf
+    from jaxsink.convert.hf import read_json
 
     path = Path(spec).expanduser()
     if not path.exists() and spec in bundled():

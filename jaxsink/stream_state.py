@@ -28,14 +28,8 @@ import numpy as np
 
 from jaxsink import cache as kv
 from jaxsink import settings
-from jaxsink.checkpoint import (
-    CACHE_DTYPES,
-    DTYPES,
-    WEIGHTS_FILE,
-    CheckpointError,
-    check_safetensors,
-)
-from jaxsink.config import ConfigError, JaxsinkError, StreamConfig
+from jaxsink.checkpoint import WEIGHTS_FILE, CheckpointError, check_safetensors
+from jaxsink.config import CACHE_DTYPES, DTYPES, ConfigError, JaxsinkError, StreamConfig
 from jaxsink.engine import RowState
 from jaxsink.loading import Model
 

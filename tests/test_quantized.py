@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 import jaxsink
+from jaxsink import config as C
 from jaxsink import model as mdl
 from jaxsink import quant
 from jaxsink import sharding as sh
@@ -191,15 +192,15 @@ def test_checkpoints_keep_the_blocks_and_float_configs_read_as_before(tmp_path):
 
 def test_quantized_weights_need_sizes_that_hold_blocks():
     with pytest.raises(ConfigError, match=r"out projection needs its input size \(8\)"):
-        mdl.quantize_config(tiny_config(), {"layers.0.attn.out": Quant("q4_0")})  # head dim 8
+        C.quantize_config(tiny_config(), {"layers.0.attn.out": Quant("q4_0")})  # head dim 8
     with pytest.raises(ConfigError, match=r"hidden size \(32\)"):
-        mdl.quantize_config(tiny_config(), {"embed": Quant("q8_0", block=64)})
+        C.quantize_config(tiny_config(), {"embed": Quant("q8_0", block=64)})
     with pytest.raises(ConfigError, match="expert"):
         moe = dataclasses.replace(Mlp(64, "silu"), experts=Experts(4, 2))
-        mdl.quantize_config(config(mlp=moe), {"layers.0.mlp.up": Quant("q8_0")})
+        C.quantize_config(config(mlp=moe), {"layers.0.mlp.up": Quant("q8_0")})
     with pytest.raises(KeyError):
-        mdl.quantize_config(config(), {"final_norm.scale": Quant("q8_0")})
-    assert mdl.quantize_config(tiny_config(), {"embed": Quant("q8_0")}).quantized
+        C.quantize_config(config(), {"final_norm.scale": Quant("q8_0")})
+    assert C.quantize_config(tiny_config(), {"embed": Quant("q8_0")}).quantized
 
 
 def test_every_quantized_part_shards_like_its_float_weight():

@@ -1,4 +1,4 @@
-"""int8 / int4 weights made from float ones (`--quantize int8|int4`, `quant.quantize_blocks`).
+"""int8 / int4 weights made from float ones (`--quantize int8|int4`, `quantize.quantize_blocks`).
 
 Round-trip error bounds against the float weight; the codes are Qwix's; a converted model gives
 the logits of its own dequantized float weights; a float checkpoint quantized as it loads is the
@@ -19,7 +19,8 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 import jaxsink
-from jaxsink import executables, quant
+from jaxsink import config as C
+from jaxsink import executables, quant, quantize
 from jaxsink import model as mdl
 from jaxsink import sharding as sh
 from jaxsink.checkpoint import load_params, read_config, save_checkpoint
@@ -43,7 +44,7 @@ def test_round_trip_error_is_within_a_step(kind, scale_dtype):
         w = np.random.default_rng(n).standard_normal(shape).astype(np.float32)
         w[..., 5] *= 40  # an outlier column: its blocks get large scales
         block = shape[-1] if kind == "int8" else 16
-        blocks = quant.quantize_blocks(w, Quant(kind, block, scale_dtype))
+        blocks = quantize.quantize_blocks(w, Quant(kind, block, scale_dtype))
         assert blocks.codes.dtype == np.int8 and blocks.codes.shape == shape
         assert blocks.scales.shape == (*shape[:-1], shape[-1] // block)
         assert blocks.scales.dtype == np.dtype(scale_dtype)
@@ -60,7 +61,7 @@ def test_codes_and_scales_are_qwix_own(kind):
     """With float32 scales, the codes and scales are exactly `qwix.quantize`'s."""
     w = np.random.default_rng(3).standard_normal((8, 64)).astype(np.float32)
     block = 64 if kind == "int8" else 32
-    blocks = quant.quantize_blocks(w, Quant(kind, block, "float32"))
+    blocks = quantize.quantize_blocks(w, Quant(kind, block, "float32"))
     q = qwix.quantize(
         jnp.asarray(w), jnp.int8 if kind == "int8" else jnp.int4, channelwise_axes=(0,),
         tiled_axes={1: block},
@@ -74,15 +75,15 @@ def test_weight_plan_quantizes_every_product_weight():
     embedding and LM head int8; expert MLPs stay float."""
     cfg = dataclasses.replace(config(), tie_embeddings=False)
     shapes = mdl.param_shapes(cfg)
-    int8 = quant.weight_plan(cfg, "int8", "float32")
+    int8 = quantize.weight_plan(cfg, "int8", "float32")
     assert set(int8) == {"embed", "lm_head"} | {
-        f"layers.{i}.{w}" for i in range(cfg.num_layers) for w in mdl.QUANTIZABLE
+        f"layers.{i}.{w}" for i in range(cfg.num_layers) for w in C.QUANTIZABLE
     }
     for name, spec in int8.items():
         assert spec == Quant("int8", shapes[name][-1], "float32"), name
-    int4 = quant.weight_plan(cfg, "int4", "bfloat16")
+    int4 = quantize.weight_plan(cfg, "int4", "bfloat16")
     assert int4["embed"] == int4["lm_head"] == Quant("int8", cfg.hidden_size, "bfloat16")
-    assert int4["layers.1.mlp.down"] == Quant("int4", quant.INT4_GROUP, "bfloat16")
+    assert int4["layers.1.mlp.down"] == Quant("int4", quantize.INT4_GROUP, "bfloat16")
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +100,14 @@ def dequantized_flat(path) -> tuple:
     params = load_params(path, cfg)
     flat = {}
     for name in mdl.param_shapes(cfg.dequantized()):
-        spec = mdl.quantized_weights(cfg).get(name)
+        spec = C.quantized_weights(cfg).get(name)
         if spec is None:
             flat[name] = params[name]
             continue
         forms = quant.stored_forms(spec)
         parts = {p: forms[p].decode(params[f"{name}.{p}"], np.float32) for p in forms}
         parts["codes"] = parts["codes"].astype(np.int8)
-        flat[name] = quant.Blocks(spec, **parts).dequantize()
+        flat[name] = quantize.Blocks(spec, **parts).dequantize()
     return cfg.dequantized(), flat
 
 
@@ -125,7 +126,7 @@ def test_converted_model_equals_its_dequantized_float_model(
     out = convert(tiny_float_gguf, tmp_path / kind, progress=False, quantize=kind)
     floats = convert(tiny_float_gguf, tmp_path / "float", progress=False)
     cfg = read_config(out)[0]
-    assert set(mdl.quantized_weights(cfg)) == set(quant.weight_plan(cfg, kind, "float32"))
+    assert set(C.quantized_weights(cfg)) == set(quantize.weight_plan(cfg, kind, "float32"))
     assert cfg.dequantized() == read_config(floats)[0]
     base, flat = dequantized_flat(out)
     tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, size=(2, 24)).astype(np.int32)
@@ -139,7 +140,7 @@ def test_converted_model_equals_its_dequantized_float_model(
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
     # each weight is within a step of the float conversion's (the codes of the right layout)
     reference = load_params(floats, base)
-    for name, spec in mdl.quantized_weights(cfg).items():
+    for name, spec in C.quantized_weights(cfg).items():
         steps = 127 if spec.kind == "int8" else 7
         assert np.abs(flat[name] - reference[name]).max() <= np.abs(reference[name]).max() / steps
 
@@ -182,9 +183,9 @@ def test_int8_and_int4_parts_shard_like_the_float_weight(mesh):
     float_specs = dict(nnx.to_flat_state(sh.weight_shardings(mdl.abstract(cfg)[1], mesh)))
     # int4 on model=4: 2 groups per row of down do not divide it (test_quantized covers that)
     for kind in ("int8", "int4") if mesh.shape["model"] == 2 else ("int8",):
-        qcfg = mdl.quantize_config(cfg, quant.weight_plan(cfg, kind, "float32"))
+        qcfg = C.quantize_config(cfg, quantize.weight_plan(cfg, kind, "float32"))
         specs = dict(nnx.to_flat_state(sh.weight_shardings(mdl.abstract(qcfg)[1], mesh)))
-        for name, spec in mdl.quantized_weights(qcfg).items():
+        for name, spec in C.quantized_weights(qcfg).items():
             path = tuple(int(p) if p.isdigit() else p for p in name.split("."))
             want = tuple(float_specs[path].get_value().spec)
             want += (None,) * (len(mdl.param_shapes(cfg)[name]) - len(want))
@@ -207,12 +208,12 @@ def test_quantize_flags(tmp_path, capsys):
     args = ["--prompt", "a b", "--max-new-tokens", "3", "--quiet"]
     assert cli_main(["generate", "--model", str(ckpt), "--quantize", "int4", *args]) == 0
     capsys.readouterr()
-    qcfg = mdl.quantize_config(cfg, quant.weight_plan(cfg, "int8", "float32"))
+    qcfg = C.quantize_config(cfg, quantize.weight_plan(cfg, "int8", "float32"))
     stored = {}
     for name, a in random_flat_params(cfg).items():
-        spec = mdl.quantized_weights(qcfg).get(name)
+        spec = C.quantized_weights(qcfg).get(name)
         parts = {name: a} if spec is None else {
-            f"{name}.{p}": v for p, v in quant.quantize_blocks(a, spec).stored().items()
+            f"{name}.{p}": v for p, v in quantize.quantize_blocks(a, spec).stored().items()
         }  # fmt: skip
         stored |= parts
     quantized = save_checkpoint(tmp_path / "q8", qcfg, stored, "float32", files)

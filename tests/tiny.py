@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsink import cache as kv
+from jaxsink import config as C
 from jaxsink import model
 from jaxsink.checkpoint import param_shapes
 from jaxsink.config import Attention, LayerSpec, Mlp, ModelConfig, Norm, Rotary, StreamConfig
@@ -98,7 +99,7 @@ def quantized_params(cfg: ModelConfig, kinds: dict[str, str], seed: int = 0):
         dense[name] = blocks.dequantize()
         stored |= {f"{name}.{part}": a for part, a in blocks.stored().items()}
     stored |= {k: v for k, v in flat.items() if k not in kinds}
-    qcfg = model.quantize_config(cfg, {name: Quant(kind) for name, kind in kinds.items()})
+    qcfg = C.quantize_config(cfg, {name: Quant(kind) for name, kind in kinds.items()})
     return qcfg, stored, dense
 
 

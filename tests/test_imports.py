@@ -1,0 +1,106 @@
+"""No import cycles across jaxsink and its converter taken together: `convert/` installed as
+`jaxsink.convert`, module-level and in-function imports, `TYPE_CHECKING` blocks left out.
+(`lint-imports`, run by .ci/run, checks each package's contracts; it cannot see the converter
+inside `jaxsink`, so the edges between the two are checked here.)"""
+
+from __future__ import annotations
+
+import ast
+import collections
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = {"jaxsink": ROOT / "jaxsink", "jaxsink.convert": ROOT / "convert"}
+
+
+def modules() -> dict[str, Path]:
+    """Every module's dotted name -> its file."""
+    out = {}
+    for package, folder in PACKAGES.items():
+        for f in folder.rglob("*.py"):
+            parts = [p for p in f.relative_to(folder).with_suffix("").parts if p != "__init__"]
+            out[".".join([package, *parts])] = f
+    return out
+
+
+def imports_of(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The known modules `name` imports (a `from package import module` counts as the
+    module), outside `if TYPE_CHECKING:` blocks."""
+    tree = ast.parse(path.read_text())
+    skipped = {
+        id(sub)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for sub in ast.walk(node)
+    }
+
+    def known_prefix(target: str) -> str | None:
+        while target and target not in known:
+            target = target.rpartition(".")[0]
+        return target or None
+
+    found = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package
+                for _ in range(node.level - 1):
+                    up = up.rpartition(".")[0]
+                base = f"{up}.{base}" if base else up
+            targets = [
+                f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names
+            ]
+        else:
+            continue
+        found |= {m for t in targets if (m := known_prefix(t)) and m != name}
+    return found
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            part = []
+            while not part or part[-1] != v:
+                part.append(stack.pop())
+                on.discard(part[-1])
+            if len(part) > 1:
+                out.append(sorted(part))
+
+    for v in list(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles_across_jaxsink_and_the_converter():
+    known = modules()
+    assert {"jaxsink.engine", "jaxsink.convert.hf", "jaxsink.convert"} <= set(known)
+    edges = collections.defaultdict(set)
+    for name, path in known.items():
+        edges[name] = imports_of(name, path, known)
+    assert "jaxsink.checkpoint" in edges["jaxsink.convert.hf"]  # the two are seen together
+    assert "jaxsink.convert" in edges["jaxsink.default_model"]
+    assert cycles(edges) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    edges = collections.defaultdict(set, {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}})
+    assert cycles(edges) == [["a", "b", "c"]]
