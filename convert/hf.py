@@ -18,8 +18,8 @@ from typing import Any
 import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy, so safe_open can return it
 import numpy as np
 
-from jaxsink.checkpoint import CheckpointError, check_safetensors, read_json_object
 from jaxsink.config import JaxsinkError, RopeScaling
+from jaxsink.files import CheckpointError, check_safetensors, read_json_object
 
 from .errors import ConvertError
 

@@ -9,7 +9,7 @@ the stream bit for bit; another model or layout is refused with a line saying wh
 
 Why safetensors and not Orbax: a stream is one row of a few MiB that a server saves and loads
 per idle session; one file written to a temporary name and renamed is atomic, reads with the
-header checked before anything is allocated (`checkpoint.check_safetensors`), and needs no
+header checked before anything is allocated (`files.check_safetensors`), and needs no
 extra dependency or folder per stream. Orbax's strength, sharded multi-host arrays, is what a
 single row does not need.
 """
@@ -28,9 +28,10 @@ import numpy as np
 
 from jaxsink import cache as kv
 from jaxsink import settings
-from jaxsink.checkpoint import WEIGHTS_FILE, CheckpointError, check_safetensors
+from jaxsink.checkpoint import WEIGHTS_FILE
 from jaxsink.config import CACHE_DTYPES, DTYPES, ConfigError, JaxsinkError, StreamConfig
 from jaxsink.engine import RowState
+from jaxsink.files import CheckpointError, check_safetensors
 from jaxsink.loading import Model
 
 FORMAT = "jaxsink-stream"

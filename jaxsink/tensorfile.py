@@ -4,7 +4,7 @@ Why not `safetensors.safe_open`: it memory-maps the whole file, so every page it
 in the process's resident set until the file is closed, and loading a model shows up as one more
 copy of it. Reading with `os.pread` into fresh buffers keeps the host's own memory at about the
 one tensor (or shard of it) being placed. The header is checked against the file before
-anything is read (`checkpoint.check_safetensors`).
+anything is read (`files.check_safetensors`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from jaxsink.checkpoint import CheckpointError, check_safetensors
+from jaxsink.files import CheckpointError, check_safetensors
 
 DTYPES = {
     "F64": np.dtype(np.float64),

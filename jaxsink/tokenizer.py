@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxsink.checkpoint import CheckpointError, read_json_object
+from jaxsink.files import CheckpointError, read_json_object
 
 
 def _token_text(value) -> str | None:
