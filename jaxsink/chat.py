@@ -71,10 +71,8 @@ class ChatSettings:
             raise ConfigError(
                 "--keep-system keeps the system prompt as the sinks: give one with --system"
             )
-        names = ("max_new_tokens", "chunk", "block")
-        settings.check(
-            {name: getattr(self, name) for name in names},
-            {name: settings.SETTINGS[name].flag for name in names},
+        settings.check_flags(
+            {name: getattr(self, name) for name in ("max_new_tokens", "chunk", "block")}
         )
         StreamConfig(self.sinks, self.window)
         self.sampling()

@@ -326,11 +326,7 @@ def cmd_generate(args) -> int:
         info = read_stream_info(args.resume)
     _generate_settings(args, info)
     _check_stream_flags([args.mode], args)
-    names = ("max_new_tokens", "block")
-    settings.check(
-        {name: getattr(args, name) for name in names},
-        {name: settings.SETTINGS[name].flag for name in names},
-    )
+    settings.check_flags({name: getattr(args, name) for name in ("max_new_tokens", "block")})
     model = _load_checked(args, [args.mode], dense_tokens=args.max_new_tokens + 1)
     saved = None
     if args.resume:

@@ -8,9 +8,10 @@ cache into a batch of the smallest bucket that holds them (1, 2, 4, ... up to B 
 bucket compiled once), run, and scattered back in place; the B-row bucket runs the cache as
 it is. A prefill step feeds one chunk into each of several rows at once; a decode block runs
 the live rows; a mixed step runs one decode step of every row and a prefill step in one pass
-(`Decoder.segments`), reading each weight once for both. Sampling settings are per row and are arrays, not static arguments, so requests
-with different settings share one executable. A finished row is released. None of this
-recompiles past the buckets or touches the other rows.
+(`Decoder.segments`), reading each weight once for both. Sampling settings are per row and
+are arrays, not static arguments, so requests with different settings share one executable.
+A finished row is released. None of this recompiles past the buckets or touches the other
+rows.
 
 `jaxsink.generate` is the B = 1 case of this engine.
 """
@@ -590,8 +591,8 @@ class Engine:
     def warm(self, prefill_rows: int | None = None) -> float:
         """Compile every bucket's decode, and prefill and mixed steps (`step`) for each token
         bucket and each row bucket up to the one holding `prefill_rows` (default: all), and
-        run each once on the free rows, now (a server, before its first request; every row must be free); returns the
-        seconds spent.
+        run each once on the free rows, now (a server, before its first request; every row
+        must be free); returns the seconds spent.
 
         Running matters as much as compiling on XLA:CPU: an executable's first run is 2-4x
         slower than the next (the first touch of its buffers), which a burst of requests would
@@ -762,6 +763,8 @@ class Engine:
         which reads each weight once for both; otherwise the live rows' bucket, then the
         prefill. Returns `decode`'s new token ids (at most one per row); the fed rows'
         next-token logits are their last tokens'."""
+        if any(self.live[row] for row in feeds):
+            raise ConfigError("a row being fed must not be decoding")
         live = np.flatnonzero(self.live).tolist()
         if not live:
             self.prefill(feeds)
@@ -776,9 +779,7 @@ class Engine:
         return new
 
     def _mixed(self, feeds: dict[int, Sequence[int]]) -> list[list[int]]:
-        """`step` in the mixed executable, whichever rows are live."""
-        if any(self.live[row] for row in feeds):
-            raise ConfigError("a row being fed must not be decoding")
+        """`step` in the mixed executable, whichever rows are live (none of `feeds`')."""
         index, tokens, valid = self._feed_batch(feeds, whole=False)
         self._mixed_exe(*tokens.shape)
         self.steps["mixed"] += 1

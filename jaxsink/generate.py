@@ -182,10 +182,11 @@ class Generation:
 
     def settings(self) -> dict:
         """The settings of this generation, as JSON values (what a saved stream keeps)."""
-        values = {name: getattr(self.sampling, name) for name in settings.SAMPLING}
-        values |= {name: getattr(self, name) for name in ("max_new_tokens", "seed", "chunk")}
-        values |= {"block": self.block, "stop": list(self.stop), "chat": self.chat}
-        return {name: values[name] for name in settings.SETTINGS}
+        values = {
+            name: getattr(self.sampling if name in settings.SAMPLING else self, name)
+            for name in settings.SETTINGS
+        }
+        return values | {"stop": list(self.stop)}
 
     def saved(self, extra: dict | None = None) -> SavedStream:
         """The stream's whole state once iterated: resuming it (`resume=`) goes on exactly where

@@ -460,7 +460,7 @@ def _after(x: jax.Array, rows: jax.Array, axis: int = 0) -> jax.Array:
     """x [..., B, ...] (batch along `axis`) made to depend on `rows` [B] without changing it:
     each batch row on its own row only, and a non-finite value never leaking in (0 * inf
     would be NaN)."""
-    zero = jnp.where(jnp.isfinite(rows), rows, 0) * 0
+    zero = _zeros_of(rows)
     shape = [1] * x.ndim
     shape[axis] = -1
     return x + zero.reshape(shape).astype(x.dtype)
@@ -479,10 +479,14 @@ def _split(x: jax.Array, shapes: tuple) -> list[jax.Array]:
 
 
 def _zero(values: list[jax.Array]) -> jax.Array:
-    """A float32 zero that depends on every scalar of `values` (never NaN: non-finite ones
-    count as zero)."""
-    x = jnp.stack([v.astype(jnp.float32) for v in values])
-    return jnp.where(jnp.isfinite(x), x, 0).sum() * 0
+    """A float32 zero that depends on every scalar of `values` (`_zeros_of`)."""
+    return _zeros_of(jnp.stack([v.astype(jnp.float32) for v in values])).sum()
+
+
+def _zeros_of(x: jax.Array) -> jax.Array:
+    """Zeros shaped as `x` that depend on it, never NaN (a non-finite value counts as zero:
+    0 * inf would be NaN)."""
+    return jnp.where(jnp.isfinite(x), x, 0) * 0
 
 
 def _joined(parts: list[jax.Array]) -> jax.Array:

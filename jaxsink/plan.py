@@ -236,31 +236,18 @@ def lower_steps(cfg, batch, stream, mesh_spec, wdt, cdt, platform, chunk) -> dic
     key = jax.eval_shape(lambda: jax.random.key(0))
     idle = Rows.idle(batch, cfg.vocab_size, jax.ShapeDtypeStruct((batch, *key.shape), key.dtype))
     ins, outs = decode_rows_shardings(mesh, batch, batch, block, cfg.vocab_size, w_sh, c_sh)
+    rows = jax.tree.map(lambda x, s: arg(x.shape, x.dtype, s), idle, ins[2])
+    eos = arg((max(len(cfg.eos_token_ids), 1),), jnp.int32, one)
     decode = (
         decode_rows.with_shardings(ins, outs),
-        (
-            weights,
-            cache,
-            jax.tree.map(lambda x, s: arg(x.shape, x.dtype, s), idle, ins[2]),
-            arg((batch,), jnp.int32, one),
-            arg((max(len(cfg.eos_token_ids), 1),), jnp.int32, one),
-            graphdef,
-            block,
-        ),
+        (weights, cache, rows, arg((batch,), jnp.int32, one), eos, graphdef, block),
     )
     # the server's mixed step: every row's decode step beside one row's prefill chunk
     ins, outs = mixed_rows_shardings(mesh, batch, cfg.vocab_size, w_sh, c_sh)
-    one_row = arg((1, chunk), jnp.int32, one)
+    fed = (arg((1,), jnp.int32, one), arg((1, chunk), jnp.int32, one))
     mixed = (
         mixed_rows.with_shardings(ins, outs),
-        (
-            *decode[1][:3],
-            arg((1,), jnp.int32, one),
-            one_row,
-            arg((1, chunk), jnp.bool_, one),
-            decode[1][4],
-            graphdef,
-        ),
+        (weights, cache, rows, *fed, arg((1, chunk), jnp.bool_, one), eos, graphdef),
     )
     sizes = {}
     for name, (fn, args) in (("prefill", prefill), ("decode", decode), ("mixed", mixed)):

@@ -1,10 +1,11 @@
 """Continuous batching over the engine: many requests, `max_batch` rows, one thread.
 
 One thread owns the `Engine` and loops: it takes new jobs, gives each a row when one is free,
-runs one prefill step (a chunk of each of the oldest prompts, up to `prefill_tokens` tokens in
-all, padding included, first come first served) and then a decode block of the live rows (a
-single step while prompts are waiting, so they do not wait a whole block per chunk, and the
-decoding rows keep going), and streams each row's text to its job. A job whose client went away
+and runs, while prompts wait, one prefill step (a chunk of each of the oldest prompts, up to
+`prefill_tokens` tokens in all, padding included, first come first served) with one decode
+step of the live rows (`Engine.step`), so prompts do not wait a whole block per chunk and the
+decoding rows keep going; otherwise a decode block of the live rows. It streams each row's
+text to its job. A job whose client went away
 is dropped and its row freed at the next turn of the loop.
 
 Sessions keep a conversation's stream between requests: when its reply is done the row is

@@ -87,6 +87,11 @@ SETTINGS: dict[str, Setting] = {
 SAMPLING = ("temperature", "top_k", "top_p")  # how the next token is drawn (`Sampling`)
 
 
+def check_flags(values: dict[str, Any]) -> None:
+    """`check`, naming each setting by its command-line flag (`--max-new-tokens`)."""
+    check(values, {name: SETTINGS[name].flag for name in values})
+
+
 def defaults(names: Iterable[str], **overrides) -> dict[str, Any]:
     """Each named setting's default, `overrides` (a command's own defaults) winning."""
     return {name: overrides.get(name, SETTINGS[name].default) for name in names}
