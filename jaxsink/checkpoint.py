@@ -1,12 +1,12 @@
 """The jaxsink checkpoint: a folder with `config.json`, `model.safetensors`, tokenizer files and
 the completeness marker `complete.json`, written last.
 
-The weights are the `nnx.Param`s of `jaxsink.model.Decoder`, each stored under its path in the
+The weights are the `nnx.Param`s of `jaxsink.traced.decoder.Decoder`, each stored under its path in the
 module (`embed`, `layers.0.attn.qkv`, ...), in exactly the layout the model runs on (see
 `param_shapes`): loading is reading, and the logical axis names the module gives each weight
 shard it on a `Mesh`. The parts of a quantized weight (`layers.0.attn.qkv.codes`, `.scales`,
 `.mins`) keep their format's own bytes (4-bit codes two per byte, float16 scales), which
-loading widens exactly (`jaxsink.quant.Stored`). `config.json` holds the `ModelConfig`, one
+loading widens exactly (`jaxsink.traced.quant.Stored`). `config.json` holds the `ModelConfig`, one
 description per layer (which weights are quantized included).
 
 A checkpoint is written into a temporary sibling folder and renamed into place once complete;
@@ -37,13 +37,13 @@ COMPLETE_FILE = "complete.json"  # written last: {"weights_bytes": size of WEIGH
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every weight's name and shape in the checkpoint: the `jaxsink.model.Decoder` module's
-    own parameters (`model.checkpoint_layout`)."""
+    """Every weight's name and shape in the checkpoint: the `jaxsink.traced.decoder.Decoder` module's
+    own parameters (`layout.checkpoint_layout`)."""
     return {name: shape for name, (shape, _) in _layout(cfg).items()}
 
 
 def _layout(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], np.dtype | None]]:
-    from jaxsink.model import checkpoint_layout
+    from jaxsink.layout import checkpoint_layout
 
     return checkpoint_layout(cfg)
 

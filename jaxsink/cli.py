@@ -512,12 +512,12 @@ def cmd_ppl(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from jaxsink import cache as kv
     from jaxsink.engine import Engine
     from jaxsink.paths import jaxsink_home
     from jaxsink.prompt_cache import PromptCache, default_bytes
     from jaxsink.scheduler import Scheduler
     from jaxsink.server import Limits, check_port_free, serve
+    from jaxsink.traced import cache as kv
 
     for flag in (
         "max_batch",

@@ -40,7 +40,7 @@ MAX_EXPERTS = 4096
 
 
 # The weights' dtypes by name, and the KV cache's: the weights' and int8 (int8 ring keys and
-# values with per-token, per-head scales, exact float32 sinks: `jaxsink.cache.Int8Block`).
+# values with per-token, per-head scales, exact float32 sinks: `jaxsink.traced.cache.Int8Block`).
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 CACHE_DTYPES = {**DTYPES, "int8": np.dtype(np.int8)}
 
@@ -345,7 +345,7 @@ _OMIT_DEFAULT = {"omit_default": True}
 
 @dataclasses.dataclass(frozen=True)
 class Quant:
-    """A weight kept quantized (`jaxsink.quant`): integer codes along its input (last) axis, in
+    """A weight kept quantized (`jaxsink.traced.quant`): integer codes along its input (last) axis, in
     blocks of `block` values that share a scale, and for `q4_1` a minimum:
 
     - `q8_0`: w = scale * code, codes in [-127, 127] (llama.cpp's Q8_0);
@@ -443,7 +443,7 @@ class LayerSpec:
 class ModelConfig:
     """A decoder-only transformer: one `LayerSpec` per layer plus what surrounds the layers.
 
-    The model (`jaxsink.model`), its parameter shapes, the conversion tables and the test
+    The model (`jaxsink.traced`), its parameter shapes, the conversion tables and the test
     references all derive from this one description; conversion fills it from a Hugging Face
     config or GGUF metadata.
 

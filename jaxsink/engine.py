@@ -26,15 +26,25 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
 
-from jaxsink import cache as kv
-from jaxsink import model as mdl
 from jaxsink import settings
 from jaxsink import sharding as sh
 from jaxsink.config import ConfigError, StreamConfig
-from jaxsink.executables import EntryPoint, compiled
+from jaxsink.executables import compiled
 from jaxsink.loading import Model
+from jaxsink.traced import cache as kv
+from jaxsink.traced.entry import TRACES
+from jaxsink.traced.rows import (
+    TOP_LOGPROBS,
+    Drawn,
+    Rows,
+    decode_rows,
+    mixed_rows,
+    prefill_rows,
+    put_row,
+    reset_row,
+    take_row,
+)
 
 
 def padded_chunks(ids: np.ndarray, chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
@@ -81,64 +91,6 @@ class RowSampling:
         )
 
 
-# --- sampling with per-row settings ---------------------------------------------------------
-
-
-def greedy(logits: jax.Array, axis: int = -1) -> jax.Array:
-    """The first index of each row's largest logit along `axis`, the vocabulary: logits [B, V]
-    (or [V, B] with axis 0) -> [B] int32.
-
-    Two plain reductions (max, then the smallest index holding it): XLA:CPU runs them several
-    times faster than `jnp.argmax`'s paired (value, index) reduction. A row without a largest
-    value (NaN) gives the last index rather than one out of range.
-    """
-    V = logits.shape[axis]
-    top = logits.max(axis=axis, keepdims=True)
-    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, axis % logits.ndim)
-    first = jnp.min(jnp.where(logits == top, index, V), axis=axis)
-    return jnp.minimum(first, V - 1)
-
-
-def _threshold(values: jax.Array, enough, iterations: int = 40) -> jax.Array:
-    """Per row, the largest t in [min, max] of `values` [V, B] with enough(values >= t) [B] true,
-    by bisection (no sort of the vocabulary): within 2^-40 of the row's range."""
-    lo, hi = values.min(axis=0), values.max(axis=0)
-
-    def halve(_, bounds):
-        lo, hi = bounds  # invariant: enough(values >= lo)
-        mid = (lo + hi) / 2
-        ok = enough(values >= mid)
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-    lo, _ = jax.lax.fori_loop(0, iterations, halve, (lo, hi))
-    return jnp.where(enough(values >= hi), hi, lo)
-
-
-def sample_rows(logits, keys, temperature, top_k, top_p) -> jax.Array:
-    """One token per row from vocabulary-major logits [V, B] float32, each row with its own key
-    [B] and settings [B] (temperature 0: greedy, the first largest logit; top_k 0 / top_p 1: no
-    cut). Rows never mix: a row's token depends on its own logits, key and settings only."""
-    best = greedy(logits, axis=0)
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
-
-    def cut(scaled):
-        k = jnp.where(top_k > 0, top_k, scaled.shape[0])
-        kth = _threshold(scaled, lambda above: above.sum(axis=0) >= k)
-        scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
-        probs = jax.nn.softmax(scaled, axis=0)
-        nucleus = _threshold(probs, lambda above: (probs * above).sum(axis=0) >= top_p)
-        return jnp.where(probs >= jnp.where(top_p < 1, nucleus, 0.0), scaled, -jnp.inf)
-
-    def draw(scaled):
-        wants_cut = jnp.any((temperature > 0) & ((top_k > 0) | (top_p < 1)))
-        scaled = jax.lax.cond(wants_cut, cut, lambda x: x, scaled)
-        drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, scaled.T)
-        return jnp.where(temperature > 0, drawn.astype(jnp.int32), best)
-
-    # all-greedy batches skip the random draw (the common case, and the cheaper one)
-    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: best, scaled)
-
-
 # --- the compiled steps ---------------------------------------------------------------------
 
 
@@ -159,201 +111,6 @@ def token_buckets(chunk: int) -> tuple[int, ...]:
     prompt's last piece, or a turn's few new tokens, pays for half a chunk's compute, not a
     whole one's)."""
     return tuple(sorted({max(1, chunk // 2), chunk}))
-
-
-def _gathered(tree, index: jax.Array, batch: int | None):
-    """The rows `index` [b] of every batch-major leaf of `tree` (an index of `batch`, past the
-    last row, is padding: it reads the last row, which `_scattered` never writes back); all
-    rows as they are when b is the whole batch (then `index` is every row in order; `batch`
-    None: always a copy)."""
-    if index.shape[0] == batch:
-        return tree
-    return jax.tree.map(lambda x: x.at[index].get(mode="clip"), tree)
-
-
-def _scattered(tree, part, index: jax.Array, batch: int | None):
-    """`tree` with its rows `index` [b] replaced by `part`'s (in place when donated); padding
-    rows (`index` past the last row) are dropped."""
-    if index.shape[0] == batch:
-        return part
-    return jax.tree.map(lambda x, y: x.at[index].set(y, mode="drop"), tree, part)
-
-
-def _prefill_rows(weights, cache, logits, index, tokens, valid, graphdef):
-    """Feed tokens [b, C] (valid [b, C]) into the rows `index` [b] (distinct) of the cache:
-    gathered, run as one batch, scattered back in place. A row with a valid token gets its last
-    valid token's logits into `logits` [B, V] float32; a row with none is left as it was (the
-    padding of a bucket). Returns (cache, logits)."""
-    mdl.TRACES["prefill_rows"] += 1
-    module = nnx.merge(graphdef, weights)
-    B = logits.shape[0]
-    hidden, part = module(_gathered(cache, index, B), tokens, valid)
-    new = module.logits(mdl.last_valid(hidden, valid)).T  # [b, V]
-    old = _gathered(logits, index, B)
-    fed = valid.any(axis=1)[:, None]
-    return (
-        _scattered(cache, part, index, B),
-        _scattered(logits, jnp.where(fed, new, old), index, B),
-    )
-
-
-prefill_rows = EntryPoint(_prefill_rows, static=("graphdef",), donate=("cache", "logits"))
-
-
-TOP_LOGPROBS = 5  # the most alternatives a row can ask to see at each token
-
-
-def _logprobs(logits, token, want_top):
-    """The model's log-probability of each row's `token` [B] under `logits` [B, V] float32
-    (before temperature or cuts, as OpenAI reports them), and, when a row wants them
-    (`want_top` [B]), the TOP_LOGPROBS most likely tokens: ([B], ids [B, T], values [B, T])."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    chosen = jnp.take_along_axis(logp, jnp.maximum(token, 0)[:, None], axis=1)[:, 0]
-
-    def top(logp):
-        values, ids = jax.lax.top_k(logp, TOP_LOGPROBS)
-        return ids.astype(jnp.int32), values
-
-    shape = (logp.shape[0], TOP_LOGPROBS)
-    none = (jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32))
-    ids, values = jax.lax.cond(jnp.any(want_top), top, lambda _: none, logp)
-    return chosen, ids, values
-
-
-@struct.dataclass
-class Rows:
-    """Every row's decode state: one pytree in and out of the decode loop, [B, ...] each.
-
-    logits: [B, V] float32, each row's next-token logits; keys: [B] PRNG keys; live: [B] bool,
-    decoding now; n_left: [B] int32, tokens it may still draw; temperature [B] float32, top_k
-    [B] int32, top_p [B] float32: its sampling (`RowSampling`); want_top: [B] bool, whether it
-    reports the TOP_LOGPROBS most likely alternatives of each token.
-    """
-
-    logits: jax.Array
-    keys: jax.Array
-    live: jax.Array
-    n_left: jax.Array
-    temperature: jax.Array
-    top_k: jax.Array
-    top_p: jax.Array
-    want_top: jax.Array
-
-    @classmethod
-    def idle(cls, batch: int, vocab: int, keys: jax.Array) -> Rows:
-        """Rows not live, greedy, no alternatives, zero logits (host arrays but `keys`)."""
-        return cls(
-            logits=np.zeros((batch, vocab), np.float32),
-            keys=keys,
-            live=np.zeros(batch, bool),
-            n_left=np.zeros(batch, np.int32),
-            temperature=np.zeros(batch, np.float32),
-            top_k=np.zeros(batch, np.int32),
-            top_p=np.ones(batch, np.float32),
-            want_top=np.zeros(batch, bool),
-        )
-
-
-@struct.dataclass
-class Drawn:
-    """What a decode block drew for each of its b rows: tokens [b, block] int32 (-1: none),
-    their log-probabilities [b, block] float32, and the TOP_LOGPROBS most likely ids [b, block,
-    T] int32 and log-probabilities [b, block, T] float32 at each (zeros unless asked)."""
-
-    tokens: jax.Array
-    logprobs: jax.Array
-    top_ids: jax.Array
-    top_logprobs: jax.Array
-
-
-def _drawn(r: Rows, eos_ids):
-    """One decode step's draw for rows `r` [b]: each live row samples from its logits with its
-    own key and settings. Returns (token [b] int32, -1 for a row not live; fed [b], whether
-    the token enters the cache: every token but an EOS; r with keys, `n_left` and `live`
-    advanced (a row stopped by its budget may go on later); (log-probability [b], top ids
-    [b, T], top log-probabilities [b, T]) of the token). A row not live keeps its key and
-    logits untouched: what it goes on from when armed again or exported."""
-    split = jax.vmap(jax.random.split)(r.keys)  # [b, 2]
-    keys, draw = jnp.where(r.live, split[:, 0], r.keys), split[:, 1]
-    token = sample_rows(r.logits.T, draw, r.temperature, r.top_k, r.top_p)
-    token = jnp.where(r.live, token, -1)
-    chances = _logprobs(r.logits, token, r.want_top & r.live)
-    n_left = r.n_left - r.live.astype(jnp.int32)
-    fed = r.live & ~jnp.isin(token, eos_ids)
-    return token, fed, r.replace(keys=keys, live=fed & (n_left > 0), n_left=n_left), chances
-
-
-def _decode_rows(weights, cache, rows: Rows, index, eos_ids, graphdef, block):
-    """Up to `block` decode steps of the rows `index` [b] (distinct, or padding: see
-    `_gathered`; gathered out of the cache and `rows`, scattered back in place): each live one
-    draws (`_drawn`), records the token and its log-probability, is done after an EOS id or
-    `n_left` tokens, and feeds its token for the next logits, however many steps the other
-    rows take. Returns (Drawn [b, ...], cache, rows)."""
-    mdl.TRACES["decode_rows"] += 1
-    module = nnx.merge(graphdef, weights)
-    B = rows.live.shape[0]
-    part = _gathered(rows, index, B)
-    part = part.replace(live=part.live & (index < B))  # padding rows never decode
-    b = part.live.shape[0]
-
-    def cond(c):
-        i, _, part, _ = c
-        return (i < block) & jnp.any(part.live)
-
-    def body(c):
-        i, cache, r, out = c
-        token, fed, r, (chosen, top_ids, top_values) = _drawn(r, eos_ids)
-        out = Drawn(
-            out.tokens.at[:, i].set(token),
-            out.logprobs.at[:, i].set(chosen),
-            out.top_ids.at[:, i].set(top_ids),
-            out.top_logprobs.at[:, i].set(top_values),
-        )
-        hidden, cache = module(cache, jnp.maximum(token, 0)[:, None], fed[:, None])
-        logits = jnp.where(fed[:, None], module.logits(hidden[:, 0]).T, r.logits)  # [b, V]
-        return i + 1, cache, r.replace(logits=logits), out
-
-    T = TOP_LOGPROBS
-    out = Drawn(
-        jnp.full((b, block), -1, jnp.int32),
-        jnp.zeros((b, block), jnp.float32),
-        jnp.zeros((b, block, T), jnp.int32),
-        jnp.zeros((b, block, T), jnp.float32),
-    )
-    init = (jnp.int32(0), _gathered(cache, index, B), part, out)
-    _, cache_part, part, out = jax.lax.while_loop(cond, body, init)
-    return out, _scattered(cache, cache_part, index, B), _scattered(rows, part, index, B)
-
-
-decode_rows = EntryPoint(_decode_rows, static=("graphdef", "block"), donate=("cache", "rows"))
-
-
-def _mixed_rows(weights, cache, rows: Rows, index, tokens, valid, eos_ids, graphdef):
-    """One decode step of every live row and a prefill chunk of the rows `index` [b] (distinct
-    rows not live, or padding: see `_gathered`; tokens [b, C], valid [b, C]) in one pass
-    (`Decoder.segments`: each weight read once for both). The decode step is
-    `_decode_rows`'s of all B rows with block 1; a prefilled row gets its last valid token's
-    logits, as in `_prefill_rows`. Returns (Drawn [B, 1, ...], cache, rows)."""
-    mdl.TRACES["mixed_rows"] += 1
-    module = nnx.merge(graphdef, weights)
-    token, fed, rows, (chosen, top_ids, top_values) = _drawn(rows, eos_ids)
-    (hidden, cache), (hidden_fed, part) = module.segments(
-        (
-            (cache, jnp.maximum(token, 0)[:, None], fed[:, None]),
-            (_gathered(cache, index, None), tokens, valid),
-        )
-    )
-    B = rows.live.shape[0]
-    both = jnp.concatenate([hidden[:, 0], mdl.last_valid(hidden_fed, valid)])  # [B + b, D]
-    new = module.logits(both).T  # [B + b, V]: one vocabulary product for both
-    logits = jnp.where(fed[:, None], new[:B], rows.logits)
-    prompt = jnp.where(valid.any(axis=1)[:, None], new[B:], _gathered(logits, index, None))
-    rows = rows.replace(logits=_scattered(logits, prompt, index, None))
-    drawn = Drawn(token[:, None], chosen[:, None], top_ids[:, None], top_values[:, None])
-    return drawn, _scattered(cache, part, index, None), rows
-
-
-mixed_rows = EntryPoint(_mixed_rows, static=("graphdef",), donate=("cache", "rows"))
 
 
 def rows_shardings(mesh, batch: int, vocab: int) -> Rows:
@@ -383,45 +140,6 @@ def _drawn_shardings(mesh, bucket: int, block: int) -> Drawn:
 
 
 # --- the host side --------------------------------------------------------------------------
-
-
-@jax.jit
-def _reset_row(pos, epoch, keys, row, seed):
-    """A row's position reset to 0 and its key to `seed`'s (jitted: works across processes)."""
-    return pos.at[row].set(0), epoch.at[row].set(0), keys.at[row].set(jax.random.key(seed))
-
-
-def seed_key(seed: int) -> np.ndarray:
-    """The PRNG key data (uint32) `Engine.open` gives a row for `seed`: a restored state's key
-    replaced by it starts its sampling where a fresh stream with that seed would."""
-    return np.asarray(jax.random.key_data(jax.random.key(np.uint32(seed))))
-
-
-def _take_row(cache, logits, keys, row, slots):
-    """Row `row`'s state: (its one-row cache, logits [V], PRNG key data); the cache keeps the
-    slots the first `slots` tokens fill (static; None: every slot)."""
-
-    def cut(x):
-        return jax.lax.dynamic_slice_in_dim(x, row, 1, axis=0)
-
-    one = jax.tree.map(cut, cache)
-    if slots is not None:
-        layers = kv.with_first_slots(
-            one.layers, slots, lambda x, axis, kept, _: jax.lax.slice_in_dim(x, 0, kept, axis=axis)
-        )
-        one = one.replace(layers=layers)
-    return one, logits[row], jax.random.key_data(keys[row])
-
-
-def _put_row(cache, logits, keys, row, one, row_logits, key_data):
-    """The engine's state with row `row` replaced by a one-row cache, logits and key data."""
-    cache = jax.tree.map(
-        lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y.astype(x.dtype), row, axis=0),
-        cache,
-        one,
-    )
-    keys = keys.at[row].set(jax.random.wrap_key_data(key_data))
-    return cache, logits.at[row].set(row_logits), keys
 
 
 @dataclasses.dataclass
@@ -514,12 +232,12 @@ class Engine:
         self._prefills: dict[tuple[int, int], object] = {}
         self._decodes: dict[int, object] = {}
         self._mixes: dict[tuple[int, int], object] = {}
-        traces = sum(mdl.TRACES.values())
+        traces = sum(TRACES.values())
         self.compile_s = self._prefill_exe(1, chunk) + self._decode_exe(batch)
-        self.compiles = sum(mdl.TRACES.values()) - traces
+        self.compiles = sum(TRACES.values()) - traces
         state = (self._cache_sharding, self._row_shardings.logits, self._row_shardings.keys)
-        self._take = jax.jit(_take_row, static_argnames="slots")
-        self._put = jax.jit(_put_row, donate_argnums=(0, 1, 2), out_shardings=state)
+        self._take = jax.jit(take_row, static_argnames="slots")
+        self._put = jax.jit(put_row, donate_argnums=(0, 1, 2), out_shardings=state)
         self.rows: list[RowSampling | None] = [None] * batch
         self.last: list[Decoded] | None = None
         # device steps run, by kind ("prefill", "decode" blocks, "mixed"), `warm`'s not counted
@@ -662,7 +380,7 @@ class Engine:
         until `arm`. Returns the row; ConfigError when no row is free."""
         row = self._claim(sampling)
         cache = self.cache
-        pos, epoch, self.keys = _reset_row(
+        pos, epoch, self.keys = reset_row(
             cache.pos, cache.epoch, self.keys, np.int32(row), np.uint32(sampling.seed)
         )
         self.cache = cache.replace(pos=pos, epoch=epoch)

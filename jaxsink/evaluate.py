@@ -11,40 +11,18 @@ import sys
 import time
 import warnings
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from jaxsink import cache as kv
-from jaxsink import model as mdl
 from jaxsink import sharding as sh
 from jaxsink.config import ConfigError, StreamConfig
 from jaxsink.engine import padded_chunks
-from jaxsink.executables import EntryPoint, compiled
+from jaxsink.executables import compiled
 from jaxsink.loading import Model
 from jaxsink.memory import check_cache_fits
+from jaxsink.traced import cache as kv
+from jaxsink.traced import entry
 
 SEGMENT = 1024  # tokens per segment in the summary's per-segment perplexity
-
-
-def _nll_chunk(weights, cache, tokens, targets, valid, graphdef):
-    mdl.TRACES["nll_chunk"] += 1
-    module = nnx.merge(graphdef, weights)
-    hidden, cache = module(cache, tokens, valid)
-    logits = module.logits(hidden)  # [V, B, C] float32
-    target_logit = jnp.take_along_axis(logits, targets[None], axis=0)[0]
-    nll = jax.nn.logsumexp(logits, axis=0) - target_logit  # [B, C]
-    return jnp.where(valid, nll, 0.0), cache
-
-
-nll_chunk = EntryPoint(
-    _nll_chunk,
-    static=("graphdef",),
-    donate=("cache",),
-    doc="""Jitted `(weights, cache, tokens [B, C], targets [B, C], valid [B, C]) ->
-(nll [B, C] float32, cache)`: -log p(target | the token's view under the contract), 0 where not valid.""",
-)
 
 
 @dataclasses.dataclass
@@ -138,13 +116,13 @@ def stream_nll(
     cache_sharding = sh.cache_shardings(cache, mesh, notes)
     sh.say(notes)
     cache_bytes = cache.nbytes
-    traces = sum(mdl.TRACES.values())
+    traces = sum(entry.TRACES.values())
     ids0, valid0 = np.zeros((1, chunk), np.int32), np.zeros((1, chunk), bool)
     args = (model.weights, cache, ids0, ids0, valid0)
     row = sh.rows(mesh, ids0.shape)
     shardings = ((model.weight_shardings, cache_sharding, row, row, row), (row, cache_sharding))
     static = {"graphdef": model.graphdef}
-    exe, compile_seconds = compiled(nll_chunk, "nll_chunk", args, static, shardings)
+    exe, compile_seconds = compiled(entry.nll_chunk, "nll_chunk", args, static, shardings)
 
     out = np.zeros(n, np.float32)
     chunk_seconds = []
@@ -172,7 +150,7 @@ def stream_nll(
         cache_bytes_all_full=kv.cache_bytes(
             model.cfg, stream, 1, cache.dtype, native_windows=False
         ),
-        compiles=sum(mdl.TRACES.values()) - traces,
+        compiles=sum(entry.TRACES.values()) - traces,
         sinks=stream.sinks,
         window=stream.window,
         chunk_seconds=np.asarray(chunk_seconds),

@@ -1,8 +1,7 @@
-"""Jitted entry points, and their executables compiled ahead of time once per process.
+"""The jitted entry points' executables, compiled ahead of time once per process.
 
-An `EntryPoint` is a pure function jitted with its static and donated arguments; called, it is
-that `jax.jit`. `compiled` lowers and compiles it once per set of argument shapes, dtypes,
-pytree structures (the cache's static stream included), shardings and static arguments, and
+`compiled` lowers and compiles an entry point (`jaxsink.traced.entry.EntryPoint`) once per set
+of argument shapes, dtypes, pytree structures (the cache's static stream included), shardings and static arguments, and
 serves every later call with the same: a second generation or perplexity run in the same
 process compiles nothing. Given shardings (a mesh's, `jaxsink.sharding`), it compiles the
 entry point with them as `in_shardings` / `out_shardings`.
@@ -12,9 +11,7 @@ entry point with them as `in_shardings` / `out_shardings`.
 
 from __future__ import annotations
 
-import inspect
 import time
-from collections.abc import Callable
 
 import jax
 
@@ -42,39 +39,8 @@ def use_compilation_cache() -> None:
             jax.config.update("jax_compilation_cache_max_size", XLA_CACHE_BYTES)
 
 
-class EntryPoint:
-    """`fun` jitted with `static` (trailing parameters, by name) and `donate` (by name)."""
-
-    def __init__(self, fun: Callable, static: tuple[str, ...], donate: tuple[str, ...], doc=""):
-        self.fun, self.static, self.donate = fun, static, donate
-        self.jitted = jax.jit(fun, static_argnames=static, donate_argnames=donate)
-        self.__doc__ = doc
-        self.__name__ = fun.__name__.lstrip("_")
-
-    def __call__(self, *args, **kwargs):
-        return self.jitted(*args, **kwargs)
-
-    def lower(self, *args, **kwargs):
-        return self.jitted.lower(*args, **kwargs)
-
-    def with_shardings(self, in_shardings: tuple, out_shardings) -> Callable:
-        """The same function jitted with explicit shardings of its dynamic arguments and results
-        (static arguments then go positionally, after the dynamic ones)."""
-        params = list(inspect.signature(self.fun).parameters)
-        n = len(params) - len(self.static)
-        if params[n:] != list(self.static):
-            raise TypeError(f"{self.__name__}: static parameters must come last")
-        return jax.jit(
-            self.fun,
-            static_argnums=tuple(range(n, len(params))),
-            donate_argnums=tuple(params.index(d) for d in self.donate),
-            in_shardings=in_shardings,
-            out_shardings=out_shardings,
-        )
-
-
-def compiled(fn: EntryPoint, name: str, args: tuple, static: dict, shardings=None):
-    """AOT-compile entry point `fn` for these arguments once per process; returns (executable,
+def compiled(fn, name: str, args: tuple, static: dict, shardings=None):
+    """AOT-compile entry point `fn` (an `EntryPoint`) for these arguments once per process; returns (executable,
     seconds spent compiling now: 0 when it was compiled before).
 
     shardings: None (placement follows the arguments), or (in_shardings of `args`,

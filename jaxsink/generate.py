@@ -14,7 +14,6 @@ from collections.abc import Iterator, Sequence
 
 import jax
 
-from jaxsink import cache as kv
 from jaxsink import settings
 from jaxsink.config import ConfigError, StreamConfig
 from jaxsink.engine import check_ids
@@ -22,6 +21,7 @@ from jaxsink.loading import Model
 from jaxsink.memory import check_cache_fits
 from jaxsink.row_text import RowText
 from jaxsink.stream_state import SavedStream
+from jaxsink.traced import cache as kv
 
 
 @dataclasses.dataclass(frozen=True)

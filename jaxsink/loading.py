@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxsink import config as C
-from jaxsink import model as mdl
+from jaxsink import layout
 from jaxsink import sharding as sh
 from jaxsink.checkpoint import (
     WEIGHTS_FILE,
@@ -25,6 +25,7 @@ from jaxsink.config import DTYPES, ConfigError, ModelConfig
 from jaxsink.quantize import QUANTIZE_KINDS, quantize_blocks, quantized_config
 from jaxsink.tensorfile import TensorFile
 from jaxsink.tokenizer import Tokenizer
+from jaxsink.traced import decoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Model:
     """A loaded model: static config, the network as NNX (graph definition + weights state on
     device), tokenizer.
 
-    `module` is the `nnx.Module` itself (`jaxsink.model.Decoder`); `graphdef` and `weights`
+    `module` is the `nnx.Module` itself (`jaxsink.traced.decoder.Decoder`); `graphdef` and `weights`
     are its `nnx.split`, what the jitted entry points take (`weights` as an argument,
     `graphdef` static). `mesh`: the devices the weights are sharded over (`jaxsink.sharding`;
     one device is the 1 x 1 mesh) and that every run of the model uses.
@@ -57,7 +58,7 @@ class Model:
         if mesh == self.mesh:
             return self
         notes: set = set()
-        shardings = sh.weight_shardings(mdl.abstract(self.cfg, self.dtype)[1], mesh, notes)
+        shardings = sh.weight_shardings(layout.abstract(self.cfg, self.dtype)[1], mesh, notes)
         sh.say(notes)
         weights = jax.device_put(self.weights, shardings)
         return dataclasses.replace(self, weights=weights, mesh=mesh)
@@ -68,7 +69,7 @@ class Model:
         return jax.tree.map(lambda x: x.sharding, self.weights)
 
     @property
-    def module(self) -> mdl.Decoder:
+    def module(self) -> decoder.Decoder:
         return nnx.merge(self.graphdef, self.weights)
 
     @property
@@ -94,7 +95,7 @@ def load(
     device). Each weight is read from the checkpoint straight into its shards.
     progress: say on stderr what is fetched, converted or waited for.
     quantize: "keep": a `.gguf` spec (or the default model) is converted with its Q8_0, Q4_0
-    and Q4_1 weights kept quantized (`jaxsink.quant`), into its own cached folder. "int8" /
+    and Q4_1 weights kept quantized (`jaxsink.traced.quant`), into its own cached folder. "int8" /
     "int4": the model's matrices are quantized (`quantize.weight_plan`): a source that needs
     converting is converted that way into its own cached folder; a float jaxsink checkpoint is
     quantized as it is read, one weight at a time (`quantized_on_load`).
@@ -110,7 +111,7 @@ def load(
     cfg = quantized_on_load(cfg, quantize, dtype)
     mesh = mesh if isinstance(mesh, Mesh) else sh.make_mesh(mesh)
     target = jnp.dtype(DTYPES[dtype])
-    graphdef, abstract = mdl.abstract(cfg, target)
+    graphdef, abstract = layout.abstract(cfg, target)
     notes: set = set()
     shardings = sh.weight_shardings(abstract, mesh, notes)
     sh.say(notes)
@@ -130,7 +131,7 @@ def read_sharded(path: Path, cfg: ModelConfig, abstract: nnx.State, shardings) -
     into its shardings: every device's shard is read (only its rows, when the shard splits the
     first dimension) and cast on its own, so the host holds about one tensor at a time, never
     the whole model; a process of many reads only the shards its devices address. abstract /
-    shardings: the weights state of `model.abstract` and a NamedSharding per weight
+    shardings: the weights state of `layout.abstract` and a NamedSharding per weight
     (`sharding.weight_shardings`)."""
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
@@ -142,12 +143,12 @@ def read_sharded(path: Path, cfg: ModelConfig, abstract: nnx.State, shardings) -
         f = _Quantizing(file, cfg) if cfg.quantized and not _stores_quantized(file) else file
         check_params(cfg, {n: _Shape(f.shape(n), f.dtype(n)) for n in f.names()})
         for key, var in flat:
-            name, dtype = mdl._name(key), var.get_value().dtype
+            name, dtype = layout.name_of(key), var.get_value().dtype
             stored = var.get_metadata().get("stored")  # a part of a quantized weight
 
             def shard(index, name=name, dtype=dtype, var=var, stored=stored):
                 index = index if stored is None else stored.index(tuple(index))
-                return mdl.from_stored(var, f.read(name, index), dtype)
+                return layout.from_stored(var, f.read(name, index), dtype)
 
             if single:  # uncommitted, as the caches `init_cache` makes: one jit signature
                 value = jax.device_put(shard(()))
@@ -187,7 +188,7 @@ class _Quantizing:
     def __init__(self, f: TensorFile, cfg: ModelConfig):
         self._f = f
         self._made = C.quantized_weights(cfg)
-        self._layout = mdl.checkpoint_layout(cfg)
+        self._layout = layout.checkpoint_layout(cfg)
         self._float = param_shapes(cfg.dequantized())
         self._last: tuple[str, dict] | None = None
 

@@ -63,7 +63,7 @@ def cache_bytes_at_least(cfg: ModelConfig, stream: StreamConfig, batch: int, ite
 def check_cache_fits(cfg: ModelConfig, stream: StreamConfig, batch: int, dtype) -> None:
     """Refuse a cache of `stream` that would not fit in this machine's memory, naming the flag
     that sets its size."""
-    from jaxsink import cache as kv
+    from jaxsink.traced import cache as kv
 
     itemsize = np.dtype(dtype).itemsize
     what = _describe(stream, batch)
@@ -75,7 +75,7 @@ def check_cache_fits(cfg: ModelConfig, stream: StreamConfig, batch: int, dtype) 
 def check_run_fits(cfg: ModelConfig, dtype, streams: list[StreamConfig], batch: int = 1) -> None:
     """Refuse, before the weights are loaded, a run whose weights (at the run-time numpy
     `dtype`) and largest cache would not fit in this machine's memory."""
-    from jaxsink.model import abstract, param_bytes
+    from jaxsink.layout import abstract, param_bytes
 
     itemsize = np.dtype(dtype).itemsize
     for stream in streams:

@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxsink import cache as kv
-from jaxsink import model as mdl
+from jaxsink import layout
 from jaxsink import sharding as sh
 from jaxsink.config import CACHE_DTYPES, DTYPES, ConfigError, ModelConfig, StreamConfig
 from jaxsink.memory import host_memory
+from jaxsink.traced import cache as kv
+from jaxsink.traced import entry
 
 CONFIGS = Path(__file__).parent / "configs"  # bundled Hugging Face config.json files
 # Device memory assumed without --device-memory (GPU: an H100's 80 GiB; TPU: a v5e chip's 16).
@@ -83,7 +84,7 @@ def _per_device(shape, names, itemsize: int, sizes, notes=None) -> int:
 
 def params_bytes(cfg: ModelConfig, dtype, sizes, notes=None) -> int:
     """Weight bytes per device."""
-    _, abstract = mdl.abstract(cfg, dtype)
+    _, abstract = layout.abstract(cfg, dtype)
     names = dict(nnx.to_flat_state(nnx.get_partition_spec(abstract)))
     return sum(
         _per_device(v.shape, names[k].get_value(), v.dtype.itemsize, sizes, notes)
@@ -199,19 +200,14 @@ def plan(
 
 
 def lower_steps(cfg, batch, stream, mesh_spec, wdt, cdt, platform, chunk) -> dict:
-    """Export the prefill chunk (`model.last_logits`), the decode loop
-    (`engine.decode_rows`) and the server's mixed step (`engine.mixed_rows`) for `platform` with the mesh's shardings, from abstract arguments;
+    """Export the prefill chunk (`entry.last_logits`), the decode loop
+    (`rows.decode_rows`) and the server's mixed step (`rows.mixed_rows`) for `platform` with the mesh's shardings, from abstract arguments;
     returns each serialized module's size in bytes. ConfigError when one does not lower."""
-    from jaxsink.engine import (
-        Rows,
-        decode_rows,
-        decode_rows_shardings,
-        mixed_rows,
-        mixed_rows_shardings,
-    )
+    from jaxsink.engine import decode_rows_shardings, mixed_rows_shardings
+    from jaxsink.traced.rows import Rows, decode_rows, mixed_rows
 
     mesh = sh.make_mesh(mesh_spec)
-    graphdef, abstract = mdl.abstract(cfg, wdt)
+    graphdef, abstract = layout.abstract(cfg, wdt)
     w_sh = sh.weight_shardings(abstract, mesh)
     weights = jax.tree.map(
         lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), abstract, w_sh
@@ -229,7 +225,7 @@ def lower_steps(cfg, batch, stream, mesh_spec, wdt, cdt, platform, chunk) -> dic
     logits_rows = sh.rows(mesh, (batch, cfg.vocab_size))
     tokens = arg((batch, chunk), jnp.int32, row)
     prefill = (
-        mdl.last_logits.with_shardings((w_sh, c_sh, row, row), (logits_rows, c_sh)),
+        entry.last_logits.with_shardings((w_sh, c_sh, row, row), (logits_rows, c_sh)),
         (weights, cache, tokens, arg((batch, chunk), jnp.bool_, row), graphdef),
     )
     block = 16

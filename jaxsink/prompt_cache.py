@@ -24,9 +24,9 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jaxsink import cache as kv
 from jaxsink.engine import RowState
 from jaxsink.memory import host_memory
+from jaxsink.traced import cache as kv
 
 
 def trimmed(state: RowState) -> RowState:

@@ -1,7 +1,7 @@
 """Quantization on the host: quantized weights in their host form (`Blocks`, what the converter
 reads from GGUF files and writes), int8 / int4 weights made from float ones
 (`quantize_blocks`), and which weights `--quantize int8|int4` quantizes (`weight_plan`). The
-traced side, a quantized weight in the model and its products, is `jaxsink.quant`."""
+traced side, a quantized weight in the model and its products, is `jaxsink.traced.quant`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 
 from jaxsink.checkpoint import param_shapes
 from jaxsink.config import ConfigError, Quant, quantize_config
-from jaxsink.quant import stored_forms
+from jaxsink.traced.quant import stored_forms
 
 # --- on the host: the converter's and the tests' form ----------------------------------------
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from jaxsink.config import ConfigError, JaxsinkError
 from jaxsink.conversation import Conversation
-from jaxsink.engine import Engine, RowSampling, check_ids, seed_key, token_buckets
+from jaxsink.engine import Engine, RowSampling, check_ids, token_buckets
 from jaxsink.prompt_cache import PromptCache
 from jaxsink.row_text import RowText
 from jaxsink.stream_state import (
@@ -41,6 +41,7 @@ from jaxsink.stream_state import (
     read_stream_info,
     save_stream,
 )
+from jaxsink.traced.rows import seed_key
 
 SESSION_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 

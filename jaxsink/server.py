@@ -23,8 +23,9 @@ import time
 import uuid
 
 from jaxsink import settings
-from jaxsink.engine import TOP_LOGPROBS, RowSampling
+from jaxsink.engine import RowSampling
 from jaxsink.scheduler import Event, Job, RequestError, Scheduler, check_session_name
+from jaxsink.traced.rows import TOP_LOGPROBS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 jaxsink places nothing by hand. A `Mesh` has two axes, `data` (batch rows: independent
 streams) and `model` (heads, kv heads, MLP width, experts, vocabulary), and `RULES` maps every
-logical axis a weight or cache dimension carries (`jaxsink.model.LOGICAL_AXES`, plus `batch`)
+logical axis a weight or cache dimension carries (`jaxsink.traced.layers.LOGICAL_AXES`, plus `batch`)
 onto one of them. The shardings built here go to `jax.jit` as in_shardings / out_shardings and
 to `jax.make_array_from_callback` when loading; XLA inserts the collectives. A single device is
 the 1 x 1 mesh, through the same code.
@@ -24,8 +24,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxsink import cache as kv
 from jaxsink.config import ConfigError
+from jaxsink.traced import cache as kv
 
 MESH_AXES = ("data", "model")
 
@@ -110,7 +110,7 @@ def partition(names, shape, mesh: Mesh, notes: set | None = None) -> P:
 
 
 def weight_shardings(abstract: nnx.State, mesh: Mesh, notes: set | None = None) -> nnx.State:
-    """A NamedSharding per weight of an abstract weights state (`model.abstract`), from the
+    """A NamedSharding per weight of an abstract weights state (`layout.abstract`), from the
     logical axis names each `nnx.Param` carries. The parts of a quantized weight (codes,
     scales, minimums: `quant.QuantizedWeight`) carry the float weight's names and split at
     block bounds: a dimension is sharded only if its count of blocks divides the mesh axis, so

@@ -26,13 +26,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxsink import cache as kv
 from jaxsink import settings
 from jaxsink.checkpoint import WEIGHTS_FILE
 from jaxsink.config import CACHE_DTYPES, DTYPES, ConfigError, JaxsinkError, StreamConfig
 from jaxsink.engine import RowState
 from jaxsink.files import CheckpointError, check_safetensors
 from jaxsink.loading import Model
+from jaxsink.traced import cache as kv
 
 FORMAT = "jaxsink-stream"
 FORMAT_VERSION = 1

@@ -471,7 +471,7 @@ class Bench:
         return exe
 
     def init_cache(self, stream, batch: int = 1, dtype=None):
-        from jaxsink import cache as kv
+        from jaxsink.traced import cache as kv
 
         return kv.init_cache(self.cfg, stream, batch, dtype or self.model.dtype)
 
@@ -479,15 +479,15 @@ class Bench:
         """Feed ids [B, T] in chunks of `chunk` (last one padded); returns (last logits [B, V], cache)."""
         import numpy as np
 
-        from jaxsink import model as mdl
         from jaxsink.engine import padded_chunks
+        from jaxsink.traced import entry
 
         ids = np.atleast_2d(ids)
         B = ids.shape[0]
         zeros = np.zeros((B, chunk), np.int32)
         exe = self.compiled(
             "prefill",
-            mdl.last_logits,
+            entry.last_logits,
             (net.weights, cache, zeros, zeros.astype(bool)),
             {"graphdef": net.graphdef},
         )
@@ -499,7 +499,7 @@ class Bench:
     def decode_exe(self, net: Net, cache, block: int):
         """The engine's on-device decode loop over every row of this cache (the whole-batch
         bucket), compiled for it, `block` steps max."""
-        from jaxsink.engine import decode_rows
+        from jaxsink.traced.rows import decode_rows
 
         B = cache.pos.shape[0]
         args = (net.weights, cache, self._greedy(net, B, block), self._rows(B), self._no_eos())
@@ -510,7 +510,7 @@ class Bench:
         """Per-row state of B live greedy rows that draw `steps` tokens (`engine.Rows`)."""
         import numpy as np
 
-        from jaxsink.engine import Rows
+        from jaxsink.traced.rows import Rows
 
         keys = self.jax.random.split(self.jax.random.key(0), B)
         idle = Rows.idle(B, net.cfg.vocab_size, keys)
@@ -562,7 +562,7 @@ class Bench:
     def decode_setup(self, net: Net, stream, batch: int, prompt: int, steps: int, cache_dtype):
         """`decode_runs`' streams prefilled, compiled and warmed up: a function that times one
         run of `steps` decode steps (seconds)."""
-        from jaxsink import cache as kv
+        from jaxsink.traced import cache as kv
 
         ids = self.tokens(prompt, seed=4, batch=batch, cfg=net.cfg)
         cache = kv.init_cache(net.cfg, stream, batch, cache_dtype or net.dtype)
@@ -575,9 +575,9 @@ class Bench:
         self.rows.append((section, what, value, note))
 
     def traces(self) -> int:
-        from jaxsink import model as mdl
+        from jaxsink.traced import entry
 
-        return sum(mdl.TRACES.values())
+        return sum(entry.TRACES.values())
 
     # ---- sections -------------------------------------------------------------------------
 
@@ -706,13 +706,14 @@ class Bench:
         import jax.numpy as jnp
         from flax import nnx
 
-        from jaxsink import model as mdl
+        from jaxsink import layout
+        from jaxsink.traced import decoder
 
         jax, cfg, net = self.jax, self.cfg, self.net
         sz = self.sizes
         res = {}
 
-        def matrices(block: mdl.Block) -> dict:  # the weights of a block the pass multiplies by
+        def matrices(block: decoder.Block) -> dict:  # the weights of a block the pass multiplies by
             return {
                 "qkv": block.attn.qkv[...],  # [K, G + 2, H, D]
                 "out": block.attn.out[...],  # [D, N, H]
@@ -730,7 +731,7 @@ class Bench:
             y = x + o + d + qkv[:, G:].sum() * 1e-6
             return y * jax.lax.rsqrt(jnp.mean(y * y) + 1e-6), None  # keep values bounded
 
-        def head(module: mdl.Decoder, x):
+        def head(module: decoder.Decoder, x):
             logits = module.logits(x[:, 0, 0])  # [V]
             return module.embed[...][jnp.argmax(logits)][:, None, None]  # next input [D, 1, 1]
 
@@ -776,7 +777,7 @@ class Bench:
             jax.block_until_ready(f_list(weights, x0))
             t_list.append(time.perf_counter() - t)
         del stacked, blocks
-        weight_bytes = mdl.param_bytes(weights)
+        weight_bytes = layout.param_bytes(weights)
         res["weight_bytes"] = weight_bytes
         res["weights_only_pass_tok_s"] = steps / min(t_list)
         res["weights_only_pass_stacked_scan_tok_s"] = steps / min(t_scan)
@@ -952,8 +953,8 @@ class Bench:
     def section_recompute(self) -> dict:
         import numpy as np
 
-        from jaxsink import model as mdl
         from jaxsink.config import StreamConfig
+        from jaxsink.traced import entry
 
         sz, net, jax = self.sizes, self.net, self.jax
         out, skipped, prev = [], [], None
@@ -970,7 +971,7 @@ class Bench:
             valid = np.ones((1, K), bool)
             exe = self.compiled(
                 "prefill",
-                mdl.last_logits,
+                entry.last_logits,
                 (net.weights, self.init_cache(dstream), ids, valid),
                 {"graphdef": net.graphdef},
             )
@@ -1022,7 +1023,7 @@ class Bench:
             "note": (
                 f"Ks whose estimated re-computation exceeds {RECOMPUTE_BUDGET_S} s per token are "
                 "skipped. re-computation = one dense forward over the last K tokens with a fresh cache "
-                "(mdl.last_logits, chunk C = K), timed per generated token; sink = one decode "
+                "(entry.last_logits, chunk C = K), timed per generated token; sink = one decode "
                 f"step with S = {SINKS}, W = K - {SINKS} on a full ring (zero contents: the cost "
                 "is shape-bound). The StreamingLLM paper reports 22x at K = 4096 on a GPU."
             ),
@@ -1069,7 +1070,7 @@ class Bench:
         return {
             "by_chunk": out,
             "note": (
-                "sink mode S = 4, W = 1020 from an empty cache; mdl.last_logits per chunk "
+                "sink mode S = 4, W = 1020 from an empty cache; entry.last_logits per chunk "
                 f"(vocabulary projection of each chunk's last token only); {sz['prefill_tokens']} "
                 f"tokens per chunk length, fewer for C = 1 ({sz['prefill_tokens_c1']}) and C = 16 "
                 f"({sz['prefill_tokens_c16']}) to keep the run short; one timed pass per C after a "
@@ -1081,8 +1082,8 @@ class Bench:
     def section_batch(self) -> dict:
         import numpy as np
 
-        from jaxsink import cache as kv
         from jaxsink.config import StreamConfig
+        from jaxsink.traced import cache as kv
 
         sz, net = self.sizes, self.net
         stream = StreamConfig.for_mode("sink", SINKS, WINDOW)
@@ -1229,9 +1230,9 @@ class Bench:
     def section_roofline(self) -> dict:
         import numpy as np
 
-        from jaxsink import cache as kv
-        from jaxsink import model as mdl
+        from jaxsink import layout
         from jaxsink.config import StreamConfig
+        from jaxsink.traced import cache as kv
 
         sz = self.sizes
         cfg = roofline_config(ROOFLINE_SHAPES[sz["roofline_shape"]])
@@ -1245,7 +1246,7 @@ class Bench:
         # Bytes one decode step must read: every weight (the embedding table only as a tied LM
         # head: an untied one is read one row per token) and every cache slot (sink mode scores
         # the whole ring whatever its fill).
-        weight_bytes = mdl.param_bytes(net.weights)
+        weight_bytes = layout.param_bytes(net.weights)
         if not cfg.tie_embeddings:
             weight_bytes -= net.weights["embed"][...].nbytes
         cache_bytes = kv.cache_bytes(cfg, stream, 1, dtype)
@@ -1304,15 +1305,15 @@ class Bench:
         import numpy as np
         from flax import nnx
 
-        from jaxsink import model as mdl
         from jaxsink.config import Experts, Mlp
+        from jaxsink.traced import layers
 
         sz, D = self.sizes, 1024
         shapes = {"mixtral-like E=8 k=2": (8, 2, 1792), "gpt-oss-like E=32 k=4": (32, 4, 1024)}
         res = {"hidden": D, "dtype": "float32", "shapes": {}}
         for name, (E, k, F) in shapes.items():
             spec = Mlp(F, "silu", experts=Experts(E, k))
-            mlp = mdl.Mlp(spec, D, jnp.float32)
+            mlp = layers.Mlp(spec, D, jnp.float32)
             rng = np.random.default_rng(0)
             for _, var in nnx.to_flat_state(nnx.state(mlp, nnx.Param)):
                 var.set_value(jnp.asarray(0.02 * rng.standard_normal(var.shape), jnp.float32))
@@ -1428,7 +1429,7 @@ class Bench:
         tok/s."""
         import numpy as np
 
-        from jaxsink import model as mdl
+        from jaxsink import layout
 
         base = n / min(runs["float32"])
         for kind, m in models.items():
@@ -1436,7 +1437,7 @@ class Bench:
             out[f"{kind}_tok_s"] = tok_s
             out[f"{kind}_tok_s_median"] = n / float(np.median(runs[kind]))
             out[f"{kind}_vs_float32"] = tok_s / base
-            out[f"{kind}_weight_bytes"] = mdl.param_bytes(m.weights)
+            out[f"{kind}_weight_bytes"] = layout.param_bytes(m.weights)
             diff = float(np.abs(nll[kind] - nll["float32"]).max())
             out[f"{kind}_nll_max_abs_diff"] = diff
             self.row(
@@ -1626,7 +1627,7 @@ def random_net(cfg: ModelConfig, dtype, seed: int = 0) -> Net:
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxsink import model as mdl
+    from jaxsink import layout
 
     @functools.partial(jax.jit, static_argnums=(1, 2))
     def make(key, shape, kind):
@@ -1636,7 +1637,7 @@ def random_net(cfg: ModelConfig, dtype, seed: int = 0) -> Net:
             return jnp.zeros(shape, dtype)
         return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
-    graphdef, state = mdl.abstract(cfg, dtype)  # shapes only: nothing allocated yet
+    graphdef, state = layout.abstract(cfg, dtype)  # shapes only: nothing allocated yet
     flat = nnx.to_flat_state(state)
     keys = jax.random.split(jax.random.key(seed), len(flat))
     for key, (path, var) in zip(keys, flat, strict=True):
@@ -1800,7 +1801,7 @@ def main(argv=None) -> int:
 
     import jaxlib
 
-    from jaxsink import model as mdl
+    from jaxsink.traced import entry
 
     targets = bench.targets()
     dev = jax.devices()[0]
@@ -1834,7 +1835,7 @@ def main(argv=None) -> int:
         "targets": targets,
         "warnings": warnings
         + (["--quick: smoke-test sizes; judge the targets on a full run"] if args.quick else []),
-        "compiles_total": sum(mdl.TRACES.values()),
+        "compiles_total": sum(entry.TRACES.values()),
         "compile_seconds_total": bench.compile_s,
         "wall_seconds": time.perf_counter() - t_start,
     }

@@ -36,7 +36,7 @@ def measure(path: str, how: str) -> dict:
     import jax
 
     import jaxsink
-    from jaxsink import model as mdl
+    from jaxsink import layout
     from jaxsink.checkpoint import load_params, read_config
 
     jax.devices()  # the backend's own memory belongs to the baseline
@@ -47,10 +47,10 @@ def measure(path: str, how: str) -> dict:
     else:  # the whole file in numpy, then on device
         cfg, _ = read_config(path)
         flat = load_params(path, cfg)
-        weights = jax.block_until_ready(mdl.from_flat(cfg, flat, jax.numpy.float32)[1])
+        weights = jax.block_until_ready(layout.from_flat(cfg, flat, jax.numpy.float32)[1])
         del flat
     peak = peak_rss()
-    return {"baseline_rss": base, "peak_rss": peak, "weight_bytes": mdl.param_bytes(weights)}
+    return {"baseline_rss": base, "peak_rss": peak, "weight_bytes": layout.param_bytes(weights)}
 
 
 def synthetic(gb: float, out: Path) -> Path:
@@ -60,7 +60,7 @@ def synthetic(gb: float, out: Path) -> Path:
 
     from jaxsink.checkpoint import save_checkpoint
     from jaxsink.config import Attention, LayerSpec, Mlp, ModelConfig, Norm, Rotary
-    from jaxsink.model import param_shapes
+    from jaxsink.layout import param_shapes
 
     D, F, V = 2048, 5632, 32000
     per_layer = 4 * D * D + 3 * D * F

@@ -40,9 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the repository's jaxsink, however (or whether) it is installed
 
 import jaxsink  # noqa: E402
-from jaxsink import cache as kv  # noqa: E402
 from jaxsink import evaluate  # noqa: E402
 from jaxsink.default_model import DEFAULT_TEXT_REQUIREMENT, default_text_files  # noqa: E402
+from jaxsink.traced import cache as kv  # noqa: E402
 
 PROBE_SPAN = 2048  # tokens of chunks timed around each probe position
 

@@ -6,7 +6,7 @@ Sections (select with `--sections layouts,head,step,outside,ppl,disk`; all by de
 - layouts: the in-memory layouts and product forms a quantized decode could use, on SmolLM2's
            30 layers of matrices (q/k/v, o, gate/up, down) with random codes, one token per
            pass, against float32 weights: per-block int8 codes with float32 scales, dequantized
-           then multiplied (what `jaxsink.quant` does); the same with float16 scales; 4-bit
+           then multiplied (what `jaxsink.traced.quant` does); the same with float16 scales; 4-bit
            codes packed two per byte (each half dequantized, two products); `jnp.uint4` codes;
            one fused multiply-and-sum (no matrix product); the group-wise decomposition
            y = sum_b d_b (q_b . x_b) + m_b sum(x_b). Also the float32 products of one matrix per
@@ -84,7 +84,7 @@ def layout_forms():
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxsink import quant
+    from jaxsink.traced import quant
 
     f32 = jnp.float32
 
@@ -219,8 +219,8 @@ def section_head(args) -> dict:
     import numpy as np
     from flax import nnx
 
-    from jaxsink import quant
     from jaxsink.config import Quant
+    from jaxsink.traced import quant
 
     rng = np.random.default_rng(1)
     w = (rng.standard_normal((V, D)) * 0.02).astype(np.float32)
@@ -302,9 +302,10 @@ def section_step(args) -> dict:
     import jax.numpy as jnp
 
     import jaxsink
-    from jaxsink import cache as kv
-    from jaxsink import model as mdl
+    from jaxsink import layout
     from jaxsink.config import StreamConfig
+    from jaxsink.traced import cache as kv
+    from jaxsink.traced import entry
 
     stream = StreamConfig(4, 1020)
     calls, out = {}, {}
@@ -312,10 +313,10 @@ def section_step(args) -> dict:
         m = jaxsink.load(path, progress=False)
         cache = [kv.init_cache(m.cfg, stream, 1, m.dtype)]
         token, valid = jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool)
-        step = jax.jit(functools.partial(mdl._step, graphdef=m.graphdef), donate_argnums=1)
+        step = jax.jit(functools.partial(entry._step, graphdef=m.graphdef), donate_argnums=1)
         exe = step.lower(m.weights, cache[0], token, valid).compile()
         out[name] = {
-            "weight_bytes": mdl.param_bytes(m.weights),
+            "weight_bytes": layout.param_bytes(m.weights),
             "temp_bytes": exe.memory_analysis().temp_size_in_bytes,
         }
 

@@ -29,7 +29,7 @@ chance (~0) outside it.
 How it runs: the streams of one trial share prefixes (passkey: the stream for a larger distance
 extends the one for a smaller; lines: every query follows the same list), so each configuration
 feeds the shared tokens once and every query starts from a copy of that cache (question chunk +
-greedy decode with the jitted `model.last_logits` / `model.step`). Chunks are exact per token
+greedy decode with the jitted `entry.last_logits` / `entry.step`). Chunks are exact per token
 (docs/streaming-contract.md), so this is the same computation as one `jaxsink.Generation` per query over the
 stream + question, at a fraction of the cost; `--verify N` re-runs the first N queries of each
 configuration as full `Generation`s and checks that the answer tokens agree.
@@ -60,10 +60,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the repository's jaxsink, however (or whether) it is installed
 
 import jaxsink  # noqa: E402
-from jaxsink import cache as kv  # noqa: E402
-from jaxsink import model as mdl  # noqa: E402
 from jaxsink.config import StreamConfig  # noqa: E402
 from jaxsink.engine import padded_chunks  # noqa: E402
+from jaxsink.traced import cache as kv  # noqa: E402
+from jaxsink.traced import entry  # noqa: E402
 
 LINES_HEADER = (
     "Below is a long list of lines. Each line has a number and a key. Remember the key of every "
@@ -185,7 +185,7 @@ def copy_cache(cache: kv.KVCache) -> kv.KVCache:
 def feed(model, cache: kv.KVCache, ids: np.ndarray, chunk: int) -> kv.KVCache:
     """The cache after feeding `ids` in chunks of `chunk` (the last one padded and masked)."""
     for tokens, valid, _ in padded_chunks(ids, chunk):
-        _, cache = mdl.last_logits(model.weights, cache, tokens, valid, graphdef=model.graphdef)
+        _, cache = entry.last_logits(model.weights, cache, tokens, valid, graphdef=model.graphdef)
     return jax.block_until_ready(cache)
 
 
@@ -193,12 +193,12 @@ def answer(model, cache: kv.KVCache, q_ids: list[int], q_len: int, n_answer: int
     """Greedy answer tokens for one question asked on a copy of `cache` (an independent stream)."""
     cache = copy_cache(cache)
     tokens, valid, _ = next(padded_chunks(q_ids, q_len))
-    logits, cache = mdl.last_logits(model.weights, cache, tokens, valid, graphdef=model.graphdef)
+    logits, cache = entry.last_logits(model.weights, cache, tokens, valid, graphdef=model.graphdef)
     out = [int(np.argmax(np.asarray(logits)[0]))]
     one = np.ones((1, 1), bool)
     for _ in range(n_answer - 1):
         token = np.asarray([[out[-1]]], np.int32)
-        logits, cache = mdl.step(model.weights, cache, token, one, graphdef=model.graphdef)
+        logits, cache = entry.step(model.weights, cache, token, one, graphdef=model.graphdef)
         out.append(int(np.argmax(np.asarray(logits)[0, 0])))
     return out
 
@@ -356,7 +356,7 @@ def main(argv=None) -> int:
     results = {}
     for label, stream in configs:
         t0 = time.perf_counter()
-        traces = sum(mdl.TRACES.values())
+        traces = sum(entry.TRACES.values())
         queries = run_config(model, trials, stream, q_len, n_answer, args.chunk, args.verify)
         seconds = time.perf_counter() - t0
         edges = np.arange(0, max(q["distance"] for q in queries) + args.bin, args.bin)
@@ -385,7 +385,7 @@ def main(argv=None) -> int:
             "n_inside": len(inside),
             "n_outside": len(outside),
             "seconds": seconds,
-            "compiles": sum(mdl.TRACES.values()) - traces,
+            "compiles": sum(entry.TRACES.values()) - traces,
             "bins": bins,
             "queries": queries,
         }

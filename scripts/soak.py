@@ -10,7 +10,7 @@ The cache never changes shape, and the two executables (a prefill chunk of `--ch
 a one-token step) are compiled once, before the stream starts.
 
 Every logit is checked finite on device, at about the cost of a plain prefill chunk
-(`jaxsink.model.last_logits`), without computing the [V, C] logits of every prefill position:
+(`jaxsink.traced.entry.last_logits`), without computing the [V, C] logits of every prefill position:
 - each call computes its last token's logits (from which the greedy next token comes) and
   counts their non-finite entries;
 - for the other positions, a logit is the head row times the final hidden state (plus bias,
@@ -60,12 +60,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the repository's jaxsink, however (or whether) it is installed
 
 import jaxsink  # noqa: E402
-from jaxsink import cache as kv  # noqa: E402
-from jaxsink import model as mdl  # noqa: E402
 from jaxsink.default_model import DEFAULT_TEXT_REQUIREMENT, default_text_files  # noqa: E402
-from jaxsink.engine import greedy  # noqa: E402
-from jaxsink.executables import EntryPoint, compiled, use_compilation_cache  # noqa: E402
+from jaxsink.executables import compiled, use_compilation_cache  # noqa: E402
 from jaxsink.tokenizer import Tokenizer  # noqa: E402
+from jaxsink.traced import cache as kv  # noqa: E402
+from jaxsink.traced import entry  # noqa: E402
+from jaxsink.traced.entry import EntryPoint  # noqa: E402
+from jaxsink.traced.sampling import greedy  # noqa: E402
 
 # Below this, (head L1 norm x max |h| + max |bias|) x |scale| proves every logit finite: a
 # float32 dot product whose exact terms sum in absolute value to less than max / 4 cannot
@@ -97,7 +98,7 @@ def _soak_chunk(weights, cache, tokens, valid, bound, counts, graphdef):
     logits, chunks whose logits were all computed because the bound proved nothing).
     Returns (counts updated, greedy next token after each row's last valid token [B, 1], cache).
     """
-    mdl.TRACES["soak_chunk"] += 1
+    entry.TRACES["soak_chunk"] += 1
     module = nnx.merge(graphdef, weights)
     hidden, cache = module(cache, tokens, valid)  # [B, C, D]
     last = jnp.maximum(valid.sum(axis=1) - 1, 0)  # [B]
@@ -110,7 +111,7 @@ def _soak_chunk(weights, cache, tokens, valid, bound, counts, graphdef):
         return jnp.sum(~jnp.isfinite(last_logits) & valid.any(axis=1), dtype=jnp.int32)
 
     def every_position():  # [V, B, C]: computed, then counted
-        logits = mdl.logits(weights, hidden, graphdef)
+        logits = entry.logits(weights, hidden, graphdef)
         return jnp.sum(~jnp.isfinite(logits) & valid, dtype=jnp.int32)
 
     bad = jax.lax.cond(proven, last_only, every_position)
@@ -265,7 +266,7 @@ def main(argv=None) -> int:
     bound = head_bound(w, graphdef=g)
     counts = jnp.zeros(2, jnp.int32)
 
-    traces = sum(mdl.TRACES.values())
+    traces = sum(entry.TRACES.values())
     t0 = time.perf_counter()
     static = {"graphdef": g}
     ids0, valid0 = np.zeros((1, C), np.int32), np.zeros((1, C), bool)
@@ -276,7 +277,7 @@ def main(argv=None) -> int:
         soak_chunk, "soak_chunk", (w, cache, one, valid1, bound, counts), static
     )
     compile_seconds = time.perf_counter() - t0
-    compiles = sum(mdl.TRACES.values()) - traces
+    compiles = sum(entry.TRACES.values()) - traces
 
     N, n_prefill = args.tokens, args.tokens - args.decode
     summary = {
@@ -332,7 +333,7 @@ def main(argv=None) -> int:
     decoded = []  # the decode steps' tokens, device arrays until the end
     valid_full = np.ones((1, C), bool)
     pos, next_sample, next_print = 0, args.sample_every, args.print_every
-    traces = sum(mdl.TRACES.values())
+    traces = sum(entry.TRACES.values())
     start = last_time = time.perf_counter()
     settling = 0.0  # seconds spent letting RSS settle, left out of every time
     last_tokens, nxt = 0, None
@@ -422,7 +423,7 @@ def main(argv=None) -> int:
         prefill_seconds = t - start - settled
         summary["prefill_tokens_per_s"] = n_prefill / prefill_seconds
         summary["decode_tokens_per_s"] = args.decode / (elapsed - prefill_seconds)
-    summary["compiles_during_stream"] = sum(mdl.TRACES.values()) - traces
+    summary["compiles_during_stream"] = sum(entry.TRACES.values()) - traces
     summary["stream_position"] = kv.stream_index(cache)[0]
     n_decoded = len(decoded)
     if decoded:

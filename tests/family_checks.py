@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxsink import model as mdl
 from jaxsink.config import StreamConfig
+from jaxsink.traced import entry
 from tests.hf_tiny import torch_logits
 from tests.spec_reference import stream_logits
 from tests.tiny import feed
@@ -28,7 +28,7 @@ def assert_sink_stream_matches_reference(model, flat, n_tokens: int) -> None:
     ids = ids.astype(np.int32)
     want = stream_logits(flat, model.cfg, ids[0], 2, 5)
     for chunk in (1, 8):
-        before = mdl.TRACES["step"]
+        before = entry.TRACES["step"]
         got, _ = feed(model, StreamConfig(2, 5), ids, chunk=chunk)
-        assert mdl.TRACES["step"] - before <= 1  # at most one compile for this shape
+        assert entry.TRACES["step"] - before <= 1  # at most one compile for this shape
         np.testing.assert_allclose(got[0], want, atol=1e-4, rtol=0)

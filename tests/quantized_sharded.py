@@ -17,12 +17,11 @@ import jax
 import numpy as np
 
 import jaxsink
-from jaxsink import model as mdl
-from jaxsink import quant
 from jaxsink import sharding as sh
 from jaxsink.checkpoint import save_checkpoint
 from jaxsink.config import StreamConfig
-from jaxsink.executables import EntryPoint
+from jaxsink.traced import entry, quant
+from jaxsink.traced.entry import EntryPoint
 from tests.sharded_checks import sharded_step_inputs
 from tests.test_quantized import MIXED, config
 from tests.tiny import quantized_params, random_flat_params
@@ -32,10 +31,10 @@ DTYPES = {"s8": "int8", "f32": "float32"}
 
 
 def fresh_step() -> EntryPoint:
-    """`model.step` traced anew (a new function: `quant.DEQUANT_BYTES` is read at trace time)."""
+    """`entry.step` traced anew (a new function: `quant.DEQUANT_BYTES` is read at trace time)."""
 
     def step(weights, cache, tokens, valid, graphdef):
-        return mdl._step(weights, cache, tokens, valid, graphdef)
+        return entry._step(weights, cache, tokens, valid, graphdef)
 
     return EntryPoint(step, static=("graphdef",), donate=("cache",))
 

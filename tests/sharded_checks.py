@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 import jaxsink
-from jaxsink import model as mdl
+from jaxsink import layout
 from jaxsink import sharding as sh
 from jaxsink.checkpoint import save_checkpoint
 from jaxsink.cli import main as cli_main
@@ -32,6 +32,7 @@ from jaxsink.config import ConfigError, StreamConfig
 from jaxsink.evaluate import stream_nll
 from jaxsink.executables import compiled
 from jaxsink.generate import Generation
+from jaxsink.traced import entry
 from tests.hf_tiny import write_tokenizer
 from tests.tiny import random_flat_params, tiny_config
 
@@ -75,11 +76,11 @@ def sharded_step_inputs(m, stream, batch: int, chunk: int, cache_dtype=None):
 
 
 def sharded_feed(m, stream, tokens: np.ndarray, chunk: int, cache_dtype=None) -> np.ndarray:
-    """Logits [B, N, V] of feeding tokens [B, N] in chunks through `mdl.step` compiled with the
+    """Logits [B, N, V] of feeding tokens [B, N] in chunks through `entry.step` compiled with the
     model mesh's shardings (the cache in `cache_dtype`, default the model's)."""
     B, N = tokens.shape
     args, shardings = sharded_step_inputs(m, stream, B, chunk, cache_dtype)
-    exe, _ = compiled(mdl.step, "step", args, {"graphdef": m.graphdef}, shardings)
+    exe, _ = compiled(entry.step, "step", args, {"graphdef": m.graphdef}, shardings)
     cache = args[1]
     outs = []
     for i in range(0, N, chunk):
@@ -124,11 +125,11 @@ def main(out_dir: str) -> None:
     cache = sh.sharded_cache(cfg, STREAMS["sink"], 4, np.int8, m.mesh)
     report["int8_cache_specs"] = sorted({json.dumps(spec_of(x)) for x in jax.tree.leaves(cache)})
     report["weight_specs"] = {
-        mdl._name(k): spec_of(v.get_value()) for k, v in nnx.to_flat_state(m.weights)
+        layout.name_of(k): spec_of(v.get_value()) for k, v in nnx.to_flat_state(m.weights)
     }
     report["weight_names"] = {
-        mdl._name(k): list(v.get_value())
-        for k, v in nnx.to_flat_state(nnx.get_partition_spec(mdl.abstract(cfg)[1]))
+        layout.name_of(k): list(v.get_value())
+        for k, v in nnx.to_flat_state(nnx.get_partition_spec(layout.abstract(cfg)[1]))
     }
     cache = sh.sharded_cache(cfg, STREAMS["sink"], 4, m.dtype, m.mesh)
     report["cache_specs"] = sorted({json.dumps(spec_of(x)) for x in jax.tree.leaves(cache)})
@@ -136,7 +137,7 @@ def main(out_dir: str) -> None:
     # No weight is all-gathered in a sharded decode step (model = 2).
     m2 = jaxsink.load(path, mesh="data=1,model=2")
     args, shardings = sharded_step_inputs(m2, STREAMS["sink"], 1, 1)
-    exe, _ = compiled(mdl.step, "step", args, {"graphdef": m2.graphdef}, shardings)
+    exe, _ = compiled(entry.step, "step", args, {"graphdef": m2.graphdef}, shardings)
     hlo = exe.as_text()
     gathered = re.findall(r"= f32\[([\d,]*)\][^=]*? all-gather\(", hlo)
     weight_shapes = {",".join(map(str, v.shape)) for v in jax.tree.leaves(m2.weights)}

@@ -11,12 +11,12 @@ import transformers
 from flax import nnx
 
 import jaxsink
-from jaxsink import cache as kv
 from jaxsink.checkpoint import load_params
 from jaxsink.cli import main as cli_main
 from jaxsink.config import Alibi, Rotary, StreamConfig
 from jaxsink.convert import convert
 from jaxsink.convert.cli import main as convert_main
+from jaxsink.traced import cache as kv
 from tests import published_models
 from tests.family_checks import assert_dense_matches_pytorch, assert_sink_stream_matches_reference
 from tests.hf_tiny import build_from_config, torch_nll

@@ -9,7 +9,6 @@ import dataclasses
 import numpy as np
 import pytest
 
-from jaxsink import model as mdl
 from jaxsink.config import ConfigError, StreamConfig
 from jaxsink.engine import (
     Engine,
@@ -17,9 +16,10 @@ from jaxsink.engine import (
     bucket_of,
     buckets,
     padded_chunks,
-    sample_rows,
     token_buckets,
 )
+from jaxsink.traced import entry
+from jaxsink.traced.sampling import sample_rows
 from tests.tiny import random_flat_params, tiny_config, tiny_model
 
 STREAM = StreamConfig(2, 5)
@@ -56,7 +56,7 @@ def test_rows_equal_streams_run_alone(tiny):
     row the first one released: each row's tokens equal its stream run alone."""
     alone = [run_alone(tiny, p, s) for p, (_, s) in zip(prompts(), REQUESTS, strict=True)]
     assert all(len(t) == s.max_tokens for t, (_, s) in zip(alone, REQUESTS, strict=True))
-    before = dict(mdl.TRACES)
+    before = dict(entry.TRACES)
     engine = Engine(tiny, 3, STREAM, chunk=4, block=5)
     got = {}
     pending = list(zip(prompts(), REQUESTS, strict=True))
@@ -76,7 +76,7 @@ def test_rows_equal_streams_run_alone(tiny):
                     del owner[row]
         step += 1
     assert [got[i] for i in range(len(REQUESTS))] == alone
-    traced = {k: v - before.get(k, 0) for k, v in mdl.TRACES.items() if v != before.get(k, 0)}
+    traced = {k: v - before.get(k, 0) for k, v in entry.TRACES.items() if v != before.get(k, 0)}
     # for the whole run: decode in the 1-row bucket and all 3 rows (a 2-row bucket of 3 would
     # copy more than it saves, `Engine._bucket`), compiled at the start; prefill one row at a
     # time in chunks of 4 and last pieces of at most 2
@@ -156,10 +156,10 @@ def test_each_bucket_compiles_once_and_rows_move_between_buckets(tiny):
     rng = np.random.default_rng(23)
     streams = [(rng.integers(0, 97, size=4 + i).tolist(), s) for i, s in enumerate(settings)]
     alone = [run_alone(tiny, p, s) for p, s in streams]
-    before = dict(mdl.TRACES)
+    before = dict(entry.TRACES)
     engine = Engine(tiny, 8, STREAM, chunk=4, block=5)
     engine.warm()
-    traced = {k: v - before.get(k, 0) for k, v in mdl.TRACES.items() if v != before.get(k, 0)}
+    traced = {k: v - before.get(k, 0) for k, v in entry.TRACES.items() if v != before.get(k, 0)}
     assert token_buckets(4) == (2, 4) and token_buckets(64) == (32, 64)
     assert traced == {"prefill_rows": 4 * 2, "mixed_rows": 4 * 2, "decode_rows": 4}
     rows = [engine.insert(p, s) for p, s in streams]
@@ -172,7 +172,7 @@ def test_each_bucket_compiles_once_and_rows_move_between_buckets(tiny):
                 got[row] += new
     assert [got[r] for r in rows] == alone
     assert sizes == {1, 2, 4, 8}
-    assert all(mdl.TRACES[k] == before.get(k, 0) + n for k, n in traced.items())  # no more
+    assert all(entry.TRACES[k] == before.get(k, 0) + n for k, n in traced.items())  # no more
 
 
 def test_prompts_fed_together_equal_each_fed_alone(tiny):
@@ -212,7 +212,7 @@ def test_mixed_steps_equal_prefill_then_decode(tiny):
     streams = [(p, s) for p, (_, s) in zip(prompts(), REQUESTS, strict=True)]
     alone = [run_alone(tiny, p, s) for p, s in streams]
     engine = Engine(tiny, 4, STREAM, chunk=4, block=5)
-    before = dict(mdl.TRACES)
+    before = dict(entry.TRACES)
     first = engine.insert(*streams[0])
     got = {first: engine.decode(limit=2)[first]}
     rows = [engine.open(s) for _, s in streams[1:]]
@@ -236,7 +236,7 @@ def test_mixed_steps_equal_prefill_then_decode(tiny):
                 got[r] += new
     assert mixed >= 3
     assert [got[r] for r in [first, *rows]] == alone
-    traced = {k: v - before.get(k, 0) for k, v in mdl.TRACES.items() if v != before.get(k, 0)}
+    traced = {k: v - before.get(k, 0) for k, v in entry.TRACES.items() if v != before.get(k, 0)}
     assert traced["mixed_rows"] <= len(buckets(4)) * len(token_buckets(4))
     engine.append(first, [5], RowSampling(max_tokens=3))
     with pytest.raises(ConfigError, match="must not be decoding"):

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 
-from jaxsink import cache as kv
-from jaxsink import model as mdl
 from jaxsink import plan
 from jaxsink import sharding as sh
 from jaxsink.config import StreamConfig
 from jaxsink.engine import Engine, RowSampling
 from jaxsink.stream_state import SavedStream, load_stream, read_stream_info, save_stream
+from jaxsink.traced import cache as kv
+from jaxsink.traced import entry
 from tests.spec_reference import _rope, int8_round_trip, stream_logits
 from tests.tiny import feed, random_flat_params, tiny_config, tiny_model
 
@@ -194,12 +194,12 @@ def test_logit_error_does_not_grow_with_the_stream(tiny):
 def test_one_compile_per_shape_over_a_long_stream(tiny):
     stream = StreamConfig(3, 7)  # a layout no other test compiles
     cache = kv.init_cache(CFG, stream, 1, INT8)
-    before = mdl.TRACES["step"]
+    before = entry.TRACES["step"]
     ids = tokens(700, seed=10)
     _, cache = feed(tiny, stream, ids, 16, cache=cache)
     nbytes = cache.nbytes
     _, cache = feed(tiny, stream, ids[:, :40], 1, cache=cache)
-    assert mdl.TRACES["step"] - before == 2  # C = 16 and C = 1, for 740 tokens and 105 laps
+    assert entry.TRACES["step"] - before == 2  # C = 16 and C = 1, for 740 tokens and 105 laps
     assert cache.nbytes == nbytes == kv.cache_bytes(CFG, stream, 1, INT8)
 
 

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxsink import cache as kv
-from jaxsink import model
+from jaxsink import layout
 from jaxsink.config import (
     Alibi,
     Attention,
@@ -25,6 +24,8 @@ from jaxsink.config import (
     Rotary,
     StreamConfig,
 )
+from jaxsink.traced import attention, entry, layers
+from jaxsink.traced import cache as kv
 from tests.spec_reference import stream_logits
 from tests.tiny import feed, random_flat_params, tiny_config, tiny_model
 
@@ -194,7 +195,7 @@ def test_a_non_finite_row_leaves_the_other_rows_unchanged(batch, bad_row):
     """A token whose embedding is NaN poisons its own row only: the cache write's dependence
     on the attention output is per row and never carries a non-finite value."""
     cfg = dataclasses.replace(kind_config("alibi"), tie_embeddings=False)  # finite logits
-    assert (batch * 2 >= model._FUSED_MIN_PAIRS) == (batch == 6)
+    assert (batch * 2 >= attention.FUSED_MIN_PAIRS) == (batch == 6)
     flat = random_flat_params(cfg, seed=5)
     poison = 7
     flat["embed"][poison] = np.nan
@@ -235,9 +236,9 @@ def test_a_bfloat16_cache_under_float32_weights_keeps_its_dtype():
     tokens = np.random.default_rng(13).integers(0, 97, size=(1, 40)).astype(np.int32)
     stream = StreamConfig(2, 9)
     f32, _ = feed(m, stream, tokens, chunk=8)
-    before = model.TRACES["step"]
+    before = entry.TRACES["step"]
     half, cache = feed(m, stream, tokens, 8, cache=kv.init_cache(cfg, stream, 1, jnp.bfloat16))
-    assert model.TRACES["step"] - before <= 1
+    assert entry.TRACES["step"] - before <= 1
     assert {x.dtype for x in jax.tree.leaves(cache.layers)} == {jnp.dtype(jnp.bfloat16)}
     logp = [jax.nn.log_softmax(x.astype(np.float64), axis=-1) for x in (f32, half)]
     error = np.abs(logp[0] - logp[1])
@@ -255,12 +256,12 @@ def test_every_weight_is_an_nnx_param_with_a_partition_spec(name):
     specs = nnx.get_partition_spec(params)
     flat_specs = dict(nnx.to_flat_state(specs))
     flat_params = dict(nnx.to_flat_state(params))
-    assert set(flat_specs) == set(flat_params) and len(flat_params) == len(model.param_shapes(cfg))
+    assert set(flat_specs) == set(flat_params) and len(flat_params) == len(layout.param_shapes(cfg))
     for path, param in flat_params.items():
         spec = flat_specs[path].get_value()
         assert isinstance(param, nnx.Param)
         assert len(spec) == param.get_value().ndim, path
-        assert set(spec) <= {None, *model.LOGICAL_AXES}, path
+        assert set(spec) <= {None, *layers.LOGICAL_AXES}, path
         if param.get_value().ndim >= 2:
             assert any(spec), path
 
@@ -287,5 +288,5 @@ def test_a_users_own_jit_over_split_state_equals_step():
 def test_the_graph_definition_is_the_same_for_equal_configs():
     """Two loads of one config share compilations: equal, hashable graph definitions."""
     cfg = kind_config("alibi")
-    a, b = model.abstract(cfg)[0], model.abstract(cfg)[0]
+    a, b = layout.abstract(cfg)[0], layout.abstract(cfg)[0]
     assert a == b and hash(a) == hash(b)

@@ -13,12 +13,12 @@ import pytest
 import transformers
 
 import jaxsink
-from jaxsink import cache as kv
 from jaxsink.checkpoint import load_params
 from jaxsink.cli import main as cli_main
 from jaxsink.config import StreamConfig
 from jaxsink.convert import convert
 from jaxsink.convert.cli import main as convert_main
+from jaxsink.traced import cache as kv
 from tests.family_checks import assert_dense_matches_pytorch, assert_sink_stream_matches_reference
 from tests.hf_tiny import build_from_config, torch_logits, torch_nll
 from tests.tiny import feed

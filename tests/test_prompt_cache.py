@@ -142,7 +142,7 @@ def test_a_restored_prefix_gives_the_uncached_logits(tiny, stream):
 
 
 def fake_state(n_bytes: int) -> RowState:
-    from jaxsink import cache as kv
+    from jaxsink.traced import cache as kv
 
     one = kv.KVCache(
         layers=(), pos=np.zeros(1, np.int32), epoch=np.zeros(1, np.int32), stream=STREAM

@@ -1,4 +1,4 @@
-"""Weights kept quantized (`jaxsink.quant`): GGUF blocks as they are, on disk and in memory.
+"""Weights kept quantized (`jaxsink.traced.quant`): GGUF blocks as they are, on disk and in memory.
 
 The blocks dequantize exactly as the `gguf` package does; a model with quantized weights gives
 the logits of the same model with those weights dequantized to float32; one compilation per
@@ -23,14 +23,14 @@ from jax.sharding import AbstractMesh
 
 import jaxsink
 from jaxsink import config as C
-from jaxsink import model as mdl
-from jaxsink import quant
+from jaxsink import layout
 from jaxsink import sharding as sh
 from jaxsink.checkpoint import CheckpointError, load_params, read_config, save_checkpoint
 from jaxsink.config import ConfigError, Experts, Mlp, ModelConfig, Quant, StreamConfig
 from jaxsink.convert import convert
 from jaxsink.convert.cli import main as convert_main
 from jaxsink.convert.gguf import GGUFSource, gguf_blocks, read_gguf
+from jaxsink.traced import entry, quant
 from tests.hf_tiny import write_tokenizer
 from tests.sharded_checks import forced_devices_report
 from tests.tiny import feed, quantized_params, random_flat_params, tiny_config, tiny_model
@@ -136,7 +136,7 @@ def test_sliced_products_equal_whole_ones(monkeypatch):
     cache = kv_cache(qcfg)
 
     def logits():
-        step = jax.jit(functools.partial(mdl._step, graphdef=m.graphdef))  # a fresh trace
+        step = jax.jit(functools.partial(entry._step, graphdef=m.graphdef))  # a fresh trace
         return np.asarray(step(m.weights, cache, tokens, valid)[0])
 
     whole = logits()
@@ -148,7 +148,7 @@ def test_sliced_products_equal_whole_ones(monkeypatch):
 
 
 def kv_cache(cfg):
-    from jaxsink import cache as kv
+    from jaxsink.traced import cache as kv
 
     return kv.init_cache(cfg, StreamConfig(2, 9), 1)
 
@@ -157,11 +157,11 @@ def test_one_compile_per_shape():
     qcfg, stored, _ = quantized_params(config(), MIXED, seed=8)
     m = tiny_model(qcfg, stored)
     tokens = np.random.default_rng(9).integers(0, 97, size=(1, 30)).astype(np.int32)
-    before = mdl.TRACES["step"]
+    before = entry.TRACES["step"]
     feed(m, StreamConfig(2, 9), tokens, chunk=5)  # 6 chunks, the stream wraps: one compile
-    assert mdl.TRACES["step"] - before == 1
+    assert entry.TRACES["step"] - before == 1
     feed(m, StreamConfig(2, 9), tokens, chunk=5)  # same shapes: none
-    assert mdl.TRACES["step"] - before == 1
+    assert entry.TRACES["step"] - before == 1
 
 
 def test_checkpoints_keep_the_blocks_and_float_configs_read_as_before(tmp_path):
@@ -209,11 +209,11 @@ def test_every_quantized_part_shards_like_its_float_weight():
     mesh axis is replicated in every part."""
     cfg = config()
     qcfg, _, _ = quantized_params(cfg, MIXED, seed=11)
-    float_specs = dict(nnx.to_flat_state(sh.weight_shardings(mdl.abstract(cfg)[1], MESH22)))
+    float_specs = dict(nnx.to_flat_state(sh.weight_shardings(layout.abstract(cfg)[1], MESH22)))
     for mesh in (MESH22, MESH14):
         notes: set = set()
-        specs = dict(nnx.to_flat_state(sh.weight_shardings(mdl.abstract(qcfg)[1], mesh, notes)))
-        names = dict(nnx.to_flat_state(nnx.get_partition_spec(mdl.abstract(qcfg)[1])))
+        specs = dict(nnx.to_flat_state(sh.weight_shardings(layout.abstract(qcfg)[1], mesh, notes)))
+        names = dict(nnx.to_flat_state(nnx.get_partition_spec(layout.abstract(qcfg)[1])))
         for path, sharding in specs.items():
             if path[-1] not in ("codes", "scales", "mins"):
                 continue

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from jaxsink.config import ConfigError
-from jaxsink.engine import _threshold, sample_rows
 from jaxsink.generate import Sampling
+from jaxsink.traced.sampling import _threshold, sample_rows
 
 jitted_rows = jax.jit(sample_rows)
 

@@ -66,7 +66,7 @@ def _shape_of(name: str) -> tuple[int, ...]:
     """Shapes of the checks' tiny model (vocab 96, D 32, 4 heads of 8, 2 kv heads, MLP 48)."""
     import dataclasses
 
-    from jaxsink.model import param_shapes
+    from jaxsink.layout import param_shapes
     from tests.tiny import tiny_config
 
     return param_shapes(dataclasses.replace(tiny_config(), vocab_size=96))[name]

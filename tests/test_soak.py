@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsink import cache as kv
-from jaxsink import model as mdl
 from jaxsink.config import StreamConfig
+from jaxsink.traced import cache as kv
+from jaxsink.traced import entry
 from tests.tiny import random_flat_params, tiny_config, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,7 +109,7 @@ def test_finite_chunk_is_proven_and_next_token_is_greedy(tiny):
     head = flat["embed"]
     assert bound[0] == pytest.approx(np.abs(head).sum(axis=1).max(), rel=1e-5)
     cache = kv.init_cache(m.cfg, StreamConfig(sinks=2, window=6), 1, jnp.float32)
-    logits, _ = mdl.step(m.weights, cache, tokens, valid, graphdef=m.graphdef)
+    logits, _ = entry.step(m.weights, cache, tokens, valid, graphdef=m.graphdef)
     assert nxt.tolist() == [[int(np.argmax(np.asarray(logits)[0, 4]))]]  # last valid token's
 
 
@@ -126,7 +126,7 @@ def test_non_finite_logits_are_counted_in_full(tiny):
     # at each of the 5 valid positions (the padded ones are not counted).
     assert counts[1] == 1
     assert counts[0] >= 5
-    logits, _ = mdl.step(
+    logits, _ = entry.step(
         m.weights,
         kv.init_cache(m.cfg, StreamConfig(sinks=2, window=6), 1, jnp.float32),
         tokens,

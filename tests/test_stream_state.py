@@ -15,7 +15,6 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxsink import cache as kv
 from jaxsink import cli
 from jaxsink.checkpoint import save_checkpoint
 from jaxsink.config import ConfigError, StreamConfig
@@ -30,6 +29,7 @@ from jaxsink.stream_state import (
     read_stream_info,
     save_stream,
 )
+from jaxsink.traced import cache as kv
 from tests.hf_tiny import write_tokenizer
 from tests.tiny import random_flat_params, tiny_config
 

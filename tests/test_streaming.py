@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsink import cache as kv
-from jaxsink import model
 from jaxsink.config import StreamConfig
+from jaxsink.traced import attention, entry
+from jaxsink.traced import cache as kv
 from tests.spec_reference import spec_view, stream_logits
 from tests.tiny import feed, random_flat_params, tiny_config, tiny_model
 
@@ -60,9 +60,9 @@ def test_one_compile_and_constant_cache_over_a_long_stream():
     cache = kv.init_cache(cfg, stream, 1)
     shapes_before = jax.tree.map(lambda x: (x.shape, x.dtype), cache)
     bytes_before = cache.nbytes
-    model.TRACES.clear()
+    entry.TRACES.clear()
     _, cache = feed(m, stream, tokens, chunk=16, cache=cache)
-    assert model.TRACES["step"] == 1
+    assert entry.TRACES["step"] == 1
     assert int(cache.pos[0]) == 3000
     assert jax.tree.map(lambda x: (x.shape, x.dtype), cache) == shapes_before
     assert cache.nbytes == bytes_before == kv.cache_bytes(cfg, stream, 1)
@@ -143,7 +143,7 @@ def test_rows_are_independent_streams():
     cache = kv.init_cache(cfg, stream, 2)
     outs = []
     for i in range(0, 40, 5):
-        lg, cache = model.step(
+        lg, cache = entry.step(
             m.weights, cache, tokens[:, i : i + 5], valid[:, i : i + 5], graphdef=m.graphdef
         )
         outs.append(np.asarray(lg))
@@ -167,7 +167,7 @@ def test_wide_batches_use_the_fused_form_and_match_rows_alone(stream, monkeypatc
     lengths = [40, 23, 40, 1, 31, 40]
     assert (
         cfg.layers[0].attention.num_kv_heads
-        < model._FUSED_MIN_PAIRS
+        < attention.FUSED_MIN_PAIRS
         <= len(lengths) * cfg.layers[0].attention.num_kv_heads
     )
     m = tiny_model(cfg, random_flat_params(cfg, seed=15))
@@ -178,7 +178,7 @@ def test_wide_batches_use_the_fused_form_and_match_rows_alone(stream, monkeypatc
         cache, outs = kv.init_cache(cfg, stream, 6), []
         for i in range(0, 40, chunk):
             part = slice(i, i + chunk)
-            lg, cache = model.step(
+            lg, cache = entry.step(
                 m.weights, cache, tokens[:, part], valid[:, part], graphdef=m.graphdef
             )
             outs.append(np.asarray(lg))
@@ -240,12 +240,14 @@ def test_step_updates_the_cache_in_place(chunk, batch):
     array (a copy per layer per token would cost more than the attention itself), except in the
     branch that re-rotates the ring when a stream enters a new lap, once per W tokens."""
     cfg = tiny_config(num_layers=3)
-    assert (batch * cfg.layers[0].attention.num_kv_heads >= model._FUSED_MIN_PAIRS) == (batch == 8)
+    assert (batch * cfg.layers[0].attention.num_kv_heads >= attention.FUSED_MIN_PAIRS) == (
+        batch == 8
+    )
     m = tiny_model(cfg, random_flat_params(cfg))
     cache = kv.init_cache(cfg, StreamConfig(4, 2100), batch)  # sinks + 3 ring blocks
     tokens = jnp.zeros((batch, chunk), jnp.int32)
     hlo = (
-        model.step.lower(m.weights, cache, tokens, tokens > 0, graphdef=m.graphdef)
+        entry.step.lower(m.weights, cache, tokens, tokens > 0, graphdef=m.graphdef)
         .compile()
         .as_text()
     )

@@ -20,12 +20,12 @@ from jax.sharding import AbstractMesh
 
 import jaxsink
 from jaxsink import config as C
-from jaxsink import executables, quant, quantize
-from jaxsink import model as mdl
+from jaxsink import executables, layout, quantize
 from jaxsink import sharding as sh
 from jaxsink.checkpoint import load_params, read_config, save_checkpoint
 from jaxsink.config import Quant, StreamConfig
 from jaxsink.convert import convert
+from jaxsink.traced import quant
 from tests.hf_tiny import write_tokenizer
 from tests.test_quantized import cli_main, config, tiny_gguf
 from tests.tiny import feed, random_flat_params, tiny_model
@@ -74,7 +74,7 @@ def test_weight_plan_quantizes_every_product_weight():
     """int8: every matrix per output channel; int4: the layers' matrices in groups of 32, the
     embedding and LM head int8; expert MLPs stay float."""
     cfg = dataclasses.replace(config(), tie_embeddings=False)
-    shapes = mdl.param_shapes(cfg)
+    shapes = layout.param_shapes(cfg)
     int8 = quantize.weight_plan(cfg, "int8", "float32")
     assert set(int8) == {"embed", "lm_head"} | {
         f"layers.{i}.{w}" for i in range(cfg.num_layers) for w in C.QUANTIZABLE
@@ -99,7 +99,7 @@ def dequantized_flat(path) -> tuple:
     cfg = read_config(path)[0]
     params = load_params(path, cfg)
     flat = {}
-    for name in mdl.param_shapes(cfg.dequantized()):
+    for name in layout.param_shapes(cfg.dequantized()):
         spec = C.quantized_weights(cfg).get(name)
         if spec is None:
             flat[name] = params[name]
@@ -180,21 +180,21 @@ def test_int8_and_int4_parts_shard_like_the_float_weight(mesh):
     input axis, which each row has one scale for."""
     cfg = dataclasses.replace(config(), vocab_size=96)
     mesh = AbstractMesh(mesh, ("data", "model"))
-    float_specs = dict(nnx.to_flat_state(sh.weight_shardings(mdl.abstract(cfg)[1], mesh)))
+    float_specs = dict(nnx.to_flat_state(sh.weight_shardings(layout.abstract(cfg)[1], mesh)))
     # int4 on model=4: 2 groups per row of down do not divide it (test_quantized covers that)
     for kind in ("int8", "int4") if mesh.shape["model"] == 2 else ("int8",):
         qcfg = C.quantize_config(cfg, quantize.weight_plan(cfg, kind, "float32"))
-        specs = dict(nnx.to_flat_state(sh.weight_shardings(mdl.abstract(qcfg)[1], mesh)))
+        specs = dict(nnx.to_flat_state(sh.weight_shardings(layout.abstract(qcfg)[1], mesh)))
         for name, spec in C.quantized_weights(qcfg).items():
             path = tuple(int(p) if p.isdigit() else p for p in name.split("."))
             want = tuple(float_specs[path].get_value().spec)
-            want += (None,) * (len(mdl.param_shapes(cfg)[name]) - len(want))
+            want += (None,) * (len(layout.param_shapes(cfg)[name]) - len(want))
             codes = tuple(specs[(*path, "codes")].get_value().spec)
             scales = tuple(specs[(*path, "scales")].get_value().spec)
             codes += (None,) * (len(want) - len(codes))
             scales += (None,) * (len(want) - len(scales))
             assert codes == want, (kind, name)
-            one_block = spec.block == mdl.param_shapes(cfg)[name][-1]
+            one_block = spec.block == layout.param_shapes(cfg)[name][-1]
             assert scales == ((*want[:-1], None) if one_block else want), (kind, name)
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsink import cache as kv
 from jaxsink import config as C
-from jaxsink import model
+from jaxsink import layout
 from jaxsink.checkpoint import param_shapes
 from jaxsink.config import Attention, LayerSpec, Mlp, ModelConfig, Norm, Rotary, StreamConfig
 from jaxsink.engine import padded_chunks
 from jaxsink.loading import Model
+from jaxsink.traced import cache as kv
+from jaxsink.traced import entry
 
 RMS = Norm("rms", 1e-5)
 SILU_MLP = Mlp(48, "silu")
@@ -58,7 +59,7 @@ def random_flat_params(cfg: ModelConfig, seed: int = 0, scale: float = 0.3) -> d
 
 def tiny_model(cfg: ModelConfig, flat: dict, dtype=jnp.float32) -> Model:
     """A `jaxsink.Model` (no tokenizer) holding the checkpoint arrays `flat`."""
-    graphdef, weights = model.from_flat(cfg, flat, dtype)
+    graphdef, weights = layout.from_flat(cfg, flat, dtype)
     return Model(cfg=cfg, graphdef=graphdef, weights=weights, tokenizer=None, path=None)
 
 
@@ -67,7 +68,7 @@ def feed(m: Model, stream: StreamConfig, tokens: np.ndarray, chunk: int, cache=N
     cache = kv.init_cache(m.cfg, stream, tokens.shape[0], m.dtype) if cache is None else cache
     outs = []
     for padded, valid, n in padded_chunks(tokens, chunk):
-        logits, cache = model.step(m.weights, cache, padded, valid, graphdef=m.graphdef)
+        logits, cache = entry.step(m.weights, cache, padded, valid, graphdef=m.graphdef)
         outs.append(np.asarray(logits)[:, :n])
     return np.concatenate(outs, axis=1), cache
 
