@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxsink import config as C
 from jaxsink import layout
 from jaxsink.config import (
     Alibi,
@@ -20,11 +21,12 @@ from jaxsink.config import (
     Mlp,
     ModelConfig,
     Norm,
+    Quant,
     RopeScaling,
     Rotary,
     StreamConfig,
 )
-from jaxsink.traced import attention, entry, layers
+from jaxsink.traced import attention, entry, layers, quant
 from jaxsink.traced import cache as kv
 from tests.spec_reference import stream_logits
 from tests.tiny import feed, random_flat_params, tiny_config, tiny_model
@@ -290,3 +292,41 @@ def test_the_graph_definition_is_the_same_for_equal_configs():
     cfg = kind_config("alibi")
     a, b = layout.abstract(cfg)[0], layout.abstract(cfg)[0]
     assert a == b and hash(a) == hash(b)
+
+
+def _lowered_step(cfg, stream, batch: int, chunk: int, platform: str, cache_dtype=jnp.float32):
+    """The text of `entry.step` exported for `platform` from abstract arguments (no device
+    of that platform needed)."""
+    graphdef, weights = layout.abstract(cfg)
+    cache = jax.eval_shape(lambda: kv.init_cache(cfg, stream, batch, cache_dtype))
+    tokens = jax.ShapeDtypeStruct((batch, chunk), jnp.int32)
+    valid = jax.ShapeDtypeStruct((batch, chunk), jnp.bool_)
+    export = jax.export.export(entry.step.jitted, platforms=(platform,))
+    return export(weights, cache, tokens, valid, graphdef=graphdef).mlir_module()
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_the_platform_compiled_for_picks_the_bodies(platform, monkeypatch):
+    """The attention bodies and the quantized product's slicing are chosen by the platform a
+    step is lowered for, not by the machine: from this CPU machine an export for tpu or cuda
+    carries the plain attention and the whole product, one for cpu the CPU forms (the fused
+    float body for wide batches, the int8 decode body, the sliced dequantization)."""
+    monkeypatch.setattr(quant, "DEQUANT_BYTES", 4096)  # the tied 97 x 32 head in 4 slices
+    cfg = C.quantize_config(tiny_config(), {"embed": Quant("q8_0")})
+    stream = StreamConfig(2, 6)
+    wide = 6  # batch rows: 6 x 2 kv heads >= FUSED_MIN_PAIRS
+    assert wide * 2 >= attention.FUSED_MIN_PAIRS
+    forms = {
+        "cpu float": _lowered_step(cfg, stream, wide, 1, "cpu"),
+        "cpu int8": _lowered_step(cfg, stream, 1, 1, "cpu", jnp.int8),
+        "accelerator float": _lowered_step(cfg, stream, wide, 1, platform),
+        "accelerator int8": _lowered_step(cfg, stream, 1, 1, platform, jnp.int8),
+    }
+    cpu_only = ("attention_fused_cpu", "attention_int8_decode_cpu", "dequantize_sliced_cpu")
+    assert all(
+        name in forms["cpu float"] for name in ("attention_fused_cpu", "dequantize_sliced_cpu")
+    )
+    assert "attention_int8_decode_cpu" in forms["cpu int8"]
+    for name in ("accelerator float", "accelerator int8"):
+        assert "attention_plain" in forms[name]
+        assert not any(cpu in forms[name] for cpu in cpu_only), name

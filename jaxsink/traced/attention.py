@@ -20,115 +20,150 @@ from jaxsink.traced import cache as kv
 from jaxsink.traced import quant
 from jaxsink.traced.layers import FLOAT, Norm, matrix, param
 from jaxsink.traced.rope import rotate
-from jaxsink.traced.view import MASKED
+from jaxsink.traced.view import MASKED, Int8View, View, masking
 
-# Batch rows x kv heads from which a group's attention runs as one fused multi-threaded kernel
-# on XLA:CPU (`_group`); below it the plain form is faster (measured on 2 cores).
+# Batch rows x kv heads from which a float block's attention runs as one fused multi-threaded
+# kernel on XLA:CPU (`_fused_cpu`); below it the plain form is faster (measured on 2 cores).
 FUSED_MIN_PAIRS = 12
 
 
 def _score(raw: jax.Array, bias: jax.Array | None, softcap: float | None) -> jax.Array:
     """A score from the scaled product q . k (float32): soft-capped (Gemma 2), then plus the
-    position bias (ALiBi), if any. Every attention path scores through this function, so a
-    change of meaning is made here (the learned sink logits join in `_combine`)."""
+    position bias (ALiBi), if any. Every attention body scores through this function and
+    masks through `view.masking`, so a change of meaning is made here (the learned sink
+    logits join in `_combine`)."""
     if softcap is not None:
         raw = softcap * jnp.tanh(raw / softcap)
     return raw if bias is None else raw + bias
 
 
-def _mask(scores: jax.Array, seen: jax.Array) -> jax.Array:
-    """Scores of keys a query does not see (`seen` False) set to a large finite negative."""
-    return jnp.where(seen, scores, MASKED)
+def read_block(q, keys, values, seen, bias, softcap):
+    """Attention of a group of queries over one group of keys, as partial softmax statistics:
+    the one entry to the bodies below, picking one by the platform the step is compiled for
+    (`jax.lax.platform_dependent`: an export for tpu or cuda from a CPU machine carries the
+    accelerator form) and by shape.
 
-
-def _select_variant(scores: jax.Array, variant: jax.Array) -> jax.Array:
-    """scores [B, K, C, V, G, T], variant [B, 1, T] -> each key's variant's scores
-    [B, K, C, G, T]."""
-    out = scores[:, :, :, 0]
-    for v in range(1, scores.shape[3]):
-        out = jnp.where((variant == v)[:, None, :, None, :], scores[:, :, :, v], out)
-    return out
-
-
-def _group(q, keys, values, variant, seen, bias, softcap):
-    """Attention of the queries over one group of keys, as partial softmax statistics.
-
-    q: [B, K, C, V', G, H] (scaled; the variants this group can need); keys [B, K, H, T];
-    values [B, K, T, H]; variant: [B, 1, T] index into V' (None: V' = 1); seen: [B, C, T];
-    bias: [B, K, C, G, T] float32 or None; softcap: static (`_score`).
+    q: [B, K, C, V, G, H] (scaled; the variants the group is scored by); keys [B, K, H, T]
+    and values [B, K, T, H], float or `cache.Int8Block`s (codes with per-key scales, never
+    converted to a float copy of the block); seen: [B, V, C, T] bool (`view.Group`); bias:
+    [B, K, C, G, T] float32 or None; softcap: static (`_score`).
     Returns (peak [B, K, C, G, 1] the row max, mass [B, K, C, G, 1] the sum of exp(score -
     peak), weighted [B, K, C, G, H] float32 the exp-weighted values); `_combine` merges groups.
+
+    The plain form serves every platform and shape; on CPU two shapes have a form of their own,
+    each tested equal to the plain one: a float block read by one variant from `FUSED_MIN_PAIRS`
+    batch rows x kv heads (`_fused_cpu`), and an int8 block read by one query (`_int8_decode_cpu`).
     """
+    B, K, C_, V, _, _ = q.shape
+    args = (q, keys, values, seen, bias)
+    plain = functools.partial(_named("attention_plain", _plain), softcap=softcap)
+    if isinstance(keys, kv.Int8Block):
+        cpu = _int8_decode_cpu if C_ == 1 else None
+    else:
+        cpu = _fused_cpu if V == 1 and B * K >= FUSED_MIN_PAIRS else None
+    if cpu is None:
+        return plain(*args)
+    cpu = functools.partial(_named(f"attention{cpu.__name__}", cpu), softcap=softcap)
+    return jax.lax.platform_dependent(*args, cpu=cpu, default=plain)
+
+
+def _named(name: str, body):
+    """`body` run under the name scope `name` (seen in the lowered module: tests check which
+    form a step carries)."""
+
+    def run(*args, **kwargs):
+        with jax.named_scope(name):
+            return body(*args, **kwargs)
+
+    return run
+
+
+def _plain(q, keys, values, seen, bias, softcap):
+    """`read_block`'s plain form: each key scored by its own variant's queries (the one that
+    sees it), masked, one softmax and one value product. An int8 block's scales multiply the
+    scores and the weights (for SmolLM2's 128-token chunks 145 against 75 tok/s for the
+    decode form, which runs every product and exp for every variant)."""
     f32 = jnp.float32
     B, K, C_, V, G, H = q.shape
-    T = keys.shape[-1]
+    int8 = isinstance(keys, kv.Int8Block)
+    key_codes = keys.codes.astype(q.dtype) if int8 else keys
+    T = key_codes.shape[-1]
     rows = q.reshape(B, K, C_ * V * G, H)  # one [rows, H] x [H, T] product per (b, kv head)
-    raw = jnp.einsum("bkrh,bkht->bkrt", rows, keys, preferred_element_type=f32)
-    if variant is None and B * K >= FUSED_MIN_PAIRS:
-        # Fast path (XLA:CPU, tested equal to the plain one): product, score, mask, max and exp
-        # fuse into one kernel that runs on every core, but only if the max has no other use,
-        # so the peak is recovered outside the kernel as the score of the key with the
-        # largest weight, one [H] product per row.
-        bias_rows = None if bias is None else bias.reshape(B, K, C_ * G, T)
-        visible = jnp.broadcast_to(seen[:, None, :, None, :], (B, 1, C_, G, T))
-        visible = visible.reshape(B, 1, C_ * G, T)
-        # `_mask` as an added term: a select splits the kernel in two (SmolLM2, B = 16 decode
-        # step 104 vs 83 ms); adding -1e30 gives the same scores.
-        scores = _score(raw, bias_rows, softcap) + jnp.where(visible, 0.0, MASKED)
-        weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))  # [B, K, R, T]
-        top = weights.max(axis=-1, keepdims=True)
-        first = jnp.min(jnp.where(weights == top, jnp.arange(T), T), axis=-1)  # [B, K, R]
-        first = jnp.minimum(first, T - 1)[..., None]  # [B, K, R, 1]
-        best = jnp.take_along_axis(keys, first.swapaxes(-1, -2), axis=-1)  # [B, K, H, R]
-        peak = jnp.einsum("bkrh,bkhr->bkr", rows, best, preferred_element_type=f32)
-        peak_bias = None if bias_rows is None else jnp.take_along_axis(bias_rows, first, -1)[..., 0]
-        peak = _score(peak, peak_bias, softcap)
-        peak = _mask(peak, visible.any(axis=-1)).reshape(B, K, C_, G, 1)
-        weights = weights.reshape(B, K, C_, G, T)
+    raw = jnp.einsum("bkrh,bkht->bkrt", rows, key_codes, preferred_element_type=f32)
+    if int8:
+        raw = raw * keys.scale
+    raw = raw.reshape(B, K, C_, V, G, T)
+    own = raw[:, :, :, 0]  # [B, K, C, G, T]: each key's score under its own variant
+    kept = seen.transpose(0, 2, 1, 3)[:, None, :, :, None, :]  # [B, 1, C, V, 1, T]
+    for v in range(1, V):
+        own = jnp.where(kept[:, :, :, v], raw[:, :, :, v], own)
+    visible = seen.any(axis=1)[:, None, :, None, :]  # [B, 1, C, 1, T]
+    scores = _score(own, bias, softcap) + masking(visible)
+    peak = scores.max(axis=-1, keepdims=True)
+    weights = jnp.exp(scores - peak)
+    mass = weights.sum(axis=-1, keepdims=True)
+    if int8:
+        weights = weights * values.scale.reshape(B, K, 1, 1, T)  # each value's scale
+        value_rows = values.codes.astype(q.dtype)
     else:
-        raw = raw.reshape(B, K, C_, V, G, T)
-        raw = raw[:, :, :, 0] if variant is None else _select_variant(raw, variant)
-        scores = _mask(_score(raw, bias, softcap), seen[:, None, :, None, :])  # [B, K, C, G, T]
-        peak = scores.max(axis=-1, keepdims=True)
-        weights = jnp.exp(scores - peak)
+        weights, value_rows = weights.astype(values.dtype), values
+    weighted = jnp.einsum("bkcgs,bksh->bkcgh", weights, value_rows, preferred_element_type=f32)
+    return peak, mass, weighted
+
+
+def _fused_cpu(q, keys, values, seen, bias, softcap):
+    """`read_block`'s form for a float block read by one variant on XLA:CPU, wide batches:
+    product, score, mask, max and exp fuse into one kernel that runs on every core, but only
+    if the max has no other use, so the peak is recovered outside the kernel as the score of
+    the key with the largest weight, one [H] product per row (SmolLM2, B = 16: a decode step
+    82 against 103.5 ms)."""
+    f32 = jnp.float32
+    B, K, C_, _, G, H = q.shape
+    T = keys.shape[-1]
+    rows = q.reshape(B, K, C_ * G, H)
+    raw = jnp.einsum("bkrh,bkht->bkrt", rows, keys, preferred_element_type=f32)
+    bias_rows = None if bias is None else bias.reshape(B, K, C_ * G, T)
+    visible = jnp.broadcast_to(seen[:, :, :, None, :], (B, 1, C_, G, T)).reshape(B, 1, C_ * G, T)
+    scores = _score(raw, bias_rows, softcap) + masking(visible)
+    weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))  # [B, K, R, T]
+    top = weights.max(axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(weights == top, jnp.arange(T), T), axis=-1)  # [B, K, R]
+    first = jnp.minimum(first, T - 1)[..., None]  # [B, K, R, 1]
+    best = jnp.take_along_axis(keys, first.swapaxes(-1, -2), axis=-1)  # [B, K, H, R]
+    peak = jnp.einsum("bkrh,bkhr->bkr", rows, best, preferred_element_type=f32)
+    peak_bias = None if bias_rows is None else jnp.take_along_axis(bias_rows, first, -1)[..., 0]
+    peak = _score(peak, peak_bias, softcap) + masking(visible.any(axis=-1))
+    weights = weights.reshape(B, K, C_, G, T)
     weighted = jnp.einsum(
         "bkcgs,bksh->bkcgh", weights.astype(values.dtype), values, preferred_element_type=f32
     )
-    return peak, weights.sum(axis=-1, keepdims=True), weighted
+    return peak.reshape(B, K, C_, G, 1), weights.sum(axis=-1, keepdims=True), weighted
 
 
-def _int8_group(q, keys: kv.Int8Block, values: kv.Int8Block, lap_masks, bias, softcap):
-    """`_group` over an int8 ring block: every key scored by every query variant, only its
-    own variant's score kept (`lap_masks`), with the codes' scales applied to the scores and
-    to the weights (no float copy of the block is ever made).
+def _int8_decode_cpu(q, keys: kv.Int8Block, values: kv.Int8Block, seen, bias, softcap):
+    """`read_block`'s form for an int8 block read by one query on XLA:CPU: every key scored by
+    every variant, only its own variant's score kept by the mask, with the codes' scales
+    applied to the scores and to the weights.
 
-    q: [B, K, C, V, G, H] (scaled); keys: codes [B, K, H, T], scales [B, K, 1, T]; values:
-    codes [B, K, T, H], scales [B, K, T, 1]; lap_masks: [B, V, C, T] float32, 0 where a
-    variant's queries see a key, -1e30 elsewhere (the two laps of the ring, or V = 1 for a
-    layer without rotary positions); bias: [B, K, C, G, T] float32 or None; softcap: static.
-    Returns `_group`'s (peak, mass, weighted).
-
-    Shaped for XLA:CPU (SmolLM2, B = 16): the variants' scores are masked by an added -1e30
-    and share one max, and the peak is recovered outside that kernel as in `_group`'s fast
-    path, so product, scales, mask, max and exp fuse with the codes' conversion into one
-    kernel; rows are variant-major, since a size-1 chunk axis between variant and head axes
-    makes XLA copy the scores first; each variant's weights go through the value product
-    and are summed after it (the same sum in another order), since a product followed by a
-    sum takes the values' conversion into its kernel and a product alone does not. A per-key
-    select of the variants' scores split the kernels, and materialized converted codes cost
-    more than the float32 cache's reads.
+    Shaped for XLA:CPU (SmolLM2, B = 16): the variants' scores are masked by an added term and
+    share one max, and the peak is recovered outside that kernel as in `_fused_cpu`, so
+    product, scales, mask, max and exp fuse with the codes' conversion into one kernel; rows
+    are variant-major, since a size-1 chunk axis between variant and head axes makes XLA copy
+    the scores first; each variant's weights go through the value product and are summed
+    after it (the same sum in another order), since a product followed by a sum takes the
+    values' conversion into its kernel and a product alone does not. A per-key select of the
+    variants' scores split the kernels, and materialized converted codes cost more than the
+    float32 cache's reads.
     """
     f32 = jnp.float32
     B, K, C_, V, G, H = q.shape
     T, CG = keys.codes.shape[-1], C_ * G
-    if C_ > 1:  # a prefill chunk, where the products' arithmetic dominates
-        return _int8_chunk_group(q, keys, values, lap_masks, bias, softcap)
     rows = q.transpose(0, 1, 3, 2, 4, 5).reshape(B, K, V, CG, H)  # variant-major
     raw = jnp.einsum(
         "bkvch,bkht->bkvct", rows, keys.codes.astype(q.dtype), preferred_element_type=f32
     )
     raw = raw * keys.scale[:, :, None]  # [B, K, V, CG, T]: each key's scale
-    mask = lap_masks[:, None, :, :, None, :]  # [B, 1, V, C, 1, T]
+    mask = masking(seen)[:, None, :, :, None, :]  # [B, 1, V, C, 1, T]
     mask = jnp.broadcast_to(mask, (B, 1, V, C_, G, T)).reshape(B, 1, V, CG, T)
     if bias is not None:
         bias = jnp.broadcast_to(bias.reshape(B, K, 1, CG, T), (B, K, V, CG, T))
@@ -154,43 +189,15 @@ def _int8_group(q, keys: kv.Int8Block, values: kv.Int8Block, lap_masks, bias, so
     return peak, mass, weighted.reshape(B, K, C_, G, H)
 
 
-def _int8_chunk_group(q, keys: kv.Int8Block, values: kv.Int8Block, lap_masks, bias, softcap):
-    """`_int8_group` for a chunk of several queries, where the arithmetic dominates (prefill):
-    each key's score taken from its own variant (the one its mask keeps), then one softmax and
-    one value product, as `_group`'s plain form (for SmolLM2's 128-token chunks, 145 against
-    75 tok/s for the decode form, which runs every product and exp for both variants)."""
-    f32 = jnp.float32
-    B, K, C_, V, G, H = q.shape
-    T = keys.codes.shape[-1]
-    rows = q.reshape(B, K, C_ * V * G, H)
-    raw = jnp.einsum(
-        "bkrh,bkht->bkrt", rows, keys.codes.astype(q.dtype), preferred_element_type=f32
-    )
-    raw = (raw * keys.scale).reshape(B, K, C_, V, G, T)
-    kept = lap_masks.transpose(0, 2, 1, 3)[:, None, :, :, None, :] == 0  # [B, 1, C, V, 1, T]
-    own = raw[:, :, :, 0]  # [B, K, C, G, T]: each key's score under its own variant
-    for v in range(1, V):
-        own = jnp.where(kept[:, :, :, v], raw[:, :, :, v], own)
-    scores = _mask(_score(own, bias, softcap), kept.any(axis=3))
-    peak = scores.max(axis=-1, keepdims=True)
-    weights = jnp.exp(scores - peak)
-    mass = weights.sum(axis=-1, keepdims=True)
-    weights = weights * values.scale.reshape(B, K, 1, 1, T)  # each value's scale
-    weighted = jnp.einsum(
-        "bkcgs,bksh->bkcgh", weights, values.codes.astype(q.dtype), preferred_element_type=f32
-    )
-    return peak, mass, weighted
-
-
-def _skipped_group(q, *_):
-    """`_group`'s result for keys no query sees: no mass."""
+def _skipped(q, *_):
+    """`read_block`'s result for keys no query sees: no mass."""
     B, K, C_, _, G, H = q.shape
     zeros = jnp.zeros((B, K, C_, G, 1), jnp.float32)
     return zeros + MASKED, zeros, jnp.zeros((B, K, C_, G, H), jnp.float32)
 
 
 def _combine(parts, sinks: jax.Array | None):
-    """Merge `_group` results into the softmax-weighted values [B, K, C, G, H] float32.
+    """Merge `read_block` results into the softmax-weighted values [B, K, C, G, H] float32.
     sinks: learned sink logits [K, G] (float32) that join every softmax's denominator with a
     value of zero (gpt-oss), or None."""
     if sinks is not None:
@@ -278,7 +285,7 @@ class Attention(nnx.Module):
         """h: one segment's tokens [D, B, C] (feature-major, see `Decoder`), or several
         segments' laid end to end [D, 1, N] (`split`); per segment, its layer cache `lcs[i]`
         (one key [B, K, H, n] and value [B, K, n, H] buffer per block of n slots, see
-        `views[i]["blocks"]`), its view and its (B, C) `shapes[i]`. The projections run once
+        `views[i].blocks`), its view and its (B, C) `shapes[i]`. The projections run once
         over every segment's tokens, attention per segment over its own cache.
         Returns (out, h's shape; the updated layer caches): each chunk's surviving keys/values
         are written into its cache after attention read it.
@@ -312,7 +319,7 @@ class Attention(nnx.Module):
             out += self.out_bias[...][:, None, None]
         return out, new
 
-    def _attend(self, qkv: jax.Array, lc: kv.LayerCache, view: dict):
+    def _attend(self, qkv: jax.Array, lc: kv.LayerCache, view: View):
         """One segment's attention: its projections qkv [K, E, H, B, C], its layer cache and
         view -> (the heads' outputs [N, H, B, C], `write`: the layer cache with the chunk's
         keys and values written, given a zero scalar that depends on every other segment's
@@ -330,67 +337,50 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # [B, C, N, H], [B, C, K, H]
         position = spec.position
-        rot = view["rotary"][position] if isinstance(position, C.Rotary) else None
-        n_var = view["n_variants"] if rot is not None else 1
+        rot = view.rotations_of(position) if isinstance(position, C.Rotary) else None
+        n_var = len(view.groups[0].variants) if rot is not None else 1
         q = jnp.broadcast_to(q[:, :, None], (B, C_, n_var, K * G, H))
         if rot is not None:
-            q, k = rotate(q, rot["q"], position), rotate(k, rot["k"], position)
+            q, k = rotate(q, rot.q, position), rotate(k, rot.k, position)
         q = (q * jnp.asarray(spec.query_scale, q.dtype)).reshape(B, C_, n_var, K, G, H)
         q = q.transpose(0, 3, 1, 2, 4, 5)  # [B, K, C, V, G, H]
-
-        def bias(dist):  # the ALiBi term of a group's scores [B, K, C, G, T], or None
-            if not isinstance(position, C.Alibi):
-                return None
-            return _alibi_bias(position.slopes, dist, K)
 
         # An int8 cache quantizes the chunk's ring keys and values as it will store them, and
         # every query sees them so (its own included): a chunk then gives exactly what its
         # tokens give one by one, and the codes are written below.
-        int8 = lc.int8
+        int8 = isinstance(view, Int8View)
         if int8:
             both = jnp.stack([k, v])  # [2, B, C, K, H]: keys and values quantized at once
             codes, scale = kv.quantize(both)
-            ring = view["ring_token"][:, :, None, None]  # [B, C, 1, 1]
+            ring = view.ring_token[:, :, None, None]  # [B, C, 1, 1]
             read = jnp.where(ring, kv.dequantize(codes, scale), both.astype(jnp.float32))
             k_seen, v_seen = read[0], read[1]
         else:
             k_seen, v_seen = k, v
-        # Groups of keys, each scored by the query variants it can need: the sink block with
-        # the chunk's own keys (SINK or a ring variant per key; small, so one group saves a
-        # group's fixed costs), then each ring block (its ring variants: one, or an int8
-        # cache's two laps). A dense cache's block that no query of the chunk can see yet is
-        # skipped at run time.
+        # The view's groups of keys: the sink block with the chunk's own keys (small, so one
+        # group saves a group's fixed costs), then each ring block.
         small_keys, small_values = k_seen.transpose(0, 2, 3, 1), v_seen.transpose(0, 2, 1, 3)
-        seen, variant = view["see_chunk"], view["var_chunk"] if rot is not None else None
-        dist = view.get("dist_chunk")
-        blocks = list(zip(view["blocks"], view["live"], lc.keys, lc.values, strict=True))
-        if view["n_sinks"]:
-            (_, n), _, sink_keys, sink_values = blocks.pop(0)
+        blocks = list(zip(lc.keys, lc.values, strict=True))
+        if view.n_sinks:
+            sink_keys, sink_values = blocks.pop(0)
             small_keys = jnp.concatenate([sink_keys, small_keys], axis=-1)
             small_values = jnp.concatenate([sink_values, small_values], axis=-2)
-            seen = jnp.concatenate([view["see_cached"][..., :n], seen], axis=-1)
-            if variant is not None:
-                sinks = jnp.full((B, 1, n), view["sink_variant"], variant.dtype)
-                variant = jnp.concatenate([sinks, variant], -1)
-            if dist is not None:
-                dist = jnp.concatenate([view["dist_cached"][..., :n], dist], axis=-1)
-        group = functools.partial(_group, softcap=spec.softcap)
-        parts = [group(q, small_keys, small_values, variant, seen, bias(dist))]
-        n_ring = view["ring_variants"] if rot is not None else 1
-        for (start, n), live, keys, values in blocks:
-            dist = view.get("dist_cached")
-            block_bias = None if dist is None else bias(dist[..., start : start + n])
-            if int8:  # each ring variant's queries see the keys of their laps
-                masks = view["lap_masks"][n_ring][..., start : start + n]  # [B, V, C, n]
-                args = (q[:, :, :, :n_ring], keys, values, masks, block_bias)
-                read = functools.partial(_int8_group, softcap=spec.softcap)
-            else:
-                seen = view["see_cached"][..., start : start + n]  # [B, C, n]
-                args = (q[:, :, :, kv.RING : kv.RING + 1], keys, values, None, seen, block_bias)
-                read = group
-            parts.append(
-                read(*args) if live is None else jax.lax.cond(live, read, _skipped_group, *args)
-            )
+        parts = []
+        for group, (keys, values) in zip(
+            view.groups, [(small_keys, small_values), *blocks], strict=True
+        ):
+            if rot is not None:  # the group's variants, a run of the query's
+                first = group.variants[0]
+                seen, q_group = group.seen, q[:, :, :, first : first + len(group.variants)]
+            else:  # one query for every key
+                seen, q_group = group.seen.any(axis=1, keepdims=True), q
+            bias = None
+            if isinstance(position, C.Alibi):
+                bias = _alibi_bias(position.slopes, group.dist, K)
+            args = (q_group, keys, values, seen, bias)
+            read = functools.partial(read_block, softcap=spec.softcap)
+            live = group.live
+            parts.append(read(*args) if live is None else jax.lax.cond(live, read, _skipped, *args))
         sinks = None if self.sinks is None else self.sinks[...].astype(jnp.float32).reshape(K, G)
         out = _combine(parts, sinks).astype(v.dtype)  # [B, K, C, G, H]
         # The written keys/values are made to depend on `out`, which read the whole old cache:
@@ -408,9 +398,9 @@ class Attention(nnx.Module):
                 v_int8 = kv.Int8Block(codes_new[1], scale_new[1])
             else:
                 k_int8 = v_int8 = None
-            new = _write(lc, k_new, v_new, view["write_slot"], view["blocks"], k_int8, v_int8)
+            new = _write(lc, k_new, v_new, view.write_slot, view.blocks, k_int8, v_int8)
             if rot is not None:
-                new = _rebase(new, rot["rebase"], view["blocks"], view["n_sinks"], position)
+                new = _rebase(new, rot.rebase, view.blocks, view.n_sinks, position)
             return new
 
         return out.transpose(1, 3, 4, 0, 2).reshape(K * G, H, B, C_), write  # [N, H, B, C]

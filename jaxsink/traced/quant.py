@@ -39,6 +39,7 @@ and were no faster than the float32 product (measured on the same machine).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -156,8 +157,10 @@ class QuantizedWeight(nnx.Module):
         return _dequantize(codes, scales, mins, self.spec.block, dtype, after)
 
     def product(self, x: jax.Array, n_in: int, preferred_element_type=None) -> jax.Array:
-        """`product(self, x, n_in)`: whole, or (a large weight on CPU) slice by slice along
-        its last output axis, in a loop (`slicing`)."""
+        """`product(self, x, n_in)`: whole, or, compiled for CPU, a large weight slice by slice
+        along its last output axis, in a loop (`slicing`). The platform the step is compiled
+        for picks (`jax.lax.platform_dependent`), not the machine: an export for tpu or cuda
+        made on a CPU machine carries the whole product, whose kernels read the codes."""
         shape = self.codes.shape
         axis = len(shape) - n_in - 1  # the last output axis: the one sliced
         slices, groups = self.slicing(jnp.dtype(x.dtype).itemsize, axis)
@@ -170,19 +173,20 @@ class QuantizedWeight(nnx.Module):
             scales = None if row_scales is not None else scales
             return _dequantize(codes, scales, mins, self.spec.block, x.dtype, x)
 
-        if slices == 1:
+        def whole():
             mins = None if self.mins is None else self.mins[...]
             w = dequantize(self.codes[...], self.scales[...], mins)
             return _row_scaled(_contract(w, x, n_in, preferred_element_type), row_scales)
+
+        if slices == 1:
+            return whole()
         lead, size = shape[:axis], shape[axis]
         rows = size // (slices * groups)  # consecutive rows of a group
 
         def grouped(a):  # [*lead, size, ...] -> [*lead, groups, slices, rows, ...]
             return a.reshape(*lead, groups, slices, rows, *a.shape[axis + 1 :])
 
-        parts = [grouped(p[...]) for p in (self.codes, self.scales, self.mins) if p is not None]
-
-        def one(i):  # slice i of the product: [*lead, groups * rows, *rest]
+        def one(parts, i):  # slice i of the product: [*lead, groups * rows, *rest]
             codes, scales, *mins = (
                 jax.lax.dynamic_index_in_dim(a, i, axis + 1, keepdims=False).reshape(
                     *lead, groups * rows, *a.shape[axis + 3 :]
@@ -192,11 +196,18 @@ class QuantizedWeight(nnx.Module):
             w = dequantize(codes, scales, mins[0] if mins else None)
             return _contract(w, x, n_in, preferred_element_type)
 
-        ys = jax.lax.map(one, jnp.arange(slices))  # [slices, *lead, groups * rows, *rest]
-        rest = ys.shape[axis + 2 :]
-        ys = ys.reshape(slices, *lead, groups, rows, *rest)
-        ys = jnp.moveaxis(ys, 0, axis + 1)  # [*lead, groups, slices, rows, *rest]
-        return _row_scaled(ys.reshape(*lead, size, *rest), row_scales)
+        def sliced():
+            with jax.named_scope("dequantize_sliced_cpu"):
+                parts = [
+                    grouped(p[...]) for p in (self.codes, self.scales, self.mins) if p is not None
+                ]
+                ys = jax.lax.map(functools.partial(one, parts), jnp.arange(slices))
+                rest = ys.shape[axis + 2 :]  # ys: [slices, *lead, groups * rows, *rest]
+                ys = ys.reshape(slices, *lead, groups, rows, *rest)
+                ys = jnp.moveaxis(ys, 0, axis + 1)  # [*lead, groups, slices, rows, *rest]
+                return _row_scaled(ys.reshape(*lead, size, *rest), row_scales)
+
+        return jax.lax.platform_dependent(cpu=sliced, default=whole)
 
     def row_scaled(self, n_in: int) -> bool:
         """Whether each output row of a product over the last `n_in` axes has one scale and no
@@ -204,15 +215,13 @@ class QuantizedWeight(nnx.Module):
         return n_in == 1 and self.mins is None and self.spec.block == self.codes.shape[-1]
 
     def slicing(self, itemsize: int, axis: int) -> tuple[int, int]:
-        """(slices, groups): on CPU the product dequantizes this weight in the fewest equal
-        slices along `axis` whose float form fits `DEQUANT_BYTES` (1 on other backends, whose
-        products read the codes themselves). A slice takes `groups` evenly spaced runs of
+        """(slices, groups): compiled for CPU, the product dequantizes this weight in the
+        fewest equal slices along `axis` whose float form fits `DEQUANT_BYTES` (other
+        platforms' products read the codes themselves: `product`). A slice takes `groups` evenly spaced runs of
         consecutive rows, so that a mesh splitting `axis` into up to `SLICE_GROUPS` shards
         finds each slice's rows in its own shards (contiguous slices would make XLA gather
         the whole weight on every device)."""
         shape = self.codes.shape
-        if jax.default_backend() != "cpu":
-            return 1, 1
         size = shape[axis]
         need = min(size, -(-math.prod(shape) * itemsize // DEQUANT_BYTES))
         slices = next(n for n in range(need, size + 1) if size % n == 0)
