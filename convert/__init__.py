@@ -24,8 +24,8 @@ from jaxsink.checkpoint import FORMAT, check_writable, save_checkpoint
 from jaxsink.config import DTYPES
 from jaxsink.quantize import QUANTIZE_KINDS, quantized_config
 
-from .architectures import FAMILIES, read_hf_config
 from .errors import ConvertError
+from .families import FAMILIES, read_hf_config
 from .gguf import GGUF_TABLE, GGUFSource, config_from_gguf, keep_quantized, read_gguf
 from .hf import (
     PICKLE_SUFFIXES,
@@ -66,7 +66,7 @@ def convert(
       headers, tokenizer), just before its tensors are converted: a bad source gives one line,
       its error.
     quantize: None (every weight in `dtype`); "keep": a GGUF's Q8_0, Q4_0 and Q4_1 matrices
-      stay quantized as they are (`jaxsink.quant`), its other quantized tensors are dequantized,
+      stay quantized as they are (`jaxsink.traced.quant`), its other quantized tensors are dequantized,
       with a line on stderr saying so; "int8" / "int4": any source's matrices are quantized
       (`jaxsink.quantize.weight_plan`), scales in `dtype`.
     Raises ConvertError (unsupported or unsafe input), ConfigError, CheckpointError.

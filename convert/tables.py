@@ -155,21 +155,26 @@ def llama_attention(attn: str) -> dict:
     }
 
 
+def llama_layer() -> dict:
+    """The per-layer rules of Llama's names (under `model.layers.{i}`), which the Llama-named
+    families extend (`families.llama`, `families.stablelm`)."""
+    return {
+        **norm("norm", "input_layernorm"),
+        **norm("mlp_norm", "post_attention_layernorm"),
+        **llama_attention("self_attn"),
+        **linear("attn.out", "self_attn.o_proj", split_heads),
+        "mlp.up": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), stack),
+        "mlp.up_bias": (("mlp.gate_proj.bias", "mlp.up_proj.bias"), stack),
+        **linear("mlp.down", "mlp.down_proj"),
+    }
+
+
+# Llama's table: what GGUF files are renamed to (`GGUF_TO_HF`), and the names, skipped buffers
+# and tied copy of the families that extend it.
 LLAMA = Table(
     rules=(
         *outer("model.embed_tokens", "model.norm"),
-        *layer_rules(
-            "model.layers.{i}",
-            {
-                **norm("norm", "input_layernorm"),
-                **norm("mlp_norm", "post_attention_layernorm"),
-                **llama_attention("self_attn"),
-                **linear("attn.out", "self_attn.o_proj", split_heads),
-                "mlp.up": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), stack),
-                "mlp.up_bias": (("mlp.gate_proj.bias", "mlp.up_proj.bias"), stack),
-                **linear("mlp.down", "mlp.down_proj"),
-            },
-        ),
+        *layer_rules("model.layers.{i}", llama_layer()),
     ),
     ignored_suffixes=("rotary_emb.inv_freq",),
     tied_copy=("lm_head.weight", "model.embed_tokens.weight"),

@@ -28,8 +28,8 @@ from jaxsink import default_model
 from jaxsink.checkpoint import FORMAT_VERSION, CheckpointError, load_params, read_config
 from jaxsink.config import RopeScaling
 from jaxsink.convert import ConvertError, convert
-from jaxsink.convert.architectures import config_from_hf
 from jaxsink.convert.cli import main
+from jaxsink.convert.families import config_from_hf
 
 V, D, N, K, H, F, L = 64, 32, 4, 2, 8, 48, 2
 TEXT = (

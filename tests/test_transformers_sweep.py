@@ -13,8 +13,8 @@ import transformers
 
 import jaxsink
 from jaxsink.convert import convert
-from jaxsink.convert.architectures import FAMILIES
 from jaxsink.convert.cli import main as convert_main
+from jaxsink.convert.families import FAMILIES
 from tests.family_checks import assert_dense_matches_pytorch
 from tests.hf_tiny import VOCAB, build_from_config
 
