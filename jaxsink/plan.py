@@ -42,7 +42,7 @@ def bundled() -> list[str]:
 def read_model_config(spec: str) -> ModelConfig:
     """A bundled name, a jaxsink checkpoint folder, a Hugging Face folder or a config.json."""
     from jaxsink.checkpoint import read_config
-    from jaxsink.convert.architectures import config_from_hf
+    from jaxsink.convert.families import config_from_hf
     from jaxsink.convert.hf import read_json
 
     path = Path(spec).expanduser()
