@@ -20,15 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from measure import rss
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def peak_rss() -> int:
-    """This process's peak resident set so far, in bytes (Linux: VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status")
 
 
 def measure(path: str, how: str) -> dict:
@@ -40,7 +34,7 @@ def measure(path: str, how: str) -> dict:
     from jaxsink.checkpoint import load_params, read_config
 
     jax.devices()  # the backend's own memory belongs to the baseline
-    base = peak_rss()
+    base = rss().peak_kib * 1024
     if how == "sharded":
         m = jaxsink.load(path)
         weights = m.weights
@@ -49,7 +43,7 @@ def measure(path: str, how: str) -> dict:
         flat = load_params(path, cfg)
         weights = jax.block_until_ready(layout.from_flat(cfg, flat, jax.numpy.float32)[1])
         del flat
-    peak = peak_rss()
+    peak = rss().peak_kib * 1024
     return {"baseline_rss": base, "peak_rss": peak, "weight_bytes": layout.param_bytes(weights)}
 
 

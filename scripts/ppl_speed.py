@@ -86,9 +86,10 @@ def main(argv=None) -> int:
         args.out_json = args.out_json.replace(".json", "_quick.json")
 
     import torch
+    from hf_llama import hf_llama_from_checkpoint
 
     from jaxsink.default_model import resolve_model
-    from tests.torch_reference import hf_llama_from_checkpoint, reference_nll
+    from tests.torch_reference import reference_nll
 
     model_dir = Path(resolve_model(args.model))
     ids = hamlet_ids(model_dir, args.n_tokens + 1)

@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the repository's jaxsink, however (or whether) it is installed
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench import LoadMeter, cpu_model  # noqa: E402  (stdlib only at import)
+from measure import LoadMeter, cpu_model  # noqa: E402  (stdlib only at import)
 
 SECTIONS = ("layouts", "head", "step", "generate", "outside", "ppl", "disk")
 PROMPT = ("The quick brown fox jumps over the lazy dog. " * 60).strip()

@@ -68,12 +68,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the repository's jaxsink, however (or whether) it is installed
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench import (  # noqa: E402  (stdlib only at import)
+from benchmarks.report import markdown  # noqa: E402  (stdlib only at import)
+from measure import (  # noqa: E402  (stdlib only at import)
     SHARED_BUSY_CORES,
     LoadMeter,
-    _proc_cpu_seconds,
     cpu_model,
-    markdown,
+    proc_cpu_seconds,
+    rss,
     wait_quiet,
 )
 from quant_bench import run_cli  # noqa: E402
@@ -140,15 +141,15 @@ def quantile(values: list[float], q: float) -> float:
 
 class Children:
     """CPU seconds of this run's child processes (servers, `jaxsink generate`): live ones from
-    /proc, finished ones from os.times(); given to `bench.LoadMeter` as its worker so that only
-    processes outside this run count as others."""
+    /proc, finished ones from os.times(); given to `measure.LoadMeter` as its helpers so that
+    only processes outside this run count as others."""
 
     def __init__(self):
         self.live: set[int] = set()
 
     def cpu_seconds(self) -> float:
         t = os.times()
-        return t.children_user + t.children_system + sum(map(_proc_cpu_seconds, self.live))
+        return t.children_user + t.children_system + sum(map(proc_cpu_seconds, self.live))
 
 
 CHILDREN = Children()
@@ -192,11 +193,9 @@ class Server:
         return Path(self.log.name).read_text(errors="replace")[-n:].strip()
 
     def rss_mb(self) -> float | None:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-        return None
+        """The server's resident set now, MiB (None once it is gone)."""
+        kib = rss(self.proc.pid).current_kib
+        return round(kib / 1024, 1) if kib else None
 
     def summary(self) -> dict:
         """Start-up seconds, RSS now and /health's body now (jaxsink's: scheduler and prompt
@@ -585,7 +584,8 @@ def fmt(x, unit: str = "", digits: int = 2) -> str:
 
 
 def rows_of(sections: dict) -> list[tuple[str, ...]]:
-    """(section, measurement, value, note) rows of the printed table (`bench.markdown`)."""
+    """(section, measurement, value, note) rows of the printed table
+    (`benchmarks.report.markdown`)."""
     rows: list[tuple[str, ...]] = []
 
     def add(*row: str) -> None:
@@ -644,7 +644,7 @@ def rows_of(sections: dict) -> list[tuple[str, ...]]:
 
 
 def targets_of(sections: dict) -> dict:
-    """The issue's targets (bench.markdown's shape: value, min or max, met)."""
+    """The issue's targets (`benchmarks.report.markdown`'s shape: value, min or max, met)."""
     out = {}
 
     def target(name: str, value, **bound) -> None:
@@ -816,7 +816,7 @@ def main(argv=None) -> int:
         if "conversation" in sel:
             warm_up_chat(target)
         for name in jaxsink_sections:
-            wait_quiet(args.wait_quiet, CHILDREN)
+            wait_quiet(args.wait_quiet, CHILDREN, log)
             fn = functools.partial(run_section, name, args, target, texts, sizes, generate)
             out[name] = measured(f"{target.name} {name}", fn, warnings)
         return out
@@ -938,7 +938,7 @@ def run_llamacpp(args, texts, sizes, tok, client_sections, warnings, sections) -
         if {"clients", "burst"} & set(client_sections):
             warm_up(target, texts["long"], texts["short"][:4])
         for name in client_sections:
-            wait_quiet(args.wait_quiet, CHILDREN)
+            wait_quiet(args.wait_quiet, CHILDREN, log)
             fn = functools.partial(run_section, name, args, target, texts, sizes, False)
             out[name] = measured(f"llama.cpp {name}", fn, warnings)
         if "conversation" in out:  # one server, as it is: the uncached column of the tables

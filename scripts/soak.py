@@ -58,6 +58,9 @@ from flax import nnx  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the repository's jaxsink, however (or whether) it is installed
+sys.path.insert(0, str(ROOT / "scripts"))  # measure, however this file is loaded
+
+import measure  # noqa: E402
 
 import jaxsink  # noqa: E402
 from jaxsink.default_model import DEFAULT_TEXT_REQUIREMENT, default_text_files  # noqa: E402
@@ -120,15 +123,6 @@ def _soak_chunk(weights, cache, tokens, valid, bound, counts, graphdef):
 
 
 soak_chunk = EntryPoint(_soak_chunk, static=("graphdef",), donate=("cache",))
-
-
-def rss_kib() -> tuple[int, int]:
-    """(current, peak) resident set size of this process, KiB (VmRSS, VmHWM)."""
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            fields[line.split(":")[0]] = int(line.split()[1])
-    return fields.get("VmRSS", 0), fields.get("VmHWM", 0)
 
 
 class TokenFeed:
@@ -307,7 +301,7 @@ def main(argv=None) -> int:
         ),
     }
     samples = summary["samples"]
-    rss, peak = rss_kib()
+    rss, peak = measure.rss()
     samples.append(
         {
             "tokens": 0,
@@ -361,7 +355,7 @@ def main(argv=None) -> int:
         now = time.perf_counter()
         elapsed = now - start - settling
         time.sleep(SETTLE_S)
-        rss, peak = rss_kib()
+        rss, peak = measure.rss()
         samples.append(
             {
                 "tokens": pos,
