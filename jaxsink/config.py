@@ -612,21 +612,30 @@ def _check_scalar(hint, value):
     raise ConfigError(f"expected {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
 
 
+POLICIES = ("sink", "tova", "h2o")
+Policy = Literal["sink", "tova", "h2o"]
+
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "clamped_swiglu")
 
 
 @dataclasses.dataclass(frozen=True)
 class StreamConfig:
-    """Which tokens are kept (docs/streaming-contract.md): `sinks` first tokens + a ring of `window` recent ones.
+    """Which tokens are kept (docs/streaming-contract.md): `sinks` first tokens + `window` more.
 
     Modes: `sink` (S, W as given), `window` (S = 0, W = sinks + window: same capacity K),
     `dense` (no eviction: capacity `window` = the whole stream, S = 0).
+    Policies (sink mode only) say which W tokens besides the sinks stay: `sink`, the W most
+    recent (a ring); `tova`, the ones the current query attends to most (the least attended
+    one is evicted); `h2o`, the `recent` most recent and, among the older, the ones with the
+    largest attention received so far (`jaxsink.traced.policy`).
     Use `StreamConfig.for_mode` to build one from user flags.
     """
 
     sinks: int
     window: int
     mode: Mode = "sink"
+    policy: Policy = "sink"
+    recent: int = 0
 
     def __post_init__(self):
         if self.mode not in ("sink", "window", "dense"):
@@ -637,6 +646,19 @@ class StreamConfig:
             raise ConfigError(f"window must be >= 1, got {self.window}")
         if self.mode != "sink" and self.sinks:
             raise ConfigError(f"{self.mode} mode keeps no sinks (got sinks={self.sinks})")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown policy {self.policy!r} (expected {', '.join(POLICIES)})")
+        if self.policy != "sink" and self.mode != "sink":
+            raise ConfigError(
+                f"--policy {self.policy} evicts from the sink cache: use it with --mode sink, "
+                f"not {self.mode}"
+            )
+        if self.policy == "h2o" and not 1 <= self.recent < self.window:
+            raise ConfigError(
+                f"--recent must be in [1, window - 1] = [1, {self.window - 1}], got {self.recent}"
+            )
+        if self.policy != "h2o" and self.recent:
+            raise ConfigError(f"--recent is h2o's recent window; --policy {self.policy} has none")
 
     @property
     def capacity(self) -> int:
@@ -650,15 +672,29 @@ class StreamConfig:
 
     @classmethod
     def for_mode(
-        cls, mode: Mode, sinks: int = 4, window: int = 1020, dense_capacity: int | None = None
+        cls,
+        mode: Mode,
+        sinks: int = 4,
+        window: int = 1020,
+        dense_capacity: int | None = None,
+        policy: Policy = "sink",
+        recent: int | None = None,
     ) -> StreamConfig:
-        """The cache for `mode` at the same capacity K = sinks + window (the contract's "Modes")."""
+        """The cache for `mode` at the same capacity K = sinks + window (the contract's
+        "Modes"), keeping its tokens by `policy`; recent: h2o's recent window (None: half the
+        window)."""
         if sinks < 0:
             raise ConfigError(f"sinks must be >= 0, got {sinks}")
         if window < 1:
             raise ConfigError(f"window must be >= 1, got {window}")
+        if policy != "sink" and mode != "sink":
+            raise ConfigError(
+                f"--policy {policy} evicts from the sink cache: use it with --mode sink, not {mode}"
+            )
         if mode == "sink":
-            return cls(sinks, window, "sink")
+            if policy == "h2o" and recent is None:
+                recent = max(1, window // 2)
+            return cls(sinks, window, "sink", policy, recent or 0)
         if mode == "window":
             return cls(0, sinks + window, "window")
         if mode == "dense":

@@ -17,10 +17,10 @@ from flax import nnx
 
 from jaxsink import config as C
 from jaxsink.traced import cache as kv
-from jaxsink.traced import quant
+from jaxsink.traced import policy, quant
 from jaxsink.traced.layers import FLOAT, Norm, matrix, param
-from jaxsink.traced.rope import rotate
-from jaxsink.traced.view import MASKED, Int8View, View, masking
+from jaxsink.traced.rope import rotary, rotate
+from jaxsink.traced.view import MASKED, Int8View, PolicyView, View, masking
 
 # Batch rows x kv heads from which a float block's attention runs as one fused multi-threaded
 # kernel on XLA:CPU (`_fused_cpu`); below it the plain form is faster (measured on 2 cores).
@@ -319,6 +319,30 @@ class Attention(nnx.Module):
             out += self.out_bias[...][:, None, None]
         return out, new
 
+    def _attend_evicting(self, q, k, v, lc: kv.LayerCache, view: PolicyView):
+        """`_attend` for a layer cache that evicts by attention: q [B, C, N, H], k, v
+        [B, C, K, H] (un-rotated); the chunk's tokens enter one by one (`_entering`), each
+        seeing the cache its predecessors left, so any chunk gives what its tokens give fed
+        alone. Returns `_attend`'s (out, write)."""
+        spec = self.spec
+        B, C_, N, H = q.shape
+        sinks = None if self.sinks is None else self.sinks[...].astype(jnp.float32)
+        sinks = None if sinks is None else sinks.reshape(spec.num_kv_heads, spec.group)
+
+        def enter(lc, token):
+            q_i, k_i, v_i, t_i, valid_i = token
+            out, lc = _entering(spec, q_i, k_i, v_i, lc, view, t_i, valid_i, sinks)
+            return lc, out
+
+        tokens = (q, k, v, view.t, view.valid)
+        if C_ == 1:
+            lc, out = enter(lc, jax.tree.map(lambda x: x[:, 0], tokens))
+            out = out[None]
+        else:  # [C, B, ...] along the chunk
+            lc, out = jax.lax.scan(enter, lc, jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), tokens))
+        out = out.astype(v.dtype)  # [C, B, K, G, H]
+        return out.transpose(2, 3, 4, 1, 0).reshape(N, H, B, C_), lambda read: lc
+
     def _attend(self, qkv: jax.Array, lc: kv.LayerCache, view: View):
         """One segment's attention: its projections qkv [K, E, H, B, C], its layer cache and
         view -> (the heads' outputs [N, H, B, C], `write`: the layer cache with the chunk's
@@ -336,6 +360,8 @@ class Attention(nnx.Module):
         v = qkv[:, :, :, G + 1]  # [B, C, K, H]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # [B, C, N, H], [B, C, K, H]
+        if isinstance(view, PolicyView):
+            return self._attend_evicting(q, k, v, lc, view)
         position = spec.position
         rot = view.rotations_of(position) if isinstance(position, C.Rotary) else None
         n_var = len(view.groups[0].variants) if rot is not None else 1
@@ -404,6 +430,71 @@ class Attention(nnx.Module):
             return new
 
         return out.transpose(1, 3, 4, 0, 2).reshape(K * G, H, B, C_), write  # [N, H, B, C]
+
+
+def _entering(spec: C.Attention, q, k, v, lc: kv.LayerCache, view: PolicyView, t, valid, sinks):
+    """One token per row entering a layer cache that evicts by attention (`policy`): its
+    attention over the cached slots (keys rotated by their ranks) and itself, then its key and
+    value stored where the policy says. q: [B, N, H], k, v: [B, K, H] (un-rotated); t, valid:
+    [B]; sinks: learned sink logits [K, G] float32 or None. Returns (out [B, K, G, H] float32,
+    the layer cache)."""
+    f32 = jnp.float32
+    B, _, H = q.shape
+    Kh, G = spec.num_kv_heads, spec.group
+    stream, slots = view.stream, view.stream.capacity
+    n = jnp.minimum(t, slots)  # [B]: tokens cached before it, its in-cache position
+    position = spec.position
+    rotary_position = isinstance(position, C.Rotary)
+    k_stored = k
+    if rotary_position:
+        table = view.table_of(position)
+        at_n = rotary(table, n)  # [B, 1, R/2]
+        q, k = rotate(q, at_n, position), rotate(k, at_n, position)
+    q = (q * jnp.asarray(spec.query_scale, q.dtype)).reshape(B, Kh, G, H)
+    raws = []
+    for (start, size), keys in zip(view.blocks, lc.keys, strict=True):
+        if rotary_position:  # each key at its rank
+            cos, sin = rotary(table, lc.ranks[:, start : start + size])  # [B, n, 1, R/2]
+            at_rank = (cos[:, :, 0].swapaxes(1, 2)[:, None], sin[:, :, 0].swapaxes(1, 2)[:, None])
+            keys = rotate(keys, at_rank, position, axis=2).astype(keys.dtype)  # [B, K, H, n]
+        raws.append(jnp.einsum("bkgh,bkhs->bkgs", q, keys, preferred_element_type=f32))
+    own = jnp.einsum("bkgh,bkh->bkg", q, k, preferred_element_type=f32)[..., None]
+    raw = jnp.concatenate([*raws, own], axis=-1)  # [B, K, G, T]
+    seen = jnp.concatenate([jnp.arange(slots) < n[:, None], jnp.ones((B, 1), bool)], axis=1)
+    bias = None
+    if isinstance(position, C.Alibi):  # d = the query's in-cache position less the key's
+        dist = jnp.concatenate([n[:, None] - lc.ranks, jnp.zeros((B, 1), lc.ranks.dtype)], 1)
+        slopes = jnp.asarray(position.slopes, f32).reshape(Kh, G)
+        bias = -slopes[None, :, :, None] * dist[:, None, None, :].astype(f32)
+    scores = _score(raw, bias, spec.softcap) + masking(seen)[:, None, None, :]
+    top = scores.max(axis=-1, keepdims=True)
+    if sinks is not None:
+        top = jnp.maximum(top, sinks[None, :, :, None])
+    weights = jnp.exp(scores - top)
+    total = weights.sum(axis=-1, keepdims=True)
+    if sinks is not None:
+        total = total + jnp.exp(sinks[None, :, :, None] - top)
+    weights = weights / total  # [B, K, G, T]
+    values = jnp.concatenate(lc.values, axis=-2)  # [B, K, slots, H]
+    out = jnp.einsum(
+        "bkgs,bksh->bkgh",
+        weights[..., :slots].astype(values.dtype),
+        values,
+        preferred_element_type=f32,
+    )
+    out = out + weights[..., slots:] * v.astype(f32)[:, :, None, :]
+    slot, ranks, received = policy.enter(
+        stream.policy,
+        stream.sinks,
+        stream.recent,
+        weights.mean(axis=(1, 2)),
+        lc.ranks,
+        lc.scores,
+        n,
+        valid,
+    )
+    new = _write(lc, k_stored[:, None], v[:, None], slot[:, None], view.blocks)
+    return out, new.replace(ranks=ranks, scores=received)
 
 
 def _write(

@@ -96,11 +96,18 @@ class LayerCache:
       in an int8 cache each ring block is an `Int8Block` of those shapes.
     stream: static: which tokens this layer keeps (`layer_stream`): the cache's stream for a
       full layer, a ring of its own for a native sliding-window layer.
+    ranks: under an eviction policy (`stream.policy` tova or h2o: `jaxsink.traced.policy`),
+      [B, K] int32, each slot's rank among the cached tokens in stream order (its in-cache
+      position; keys are then stored un-rotated and rotated by it when read); else None.
+    scores: under h2o, [B, K] float32, the attention each slot's token has received so far;
+      else None.
     """
 
     keys: tuple[jax.Array | Int8Block, ...]
     values: tuple[jax.Array | Int8Block, ...]
     stream: StreamConfig = struct.field(pytree_node=False)
+    ranks: jax.Array | None = None
+    scores: jax.Array | None = None
 
     @property
     def int8(self) -> bool:
@@ -186,8 +193,14 @@ def with_first_slots(layers: tuple[LayerCache, ...], tokens: int, resize) -> tup
                 for (start, n), b in zip(slot_blocks(lc.stream), blocks, strict=True)
             )
 
+        def per_slot(x):  # a policy's [B, K] array
+            return None if x is None else resize(x, 1, used, lc.stream.capacity)
+
         return lc.replace(
-            keys=each(lc.keys, KEY_SLOT_AXIS), values=each(lc.values, VALUE_SLOT_AXIS)
+            keys=each(lc.keys, KEY_SLOT_AXIS),
+            values=each(lc.values, VALUE_SLOT_AXIS),
+            ranks=per_slot(lc.ranks),
+            scores=per_slot(lc.scores),
         )
 
     return tuple(layer(lc) for lc in layers)
@@ -232,6 +245,11 @@ def init_cache(
         )
 
     int8 = np.dtype(dtype) == INT8
+    if int8 and stream.policy != "sink":
+        raise ConfigError(
+            f"--policy {stream.policy} keeps its keys un-rotated in a float cache: use "
+            "--cache-dtype float32 or bfloat16"
+        )
 
     def buffer(shape, scale_shape, ring: bool):
         if int8 and ring:
@@ -242,6 +260,7 @@ def init_cache(
         B, K, H = batch, attention.num_kv_heads, attention.head_dim
         own = layer_stream(attention, stream) if native_windows else stream
         blocks = slot_blocks(own)
+        evicting = own.policy != "sink"
         return LayerCache(
             keys=tuple(
                 buffer((B, K, H, n), (B, K, 1, n), start >= own.sinks) for start, n in blocks
@@ -250,6 +269,8 @@ def init_cache(
                 buffer((B, K, n, H), (B, K, n, 1), start >= own.sinks) for start, n in blocks
             ),
             stream=own,
+            ranks=jnp.zeros((B, own.capacity), jnp.int32) if evicting else None,
+            scores=jnp.zeros((B, own.capacity), jnp.float32) if own.policy == "h2o" else None,
         )
 
     layers = tuple(layer_cache(spec.attention) for spec in cfg.layers)

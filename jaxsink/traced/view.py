@@ -93,6 +93,42 @@ class Int8View(View):
     ring_token: jax.Array
 
 
+@struct.dataclass
+class PolicyView:
+    """The view of a layer cache that evicts by attention (`stream.policy` tova or h2o: see
+    `jaxsink.traced.policy`), whose chunk's tokens enter one by one.
+
+    t: [B, C] int32, each chunk token's stream index; valid: [B, C] bool; tables: per entry of
+    `rotaries`, the cos/sin of in-cache positions 0 .. K ([K + 1, 2, R/2], `rotary_table`),
+    read by rank. Static: the stream (its sinks, capacity, policy and recent window), the
+    cache blocks, the rotaries.
+    """
+
+    t: jax.Array
+    valid: jax.Array
+    tables: tuple[jax.Array, ...]
+    stream: C.StreamConfig = struct.field(pytree_node=False)
+    blocks: tuple[tuple[int, int], ...] = struct.field(pytree_node=False)
+    rotaries: tuple[C.Rotary, ...] = struct.field(pytree_node=False)
+
+    def table_of(self, spec: C.Rotary) -> jax.Array:
+        return self.tables[self.rotaries.index(spec)]
+
+
+def policy_view(
+    stream: C.StreamConfig, pos: jax.Array, valid: jax.Array, positions, span: int, dtype
+) -> PolicyView:
+    """`PolicyView` of the layers whose caches follow `stream` (an evicting one), for rows at
+    stream positions `pos` [B] reading a chunk with `valid` [B, C] (span: as
+    `attention_view`'s)."""
+    t = pos[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1  # [B, C]
+    rotaries = tuple(dict.fromkeys(p for p in positions if isinstance(p, C.Rotary)))
+    tables = tuple(
+        jnp.asarray(rotary_table(stream.capacity + 1, spec, span), dtype) for spec in rotaries
+    )
+    return PolicyView(t, valid, tables, stream, kv.slot_blocks(stream), rotaries)
+
+
 def variant_seen(seen: jax.Array, variant: jax.Array | None, n: int) -> jax.Array:
     """seen [B, C, T] and each key's variant [B, 1, T] (None: one variant) -> [B, n, C, T]:
     what each of the n variants' queries see."""
@@ -109,16 +145,19 @@ def attention_view(
     span: int,
     dtype,
     int8: bool = False,
-) -> View:
+) -> View | PolicyView:
     """The view of the layers whose caches follow `stream` (their `position`s listed in
     `positions`), for rows at stream positions `pos` [B] reading a chunk with `valid` [B, C].
     span: the in-cache positions of the model's stream (`span`), on which longrope's
-    factors depend. int8: the cache is int8 (static): an `Int8View`.
+    factors depend. int8: the cache is int8 (static): an `Int8View`. A stream that evicts
+    by attention gets a `PolicyView` (`policy_view`).
 
     The groups' query variants: the sink group is scored by every variant a key of it can
     need (each key by its own: a sink's, or a chunk key's ring variant), a float ring block
     by the ring's one, an int8 ring block by its two laps' (`jaxsink.traced.cache`).
     """
+    if stream.policy != "sink":
+        return policy_view(stream, pos, valid, positions, span, dtype)
     S, W = stream.sinks, stream.window
     C_ = valid.shape[1]
     t = pos[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1  # [B, C]
