@@ -169,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=300.0,
         help="a session idle this long is saved to disk and its row freed (default 300)",
     )
+    v.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require Authorization: Bearer KEY on /v1/... and /metrics "
+        "(default: $JAXSINK_API_KEY; none: no authentication)",
+    )
     q = sub.add_parser(
         "plan",
         help="memory per device and lowering for a model, batch and mesh (allocates nothing)",
@@ -538,6 +544,11 @@ def cmd_serve(args) -> int:
         raise JaxsinkError(f"--prompt-cache-bytes must be >= 0, got {args.prompt_cache_bytes}")
     if not args.session_idle_s > 0:
         raise JaxsinkError(f"--session-idle-s must be > 0, got {args.session_idle_s}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("JAXSINK_API_KEY")
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
+        raise JaxsinkError("--api-key (or JAXSINK_API_KEY) must be printable ASCII")
+    if api_key is not None and (not api_key or " " in api_key):
+        raise JaxsinkError("--api-key (or JAXSINK_API_KEY) must be non-empty, without spaces")
     _check_stream_flags(["sink"], args)
     sessions = Path(args.sessions_dir or jaxsink_home() / "sessions")
     _check_out_folder(str(sessions), "--sessions-dir")
@@ -575,12 +586,12 @@ def cmd_serve(args) -> int:
             print(
                 f"jaxsink serve: {model_id} on http://{args.host}:{args.port} "
                 f"(max batch {args.max_batch}, sinks {args.sinks}, window {args.window}; "
-                "no authentication)",
+                f"{'API key required' if api_key else 'no authentication'})",
                 file=sys.stderr,
                 flush=True,
             )
 
-    serve(scheduler, model_id, args.host, args.port, limits, args.max_connections, ready)
+    serve(scheduler, model_id, args.host, args.port, limits, args.max_connections, ready, api_key)
     return 0
 
 

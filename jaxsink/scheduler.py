@@ -47,11 +47,14 @@ SESSION_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 
 
 class RequestError(JaxsinkError):
-    """A request the server refuses: `status` is its HTTP status, `param` the field at fault."""
+    """A request the server refuses: `status` is its HTTP status, `param` the field at fault,
+    `code` OpenAI's machine-readable code for it (such as "invalid_api_key"), when it has one."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
+    def __init__(
+        self, message: str, status: int = 400, param: str | None = None, code: str | None = None
+    ):
         super().__init__(message)
-        self.status, self.param = status, param
+        self.status, self.param, self.code = status, param, code
 
 
 @dataclasses.dataclass
@@ -107,6 +110,7 @@ class Session:
     row: int | None = None
     busy: bool = False
     last_used: float = 0.0
+    tokens: int = 0  # its stream's length after its last request
 
 
 def check_session_name(name) -> str:
@@ -154,6 +158,8 @@ class Scheduler:
         self.sessions: dict[str, Session] = {}
         self.parked: dict[int, Session] = {}
         self.completed = 0
+        self.sessions_saved = 0
+        self.sessions_restored = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="jaxsink-scheduler", daemon=True)
         self.failure: BaseException | None = None
@@ -182,8 +188,33 @@ class Scheduler:
             "queued": len(self.waiting) + self.incoming.qsize(),
             "sessions": len(self.sessions),
             "completed": self.completed,
+            "sessions_saved": self.sessions_saved,
+            "sessions_restored": self.sessions_restored,
             **{f"steps_{kind}": self.engine.steps[kind] for kind in ("prefill", "mixed", "decode")},
             **self.prompt_cache.stats(),
+        }
+
+    def session_info(self, name: str) -> dict | None:
+        """Where session `name`'s stream is: its tokens seen, the cache slots they fill of the
+        stream's capacity, and whether it is held in a row or saved on disk; None when this
+        server has never seen it and it is not on disk."""
+        check_session_name(name)
+        session = self.sessions.get(name)
+        if session is not None:
+            tokens, where = session.tokens, "row" if session.row is not None else "disk"
+            if session.busy:
+                where = "busy"
+        else:
+            path = self._session_path(name)
+            if not path.is_file():
+                return None
+            tokens, where = read_stream_info(path).index, "disk"
+        capacity = self.engine.stream.capacity
+        return {
+            "tokens": tokens,
+            "cache_slots": min(tokens, capacity),
+            "cache_size": capacity,
+            "where": where,
         }
 
     # --- the loop ---------------------------------------------------------------------------
@@ -293,7 +324,8 @@ class Scheduler:
             conversation = Conversation(self.tokenizer) if chat else None
             session = Session(name, conversation)
             if path.is_file():  # saved by an earlier run of the server
-                extra = read_stream_info(path).state.get("extra") or {}
+                info = read_stream_info(path)
+                extra = info.state.get("extra") or {}
                 if "conversation" in extra:
                     session.conversation = Conversation(self.tokenizer).restore(
                         extra["conversation"]
@@ -301,6 +333,7 @@ class Scheduler:
                 else:
                     session.conversation = None
                 session.last_used = time.monotonic()
+                session.tokens = info.index
             self.sessions[name] = session
         if session.busy:
             raise RequestError(
@@ -350,6 +383,7 @@ class Scheduler:
                     job.emit(Event("error", error=RequestError(str(e), 409, "session")))
                     continue
                 row = self.engine.restore(saved.row, job.sampling)
+                self.sessions_restored += 1
                 job.ids = saved.pending + job.ids
             else:
                 row = self._open(job)
@@ -402,6 +436,8 @@ class Scheduler:
         except (OSError, JaxsinkError) as e:  # the server goes on; this session is lost
             print(f"jaxsink serve: session {session.name!r} lost: {e}", file=sys.stderr)
             del self.sessions[session.name]
+        else:
+            self.sessions_saved += 1
         del self.parked[row]
         session.row = None
         self.engine.release(row)
@@ -508,6 +544,7 @@ class Scheduler:
                 session.conversation.assistant_reply(job.reply.text if job.reply else "")
             session.busy, session.last_used = False, time.monotonic()
             if row is not None:
+                session.tokens = self.engine.positions()[row]
                 session.row = row
                 self.parked[row] = session
         elif row is not None:

@@ -1,7 +1,9 @@
 """`jaxsink serve`: an OpenAI-compatible HTTP server over the batch engine.
 
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (each with `stream: true` as
-server-sent events ending in `data: [DONE]`), `GET /v1/models`, `GET /health`. Requests run on
+server-sent events ending in `data: [DONE]`), `GET /v1/models`, `GET /v1/sessions/{name}`,
+`GET /health`, `GET /metrics` (Prometheus text, `jaxsink.metrics`), and a chat page at `GET /`
+(static files from `jaxsink/web/`). Requests run on
 `jaxsink.scheduler.Scheduler`: continuous batching over `--max-batch` rows, chunked prefill
 between decode blocks, sessions whose stream never resets.
 
@@ -11,20 +13,25 @@ streamed responses with disconnect detection, and an ASGI server with a connecti
 FastAPI's own core; FastAPI's extra layer (pydantic models, its 422 validation format) would
 have to be overridden to answer in OpenAI's error format, so it is not used.
 
-It does not authenticate anyone, and listens on 127.0.0.1 unless told otherwise.
+With an API key, every `/v1/...` endpoint and `/metrics` need `Authorization: Bearer KEY`;
+`/health` and the page stay open. It listens on 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import json
 import time
 import uuid
+from pathlib import Path
 
 from jaxsink import settings
 from jaxsink.engine import RowSampling
+from jaxsink.metrics import CountRequests, RequestTimer, ServerMetrics
 from jaxsink.scheduler import Event, Job, RequestError, Scheduler, check_session_name
+from jaxsink.stream_state import StreamFileError
 from jaxsink.traced.rows import TOP_LOGPROBS
 
 
@@ -39,6 +46,39 @@ class Limits:
 
 
 # --- request fields -------------------------------------------------------------------------
+
+# OpenAI request fields (chat and completions) that would change what a reply means and that
+# jaxsink does not implement: a request giving one with other than its neutral value gets 400
+# naming it, never a reply that ignored it. Value: (is it neutral, what is not supported).
+REFUSED_FIELDS = {
+    "response_format": (lambda v: v == {"type": "text"}, "JSON mode and structured outputs"),
+    "tools": (lambda v: v == [], "tool calls"),
+    "tool_choice": (lambda v: v == "none", "tool calls"),
+    "functions": (lambda v: v == [], "function calls"),
+    "function_call": (lambda v: v == "none", "function calls"),
+    "logit_bias": (lambda v: v == {}, "logit biases"),
+    "frequency_penalty": (lambda v: v == 0, "frequency penalties"),
+    "presence_penalty": (lambda v: v == 0, "presence penalties"),
+    "modalities": (lambda v: v == ["text"], "output modalities other than text"),
+    "audio": (lambda v: False, "audio output"),
+    "reasoning_effort": (lambda v: False, "reasoning effort"),
+    "verbosity": (lambda v: False, "verbosity"),
+    "web_search_options": (lambda v: False, "web search"),
+    "best_of": (lambda v: v == 1, "best_of other than 1"),
+    "echo": (lambda v: v is False, "echoing the prompt"),
+    "suffix": (lambda v: v == "", "a suffix (insertion)"),
+}
+# Fields that change nothing a reply says, accepted and ignored (the README lists both):
+# model (one model per server), user, metadata, store, service_tier, safety_identifier,
+# prompt_cache_key, prompt_cache_retention, parallel_tool_calls, prediction.
+
+
+def refuse_unsupported(body: dict) -> None:
+    """RequestError naming the first field of REFUSED_FIELDS the body gives a value to."""
+    for name, (neutral, what) in REFUSED_FIELDS.items():
+        value = body.get(name)
+        if value is not None and not neutral(value):
+            raise RequestError(f"{name}: jaxsink does not support {what}", param=name)
 
 
 def _field(body: dict, name: str, kind, default, check=None, why: str = ""):
@@ -137,7 +177,9 @@ def _messages_of(body: dict) -> list[dict]:
 
 def error_body(error: RequestError) -> dict:
     kind = "invalid_request_error" if error.status < 500 else "server_error"
-    return {"error": {"message": str(error), "type": kind, "param": error.param, "code": None}}
+    return {
+        "error": {"message": str(error), "type": kind, "param": error.param, "code": error.code}
+    }
 
 
 class Reply:
@@ -248,20 +290,95 @@ def usage_of(prompt_tokens: int, done: Event) -> dict:
     }
 
 
+# --- the API key ----------------------------------------------------------------------------
+
+
+def needs_key(path: str) -> bool:
+    """Whether a request to `path` needs the API key (when the server has one): the API and the
+    metrics; the chat page and /health stay open."""
+    return path.startswith("/v1/") or path == "/metrics"
+
+
+def bearer_matches(authorization: bytes | None, key: str) -> bool:
+    """Whether an Authorization header's value is `Bearer KEY`, compared in constant time."""
+    scheme, _, given = (authorization or b"").partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), key.encode())
+
+
+class RequireKey:
+    """ASGI middleware: a request that `needs_key` without `Authorization: Bearer KEY` gets 401
+    with an OpenAI-style error (which never repeats what it was sent)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not needs_key(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization")
+        if bearer_matches(given, self.key):
+            await self.app(scope, receive, send)
+            return
+        why = "no API key: send Authorization: Bearer KEY" if given is None else "wrong API key"
+        body = json.dumps(error_body(RequestError(why, 401, code="invalid_api_key"))).encode()
+        headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+# --- the chat page --------------------------------------------------------------------------
+
+WEB = Path(__file__).parent / "web"
+MEDIA_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+}
+# The page runs only its own script and talks only to this server: a reply that slipped into
+# the page as HTML could still run nothing.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+
+
+def web_files() -> dict[str, tuple[bytes, str]]:
+    """The chat page's files (`jaxsink/web/`) by name, with their media types."""
+    return {
+        p.name: (p.read_bytes(), MEDIA_TYPES[p.suffix])
+        for p in sorted(WEB.iterdir())
+        if p.suffix in MEDIA_TYPES
+    }
+
+
 # --- the application ------------------------------------------------------------------------
 
 
-def make_app(scheduler: Scheduler, model_id: str, limits: Limits = Limits(), on_ready=None):
+def make_app(
+    scheduler: Scheduler,
+    model_id: str,
+    limits: Limits = Limits(),
+    on_ready=None,
+    api_key: str | None = None,
+):
     """The Starlette application serving `scheduler`'s model as `model_id` (`on_ready()` is
-    called once it accepts requests)."""
+    called once it accepts requests); with `api_key`, the API and metrics need it."""
     import contextlib
 
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.requests import ClientDisconnect, Request
-    from starlette.responses import JSONResponse, StreamingResponse
-    from starlette.routing import Route
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Match, Route
 
     tokenizer = scheduler.tokenizer
+    metrics = ServerMetrics(scheduler.stats)
+    files = web_files()
 
     def error_response(error: RequestError) -> JSONResponse:
         return JSONResponse(error_body(error), status_code=error.status)
@@ -288,8 +405,10 @@ def make_app(scheduler: Scheduler, model_id: str, limits: Limits = Limits(), on_
     async def run(request: Request, chat: bool):
         if scheduler.failure is not None:
             return error_response(RequestError("the server has failed: restart it", 503))
+        timer = RequestTimer(metrics, time.monotonic())
         try:
             body = await read_json(request)
+            refuse_unsupported(body)
             default_max_tokens = min(512 if chat else 16, limits.max_tokens)
             sampling = sampling_of(body, limits, default_max_tokens)
             stream = _field(body, "stream", bool, False, why="must be true or false")
@@ -341,6 +460,7 @@ def make_app(scheduler: Scheduler, model_id: str, limits: Limits = Limits(), on_
             return error_response(first.error)
         reply = Reply(chat, model_id, tokenizer, top, want)
         prompt_tokens = first.prompt_tokens
+        timer.accepted(prompt_tokens)
 
         if stream:
 
@@ -351,9 +471,11 @@ def make_app(scheduler: Scheduler, model_id: str, limits: Limits = Limits(), on_
                     while True:
                         event = await events.get()
                         if event.kind == "text":
+                            timer.generated(len(event.tokens), time.monotonic())
                             if event.text or (event.tokens and want):
                                 yield _sse(reply.chunk(event))
                         elif event.kind == "done":
+                            timer.done(event.cached_tokens, time.monotonic())
                             yield _sse(reply.chunk(None, finish=event.finish_reason))
                             if include_usage:
                                 yield _sse(reply.usage_chunk(usage_of(prompt_tokens, event)))
@@ -379,8 +501,10 @@ def make_app(scheduler: Scheduler, model_id: str, limits: Limits = Limits(), on_
             while True:
                 event = await events.get()
                 if event.kind == "text":
+                    timer.generated(len(event.tokens), time.monotonic())
                     reply.add(event)
                 elif event.kind == "done":
+                    timer.done(event.cached_tokens, time.monotonic())
                     usage = usage_of(prompt_tokens, event)
                     return JSONResponse(reply.whole(event.finish_reason, usage))
                 else:
@@ -404,6 +528,35 @@ def make_app(scheduler: Scheduler, model_id: str, limits: Limits = Limits(), on_
         body = {"status": "ok" if ok else "failed", "model": model_id, **scheduler.stats()}
         return JSONResponse(body, status_code=200 if ok else 503)
 
+    async def session_info(request: Request):
+        name = request.path_params["name"]
+        try:
+            info = scheduler.session_info(name)
+        except RequestError as e:
+            return error_response(e)
+        except StreamFileError as e:
+            return error_response(RequestError(str(e), 409, "session"))
+        if info is None:
+            return error_response(RequestError(f"no session {name!r}", 404, "session"))
+        return JSONResponse({"id": name, "object": "session", **info})
+
+    async def metrics_text(request: Request):
+        body, media_type = metrics.exposition()
+        return Response(body, media_type=media_type)
+
+    async def page(request: Request):
+        return web_file("index.html")
+
+    async def asset(request: Request):
+        name = request.path_params["name"]
+        if name not in files:
+            return error_response(RequestError(f"GET {request.url.path}: no such file", 404))
+        return web_file(name)
+
+    def web_file(name: str) -> Response:
+        content, media_type = files[name]
+        return Response(content, media_type=media_type, headers=PAGE_HEADERS)
+
     async def not_found(request: Request, exc):
         status = getattr(exc, "status_code", 404)
         message = f"{request.method} {request.url.path}: " + (
@@ -415,8 +568,20 @@ def make_app(scheduler: Scheduler, model_id: str, limits: Limits = Limits(), on_
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/sessions/{name}", session_info, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics_text, methods=["GET"]),
+        Route("/", page, methods=["GET"]),
+        Route("/web/{name}", asset, methods=["GET"]),
     ]
+
+    def endpoint_of(scope: dict) -> str:
+        """The route a request matched, as its path template (a bounded label)."""
+        return next((r.path for r in routes if r.matches(scope)[0] != Match.NONE), "other")
+
+    middleware = [Middleware(CountRequests, metrics=metrics, endpoint=endpoint_of)]
+    if api_key is not None:
+        middleware.append(Middleware(RequireKey, key=api_key))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -425,7 +590,10 @@ def make_app(scheduler: Scheduler, model_id: str, limits: Limits = Limits(), on_
         yield
 
     return Starlette(
-        routes=routes, exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={404: not_found, 405: not_found},
+        lifespan=lifespan,
     )
 
 
@@ -462,12 +630,14 @@ def serve(
     limits: Limits,
     max_connections: int,
     on_ready=None,
+    api_key: str | None = None,
 ) -> None:
     """Run the server until SIGINT/SIGTERM; the scheduler is stopped (parked sessions saved)
-    on the way out. Beyond `max_connections` open connections uvicorn answers 503."""
+    on the way out. Beyond `max_connections` open connections uvicorn answers 503. With
+    `api_key`, the API and metrics need it (`RequireKey`)."""
     import uvicorn
 
-    app = make_app(scheduler, model_id, limits, on_ready)
+    app = make_app(scheduler, model_id, limits, on_ready, api_key)
     config = uvicorn.Config(
         app,
         host=host,
