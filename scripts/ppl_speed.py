@@ -6,7 +6,7 @@
    compilation cache, and every mode):
    `jaxsink ppl --model M --tokens IDS.npy --n-tokens N --mode sink window dense --sinks 4
    --window 1020 --out DIR --json`.
-3. The reference loop of the streaming contract (`tests/torch_reference.py`: transformers' PyTorch model on the
+3. The reference loop of the streaming contract (`scripts/torch_reference.py`: transformers' PyTorch model on the
    same float32 weights, one token per forward, keys cached before RoPE and evicted per the contract)
    over the first `--ref-tokens` ids in each of `--ref-modes`, timed; its per-token NLL is
    compared with the command's `nll_<mode>.npy`.
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the repository's jaxsink and tests, however it is installed
+sys.path.insert(0, str(ROOT))  # the repository's jaxsink, however (or whether) it is installed
 
 MODES = ("sink", "window", "dense")
 
@@ -86,10 +86,9 @@ def main(argv=None) -> int:
         args.out_json = args.out_json.replace(".json", "_quick.json")
 
     import torch
-    from hf_llama import hf_llama_from_checkpoint
+    from torch_reference import hf_llama_from_checkpoint, reference_nll
 
     from jaxsink.default_model import resolve_model
-    from tests.torch_reference import reference_nll
 
     model_dir = Path(resolve_model(args.model))
     ids = hamlet_ids(model_dir, args.n_tokens + 1)

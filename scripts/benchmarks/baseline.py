@@ -33,7 +33,7 @@ def serve(hf_model: str | None, jaxsink_model: str, threads: int) -> None:
         model = AutoModelForCausalLM.from_pretrained(hf_model, dtype=torch.float32).eval()
         source = hf_model
     else:
-        from hf_llama import hf_llama_from_checkpoint
+        from torch_reference import hf_llama_from_checkpoint
 
         try:
             model = hf_llama_from_checkpoint(jaxsink_model)

@@ -1,10 +1,67 @@
-"""A transformers Llama holding a jaxsink checkpoint's weights: the baseline model of
-`bench.py` (its transformers worker) and `ppl_speed.py` when no Hugging Face folder is given.
+"""transformers (PyTorch) on a jaxsink checkpoint's weights, for the scripts that compare with it
+(needs torch and transformers, test dependencies):
 
-Needs torch and transformers (test dependencies); imports them when called.
+- `hf_llama_from_checkpoint`: a transformers Llama holding a jaxsink checkpoint's weights, the
+  baseline model of `bench.py`'s transformers worker and of `ppl_speed.py`;
+- `reference_nll`: the reference loop of the streaming contract, one token per forward, as
+  StreamingLLM's pos-shift mode and `attention_sinks` 0.4.0 do: every layer's keys are cached
+  *before* RoPE; after each token the cache is evicted down to the S sinks plus the W most
+  recent tokens; the kept keys are rotated to their cache-order positions 0..L-1 and the query
+  sits at L. The model's own modules (projections, norms, MLP, rotary embedding) compute
+  everything else (`ppl_speed.py` compares `jaxsink ppl` with it).
+
+The same reference as the tests' (tests/support/torch_reference.py): scripts do not import
+tests.
 """
 
 from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers.models.llama.modeling_llama import rotate_half
+
+
+def _rope(x, cos, sin):
+    """x: [1, heads, T, H]; cos, sin: [1, T, H] (HF rotate_half layout)."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+@torch.inference_mode()
+def reference_nll(hf_model, ids, sinks: int, window: int, dense: bool = False) -> np.ndarray:
+    """Per-token NLL [N] of ids (N + 1 tokens) under the streaming contract, float64 accumulation."""
+    core = hf_model.model
+    cfg = hf_model.config
+    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    layers = core.layers
+    keys: list[torch.Tensor | None] = [None] * len(layers)  # [1, n_kv, T, H], un-rotated
+    values: list[torch.Tensor | None] = [None] * len(layers)
+    out = []
+    for t in range(len(ids) - 1):
+        x = core.embed_tokens(torch.tensor([[int(ids[t])]]))
+        for i, layer in enumerate(layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(1, 1, n_heads, head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(1, 1, n_kv, head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(1, 1, n_kv, head_dim).transpose(1, 2)
+            keys[i] = k if keys[i] is None else torch.cat([keys[i], k], dim=2)
+            values[i] = v if values[i] is None else torch.cat([values[i], v], dim=2)
+            length = keys[i].shape[2]  # cached tokens plus this one: positions 0 .. length-1
+            cos, sin = core.rotary_emb(x, torch.arange(length)[None])
+            q = _rope(q, cos[:, -1:], sin[:, -1:])
+            k_all = _rope(keys[i], cos, sin).repeat_interleave(n_heads // n_kv, dim=1)
+            v_all = values[i].repeat_interleave(n_heads // n_kv, dim=1)
+            scores = (q @ k_all.transpose(-1, -2)) * head_dim**-0.5
+            a = torch.softmax(scores.float(), dim=-1).to(v_all.dtype) @ v_all
+            x = x + attn.o_proj(a.transpose(1, 2).reshape(1, 1, n_heads * head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            if not dense and keys[i].shape[2] > sinks + window:  # evict: keep sinks + window
+                keep = torch.cat([torch.arange(sinks), torch.arange(length - window, length)])
+                keys[i], values[i] = keys[i][:, :, keep], values[i][:, :, keep]
+        logits = hf_model.lm_head(core.norm(x))[0, -1].double()
+        out.append(float(torch.logsumexp(logits, 0) - logits[int(ids[t + 1])]))
+    return np.asarray(out)
 
 
 def hf_llama_from_checkpoint(path):
@@ -15,7 +72,6 @@ def hf_llama_from_checkpoint(path):
     """
     import dataclasses
 
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from jaxsink.checkpoint import load_params, read_config
