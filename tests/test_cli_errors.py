@@ -7,8 +7,7 @@ import pytest
 
 from jaxsink import cli
 from jaxsink.checkpoint import save_checkpoint
-from tests.hf_tiny import write_tokenizer
-from tests.tiny import random_flat_params, tiny_config
+from tests.support.tiny import random_flat_params, tiny_config, write_tokenizer
 
 
 @pytest.fixture(scope="module")

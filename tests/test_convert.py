@@ -31,6 +31,8 @@ from jaxsink.convert import ConvertError, convert
 from jaxsink.convert.cli import main
 from jaxsink.convert.families import config_from_hf
 
+pytestmark = pytest.mark.torch
+
 V, D, N, K, H, F, L = 64, 32, 4, 2, 8, 48, 2
 TEXT = (
     "Hello the world in\n\nthe 123 4567 numbers; éà 日本語 🤖 <|im_start|>user\nhi<|im_end|>"

@@ -20,7 +20,7 @@ from jaxsink.engine import (
 )
 from jaxsink.traced import entry
 from jaxsink.traced.sampling import sample_rows
-from tests.tiny import random_flat_params, tiny_config, tiny_model
+from tests.support.tiny import random_flat_params, tiny_config, tiny_model
 
 STREAM = StreamConfig(2, 5)
 REQUESTS = [  # (prompt length, settings): greedy, top-k, nucleus, plain temperature

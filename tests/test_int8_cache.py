@@ -25,8 +25,8 @@ from jaxsink.engine import Engine, RowSampling
 from jaxsink.stream_state import SavedStream, load_stream, read_stream_info, save_stream
 from jaxsink.traced import cache as kv
 from jaxsink.traced import entry
-from tests.spec_reference import _rope, int8_round_trip, stream_logits
-from tests.tiny import feed, random_flat_params, tiny_config, tiny_model
+from tests.support.spec_reference import _rope, int8_round_trip, stream_logits
+from tests.support.tiny import feed, random_flat_params, tiny_config, tiny_model
 
 INT8 = kv.INT8
 CFG = tiny_config(head_dim=16)  # 4 heads, 2 kv heads of 16

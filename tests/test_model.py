@@ -28,8 +28,8 @@ from jaxsink.config import (
 )
 from jaxsink.traced import attention, entry, layers, quant
 from jaxsink.traced import cache as kv
-from tests.spec_reference import stream_logits
-from tests.tiny import feed, random_flat_params, tiny_config, tiny_model
+from tests.support.spec_reference import stream_logits
+from tests.support.tiny import feed, random_flat_params, tiny_config, tiny_model
 
 LAYER_NORM = Norm("layer", 1e-5, bias=True)
 SLOPES = Alibi(tuple(0.5 ** (i + 1) for i in range(4)))

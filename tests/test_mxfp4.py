@@ -17,6 +17,8 @@ from jaxsink.convert import mxfp4
 from jaxsink.convert.errors import ConvertError
 from jaxsink.convert.mxfp4 import dequantize
 
+pytestmark = pytest.mark.torch
+
 # numpy dtype -> (torch dtype, torch and numpy ints of its width, to move and compare bits)
 DTYPES = {
     np.dtype(np.float32): (torch.float32, torch.int32, np.uint32),

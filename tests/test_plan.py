@@ -1,5 +1,5 @@
 """`jaxsink plan`: its figures against a hand computation, its flags, its errors. (Lowering for
-cuda and tpu needs 8 devices: `tests/sharded_checks.py`.)"""
+cuda and tpu needs 8 devices: `tests/support/sharded_checks.py`.)"""
 
 from __future__ import annotations
 

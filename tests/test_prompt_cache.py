@@ -16,7 +16,7 @@ from jaxsink.config import StreamConfig
 from jaxsink.engine import Engine, RowSampling, RowState
 from jaxsink.prompt_cache import PromptCache, state_bytes
 from jaxsink.scheduler import Job, Scheduler
-from tests.tiny import chat_checkpoint
+from tests.support.tiny import chat_checkpoint
 
 STREAM = StreamConfig(2, 13)
 CHUNK, BLOCK = 4, 3

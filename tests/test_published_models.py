@@ -1,4 +1,5 @@
-"""Self-checks of the Qwen v1 / BTLM references and tiny checkpoints in published_models.py."""
+"""Self-checks of the Qwen v1 / BTLM references and tiny checkpoints in
+`tests/support/published_models.py` (the case table's "published" builds)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from .published_models import (
+from tests.support import published_models
+from tests.support.families import cases
+from tests.support.published_models import (
     VOCAB,
     alibi_slopes,
     btlm_state_dict_names,
@@ -21,7 +24,11 @@ from .published_models import (
     qwen_tiny_config,
 )
 
-BUILDERS = {"qwen": build_tiny_qwen, "btlm": build_tiny_btlm}
+pytestmark = pytest.mark.torch
+
+# the families the case table builds from their published code
+PUBLISHED = cases(lambda c: c.build == "published")
+BUILDERS = {c.family: getattr(published_models, f"build_tiny_{c.family}") for c in PUBLISHED}
 
 
 def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -93,7 +100,7 @@ def test_btlm_optional_files(tmp_path):
         torch.testing.assert_close(load_reference(tmp_path)(ids), model(ids), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", ["qwen", "btlm"])
+@pytest.mark.parametrize("family", list(BUILDERS))
 def test_reference_is_causal_and_deterministic(tmp_path, family):
     model = BUILDERS[family](tmp_path / "a", seed=3)
     again = BUILDERS[family](tmp_path / "b", seed=3)
@@ -148,7 +155,7 @@ def test_btlm_alibi_scaling(tmp_path):
         torch.testing.assert_close(fixed(ids), dynamic(ids[:, :24]), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["qwen", "btlm"])
+@pytest.mark.parametrize("family", list(BUILDERS))
 def test_reference_matches_transformers_counterpart(tmp_path, family):
     """Independent check of the layouts: Qwen v1 below seq_length is Qwen2 with c_attn split into
     q/k/v, w2 the gate and w1 the up projection; BTLM with learned positions, gelu_new and no muP is

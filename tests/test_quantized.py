@@ -31,9 +31,15 @@ from jaxsink.convert import convert
 from jaxsink.convert.cli import main as convert_main
 from jaxsink.convert.gguf import GGUFSource, gguf_blocks, read_gguf
 from jaxsink.traced import entry, quant
-from tests.hf_tiny import write_tokenizer
-from tests.sharded_checks import forced_devices_report
-from tests.tiny import feed, quantized_params, random_flat_params, tiny_config, tiny_model
+from tests.support.sharded_checks import forced_devices_report
+from tests.support.tiny import (
+    feed,
+    quantized_params,
+    random_flat_params,
+    tiny_config,
+    tiny_model,
+    write_tokenizer,
+)
 
 KINDS = ("q8_0", "q4_0", "q4_1")
 TYPES = {kind: gguf.GGMLQuantizationType[kind.upper()] for kind in KINDS}
@@ -232,12 +238,13 @@ MESH22 = AbstractMesh((2, 2), ("data", "model"))
 MESH14 = AbstractMesh((1, 4), ("data", "model"))
 
 
+@pytest.mark.devices
 def test_sharded_quantized_runs_equal_one_device(tmp_path):
     """With 4 forced host devices (a child process): a quantized model sharded over model=2
     (and data=2, model=2), its products whole or sliced, gives the single-device logits and
     gathers no weight in a decode step; so do int8 weights quantized as a float checkpoint
     loads."""
-    report = forced_devices_report("tests.quantized_sharded", 4, tmp_path)
+    report = forced_devices_report("tests.support.quantized_sharded", 4, tmp_path)
     assert report["devices"] == 4
     assert len(report["logits_max_diff"]) == 3
     for case, diff in report["logits_max_diff"].items():
@@ -290,6 +297,7 @@ GGUF_TYPES = {
 }
 
 
+@pytest.mark.torch
 def test_gguf_keep_converts_the_kept_kinds_and_says_what_it_dequantized(tmp_path, capsys):
     tiny_gguf(tmp_path / "tiny.gguf", GGUF_TYPES)
     keep = convert(tmp_path / "tiny.gguf", tmp_path / "keep", progress=False, quantize="keep")

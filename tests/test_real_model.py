@@ -16,7 +16,7 @@ import pytest
 
 import jaxsink
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.torch]
 
 PROMPT = "The capital of France is"
 
@@ -60,7 +60,7 @@ def test_greedy_generation_matches_transformers(smollm2, hf_smollm2, hf_greedy):
 def test_stream_nll_matches_reference_loop(smollm2, hf_smollm2, smollm2_ids, mode):
     """Per-token NLL of the real model over a stream with evictions (S=4, W=44), every token."""
     from jaxsink.evaluate import stream_nll
-    from tests.torch_reference import reference_nll
+    from tests.support.torch_reference import reference_nll
 
     ids = smollm2_ids[:121]  # 2.5 turns of the ring past the first 48 tokens
     got = stream_nll(smollm2, ids, mode, sinks=4, window=44, chunk=32, progress=False).nll

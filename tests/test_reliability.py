@@ -27,7 +27,9 @@ from jaxsink.convert import cli as convert_cli
 from jaxsink.default_model import is_checkpoint
 from jaxsink.generate import Generation, Sampling
 from jaxsink.loading import load
-from tests.hf_tiny import tiny_hf_model
+from tests.support.hf_tiny import tiny_hf_model
+
+pytestmark = pytest.mark.torch
 
 ROOT = Path(__file__).resolve().parents[1]
 

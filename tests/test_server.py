@@ -20,7 +20,7 @@ import pytest
 
 import jaxsink
 from jaxsink.generate import Sampling
-from tests.tiny import chat_checkpoint
+from tests.support.tiny import chat_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 STREAM = {"sinks": 2, "window": 13, "chunk": 4, "block": 3}

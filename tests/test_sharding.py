@@ -2,7 +2,7 @@
 on every leaf, no weight all-gathered in a decode step, the CLI's --mesh, a mesh too large.
 
 The checks that need many devices run once in a child process with 8 forced host devices
-(`tests/sharded_checks.py`): JAX fixes its device count when it starts."""
+(`tests/support/sharded_checks.py`): JAX fixes its device count when it starts."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 
 from jaxsink import sharding as sh
 from jaxsink.config import ConfigError
-from tests.sharded_checks import forced_devices_report
+from tests.support.sharded_checks import forced_devices_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,9 +28,10 @@ def checks_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(checks_dir) -> dict:
-    return forced_devices_report("tests.sharded_checks", 8, checks_dir)
+    return forced_devices_report("tests.support.sharded_checks", 8, checks_dir)
 
 
+@pytest.mark.devices
 def test_sharded_equals_single_device(report):
     """data=1/model=2, data=2/model=2, data=4/model=2 over 4 streams, sink and dense."""
     assert report["devices"] == 8
@@ -39,6 +40,7 @@ def test_sharded_equals_single_device(report):
         assert diff < 1e-4, case
 
 
+@pytest.mark.devices
 def test_an_int8_cache_sharded_equals_single_device(report):
     """data=2, model=2: an int8 cache's codes and scales over batch rows and kv heads, the
     same logits as on one device."""
@@ -46,6 +48,7 @@ def test_an_int8_cache_sharded_equals_single_device(report):
     assert report["int8_cache_specs"] == ['["data", "model", null, null]', '["data"]']
 
 
+@pytest.mark.devices
 def test_commands_and_apis_equal_single_device(report):
     assert report["cli_ppl_max_diff"] < 1e-4  # jaxsink ppl --mesh data=1,model=2
     assert report["api_dense_nll_max_diff"] < 1e-4
@@ -53,6 +56,7 @@ def test_commands_and_apis_equal_single_device(report):
     assert tokens["single"] == tokens["mesh"] and len(tokens["single"]) == 12
 
 
+@pytest.mark.devices
 def test_every_leaf_is_sharded_as_the_rules_say(report):
     mesh = types.SimpleNamespace(shape={"data": 2, "model": 2})
     for name, names in report["weight_names"].items():
@@ -67,23 +71,26 @@ def _shape_of(name: str) -> tuple[int, ...]:
     import dataclasses
 
     from jaxsink.layout import param_shapes
-    from tests.tiny import tiny_config
+    from tests.support.tiny import tiny_config
 
     return param_shapes(dataclasses.replace(tiny_config(), vocab_size=96))[name]
 
 
+@pytest.mark.devices
 def test_no_weight_is_all_gathered_in_a_decode_step(report):
     """Attention and MLP layouts let XLA reduce partial sums instead of gathering weights: the
     compiled sharded step's all-gathers (if any) are activations, never a weight."""
     assert report["weights_all_gathered"] == []
 
 
+@pytest.mark.devices
 def test_a_mesh_larger_than_the_machine_is_a_clear_error(report):
     assert "needs 16 devices, this machine has 8" in report["too_big"]
     with pytest.raises(ConfigError, match="needs 4 devices"):
         sh.make_mesh("data=2,model=2")  # this process has one device
 
 
+@pytest.mark.devices
 def test_plan_lowers_prefill_and_decode_for_tpu_and_cuda(report):
     """`jaxsink plan --model llama-2-7b ... --mesh data=1,model=8 --lower` exports the three steps
     for each platform; its parameter bytes per device are the model's / 8 within 5%."""
@@ -124,6 +131,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.devices
 def test_two_processes_equal_one(report, checks_dir, tmp_path):
     """Two local processes of 2 CPU devices each (jax.distributed with a local coordinator,
     gloo collectives) run `jaxsink ppl` and `jaxsink generate` over one data=1,model=4 mesh:

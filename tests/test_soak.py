@@ -23,7 +23,7 @@ import pytest
 from jaxsink.config import StreamConfig
 from jaxsink.traced import cache as kv
 from jaxsink.traced import entry
-from tests.tiny import random_flat_params, tiny_config, tiny_model
+from tests.support.tiny import random_flat_params, tiny_config, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "soak.py"

@@ -30,8 +30,7 @@ from jaxsink.stream_state import (
     save_stream,
 )
 from jaxsink.traced import cache as kv
-from tests.hf_tiny import write_tokenizer
-from tests.tiny import random_flat_params, tiny_config
+from tests.support.tiny import random_flat_params, tiny_config, write_tokenizer
 
 STREAM = StreamConfig(2, 5)  # K = 7: every run below wraps the ring several times
 CHUNK, BLOCK = 4, 5

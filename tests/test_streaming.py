@@ -12,8 +12,8 @@ import pytest
 from jaxsink.config import StreamConfig
 from jaxsink.traced import attention, entry
 from jaxsink.traced import cache as kv
-from tests.spec_reference import spec_view, stream_logits
-from tests.tiny import feed, random_flat_params, tiny_config, tiny_model
+from tests.support.spec_reference import spec_view, stream_logits
+from tests.support.tiny import feed, random_flat_params, tiny_config, tiny_model
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,10 @@ from jaxsink.checkpoint import CheckpointError
 from jaxsink.convert import convert
 from jaxsink.convert.cli import main as convert_main
 from jaxsink.tokenizer import Tokenizer
-from tests.hf_tiny import tiny_hf_model
+from tests.support.hf_tiny import tiny_hf_model
 from tests.test_convert import TEXT, assert_tokenizers_match, hf_config, tiny_model, write_gguf
+
+pytestmark = pytest.mark.torch
 
 CORPUS = [
     "Attention sinks keep the first few tokens of a stream in the cache forever.",

@@ -15,8 +15,10 @@ import jaxsink
 from jaxsink.convert import convert
 from jaxsink.convert.cli import main as convert_main
 from jaxsink.convert.families import FAMILIES
-from tests.family_checks import assert_dense_matches_pytorch
-from tests.hf_tiny import VOCAB, build_from_config
+from tests.support.family_checks import assert_dense_matches_pytorch
+from tests.support.hf_tiny import VOCAB, build_from_config
+
+pytestmark = pytest.mark.torch
 
 # Sizes every config class takes (under these names or through its attribute_map), and widths
 # unlike the defaults' proportions, set where the class declares the key: a head_dim other

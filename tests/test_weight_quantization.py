@@ -26,9 +26,8 @@ from jaxsink.checkpoint import load_params, read_config, save_checkpoint
 from jaxsink.config import Quant, StreamConfig
 from jaxsink.convert import convert
 from jaxsink.traced import quant
-from tests.hf_tiny import write_tokenizer
+from tests.support.tiny import feed, random_flat_params, tiny_model, write_tokenizer
 from tests.test_quantized import cli_main, config, tiny_gguf
-from tests.tiny import feed, random_flat_params, tiny_model
 
 SHAPES = [(48, 64), (3, 2, 64)]  # a matrix, and [*out, heads, head dim] like an output projection
 
@@ -112,6 +111,7 @@ def dequantized_flat(path) -> tuple:
 
 
 @pytest.mark.parametrize("kind, sliced", [("int8", False), ("int4", False), ("int8", True)])
+@pytest.mark.torch
 def test_converted_model_equals_its_dequantized_float_model(
     kind, sliced, tiny_float_gguf, tmp_path, monkeypatch
 ):
@@ -146,6 +146,7 @@ def test_converted_model_equals_its_dequantized_float_model(
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.torch
 def test_float_checkpoint_quantized_on_load_is_the_conversion(kind, tiny_float_gguf, tmp_path):
     """`jaxsink.load(float checkpoint, quantize=kind)` holds the weights of the checkpoint
     converted with `quantize=kind`, bit for bit; the checkpoint on disk is untouched."""
@@ -162,6 +163,7 @@ def test_float_checkpoint_quantized_on_load_is_the_conversion(kind, tiny_float_g
     assert (floats / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.torch
 def test_bfloat16_conversion_keeps_scales_in_bfloat16(tiny_float_gguf, tmp_path):
     out = convert(
         tiny_float_gguf, tmp_path / "bf", dtype="bfloat16", progress=False, quantize="int8"

@@ -1,6 +1,6 @@
-"""Checks every converted family goes through (tests/test_architectures.py and
-tests/test_modern_families.py): dense logits against PyTorch, a sink stream against the
-streaming reference."""
+"""Checks every converted family goes through (tests/test_families.py, and
+tests/test_transformers_sweep.py's dense logits): dense logits against PyTorch, a sink stream
+against the streaming reference."""
 
 from __future__ import annotations
 
@@ -8,16 +8,26 @@ import numpy as np
 
 from jaxsink.config import StreamConfig
 from jaxsink.traced import entry
-from tests.hf_tiny import torch_logits
-from tests.spec_reference import stream_logits
-from tests.tiny import feed
+from tests.support.hf_tiny import torch_logits
+from tests.support.spec_reference import stream_logits
+from tests.support.tiny import feed
 
 
-def assert_dense_matches_pytorch(torch_model, model) -> None:
-    """Two streams of 40 tokens in dense mode: logits within 1e-4 of the PyTorch model's."""
-    ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, size=(2, 40))
+def assert_dense_matches_pytorch(
+    torch_model,
+    model,
+    batch: int = 2,
+    tokens: int = 40,
+    capacity: int = 48,
+    chunk: int = 16,
+    seed: int = 0,
+) -> None:
+    """`batch` random streams (seed `seed`) of `tokens`, fed `chunk` at a time into a dense cache
+    of `capacity` slots: logits within 1e-4 of the PyTorch model's. By default two streams of 40
+    tokens."""
+    ids = np.random.default_rng(seed).integers(0, model.cfg.vocab_size, size=(batch, tokens))
     ids = ids.astype(np.int32)
-    got, _ = feed(model, StreamConfig(0, 48, "dense"), ids, chunk=16)
+    got, _ = feed(model, StreamConfig(0, capacity, "dense"), ids, chunk=chunk)
     np.testing.assert_allclose(got, torch_logits(torch_model, ids), atol=1e-4, rtol=0)
 
 

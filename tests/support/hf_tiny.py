@@ -7,23 +7,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
 
-VOCAB = 97
+from tests.support.tiny import VOCAB, write_tokenizer
 
 ARCHITECTURES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
 }
-
-
-def write_tokenizer(path: Path, vocab_size: int = VOCAB) -> None:
-    """A word-level tokenizer over `t0 .. t{n-1}`: enough for conversion and loading."""
-    vocab = {f"t{i}": i for i in range(vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(path / "tokenizer.json"))
 
 
 def tiny_hf_model(arch: str, path: Path, seed: int = 0, **overrides):

@@ -1,7 +1,7 @@
 """Sharding checks of quantized weights that need several devices, run in a child process with
 4 forced host devices (`tests/test_quantized.py` starts it). Prints one JSON object.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m tests.quantized_sharded OUT_DIR
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m tests.support.quantized_sharded OUT_DIR
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from jaxsink.checkpoint import save_checkpoint
 from jaxsink.config import StreamConfig
 from jaxsink.traced import entry, quant
 from jaxsink.traced.entry import EntryPoint
-from tests.sharded_checks import sharded_step_inputs
+from tests.support.sharded_checks import sharded_step_inputs
+from tests.support.tiny import quantized_params, random_flat_params
 from tests.test_quantized import MIXED, config
-from tests.tiny import quantized_params, random_flat_params
 
 STREAM = StreamConfig(2, 5)
 DTYPES = {"s8": "int8", "f32": "float32"}

@@ -2,9 +2,9 @@
 devices (`tests/test_sharding.py` starts it with `forced_devices_report`; JAX fixes its device
 count at start-up). Prints one JSON object of measured values; the tests assert on them.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.sharded_checks OUT_DIR
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.support.sharded_checks OUT_DIR
 
-`forced_devices_report` and `sharded_step_inputs` also serve `tests/quantized_sharded.py`.
+`forced_devices_report` and `sharded_step_inputs` also serve `tests/support/quantized_sharded.py`.
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ from jaxsink.evaluate import stream_nll
 from jaxsink.executables import compiled
 from jaxsink.generate import Generation
 from jaxsink.traced import entry
-from tests.hf_tiny import write_tokenizer
-from tests.tiny import random_flat_params, tiny_config
+from tests.support.tiny import random_flat_params, tiny_config, write_tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MESHES = ("data=1,model=2", "data=2,model=2", "data=4,model=2")
 STREAMS = {"sink": StreamConfig(2, 5), "dense": StreamConfig(0, 32, "dense")}
 

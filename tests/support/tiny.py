@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from jaxsink import config as C
 from jaxsink import layout
@@ -14,6 +17,7 @@ from jaxsink.loading import Model
 from jaxsink.traced import cache as kv
 from jaxsink.traced import entry
 
+VOCAB = 97
 RMS = Norm("rms", 1e-5)
 SILU_MLP = Mlp(48, "silu")
 
@@ -104,7 +108,15 @@ def quantized_params(cfg: ModelConfig, kinds: dict[str, str], seed: int = 0):
     return qcfg, stored, dense
 
 
-# A chat template in the tiny word-level vocabulary (`hf_tiny.write_tokenizer`): a user turn is
+def write_tokenizer(path: Path, vocab_size: int = VOCAB) -> None:
+    """A word-level tokenizer over `t0 .. t{n-1}`: enough for conversion and loading."""
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+
+
+# A chat template in the tiny word-level vocabulary (`write_tokenizer`): a user turn is
 # t3 ... t4, a reply t5 ... t4 (ChatML's shape).
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'assistant' %}t5 {{ m['content'] }} t4 "
@@ -119,7 +131,6 @@ def chat_checkpoint(path, seed: int = 5):
     import json
 
     from jaxsink.checkpoint import save_checkpoint
-    from tests.hf_tiny import write_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
     write_tokenizer(path)
