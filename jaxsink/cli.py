@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from jaxsink import settings
-from jaxsink.config import JaxsinkError, one_line
+from jaxsink.config import POLICIES, JaxsinkError, one_line
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -61,6 +61,23 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=64, help="prefill chunk length C (default 64)")
 
 
+def _add_policy_args(p, default: str | None) -> None:
+    """--policy and --recent: which tokens a sink cache keeps besides the sinks."""
+    p.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default=default,
+        help="which W tokens a sink cache keeps: sink, the most recent (a ring); tova, those "
+        "the current token attends to most; h2o, the --recent latest and those most attended "
+        "so far (default sink; --mode sink only)",
+    )
+    p.add_argument(
+        "--recent",
+        type=int,
+        help="h2o: the latest tokens always kept (default: half the window)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="jaxsink", description="Endless LLM streams with attention sinks, in JAX."
@@ -73,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=["sink", "window", "dense"], help="default sink")
     g.add_argument("--sinks", type=int, help="attention sink tokens kept (default 4)")
     g.add_argument("--window", type=int, help="recent tokens kept (default 1020)")
+    _add_policy_args(g, default=None)
     settings.add_flags(g, settings.SETTINGS)
     _add_cache_dtype(g)
     g.add_argument("--save", help="when done, save the stream's whole state to this file")
@@ -116,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sinks", type=int, default=4, help="sink tokens (window mode uses 0 and window + sinks)"
     )
     p.add_argument("--window", type=int, default=1020, help="recent tokens kept (default 1020)")
+    _add_policy_args(p, default="sink")
     p.add_argument("--chunk", type=int, default=128, help="tokens per jitted chunk (default 128)")
     p.add_argument("--out", help="folder for nll_<mode>.npy, summary.json and ppl.png")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
@@ -234,7 +253,7 @@ def _check_stream_flags(modes, args) -> None:
     from jaxsink.config import StreamConfig
 
     for mode in modes:
-        StreamConfig.for_mode(mode, args.sinks, args.window, dense_capacity=1)
+        StreamConfig.for_mode(mode, args.sinks, args.window, 1, args.policy, args.recent)
     if args.chunk < 1:
         raise JaxsinkError(f"--chunk must be >= 1, got {args.chunk}")
 
@@ -254,7 +273,7 @@ def _load_checked(args, modes, dense_tokens: int):
     path = resolve_model(args.model, progress=progress, quantize=args.quantize)
     dtype = args.dtype or default_dtype()
     streams = [
-        StreamConfig.for_mode(mode, args.sinks, args.window, dense_capacity=dense_tokens)
+        StreamConfig.for_mode(mode, args.sinks, args.window, dense_tokens, args.policy, args.recent)
         for mode in modes
     ]
     stored = read_config(path)[0]
@@ -277,9 +296,12 @@ def _check_out_folder(out: str, flag: str = "--out") -> None:
         raise JaxsinkError(f"{flag} {out}: {parent} is not writable: choose another path")
 
 
-GENERATE_DEFAULTS = {"mode": "sink", "sinks": 4, "window": 1020} | settings.defaults(
-    settings.SETTINGS
-)
+GENERATE_DEFAULTS = {
+    "mode": "sink",
+    "sinks": 4,
+    "window": 1020,
+    "policy": "sink",
+} | settings.defaults(settings.SETTINGS)
 
 
 def _generate_settings(args, saved) -> None:
@@ -293,6 +315,8 @@ def _generate_settings(args, saved) -> None:
             "mode": stream.mode,
             "sinks": stream.sinks if sink else None,
             "window": stream.window if sink else None,
+            "policy": stream.policy if sink else None,
+            "recent": stream.recent if stream.policy == "h2o" else None,
             "cache_dtype": saved.cache_dtype,
         }
         for name, value in layout.items():
@@ -349,6 +373,8 @@ def cmd_generate(args) -> int:
         mode=args.mode,
         sinks=args.sinks,
         window=args.window,
+        policy=args.policy,
+        recent=args.recent,
         chunk=args.chunk,
         block=args.block,
         stop=args.stop,
@@ -378,6 +404,7 @@ def cmd_generate(args) -> int:
             "mode": gen.stream.mode,
             "sinks": gen.stream.sinks,
             "window": gen.stream.window,
+            "policy": gen.stream.policy,
             "chunk": args.chunk,
             "token_ids": gen.token_ids,
         }
@@ -477,6 +504,8 @@ def cmd_ppl(args) -> int:
             args.chunk,
             progress=not args.quiet,
             cache_dtype=args.cache_dtype,
+            policy=args.policy,
+            recent=args.recent,
         )
         for mode in dict.fromkeys(args.mode)
     ]

@@ -39,6 +39,8 @@ class StreamResult:
     sinks: int
     window: int
     chunk_seconds: np.ndarray  # [n_chunks] wall time of each chunk, NLL copied to the host
+    policy: str = "sink"  # which tokens a sink cache keeps (`StreamConfig.policy`)
+    recent: int = 0  # h2o's recent window
 
     def summary(self) -> dict:
         n = len(self.nll)
@@ -58,12 +60,22 @@ class StreamResult:
             "compiles": self.compiles,
             "sinks": self.sinks,
             "window": self.window,
-        }
+        } | ({"policy": self.policy, "recent": self.recent} if self.mode == "sink" else {})
 
 
-def stream_config(mode: str, sinks: int, window: int, n_tokens: int, chunk: int) -> StreamConfig:
-    """The cache of `mode` at capacity sinks + window; dense holds the whole stream."""
-    return StreamConfig.for_mode(mode, sinks, window, dense_capacity=-(-n_tokens // chunk) * chunk)
+def stream_config(
+    mode: str,
+    sinks: int,
+    window: int,
+    n_tokens: int,
+    chunk: int,
+    policy: str = "sink",
+    recent: int | None = None,
+) -> StreamConfig:
+    """The cache of `mode` at capacity sinks + window, keeping its tokens by `policy` (sink
+    mode); dense holds the whole stream."""
+    dense = -(-n_tokens // chunk) * chunk
+    return StreamConfig.for_mode(mode, sinks, window, dense, policy, recent)
 
 
 def check_stream(model: Model, stream: StreamConfig) -> None:
@@ -88,13 +100,16 @@ def stream_nll(
     progress: bool = True,
     cache_dtype: str | None = None,
     mesh=None,
+    policy: str = "sink",
+    recent: int | None = None,
 ) -> StreamResult:
     """Per-token NLL of the stream `ids` (N + 1 token ids -> N values), fed in chunks of `chunk`.
 
     The dense cache (capacity = the stream, rounded up to the chunk) is allocated up front;
     a cache too large for the machine's memory is refused before it is.
     cache_dtype: "float32", "bfloat16" or "int8" (default: the model's dtype). mesh: run on this mesh
-    (`jaxsink.sharding.make_mesh`'s argument) instead of the model's own.
+    (`jaxsink.sharding.make_mesh`'s argument) instead of the model's own. policy, recent: which
+    tokens a sink cache keeps (`StreamConfig.policy`; recent: h2o's, default half the window).
     """
     from tqdm import tqdm
 
@@ -106,7 +121,7 @@ def stream_nll(
         raise ConfigError(f"chunk must be >= 1, got {chunk}")
     if ids.min() < 0 or ids.max() >= model.cfg.vocab_size:
         raise ConfigError(f"token ids must be in [0, {model.cfg.vocab_size})")
-    stream = stream_config(mode, sinks, window, n, chunk)
+    stream = stream_config(mode, sinks, window, n, chunk, policy, recent)
     check_stream(model, stream)
     model = model.on_mesh(mesh)
     mesh, notes = model.mesh, set()
@@ -154,6 +169,8 @@ def stream_nll(
         sinks=stream.sinks,
         window=stream.window,
         chunk_seconds=np.asarray(chunk_seconds),
+        policy=stream.policy,
+        recent=stream.recent,
     )
 
 

@@ -76,6 +76,8 @@ class Generation:
         mode: str = "sink",
         sinks: int = 4,
         window: int = 1020,
+        policy: str = "sink",
+        recent: int | None = None,
         chunk: int = 64,
         block: int = 16,
         stop: Sequence[str] = (),
@@ -108,7 +110,7 @@ class Generation:
             # Dense mode allocates the whole stream, rounded up so nearby lengths share a compile.
             n = len(self.prompt_ids) + max_new_tokens
             dense = -(-n // 256) * 256
-            self.stream = StreamConfig.for_mode(mode, sinks, window, dense_capacity=dense)
+            self.stream = StreamConfig.for_mode(mode, sinks, window, dense, policy, recent)
         else:
             self.cache_dtype, self.stream = (
                 kv.cache_dtype_of(model.dtype, resume.cache_dtype),
@@ -208,7 +210,8 @@ def generate(model: Model, prompt: str | Sequence[int], **kwargs) -> Generation:
     """Stream a continuation of `prompt`: `for text in jaxsink.generate(model, "Hi"): ...`.
 
     Keyword arguments: max_new_tokens, sampling (Sampling), seed, mode ("sink", "window" or
-    "dense"), sinks (default 4), window (default 1020), chunk (prefill chunk length C), block (decode steps per device loop),
+    "dense"), sinks (default 4), window (default 1020), policy ("sink", "tova" or "h2o": which
+    tokens a sink cache keeps) and recent (h2o's recent window, default half the window), chunk (prefill chunk length C), block (decode steps per device loop),
     stop (stop strings), chat (apply the chat template), cache_dtype ("float32", "bfloat16" or
     "int8": int8 ring keys and values with per-token scales, exact sinks), mesh (run sharded on this mesh, see `jaxsink.sharding.make_mesh`), resume (a `SavedStream`:
     go on with that stream, its layout and model; `prompt` is then appended text, or None).

@@ -133,10 +133,13 @@ def weight_shardings(abstract: nnx.State, mesh: Mesh, notes: set | None = None) 
 
 def cache_shardings(cache: kv.KVCache, mesh: Mesh, notes: set | None = None) -> kv.KVCache:
     """The cache's shardings (same pytree, of NamedShardings): batch rows over `data`, kv heads
-    over `model`; keys [B, K, H, n] and values [B, K, n, H] alike, positions [B] over `data`."""
+    over `model`; keys [B, K, H, n] and values [B, K, n, H] alike, positions [B] and an
+    evicting layer's per-slot ranks and scores [B, K] over `data`."""
 
     def one(x):
-        names = ("batch",) if x.ndim == 1 else ("batch", "kv_heads", None, None)
+        names = (
+            ("batch",) + (None,) * (x.ndim - 1) if x.ndim < 4 else ("batch", "kv_heads", None, None)
+        )
         return NamedSharding(mesh, partition(names, x.shape, mesh, notes))
 
     return jax.tree.map(one, cache)

@@ -135,7 +135,13 @@ def save_stream(path: str | os.PathLike, saved: SavedStream, model: Model) -> Pa
     stream = saved.stream
     state = {
         "model": model_identity(model),
-        "stream": {"mode": stream.mode, "sinks": stream.sinks, "window": stream.window},
+        "stream": {
+            "mode": stream.mode,
+            "sinks": stream.sinks,
+            "window": stream.window,
+            "policy": stream.policy,
+            "recent": stream.recent,
+        },
         "cache_dtype": saved.cache_dtype,
         "stream_index": saved.row.index,
         "pending": saved.pending,
@@ -210,7 +216,13 @@ def read_stream_info(path: str | os.PathLike) -> StreamInfo:
     try:
         state = json.loads(metadata["state"])
         s = state["stream"]
-        stream = StreamConfig(_int(s["sinks"]), _int(s["window"]), s["mode"])
+        stream = StreamConfig(
+            _int(s["sinks"]),
+            _int(s["window"]),
+            s["mode"],
+            s.get("policy", "sink"),  # streams saved before policies kept the ring
+            _int(s.get("recent", 0)),
+        )
         if state["cache_dtype"] not in CACHE_DTYPES:
             raise ValueError(f"cache dtype {state['cache_dtype']!r}")
         index = _int(state["stream_index"])

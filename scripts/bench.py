@@ -24,6 +24,8 @@ Sections (select with `--sections decode,bounds,...`; all by default):
              loads), the perplexity of the int8 cache, and llama.cpp on the same GGUF file
              (`llama-cpp-python`, 2 threads, batch 1, the same prompt; skipped with a line when
              it is not installed).
+- policies:  decode tok/s of B = 1 and B = 16 streams under each eviction policy (`--policy
+             sink|tova|h2o`, K = 1024), interleaved, and each one's ratio to sink.
 - experts:   a mixture-of-experts MLP's two exact paths, chosen experts' weights gathered per
              token or every expert on every token, against the tokens per call (Mixtral- and
              gpt-oss-like expert counts at a CPU-sized width).

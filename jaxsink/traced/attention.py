@@ -475,13 +475,10 @@ def _entering(spec: C.Attention, q, k, v, lc: kv.LayerCache, view: PolicyView, t
     if sinks is not None:
         total = total + jnp.exp(sinks[None, :, :, None] - top)
     weights = weights / total  # [B, K, G, T]
-    values = jnp.concatenate(lc.values, axis=-2)  # [B, K, slots, H]
-    out = jnp.einsum(
-        "bkgs,bksh->bkgh",
-        weights[..., :slots].astype(values.dtype),
-        values,
-        preferred_element_type=f32,
-    )
+    out = 0.0
+    for (start, size), values in zip(view.blocks, lc.values, strict=True):  # [B, K, n, H]
+        block = weights[..., start : start + size].astype(values.dtype)
+        out = out + jnp.einsum("bkgs,bksh->bkgh", block, values, preferred_element_type=f32)
     out = out + weights[..., slots:] * v.astype(f32)[:, :, None, :]
     slot, ranks, received = policy.enter(
         stream.policy,
@@ -493,7 +490,11 @@ def _entering(spec: C.Attention, q, k, v, lc: kv.LayerCache, view: PolicyView, t
         n,
         valid,
     )
-    new = _write(lc, k_stored[:, None], v[:, None], slot[:, None], view.blocks)
+    # Written after every read of the old cache (a data dependence, as in `_attend`), so the
+    # write is in place: the slot depends on the scores, the key and value on the output.
+    first = out[:, 0, 0, 0]  # [B]
+    k_new, v_new = after(k_stored[:, None], first), after(v[:, None], first)
+    new = _write(lc, k_new, v_new, slot[:, None], view.blocks)
     return out, new.replace(ranks=ranks, scores=received)
 
 

@@ -8,7 +8,7 @@ harness.
 - `report`: the targets, the markdown table and the JSON report.
 - `run`: the sections run in order, each under a load meter.
 - sections: `decode` (decode, bf16), `bounds` (bounds, the memory bandwidth), `flat`,
-  `recompute`, `prefill`, `batch`, `memory`, `roofline`, `experts`, `weights`.
+  `recompute`, `prefill`, `batch`, `memory`, `roofline`, `experts`, `weights`, `policies`.
 
 Only `sizes`, `baseline` and `report` are importable without JAX (the transformers worker and
 the argument parser use them); the rest import it.
@@ -26,4 +26,5 @@ SECTIONS = (
     "roofline",
     "experts",
     "weights",
+    "policies",
 )

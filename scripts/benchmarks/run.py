@@ -22,6 +22,7 @@ from benchmarks import (
     experts,
     flat,
     memory,
+    policies,
     prefill,
     recompute,
     report,
@@ -44,6 +45,7 @@ RUNS = {
     "roofline": roofline.run,
     "experts": experts.run,
     "weights": weights.run,
+    "policies": policies.run,
 }
 
 

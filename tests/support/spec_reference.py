@@ -9,6 +9,14 @@ contract's formulas; RoPE is applied at the "cache order" positions (the query a
 each visible key at L - d(t, k)) and ALiBi adds -slope * d(t, k). A native sliding-window
 layer of w sees the keys t - w < k <= t at their true distances (its query at min(t, w - 1)).
 
+With `policy` tova or h2o it is the contract of a cache that evicts by attention
+(`jaxsink.traced.policy`, docs/streaming-contract.md): each full layer keeps its own list of
+cached tokens (the sinks, then up to W others in stream order); a query sees them and itself,
+the cached ones at their rank in that list and itself at the list's length; then it enters
+the list and, past K, the policy's victim leaves (tova: least attention from this query, mean
+over heads; h2o: least attention summed since entering, among all but the `recent` latest;
+ties: the oldest).
+
 With `int8=True` it is the contract of an int8 cache: every ring token's key (rotated by its
 ring offset (k - S) mod W, its layer's own S and W) and value are stored quantized per kv head
 (`int8_round_trip`), a query sees them so, its own included; sinks stay exact.
@@ -97,6 +105,17 @@ def spec_view(t: int, sinks: int, window: int, dense: bool = False, native: int 
     return out
 
 
+def _evict(cached: list, value: dict, policy: str, sinks: int, capacity: int, recent: int):
+    """Past `capacity`, the policy's victim leaves `cached`: the token of least `value` (tova:
+    this query's weights; h2o: the weights received so far) among the non-sinks (h2o: but the
+    `recent` latest), the oldest of ties."""
+    if len(cached) <= capacity:
+        return
+    kept = set(cached[-recent:]) if policy == "h2o" else set()
+    candidates = [kk for kk in cached if kk >= sinks and kk not in kept]
+    cached.remove(min(candidates, key=lambda kk: (value[kk], kk)))
+
+
 def _gated(m, gate, up):
     if m.activation == "clamped_swiglu":
         gate, up = np.minimum(gate, m.limit), np.clip(up, -m.limit, m.limit)
@@ -139,15 +158,19 @@ def stream_logits(
     window: int,
     dense: bool = False,
     int8: bool = False,
+    policy: str = "sink",
+    recent: int = 0,
 ):
     """Per-token logits [N, V] of a single stream under the contract (float64); int8: of an
-    int8 cache (module docstring)."""
+    int8 cache; policy, recent: eviction by attention (module docstring)."""
     p = {k: np.asarray(v, np.float64) for k, v in flat.items()}
     L = cfg.num_layers
     keys = [[] for _ in range(L)]  # un-rotated, per layer, per token: [Kh, H]
     values = [[] for _ in range(L)]
     capacity = sinks + window
     full_span = len(tokens) if dense else capacity + 1  # in-cache positions (longrope)
+    cached = [[] for _ in range(L)]  # under a policy: each layer's cached tokens, stream order
+    received = [{} for _ in range(L)]  # under h2o: attention each cached token has received
     out = []
     for t, tok in enumerate(tokens):
         x = p["embed"][tok] * cfg.embed_scale
@@ -159,6 +182,10 @@ def stream_logits(
             G = a.group
             w = a.sliding_window
             view = spec_view(t, sinks, window, dense, native=w)
+            evicting = policy != "sink" and w is None
+            if evicting:  # the cached tokens at their ranks, the query at their count
+                n = len(cached[i])
+                view = [(kk, n - r) for r, kk in enumerate(cached[i])] + [(t, 0)]
             if w is None:
                 q_pos, span = (t if dense else min(t, capacity)), full_span
             else:
@@ -186,6 +213,7 @@ def stream_logits(
             keys[i].append(k)
             values[i].append(v)
             att = np.zeros((a.num_heads, a.head_dim))
+            heads_weights = []
             rotary = a.position if isinstance(a.position, Rotary) else None
             for n in range(a.num_heads):
                 kvh = n // G
@@ -208,7 +236,15 @@ def stream_logits(
                 wts = np.exp(scores - top)
                 total = wts.sum() + (np.exp(lp["attn.sinks"][n] - top) if a.learned_sinks else 0)
                 wts /= total
+                heads_weights.append(wts)
                 att[n] = sum(wi * values[i][kk][kvh] for wi, (kk, _) in zip(wts, view, strict=True))
+            if evicting:  # t joins the cached tokens, then the policy's victim leaves
+                weights = dict(zip((kk for kk, _ in view), np.mean(heads_weights, 0), strict=True))
+                for kk, wk in weights.items():
+                    received[i][kk] = received[i].get(kk, 0.0) + wk
+                cached[i].append(t)
+                value = weights if policy == "tova" else received[i]
+                _evict(cached[i], value, policy, sinks, capacity, recent)
             attn = np.einsum("nh,dnh->d", att, lp["attn.out"])
             if a.out_bias:
                 attn = attn + lp["attn.out_bias"]
