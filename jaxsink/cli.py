@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000, help="default 8000")
     v.add_argument("--max-batch", type=int, default=8, help="streams decoded together (default 8)")
     _add_stream_args(v)
+    _add_policy_args(v, default="sink")
     v.add_argument(
         "--block", type=int, default=16, help="decode steps between admissions (default 16)"
     )
@@ -587,7 +588,7 @@ def cmd_serve(args) -> int:
     model = _load_checked(args, ["sink"], dense_tokens=1)
     if model.tokenizer is None:
         raise JaxsinkError(f"{model.path} has no tokenizer: the server needs one")
-    stream = StreamConfig.for_mode("sink", args.sinks, args.window)
+    stream = StreamConfig.for_mode("sink", args.sinks, args.window, None, args.policy, args.recent)
     engine = Engine(
         model,
         args.max_batch,
