@@ -359,6 +359,8 @@ def test_connections_beyond_the_limit_get_503(limited):
         (["--window", "0"], "window must be >= 1"),
         (["--port", "70000"], "--port must be in"),
         (["--session-idle-s", "0"], "--session-idle-s must be > 0"),
+        (["--api-key", ""], "--api-key (or JAXSINK_API_KEY) must be non-empty"),
+        (["--api-key", "a b"], "--api-key (or JAXSINK_API_KEY) must be non-empty"),
     ],
 )
 def test_serve_bad_flags_exit_2(capsys, tiny_dir, tmp_path, flags, message):
@@ -372,3 +374,142 @@ def test_serve_bad_flags_exit_2(capsys, tiny_dir, tmp_path, flags, message):
         code = cli.main(["serve", "--model", str(tiny_dir), *sessions, *flags])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def metric_values(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a Prometheus text page, by (name, sorted labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_parse_and_count_each_request(server):
+    """GET /metrics is Prometheus text; a completion raises the token counters by its usage,
+    the request counter of its endpoint and status, and the time-to-first-token histogram."""
+    before = metric_values(httpx.get(server.url + "/metrics", timeout=10).text)
+    r = server.post("/v1/completions", {"prompt": "t11 t12 t13", "max_tokens": 5})
+    assert r.status_code == 200
+    usage = r.json()["usage"]
+    assert server.post("/v1/completions", {"prompt": "t1", "n": 3}).status_code == 400
+    page = httpx.get(server.url + "/metrics", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
+    after = metric_values(page.text)
+
+    def rise(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0)
+
+    assert rise("jaxsink_completion_tokens_total") == usage["completion_tokens"] == 5
+    assert rise("jaxsink_prompt_tokens_total") == usage["prompt_tokens"]
+    assert rise("jaxsink_cached_tokens_total") == usage["prompt_tokens_details"]["cached_tokens"]
+    assert rise("jaxsink_requests_total", endpoint="/v1/completions", status="200") == 1
+    assert rise("jaxsink_requests_total", endpoint="/v1/completions", status="400") == 1
+    assert rise("jaxsink_time_to_first_token_seconds_count") == 1
+    assert after[("jaxsink_decode_tokens_per_second", ())] > 0
+    for gauge in ("rows_live", "rows_parked", "rows_prefilling", "queue_length"):
+        assert after[(f"jaxsink_{gauge}", ())] >= 0
+    for name in ("prompt_cache_entries", "prompt_cache_bytes", "prompt_cache_hits_total"):
+        assert (f"jaxsink_{name}", ()) in after
+    assert ("jaxsink_sessions_saved_total", ()) in after
+    assert ("jaxsink_sessions_restored_total", ()) in after
+
+
+USER = [{"role": "user", "content": "t5"}]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("response_format", {"type": "json_object"}),
+        ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ("tool_choice", "required"),
+        ("functions", [{"name": "f", "parameters": {}}]),
+        ("function_call", "auto"),
+        ("logit_bias", {"5": 100}),
+        ("frequency_penalty", 0.5),
+        ("presence_penalty", -1),
+        ("modalities", ["text", "audio"]),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("reasoning_effort", "high"),
+        ("verbosity", "low"),
+        ("web_search_options", {}),
+        ("best_of", 2),
+        ("echo", True),
+        ("suffix", " t9"),
+    ],
+)
+def test_what_jaxsink_does_not_do_is_refused(server, field, value):
+    """A field that would change what the reply means, which jaxsink does not implement, gets
+    400 naming it, on chat and completions alike (never a reply that ignored it)."""
+    bodies = {"/v1/chat/completions": {"messages": USER}, "/v1/completions": {"prompt": "t5"}}
+    for path, body in bodies.items():
+        r = server.post(path, body | {field: value, "max_tokens": 2})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == field and field in error["message"]
+
+
+def test_fields_that_change_nothing_are_accepted(server):
+    neutral = {
+        "model": "anything",
+        "user": "u1",
+        "metadata": {"k": "v"},
+        "store": False,
+        "service_tier": "auto",
+        "parallel_tool_calls": True,
+        "response_format": {"type": "text"},
+        "tools": [],
+        "tool_choice": "none",
+        "logit_bias": {},
+        "frequency_penalty": 0,
+        "presence_penalty": 0.0,
+    }
+    plain = {"messages": USER, "max_tokens": 4, "temperature": 0}
+    want = server.post("/v1/chat/completions", plain).json()["choices"][0]["message"]
+    r = server.post("/v1/chat/completions", plain | neutral)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"] == want
+
+
+def test_the_api_key_guards_every_api_endpoint(tiny_dir, tmp_path, monkeypatch):
+    """With JAXSINK_API_KEY set: every /v1/... endpoint and /metrics answer 401 with an
+    OpenAI-style error without the key or with a wrong one, and as usual with it; /health and
+    the chat page stay open; the key appears in nothing the server prints."""
+    key = "sk-test-7f3a9c"
+    monkeypatch.setenv("JAXSINK_API_KEY", key)
+    keyed = Server(tiny_dir, tmp_path, "--max-batch", "1")
+    try:
+        requests = [
+            ("POST", "/v1/completions", {"prompt": "t5", "max_tokens": 2}, 200),
+            ("POST", "/v1/chat/completions", {"messages": USER, "max_tokens": 2}, 200),
+            ("GET", "/v1/models", None, 200),
+            ("GET", "/v1/sessions/nobody", None, 404),
+            ("GET", "/v1/nothing", None, 404),
+            ("GET", "/metrics", None, 200),
+        ]
+        wrong = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": key}]
+        wrong += [{"Authorization": f"Bearer {key}x"}, {"Authorization": "Basic " + key}]
+        for method, path, body, status in requests:
+            for headers in wrong:
+                r = httpx.request(method, keyed.url + path, json=body, headers=headers, timeout=30)
+                assert r.status_code == 401, (path, headers)
+                error = r.json()["error"]
+                assert error["code"] == "invalid_api_key" and key not in r.text
+            right = {"Authorization": f"Bearer {key}"}
+            r = httpx.request(method, keyed.url + path, json=body, headers=right, timeout=60)
+            assert r.status_code == status, (path, r.text)
+        for path in ("/health", "/", "/web/app.js"):
+            assert httpx.get(keyed.url + path, timeout=10).status_code == 200
+        openai = pytest.importorskip("openai")
+        client = openai.OpenAI(base_url=keyed.url + "/v1", api_key=key)
+        assert [m.id for m in client.models.list().data] == ["ckpt"]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong").models.list()
+    finally:
+        err = keyed.stop()
+    assert "API key required" in err and key not in err
