@@ -62,6 +62,8 @@ class ChatSettings:
     seed: int = settings.CHAT_DEFAULTS["seed"]
     sinks: int = 4
     window: int = 1020
+    policy: str = "sink"
+    recent: int | None = None
     chunk: int = settings.CHAT_DEFAULTS["chunk"]
     block: int = settings.CHAT_DEFAULTS["block"]
     cache_dtype: str | None = None
@@ -74,8 +76,12 @@ class ChatSettings:
         settings.check_flags(
             {name: getattr(self, name) for name in ("max_new_tokens", "chunk", "block")}
         )
-        StreamConfig(self.sinks, self.window)
+        self.stream(self.sinks)
         self.sampling()
+
+    def stream(self, sinks: int) -> StreamConfig:
+        """The chat's cache with `sinks` sinks (the system prompt's length with keep_system)."""
+        return StreamConfig.for_mode("sink", sinks, self.window, None, self.policy, self.recent)
 
     def sampling(self) -> RowSampling:
         return RowSampling(self.temperature, self.top_k, self.top_p, self.seed, self.max_new_tokens)
@@ -100,6 +106,8 @@ def resolve_settings(flags: dict, saved: StreamInfo | None = None) -> ChatSettin
     layout = {
         "sinks": saved.stream.sinks,
         "window": saved.stream.window,
+        "policy": saved.stream.policy,
+        "recent": saved.stream.recent if saved.stream.policy == "h2o" else None,
         "cache_dtype": saved.cache_dtype,
         "system": saved.settings.get("system"),
         "keep_system": bool(saved.settings.get("keep_system")),
@@ -162,7 +170,7 @@ class Chat:
         self.conversation = Conversation(tok, settings.system)
         system_ids = self.conversation.system_ids() if settings.system else []
         sinks = len(system_ids) if settings.keep_system else settings.sinks
-        self.stream = StreamConfig(sinks, settings.window)
+        self.stream = settings.stream(sinks)
         self.engine = Engine(
             model, 1, self.stream, settings.chunk, settings.block, settings.cache_dtype
         )

@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--sinks", type=int, help="attention sink tokens kept (default 4)")
     c.add_argument("--window", type=int, help="recent tokens kept (default 1020)")
+    _add_policy_args(c, default=None)
     settings.add_flags(c, settings.CHAT_DEFAULTS, **settings.CHAT_DEFAULTS)
     _add_cache_dtype(c)
     c.add_argument("--load", help="go on with a chat saved by /save")
@@ -414,7 +415,15 @@ def cmd_generate(args) -> int:
     return 0
 
 
-CHAT_FLAGS = ("system", *settings.CHAT_DEFAULTS, "sinks", "window", "cache_dtype")
+CHAT_FLAGS = (
+    "system",
+    *settings.CHAT_DEFAULTS,
+    "sinks",
+    "window",
+    "policy",
+    "recent",
+    "cache_dtype",
+)
 
 
 def cmd_chat(args) -> int:
@@ -428,6 +437,7 @@ def cmd_chat(args) -> int:
     flags = {name: getattr(args, name) for name in CHAT_FLAGS}
     settings = resolve_settings(flags | {"keep_system": args.keep_system or None}, info)
     args.sinks, args.window = settings.sinks, settings.window
+    args.policy, args.recent = settings.policy, settings.recent
     model = _load_checked(args, ["sink"], dense_tokens=1)
     saved = None
     if args.load:
