@@ -19,8 +19,9 @@ Two tasks (`--task`):
   here for larger models (`--model`).
 
 Configurations (same streams, same queries): sink S = 4, W = 1020; sink S = 4, W = 252 (the cliff
-at a smaller window edge); dense (no eviction, the ceiling; the streams stay well within
-SmolLM2's trained 8,192 context).
+at a smaller window edge); each of them under every eviction policy of `--policies` (`sink`,
+the ring; `tova` and `h2o`, eviction by attention at the same K: docs/streaming-contract.md);
+dense (no eviction, the ceiling; the streams stay well within SmolLM2's trained 8,192 context).
 
 Attention sinks keep the model *fluent* past the window; they do not let it *remember* what
 left the window. The expected, and honest, result is dense-like accuracy inside the window and
@@ -208,15 +209,17 @@ def parse_key(text: str) -> int | None:
     return int(m.group()) if m else None
 
 
-def verify(model, prompt_ids, mode, sinks, window, n_answer, expected) -> bool:
+def verify(model, prompt_ids, stream: StreamConfig, n_answer, expected) -> bool:
     """The same query as a plain `jaxsink.Generation` over stream + question: same tokens?"""
     gen = jaxsink.Generation(
         model,
         prompt_ids,
         max_new_tokens=n_answer,
-        mode=mode,
-        sinks=sinks,
-        window=window,
+        mode=stream.mode,
+        sinks=stream.sinks,
+        window=stream.window,
+        policy=stream.policy,
+        recent=stream.recent or None,
         chunk=64,
     )
     for _ in gen:
@@ -259,9 +262,7 @@ def run_config(model, trials, stream, q_len, n_answer, chunk, verify_n) -> list[
             }
             if len(queries) < verify_n:
                 prompt = [*trial.ids[:cut].tolist(), *q_ids]
-                q["verified_as_generation"] = verify(
-                    model, prompt, stream.mode, stream.sinks, stream.window, n_answer, out
-                )
+                q["verified_as_generation"] = verify(model, prompt, stream, n_answer, out)
             queries.append(q)
     return queries
 
@@ -273,7 +274,21 @@ def plot(results: dict, path: str, title: str, bin_tokens: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    colors = [
+        f"tab:{c}"
+        for c in (
+            "blue",
+            "orange",
+            "green",
+            "red",
+            "purple",
+            "brown",
+            "pink",
+            "gray",
+            "olive",
+            "cyan",
+        )
+    ]
     fig, ax = plt.subplots(figsize=(9, 4.8))
     for n, ((label, r), c) in enumerate(zip(results.items(), colors, strict=False)):
         d = np.array([q["distance"] for q in r["queries"]])
@@ -308,6 +323,9 @@ def main(argv=None) -> int:
     p.add_argument("--queries", type=int, default=96, help="lines: queries per configuration")
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--windows", default="1020,252", help="W of each sink-mode configuration")
+    p.add_argument(
+        "--policies", default="sink,tova,h2o", help="eviction policies of each sink configuration"
+    )
     p.add_argument("--no-dense", action="store_true", help="skip the dense ceiling")
     p.add_argument("--chunk", type=int, default=64, help="prefill chunk length")
     p.add_argument("--bin", type=int, default=128, help="distance bin width (tokens)")
@@ -340,8 +358,12 @@ def main(argv=None) -> int:
     q_len = -(-max(len(q) for t in trials for q in t.questions) // 8) * 8
     longest = max(t.cuts[-1] for t in trials) + q_len + n_answer
     configs = [
-        (f"sink S={args.sinks} W={int(w)}", StreamConfig.for_mode("sink", args.sinks, int(w)))
+        (
+            f"{policy} S={args.sinks} W={int(w)}",
+            StreamConfig.for_mode("sink", args.sinks, int(w), policy=policy),
+        )
         for w in args.windows.split(",")
+        for policy in args.policies.split(",")
     ]
     if not args.no_dense:
         capacity = -(-longest // args.chunk) * args.chunk
@@ -378,6 +400,8 @@ def main(argv=None) -> int:
             "mode": stream.mode,
             "sinks": stream.sinks,
             "window": stream.window,
+            "policy": stream.policy,
+            "recent": stream.recent,
             "cache_bytes": kv.cache_bytes(model.cfg, stream, 1, model.dtype),
             "accuracy": float(np.mean([q["correct"] for q in queries])),
             "accuracy_inside_window": float(np.mean(inside)) if inside else None,
