@@ -84,7 +84,9 @@ async function errorOf(response) {
   return message;
 }
 
-/** The `data:` payloads of a server-sent event stream, as they arrive. */
+/** The `data:` payloads of a server-sent event stream, as they arrive. After each read the
+ * page yields to its event loop: a read of data already queued resolves as a microtask, so a
+ * fast reply would otherwise keep clicks (Stop) and rendering waiting until it ends. */
 async function* serverEvents(stream) {
   const reader = stream.getReader();
   const decoder = new TextDecoder();
@@ -93,6 +95,7 @@ async function* serverEvents(stream) {
     while (true) {
       const { value, done } = await reader.read();
       if (done) return;
+      await new Promise((resolve) => setTimeout(resolve, 0));
       buffer += decoder.decode(value, { stream: true });
       let end;
       while ((end = buffer.indexOf("\n\n")) >= 0) {
