@@ -63,6 +63,21 @@ def test_policies_match_the_reference_token_by_token(name, policy, recent):
     assert np.abs(want - sink).max() > 1e-2  # the policy kept other tokens than the ring
 
 
+@pytest.mark.parametrize("policy, recent", [("tova", 0), ("h2o", 9)], ids=["tova", "h2o"])
+@pytest.mark.parametrize("name", ["gqa-rotary", "mqa-alibi", "learned-sinks-softcap"])
+def test_chunks_that_fill_the_cache_match_the_reference(name, policy, recent):
+    """K = 32 slots fed 6 tokens at a time: five chunks enter a cache that is not yet full
+    (computed at once, `_filling`), h2o's received attention adding up over them, then one
+    chunk fills it across and 48 tokens evict."""
+    cfg = CONFIGS[name]
+    flat = random_flat_params(cfg, seed=21)
+    tokens = np.random.default_rng(22).integers(0, cfg.vocab_size, size=(1, 80)).astype(np.int32)
+    stream = StreamConfig(2, 30, "sink", policy, recent)
+    want = stream_logits(flat, cfg, tokens[0], 2, 30, policy=policy, recent=recent)
+    got, _ = feed(tiny_model(cfg, flat), stream, tokens, chunk=6)
+    np.testing.assert_allclose(_nll(got[0], tokens[0]), _nll(want, tokens[0]), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("policy, recent", POLICIES, ids=[p for p, _ in POLICIES])
 def test_any_chunk_gives_the_tokens_fed_one_by_one(policy, recent):
     """The contract: a chunk's tokens enter the cache one by one, each seeing what its

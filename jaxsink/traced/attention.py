@@ -339,7 +339,19 @@ class Attention(nnx.Module):
             lc, out = enter(lc, jax.tree.map(lambda x: x[:, 0], tokens))
             out = out[None]
         else:  # [C, B, ...] along the chunk
-            lc, out = jax.lax.scan(enter, lc, jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), tokens))
+
+            def one_by_one(lc):
+                moved = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), tokens)
+                return jax.lax.scan(enter, lc, moved)
+
+            def at_once(lc):
+                out, lc = _filling(spec, q, k, v, lc, view, sinks)
+                return lc, out
+
+            # A chunk none of whose tokens finds the cache full evicts nothing: its tokens
+            # see what they would entering one by one, computed for the whole chunk at once.
+            filling = jnp.all(~view.valid | (view.t < view.stream.capacity))
+            lc, out = jax.lax.cond(filling, at_once, one_by_one, lc)
         out = out.astype(v.dtype)  # [C, B, K, G, H]
         return out.transpose(2, 3, 4, 1, 0).reshape(N, H, B, C_), lambda read: lc
 
@@ -432,6 +444,112 @@ class Attention(nnx.Module):
         return out.transpose(1, 3, 4, 0, 2).reshape(K * G, H, B, C_), write  # [N, H, B, C]
 
 
+def _normalized(scores: jax.Array, sinks: jax.Array | None) -> jax.Array:
+    """Softmax weights of `scores` over the last axis, with the learned sink logits `sinks`
+    (broadcasting against scores without its last axis, then a trailing 1; None: none)
+    taking their share of the mass."""
+    top = scores.max(axis=-1, keepdims=True)
+    if sinks is not None:
+        top = jnp.maximum(top, sinks)
+    weights = jnp.exp(scores - top)
+    total = weights.sum(axis=-1, keepdims=True)
+    if sinks is not None:
+        total = total + jnp.exp(sinks - top)
+    return weights / total
+
+
+def _at_ranks(keys: jax.Array, table: jax.Array, ranks: jax.Array, spec: C.Rotary) -> jax.Array:
+    """A block of un-rotated keys [B, K, H, n] each rotated by its slot's rank [B, n]."""
+    cos, sin = rotary(table, ranks)  # [B, n, 1, R/2]
+    at_rank = (cos[:, :, 0].swapaxes(1, 2)[:, None], sin[:, :, 0].swapaxes(1, 2)[:, None])
+    return rotate(keys, at_rank, spec, axis=2).astype(keys.dtype)
+
+
+def _filling(spec: C.Attention, q, k, v, lc: kv.LayerCache, view: PolicyView, sinks):
+    """A chunk whose every token enters a layer cache that evicts by attention before it is
+    full (token t < K, whose slot and rank are t): each token's attention over the cached
+    slots and its chunk's earlier tokens, at once for the whole chunk; then the keys and values
+    written, and the ranks (and h2o's received attention) moved by `policy.enter` token by
+    token, from each token's weights laid out by slot, as `_entering` would.
+    q: [B, C, N, H], k, v: [B, C, K, H] (un-rotated); sinks: as `_entering`'s. Returns
+    (out [C, B, K, G, H] float32, the layer cache)."""
+    f32 = jnp.float32
+    B, C_, _, H = q.shape
+    Kh, G = spec.num_kv_heads, spec.group
+    stream, slots = view.stream, view.stream.capacity
+    t, valid = view.t, view.valid  # [B, C]
+    pos = t[:, 0] + 1 - valid[:, 0]  # [B]: the tokens cached before the chunk
+    position = spec.position
+    rotary_position = isinstance(position, C.Rotary)
+    k_stored = k
+    if rotary_position:
+        table = view.table_of(position)
+        at_t = rotary(table, t)  # [B, C, 1, R/2]
+        q, k = rotate(q, at_t, position), rotate(k, at_t, position)
+    q = (q * jnp.asarray(spec.query_scale, q.dtype)).reshape(B, C_, Kh, G, H)
+    raws = []
+    for (start, size), keys in zip(view.blocks, lc.keys, strict=True):
+        if rotary_position:
+            keys = _at_ranks(keys, table, lc.ranks[:, start : start + size], position)
+        raws.append(jnp.einsum("bckgh,bkhs->bkcgs", q, keys, preferred_element_type=f32))
+    raws.append(jnp.einsum("bckgh,bjkh->bkcgj", q, k, preferred_element_type=f32))
+    raw = jnp.concatenate(raws, axis=-1)  # [B, K, C, G, T]: the slots, then the chunk
+    earlier = jnp.arange(C_)[None, :, None] >= jnp.arange(C_)[None, None, :]  # [1, C, C]
+    seen = jnp.concatenate(
+        [
+            jnp.broadcast_to(jnp.arange(slots) < pos[:, None, None], (B, C_, slots)),
+            earlier & valid[:, None, :],
+        ],
+        axis=-1,
+    )  # [B, C, T]
+    bias = None
+    if isinstance(position, C.Alibi):  # the query's in-cache position t less the key's
+        dist = jnp.concatenate(
+            [t[:, :, None] - lc.ranks[:, None, :], t[:, :, None] - t[:, None, :]], axis=-1
+        )
+        slopes = jnp.asarray(position.slopes, f32).reshape(Kh, G)
+        bias = -slopes[None, :, None, :, None] * dist[:, None, :, None, :].astype(f32)
+    scores = _score(raw, bias, spec.softcap) + masking(seen)[:, None, :, None, :]
+    sinks = None if sinks is None else sinks[None, :, None, :, None]
+    weights = _normalized(scores, sinks)  # [B, K, C, G, T]
+    out = jnp.einsum(
+        "bkcgj,bjkh->bkcgh", weights[..., slots:].astype(v.dtype), v, preferred_element_type=f32
+    )
+    for (start, size), values in zip(view.blocks, lc.values, strict=True):  # [B, K, n, H]
+        block = weights[..., start : start + size].astype(values.dtype)
+        out = out + jnp.einsum("bkcgs,bksh->bkcgh", block, values, preferred_element_type=f32)
+    # Each token's weights by slot, as `_entering` hands them to `policy.enter`: the cached
+    # slots, its chunk's earlier tokens at their slots (t), then itself.
+    mean = weights.mean(axis=(1, 3))  # [B, C, T]
+    chunk = jnp.where(earlier & ~jnp.eye(C_, dtype=bool), mean[..., slots:], 0.0)  # [B, C, C]
+    into = jnp.where(valid, t, slots)  # [B, C]: each chunk token's slot, K for none
+    rows = jnp.arange(B)[:, None, None]
+    by_slot = (
+        mean[..., :slots]
+        .at[rows, jnp.arange(C_)[None, :, None], into[:, None, :]]
+        .add(chunk, mode="drop")
+    )
+    own = jnp.diagonal(mean[..., slots:], axis1=1, axis2=2)  # [B, C]
+    by_slot = jnp.concatenate([by_slot, own[..., None]], axis=-1)  # [B, C, K + 1]
+
+    def enter(state, token):
+        ranks, received = state
+        w, n, ok = token
+        _, ranks, received = policy.enter(
+            stream.policy, stream.sinks, stream.recent, w, ranks, received, n, ok
+        )
+        return (ranks, received), None
+
+    per_token = (by_slot, t, valid)
+    (ranks, received), _ = jax.lax.scan(
+        enter, (lc.ranks, lc.scores), jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), per_token)
+    )
+    first = out[:, 0, 0, 0, 0]  # [B]: written after every read of the old cache
+    k_new, v_new = after(k_stored, first), after(v, first)
+    new = _write(lc, k_new, v_new, into, view.blocks)
+    return out.transpose(2, 0, 1, 3, 4), new.replace(ranks=ranks, scores=received)
+
+
 def _entering(spec: C.Attention, q, k, v, lc: kv.LayerCache, view: PolicyView, t, valid, sinks):
     """One token per row entering a layer cache that evicts by attention (`policy`): its
     attention over the cached slots (keys rotated by their ranks) and itself, then its key and
@@ -454,9 +572,7 @@ def _entering(spec: C.Attention, q, k, v, lc: kv.LayerCache, view: PolicyView, t
     raws = []
     for (start, size), keys in zip(view.blocks, lc.keys, strict=True):
         if rotary_position:  # each key at its rank
-            cos, sin = rotary(table, lc.ranks[:, start : start + size])  # [B, n, 1, R/2]
-            at_rank = (cos[:, :, 0].swapaxes(1, 2)[:, None], sin[:, :, 0].swapaxes(1, 2)[:, None])
-            keys = rotate(keys, at_rank, position, axis=2).astype(keys.dtype)  # [B, K, H, n]
+            keys = _at_ranks(keys, table, lc.ranks[:, start : start + size], position)
         raws.append(jnp.einsum("bkgh,bkhs->bkgs", q, keys, preferred_element_type=f32))
     own = jnp.einsum("bkgh,bkh->bkg", q, k, preferred_element_type=f32)[..., None]
     raw = jnp.concatenate([*raws, own], axis=-1)  # [B, K, G, T]
@@ -467,14 +583,8 @@ def _entering(spec: C.Attention, q, k, v, lc: kv.LayerCache, view: PolicyView, t
         slopes = jnp.asarray(position.slopes, f32).reshape(Kh, G)
         bias = -slopes[None, :, :, None] * dist[:, None, None, :].astype(f32)
     scores = _score(raw, bias, spec.softcap) + masking(seen)[:, None, None, :]
-    top = scores.max(axis=-1, keepdims=True)
-    if sinks is not None:
-        top = jnp.maximum(top, sinks[None, :, :, None])
-    weights = jnp.exp(scores - top)
-    total = weights.sum(axis=-1, keepdims=True)
-    if sinks is not None:
-        total = total + jnp.exp(sinks[None, :, :, None] - top)
-    weights = weights / total  # [B, K, G, T]
+    sinks = None if sinks is None else sinks[None, :, :, None]
+    weights = _normalized(scores, sinks)  # [B, K, G, T]
     out = 0.0
     for (start, size), values in zip(view.blocks, lc.values, strict=True):  # [B, K, n, H]
         block = weights[..., start : start + size].astype(values.dtype)
