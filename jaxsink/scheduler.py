@@ -99,6 +99,7 @@ class Job:
     cached: int = 0  # how many of them a cached state gave
     marks: list[int] = dataclasses.field(default_factory=list)  # fed counts to cache states at
     reply: RowText | None = None  # from its admission on
+    undo: dict | None = None  # a session's conversation before this turn (`Conversation.state`)
 
 
 @dataclasses.dataclass
@@ -222,15 +223,7 @@ class Scheduler:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                busy = bool(self.prefilling or self.decoding or self.waiting)
-                self._take_new(block=not busy)
-                self._drop_cancelled()
-                self._save_idle_sessions()
-                self._admit()
-                if self.prefilling:
-                    self._prefill_step()  # with one decode step of the live rows
-                elif self.decoding:
-                    self._decode_block()
+                self._turn(block=True)
         except BaseException as e:  # the server answers 503 from now on
             self.failure = e
             for job in self._all_jobs():
@@ -239,6 +232,20 @@ class Scheduler:
         finally:
             for session in list(self.parked.values()):
                 self._park_to_disk(session)
+
+    def _turn(self, block: bool) -> None:
+        """One turn of the loop: new jobs taken (waiting for one if `block` and nothing else is
+        to be done), cancelled ones dropped, idle sessions saved, rows given, then one prefill
+        step or one decode block."""
+        busy = bool(self.prefilling or self.decoding or self.waiting)
+        self._take_new(block=block and not busy)
+        self._drop_cancelled()
+        self._save_idle_sessions()
+        self._admit()
+        if self.prefilling:
+            self._prefill_step()  # with one decode step of the live rows
+        elif self.decoding:
+            self._decode_block()
 
     def _all_jobs(self) -> list[Job]:
         return [*self.waiting, *self.prefilling, *self.decoding.values()]
@@ -294,6 +301,11 @@ class Scheduler:
                     param="session",
                 )
             conversation = Conversation(tok) if session is None else session.conversation
+            if session is not None:
+                job.undo = {
+                    "messages": list(conversation.messages),
+                    "consumed": conversation.consumed,
+                }
             ids = conversation.extend(job.messages)
         elif isinstance(job.prompt, str):
             continuing = session is not None and session.last_used > 0
@@ -348,20 +360,28 @@ class Scheduler:
         return path
 
     def _drop_cancelled(self) -> None:
+        """Drop the jobs whose client left. A session's turn still waiting for a row is taken
+        back from its conversation (its stream never saw it); one being prefilled is fed to its
+        end, then ends with an empty reply (`_prompt_fed`), so that its conversation and its
+        stream hold the same turn; one decoding ends with the reply so far."""
         for job in [j for j in self.waiting if j.cancelled.is_set()]:
             self.waiting.remove(job)
-            self._unbusy(job)
-        for job in [j for j in self.prefilling if j.cancelled.is_set()]:
+            self._withdraw(job)
+        for job in [j for j in self.prefilling if j.cancelled.is_set() and j.session is None]:
             self.prefilling.remove(job)
-            self._finish(job, None)  # a session keeps what it fed: its reply is empty
+            self._finish(job, None)
         for row, job in list(self.decoding.items()):
             if job.cancelled.is_set():
                 self.engine.halt(row)
                 self._finish(job, None)
 
-    def _unbusy(self, job: Job) -> None:
-        if job.session is not None and job.session in self.sessions:
-            self.sessions[job.session].busy = False
+    def _withdraw(self, job: Job) -> None:
+        """A job that never reached a row: its session free again, its turn taken back."""
+        session = self.sessions.get(job.session) if job.session is not None else None
+        if session is not None:
+            session.busy = False
+            if job.undo is not None and session.conversation is not None:
+                session.conversation.restore(job.undo)
 
     def _admit(self) -> None:
         """Give waiting jobs rows, oldest first, while rows can be had."""
@@ -379,7 +399,7 @@ class Scheduler:
                     saved = load_stream(self._session_path(session.name), self.engine.model)
                 except StreamFileError as e:  # another model's session, or a damaged file
                     self.waiting.pop(0)
-                    self._unbusy(job)
+                    self._withdraw(job)
                     job.emit(Event("error", error=RequestError(str(e), 409, "session")))
                     continue
                 row = self.engine.restore(saved.row, job.sampling)
@@ -391,7 +411,7 @@ class Scheduler:
             job.row = row
             job.reply = RowText(self.tokenizer, self.engine.eos_ids, job.sampling.stop)
             if job.fed == len(job.ids):  # the whole prompt was cached
-                self._start_decoding(job)
+                self._prompt_fed(job)
             else:
                 self.prefilling.append(job)
 
@@ -471,7 +491,7 @@ class Scheduler:
                 self._keep(job, job.ids[:end])
             if job.fed == len(job.ids):
                 self.prefilling.remove(job)
-                self._start_decoding(job)
+                self._prompt_fed(job)
 
     def warm(self) -> Scheduler:
         """Compile and run once every bucket its steps use (`Engine.warm`): the decode buckets,
@@ -486,8 +506,12 @@ class Scheduler:
         end = min(job.fed + self.engine.chunk, len(job.ids))
         return min([m for m in job.marks if job.fed < m < end] + [end])
 
-    def _start_decoding(self, job: Job) -> None:
-        """A job's prompt is fed: its row decodes from the next block on."""
+    def _prompt_fed(self, job: Job) -> None:
+        """A job's prompt is fed: its row decodes from the next block on, or, when its client
+        left meanwhile (a session's turn), it ends with an empty reply."""
+        if job.cancelled.is_set():
+            self._finish(job, None)
+            return
         self.engine.arm(job.row, job.sampling, logprobs=job.logprobs > 0)
         self.decoding[job.row] = job
 
