@@ -10,8 +10,7 @@
   sits at L. The model's own modules (projections, norms, MLP, rotary embedding) compute
   everything else (`ppl_speed.py` compares `jaxsink ppl` with it).
 
-The same reference as the tests' (tests/support/torch_reference.py): scripts do not import
-tests.
+The tests load this file as their reference too (`tests/support/torch_reference.py`).
 """
 
 from __future__ import annotations
