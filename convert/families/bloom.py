@@ -48,7 +48,6 @@ def _read(arch: str, r: ConfigReader) -> ModelConfig:
         norm,
         hidden_size=hidden,
         max_position_embeddings=r.take("seq_length", 2048),
-        tie_embeddings=bool(r.take("tie_word_embeddings")),
         embed_norm=norm,
     )
 

@@ -11,7 +11,7 @@ from jaxsink.config import Alibi, Attention, LayerSpec, Mlp, ModelConfig, Norm
 from ..errors import ConvertError
 from ..hf import ConfigReader
 from ..tables import Table, identity, layer_rules, linear, norm, outer, stack
-from .common import Family, bloom_slopes, fuse_thirds, require
+from .common import GPT2_REQUIRED, Family, bloom_slopes, fuse_thirds, model_config, require
 
 
 def _read(arch: str, r: ConfigReader) -> ModelConfig:
@@ -43,14 +43,13 @@ def _read(arch: str, r: ConfigReader) -> ModelConfig:
         return LayerSpec(attention, mlp, norm)
 
     r.ignore("attn_pdrop", "embd_pdrop", "resid_pdrop", "reorder_and_upcast_attn", "auto_map")
-    return ModelConfig(
-        architecture=arch,
-        vocab_size=r.take("vocab_size"),
+    return model_config(
+        arch,
+        r,
+        [layer(i) for i in range(r.take("n_layer"))],
+        norm,
         hidden_size=hidden,
-        layers=tuple(layer(i) for i in range(r.take("n_layer"))),
-        final_norm=norm,
         max_position_embeddings=r.take("n_positions"),
-        tie_embeddings=bool(r.take("tie_word_embeddings")),
         embed_scale=float(r.take("mup_embeddings_scale")),
         logit_scale=float(r.take("mup_output_alpha")) * float(r.take("mup_width_scale")),
     )
@@ -116,7 +115,7 @@ def _table(cfg: ModelConfig) -> Table:
 
 FAMILIES = {
     "btlm": Family(
-        ("vocab_size", "n_embd", "n_layer", "n_head"),
+        GPT2_REQUIRED,
         {
             "n_positions": 1024,
             "activation_function": "gelu_new",

@@ -1,5 +1,6 @@
-"""What the family modules share: the `Family` entry, the layout transforms several families
-use, and the pieces of a config reader (rotary, heads, windows, experts, the `ModelConfig`).
+"""What the family modules share: the `Family` entry, the layout transforms and the table of
+Llama's names several families use, and the pieces of a config reader (rotary, heads, windows,
+experts, the `ModelConfig`).
 
 Family modules import this module (and `tables`, `hf`), never one another nor the registry.
 """
@@ -13,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from jaxsink.config import Attention, LayerSpec, ModelConfig, Norm, Rotary
+from jaxsink.config import Attention, LayerSpec, Mlp, ModelConfig, Norm, Rotary
 
 from ..errors import ConvertError
-from ..hf import ConfigReader, RopeSpec, layer_windows
-from ..tables import Table, fuse_qkv
+from ..hf import ConfigReader, RopeSpec, layer_windows, read_rope
+from ..tables import LLAMA, Table, fuse_qkv, layer_rules, outer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,7 @@ def constant(table: Table) -> Callable[[ModelConfig], Table]:
 
 REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 LLAMA_REQUIRED = (*REQUIRED, "intermediate_size")
+GPT2_REQUIRED = ("vocab_size", "n_embd", "n_layer", "n_head")  # GPT-2's names (GPT-J, BTLM)
 # transformers' defaults shared by the families added since Llama (each overrides its own)
 MODERN = {
     "rms_norm_eps": 1e-5,
@@ -72,6 +74,17 @@ def fuse_thirds(w: np.ndarray, shape) -> np.ndarray:
 def tile_heads(w: np.ndarray, shape) -> np.ndarray:
     """One qk-norm row [H] shared by every head -> one row per head [N, H]."""
     return np.broadcast_to(w, shape).copy()
+
+
+def llama_table(layer: dict, final_norm: str = "model.norm") -> Table:
+    """The table of a family saved under Llama's names: `model.embed_tokens`, `final_norm` and
+    `lm_head` outside the layers, `layer` (target suffix -> (source suffixes, transform)) under
+    `model.layers.{i}`, with Llama's skipped buffers and tied copy."""
+    return Table(
+        rules=(*outer("model.embed_tokens", final_norm), *layer_rules("model.layers.{i}", layer)),
+        ignored_suffixes=LLAMA.ignored_suffixes,
+        tied_copy=LLAMA.tied_copy,
+    )
 
 
 # --- pieces of a reader ---------------------------------------------------------------------
@@ -100,6 +113,31 @@ def rotated_fraction(r: ConfigReader, rope: RopeSpec, legacy_key: str, default: 
     if rope.partial is not None:
         return rope.partial
     return default if legacy is None else float(legacy)
+
+
+def phi_attention(
+    r: ConfigReader, hidden: int, default_fraction: float, qk_norm_bias: bool, **biases
+) -> tuple[Attention, float]:
+    """Phi's attention, which StableLM keeps, and the eps of their LayerNorms (`layer_norm_eps`):
+    `num_attention_heads` heads of hidden / heads, `num_key_value_heads`, a rotary over
+    `partial_rotary_factor` of each head (`default_fraction` if the config gives none), the
+    projections' `biases` (`qkv_bias`, `out_bias`) and, with `qk_layernorm`, a LayerNorm of
+    queries and keys (biased if `qk_norm_bias`)."""
+    num_heads = r.take("num_attention_heads")
+    head_dim = hidden // num_heads
+    rope = read_rope(r.d, r.defaults["rope_theta"])
+    partial = rotated_fraction(r, rope, "partial_rotary_factor", default_fraction)
+    eps = float(r.take("layer_norm_eps"))
+    attention = Attention(
+        num_heads,
+        r.take("num_key_value_heads") or num_heads,
+        head_dim,
+        head_rotary(rope, head_dim, partial),
+        head_dim**-0.5,
+        qk_norm=Norm("layer", eps, bias=qk_norm_bias) if r.take("qk_layernorm") else None,
+        **biases,
+    )
+    return attention, eps
 
 
 def read_heads(r: ConfigReader, hidden: int) -> tuple[int, int, int]:
@@ -135,6 +173,13 @@ def with_window(attention: Attention, window: int | None) -> Attention:
     return attention if window is None else dataclasses.replace(attention, sliding_window=window)
 
 
+def windowed_layers(
+    attention: Attention, mlp: Mlp, norm: Norm, windows: tuple[int | None, ...]
+) -> list[LayerSpec]:
+    """Layers of one kind, each with its native sliding window of `windows` (None: full)."""
+    return [LayerSpec(with_window(attention, w), mlp, norm) for w in windows]
+
+
 def require(r: ConfigReader, key: str, allowed: tuple, what: str) -> Any:
     """A key that must hold one of `allowed` values, else a refusal naming `what`."""
     value = r.take(key)
@@ -162,12 +207,14 @@ def uniform_config(
 
 
 def model_config(arch: str, r: ConfigReader, layers, final_norm: Norm, **model) -> ModelConfig:
-    """A model of the given layers."""
+    """A model of the given layers; the keys every family reads alike (`vocab_size`,
+    `tie_word_embeddings`) read here."""
     return ModelConfig(
         architecture=arch,
         vocab_size=r.take("vocab_size"),
         hidden_size=model.pop("hidden_size"),
         layers=tuple(layers),
         final_norm=final_norm,
+        tie_embeddings=bool(r.take("tie_word_embeddings")),
         **model,
     )

@@ -9,23 +9,14 @@ import dataclasses
 from jaxsink.config import Attention, LayerSpec, Mlp, ModelConfig, Norm
 
 from ..hf import ConfigReader, RopeSpec, read_rope
-from ..tables import (
-    LLAMA,
-    Table,
-    layer_rules,
-    linear,
-    llama_attention,
-    norm,
-    outer,
-    split_heads,
-    stack,
-)
+from ..tables import linear, llama_attention, norm, split_heads, stack
 from .common import (
     LLAMA_REQUIRED,
     MODERN,
     Family,
     constant,
     full_rotary,
+    llama_table,
     model_config,
     native_windows,
     read_heads,
@@ -75,7 +66,6 @@ def _read(arch: str, r: ConfigReader) -> ModelConfig:
         norm,
         hidden_size=hidden,
         max_position_embeddings=max_pos,
-        tie_embeddings=bool(r.take("tie_word_embeddings")),
         embed_scale=hidden**0.5,
         final_softcap=r.explicit("final_logit_softcapping"),
     )
@@ -114,65 +104,49 @@ def _windows(arch: str, r: ConfigReader, num_layers: int, max_pos: int) -> tuple
     return native_windows(r, window, slides, max_pos)
 
 
-GEMMA2 = Table(
-    rules=(
-        *outer("model.embed_tokens", "model.norm"),
-        *layer_rules(
-            "model.layers.{i}",
-            {
-                **norm("norm", "input_layernorm"),
-                **norm("post_attn_norm", "post_attention_layernorm"),
-                **norm("mlp_norm", "pre_feedforward_layernorm"),
-                **norm("post_mlp_norm", "post_feedforward_layernorm"),
-                **llama_attention("self_attn"),
-                **linear("attn.out", "self_attn.o_proj", split_heads),
-                "attn.q_norm.scale": (("self_attn.q_norm.weight",), tile_heads),
-                "attn.k_norm.scale": (("self_attn.k_norm.weight",), tile_heads),
-                "mlp.up": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), stack),
-                **linear("mlp.down", "mlp.down_proj"),
-            },
-        ),
-    ),
-    ignored_suffixes=LLAMA.ignored_suffixes,
-    tied_copy=LLAMA.tied_copy,
+GEMMA2 = llama_table(
+    {
+        **norm("norm", "input_layernorm"),
+        **norm("post_attn_norm", "post_attention_layernorm"),
+        **norm("mlp_norm", "pre_feedforward_layernorm"),
+        **norm("post_mlp_norm", "post_feedforward_layernorm"),
+        **llama_attention("self_attn"),
+        **linear("attn.out", "self_attn.o_proj", split_heads),
+        "attn.q_norm.scale": (("self_attn.q_norm.weight",), tile_heads),
+        "attn.k_norm.scale": (("self_attn.k_norm.weight",), tile_heads),
+        "mlp.up": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), stack),
+        **linear("mlp.down", "mlp.down_proj"),
+    }
 )
+
+# transformers' defaults that Gemma 2 and Gemma 3 share
+_DEFAULTS = MODERN | {
+    "hidden_activation": "gelu_pytorch_tanh",
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+}
 
 FAMILIES = {
     "gemma2": Family(
         LLAMA_REQUIRED,
-        MODERN
+        _DEFAULTS
         | {
-            "hidden_activation": "gelu_pytorch_tanh",
-            "head_dim": 256,
-            "query_pre_attn_scalar": 256,
-            "sliding_window": 4096,
             "attn_logit_softcapping": 50.0,
             "final_logit_softcapping": 30.0,
-            "rms_norm_eps": 1e-6,
-            "tie_word_embeddings": True,
             "max_position_embeddings": 8192,
-            "bos_token_id": 2,
-            "eos_token_id": 1,
         },
         _read,
         constant(GEMMA2),
     ),
     "gemma3_text": Family(
         LLAMA_REQUIRED,
-        MODERN
-        | {
-            "hidden_activation": "gelu_pytorch_tanh",
-            "head_dim": 256,
-            "query_pre_attn_scalar": 256,
-            "sliding_window": 4096,
-            "rope_theta": 1e6,
-            "rope_local_base_freq": 1e4,
-            "rms_norm_eps": 1e-6,
-            "tie_word_embeddings": True,
-            "max_position_embeddings": 131072,
-            "bos_token_id": 2,
-            "eos_token_id": 1,
-        },
+        _DEFAULTS
+        | {"rope_theta": 1e6, "rope_local_base_freq": 1e4, "max_position_embeddings": 131072},
         _read,
         constant(GEMMA2),
     ),

@@ -37,7 +37,6 @@ def _read(arch: str, r: ConfigReader) -> ModelConfig:
         norm,
         hidden_size=hidden,
         max_position_embeddings=r.take("max_position_embeddings"),
-        tie_embeddings=bool(r.take("tie_word_embeddings")),
     )
 
 

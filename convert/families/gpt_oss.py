@@ -5,23 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxsink.config import Attention, Experts, LayerSpec, Mlp, ModelConfig, Norm
+from jaxsink.config import Attention, Experts, Mlp, ModelConfig, Norm
 
 from .. import mxfp4
 from ..errors import ConvertError
 from ..hf import ConfigReader, read_rope
-from ..tables import (
-    LLAMA,
-    Table,
-    identity,
-    layer_rules,
-    linear,
-    llama_attention,
-    norm,
-    outer,
-    packed,
-    split_heads,
-)
+from ..tables import identity, linear, llama_attention, norm, packed, split_heads
 from .common import (
     LLAMA_REQUIRED,
     MODERN,
@@ -29,11 +18,12 @@ from .common import (
     Family,
     constant,
     full_rotary,
+    llama_table,
     model_config,
     native_windows,
     num_experts,
     read_heads,
-    with_window,
+    windowed_layers,
 )
 
 _ROPE = {  # what a config without a rope dict means
@@ -85,15 +75,8 @@ def _read(arch: str, r: ConfigReader) -> ModelConfig:
     slides = [(i + 1) % 2 != 0 for i in range(num_layers)]
     windows = native_windows(r, r.take("sliding_window"), slides, max_pos)
     r.ignore(*ROUTER_TRAINING, "hidden_act", "initial_context_length")
-    return model_config(
-        arch,
-        r,
-        [LayerSpec(with_window(attention, w), mlp, norm) for w in windows],
-        norm,
-        hidden_size=hidden,
-        max_position_embeddings=max_pos,
-        tie_embeddings=bool(r.take("tie_word_embeddings")),
-    )
+    layers = windowed_layers(attention, mlp, norm, windows)
+    return model_config(arch, r, layers, norm, hidden_size=hidden, max_position_embeddings=max_pos)
 
 
 def interleaved_gate_up(w: np.ndarray, shape) -> np.ndarray:
@@ -127,36 +110,28 @@ def mxfp4_down(blocks: np.ndarray, scales: np.ndarray, shape) -> np.ndarray:
     return mxfp4.dequantize(blocks, scales, name="down_proj_blocks")
 
 
-GPT_OSS = Table(
-    rules=(
-        *outer("model.embed_tokens", "model.norm"),
-        *layer_rules(
-            "model.layers.{i}",
-            {
-                **norm("norm", "input_layernorm"),
-                **norm("mlp_norm", "post_attention_layernorm"),
-                **llama_attention("self_attn"),
-                **linear("attn.out", "self_attn.o_proj", split_heads),
-                "attn.sinks": (("self_attn.sinks",), identity),
-                **linear("mlp.router", "mlp.router"),
-                "mlp.up": [
-                    (("mlp.experts.gate_up_proj",), interleaved_gate_up),
-                    (
-                        ("mlp.experts.gate_up_proj_blocks", "mlp.experts.gate_up_proj_scales"),
-                        mxfp4_gate_up,
-                    ),
-                ],
-                "mlp.up_bias": (("mlp.experts.gate_up_proj_bias",), interleaved_bias),
-                "mlp.down": [
-                    (("mlp.experts.down_proj",), experts_transposed),
-                    (("mlp.experts.down_proj_blocks", "mlp.experts.down_proj_scales"), mxfp4_down),
-                ],
-                "mlp.down_bias": (("mlp.experts.down_proj_bias",), identity),
-            },
-        ),
-    ),
-    ignored_suffixes=LLAMA.ignored_suffixes,
-    tied_copy=LLAMA.tied_copy,
+GPT_OSS = llama_table(
+    {
+        **norm("norm", "input_layernorm"),
+        **norm("mlp_norm", "post_attention_layernorm"),
+        **llama_attention("self_attn"),
+        **linear("attn.out", "self_attn.o_proj", split_heads),
+        "attn.sinks": (("self_attn.sinks",), identity),
+        **linear("mlp.router", "mlp.router"),
+        "mlp.up": [
+            (("mlp.experts.gate_up_proj",), interleaved_gate_up),
+            (
+                ("mlp.experts.gate_up_proj_blocks", "mlp.experts.gate_up_proj_scales"),
+                mxfp4_gate_up,
+            ),
+        ],
+        "mlp.up_bias": (("mlp.experts.gate_up_proj_bias",), interleaved_bias),
+        "mlp.down": [
+            (("mlp.experts.down_proj",), experts_transposed),
+            (("mlp.experts.down_proj_blocks", "mlp.experts.down_proj_scales"), mxfp4_down),
+        ],
+        "mlp.down_bias": (("mlp.experts.down_proj_bias",), identity),
+    }
 )
 
 FAMILIES = {

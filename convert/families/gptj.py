@@ -6,7 +6,7 @@ from jaxsink.config import Attention, LayerSpec, Mlp, ModelConfig, Norm, Rotary
 
 from ..hf import ConfigReader
 from ..tables import Table, fuse_qkv, layer_rules, linear, norm, outer, split_heads
-from .common import Family, constant, uniform_config
+from .common import GPT2_REQUIRED, Family, constant, uniform_config
 
 
 def _read(arch: str, r: ConfigReader) -> ModelConfig:
@@ -32,7 +32,6 @@ def _read(arch: str, r: ConfigReader) -> ModelConfig:
         norm,
         hidden_size=hidden,
         max_position_embeddings=r.take("n_positions"),
-        tie_embeddings=bool(r.take("tie_word_embeddings")),
         lm_head_bias=True,
     )
 
@@ -56,7 +55,7 @@ GPTJ = Table(
 
 FAMILIES = {
     "gptj": Family(
-        ("vocab_size", "n_embd", "n_layer", "n_head"),
+        GPT2_REQUIRED,
         {
             "n_positions": 2048,
             "activation_function": "gelu_new",

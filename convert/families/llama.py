@@ -17,14 +17,11 @@ from jaxsink.config import Attention, Experts, LayerSpec, Mlp, ModelConfig, Norm
 from ..errors import ConvertError
 from ..hf import ConfigReader, layer_windows, read_rope
 from ..tables import (
-    LLAMA,
     Table,
     identity,
-    layer_rules,
     linear,
     llama_layer,
     norm,
-    outer,
     split_halves,
     stack_experts,
 )
@@ -35,6 +32,7 @@ from .common import (
     Family,
     full_rotary,
     head_rotary,
+    llama_table,
     model_config,
     native_windows,
     num_experts,
@@ -103,7 +101,6 @@ def _read(arch: str, r: ConfigReader) -> ModelConfig:
         norm,
         hidden_size=hidden,
         max_position_embeddings=max_pos,
-        tie_embeddings=bool(r.take("tie_word_embeddings")),
         embed_scale=hidden**0.5 if arch == "gemma" else 1.0,
     )
 
@@ -206,11 +203,7 @@ def _table(cfg: ModelConfig) -> Table:
     if arch == "qwen3_moe":
         moe = _moe_rules(cfg, ("mlp",), "gate", ("gate_proj", "up_proj", "down_proj"))
         layer |= {k: [layer[k], *v] if k in layer else v for k, v in moe.items()}
-    return Table(
-        rules=(*outer("model.embed_tokens", "model.norm"), *layer_rules("model.layers.{i}", layer)),
-        ignored_suffixes=LLAMA.ignored_suffixes,
-        tied_copy=LLAMA.tied_copy,
-    )
+    return llama_table(layer)
 
 
 def _moe_rules(cfg: ModelConfig, prefixes: tuple[str, ...], router: str, names: tuple) -> dict:

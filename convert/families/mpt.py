@@ -55,7 +55,6 @@ def _read(arch: str, r: ConfigReader) -> ModelConfig:
         norm,
         hidden_size=hidden,
         max_position_embeddings=r.take("max_seq_len"),
-        tie_embeddings=bool(r.take("tie_word_embeddings")),
     )
 
 

@@ -5,31 +5,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxsink.config import Attention, LayerSpec, Mlp, ModelConfig, Norm
+from jaxsink.config import Attention, Mlp, ModelConfig, Norm
 
 from ..hf import ConfigReader, read_rope
-from ..tables import (
-    LLAMA,
-    Table,
-    fuse_qkv,
-    layer_rules,
-    linear,
-    norm,
-    outer,
-    split_halves,
-    split_heads,
-)
+from ..tables import fuse_qkv, linear, norm, split_halves, split_heads
 from .common import (
     LLAMA_REQUIRED,
     MODERN,
     Family,
     constant,
     head_rotary,
+    llama_table,
     model_config,
     native_windows,
     read_heads,
     rotated_fraction,
-    with_window,
+    windowed_layers,
 )
 
 
@@ -54,15 +45,8 @@ def _read(arch: str, r: ConfigReader) -> ModelConfig:
     mlp = Mlp(r.take("intermediate_size"), r.take("hidden_act"))
     windows = native_windows(r, r.take("sliding_window"), [True] * num_layers, max_pos)
     r.ignore("resid_pdrop", "embd_pdrop")
-    return model_config(
-        arch,
-        r,
-        [LayerSpec(with_window(attention, w), mlp, norm) for w in windows],
-        norm,
-        hidden_size=hidden,
-        max_position_embeddings=max_pos,
-        tie_embeddings=bool(r.take("tie_word_embeddings")),
-    )
+    layers = windowed_layers(attention, mlp, norm, windows)
+    return model_config(arch, r, layers, norm, hidden_size=hidden, max_position_embeddings=max_pos)
 
 
 def split_qkv(w: np.ndarray, shape) -> np.ndarray:
@@ -72,23 +56,15 @@ def split_qkv(w: np.ndarray, shape) -> np.ndarray:
     return fuse_qkv(q, k, v, shape)
 
 
-PHI3 = Table(
-    rules=(
-        *outer("model.embed_tokens", "model.norm"),
-        *layer_rules(
-            "model.layers.{i}",
-            {
-                **norm("norm", "input_layernorm"),
-                **norm("mlp_norm", "post_attention_layernorm"),
-                "attn.qkv": (("self_attn.qkv_proj.weight",), split_qkv),
-                **linear("attn.out", "self_attn.o_proj", split_heads),
-                "mlp.up": (("mlp.gate_up_proj.weight",), split_halves),
-                **linear("mlp.down", "mlp.down_proj"),
-            },
-        ),
-    ),
-    ignored_suffixes=LLAMA.ignored_suffixes,
-    tied_copy=LLAMA.tied_copy,
+PHI3 = llama_table(
+    {
+        **norm("norm", "input_layernorm"),
+        **norm("mlp_norm", "post_attention_layernorm"),
+        "attn.qkv": (("self_attn.qkv_proj.weight",), split_qkv),
+        **linear("attn.out", "self_attn.o_proj", split_heads),
+        "mlp.up": (("mlp.gate_up_proj.weight",), split_halves),
+        **linear("mlp.down", "mlp.down_proj"),
+    }
 )
 
 FAMILIES = {

@@ -47,7 +47,6 @@ def _read(arch: str, r: ConfigReader) -> ModelConfig:
         norm,
         hidden_size=hidden,
         max_position_embeddings=seq_length,
-        tie_embeddings=bool(r.take("tie_word_embeddings")),
         position_limit=seq_length if limited else None,
     )
 

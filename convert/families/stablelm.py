@@ -3,27 +3,17 @@ per-head qk-norms and a parallel residual."""
 
 from __future__ import annotations
 
-from jaxsink.config import Attention, LayerSpec, Mlp, ModelConfig, Norm
+from jaxsink.config import LayerSpec, Mlp, ModelConfig, Norm
 
-from ..hf import ConfigReader, read_rope
-from ..tables import LLAMA, Table, layer_rules, stack
-from .common import LLAMA_REQUIRED, Family, head_rotary, rotated_fraction, uniform_config
+from ..hf import ConfigReader
+from ..tables import Table, llama_layer, stack
+from .common import LLAMA_REQUIRED, Family, llama_table, phi_attention, uniform_config
 
 
 def _read(arch: str, r: ConfigReader) -> ModelConfig:
-    num_heads, hidden = r.take("num_attention_heads"), r.take("hidden_size")
-    head_dim = hidden // num_heads
-    rope = read_rope(r.d, r.defaults["rope_theta"])
-    partial = rotated_fraction(r, rope, "partial_rotary_factor", 0.25)
-    eps = float(r.take("layer_norm_eps"))
-    attention = Attention(
-        num_heads,
-        r.take("num_key_value_heads") or num_heads,
-        head_dim,
-        head_rotary(rope, head_dim, partial),
-        head_dim**-0.5,
-        qkv_bias=bool(r.take("use_qkv_bias")),
-        qk_norm=Norm("layer", eps) if r.take("qk_layernorm") else None,
+    hidden = r.take("hidden_size")
+    attention, eps = phi_attention(
+        r, hidden, 0.25, qk_norm_bias=False, qkv_bias=bool(r.take("use_qkv_bias"))
     )
     norm = Norm("layer", eps, bias=True)
     mlp = Mlp(r.take("intermediate_size"), r.take("hidden_act"))
@@ -37,7 +27,6 @@ def _read(arch: str, r: ConfigReader) -> ModelConfig:
         norm,
         hidden_size=hidden,
         max_position_embeddings=r.take("max_position_embeddings"),
-        tie_embeddings=bool(r.take("tie_word_embeddings")),
     )
 
 
@@ -55,11 +44,7 @@ def _table(cfg: ModelConfig) -> Table:
             stack,
         ),
     }
-    return Table(
-        rules=(*LLAMA.rules, *layer_rules("model.layers.{i}", heads)),
-        ignored_suffixes=LLAMA.ignored_suffixes,
-        tied_copy=LLAMA.tied_copy,
-    )
+    return llama_table(llama_layer() | heads)
 
 
 FAMILIES = {
