@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# The helpers in tests/support assert too (`gguf_files.assert_tokenizers_match`, `family_checks`):
+# their failures show the values compared, as a test's own asserts do.
+pytest.register_assert_rewrite("tests.support")
+
 
 @pytest.fixture(scope="module", autouse=True)
 def free_executables():

@@ -8,7 +8,6 @@ check the transforms rather than repeat them.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,6 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-import gguf
 import ml_dtypes
 import numpy as np
 import pytest
@@ -30,47 +28,15 @@ from jaxsink.config import RopeScaling
 from jaxsink.convert import ConvertError, convert
 from jaxsink.convert.cli import main
 from jaxsink.convert.families import config_from_hf
+from tests.support.gguf_files import (
+    assert_tokenizers_match,
+    byte_level_vocab,
+    write_byte_level_vocab,
+    write_gguf,
+)
+from tests.support.hf_tiny import D, F, H, K, L, N, V, hf_config, hf_model
 
 pytestmark = pytest.mark.torch
-
-V, D, N, K, H, F, L = 64, 32, 4, 2, 8, 48, 2
-TEXT = (
-    "Hello the world in\n\nthe 123 4567 numbers; éà 日本語 🤖 <|im_start|>user\nhi<|im_end|>"
-    "  <think> spaces   \t tab the\r\n don't I'LL x²  <|endoftext|>the end  "
-)
-
-
-def hf_config(arch: str = "llama", **overrides) -> transformers.PretrainedConfig:
-    """A tiny transformers config (GQA by default)."""
-    cls = {
-        "llama": transformers.LlamaConfig,
-        "mistral": transformers.MistralConfig,
-        "qwen2": transformers.Qwen2Config,
-    }[arch]
-    base = dict(
-        vocab_size=V,
-        hidden_size=D,
-        num_hidden_layers=L,
-        num_attention_heads=N,
-        num_key_value_heads=K,
-        intermediate_size=F,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    )
-    if arch == "mistral":
-        base["sliding_window"] = None
-    return cls(**(base | overrides))
-
-
-def tiny_model(config: transformers.PretrainedConfig, seed: int = 0):
-    """A causal LM with every parameter random (norms and biases included)."""
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_()
-    return model.eval()
 
 
 def write_word_tokenizer(folder: Path) -> None:
@@ -84,7 +50,7 @@ def write_word_tokenizer(folder: Path) -> None:
 
 def save_hf(folder: Path, config, seed: int = 0, **save_kwargs):
     """Save a tiny random model with a tokenizer; returns its float32 numpy state dict."""
-    model = tiny_model(config, seed)
+    model = hf_model(config, seed)
     model.save_pretrained(folder, **save_kwargs)
     write_word_tokenizer(folder)
     return {k: v.float().numpy() for k, v in model.state_dict().items()}
@@ -228,7 +194,7 @@ def test_bfloat16_output_and_source(tmp_path):
         assert value.dtype == ml_dtypes.bfloat16
         np.testing.assert_array_equal(value, want[name].astype(ml_dtypes.bfloat16))
     # A bfloat16 source converts to float32 exactly.
-    model = tiny_model(hf).to(torch.bfloat16)
+    model = hf_model(hf).to(torch.bfloat16)
     model.save_pretrained(tmp_path / "hf16")
     write_word_tokenizer(tmp_path / "hf16")
     sd16 = {k: v.float().numpy() for k, v in model.state_dict().items()}
@@ -494,118 +460,12 @@ def test_generation_config_eos_is_merged():
 
 # --- GGUF ----------------------------------------------------------------------------------
 
-GGUF_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-GGUF_GLOBAL_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-
-
-def llamacpp_permute(w: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
-    """llama.cpp convert_hf_to_gguf.py `LlamaModel.permute` (q/k rows to interleaved rotary)."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return (
-        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
-
-
-def byte_level_vocab() -> tuple[list[str], list[int], list[str]]:
-    """(tokens, token types, merges) of a tiny gpt2-style vocabulary with control tokens, a
-    user-defined token and a token stored unspelled ("\\n\\n", not in the byte alphabet)."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    alphabet = list(bytes_to_unicode().values())
-    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "Ċ Ċ", "1 2", "Ġ Ġ"]
-    merged = ["Ġt", "he", "Ġthe", "in", "Ġa", "er", "\n\n", "12", "ĠĠ"]
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokens = specials + alphabet + merged + ["<think>"]
-    types = [3] * len(specials) + [1] * (len(alphabet) + len(merged)) + [4]
-    return tokens, types, merges
-
-
-def write_byte_level_vocab(w: gguf.GGUFWriter, model: str = "gpt2") -> None:
-    """The tokenizer metadata of `byte_level_vocab`, stated as tokenizer model `model`."""
-    tokens, types, merges = byte_level_vocab()
-    w.add_tokenizer_model(model)
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-
-
-def write_gguf(path: Path, arch: str, sd: dict, hf, add_bos: bool = True, vocab=None, types=None):
-    """A float32 GGUF as llama.cpp's converter writes it (q/k rows permuted for llama).
-
-    vocab: writes the tokenizer's vocabulary metadata into the `gguf.GGUFWriter` it is given
-    (default `write_byte_level_vocab`); ids 1 and 2 are BOS and EOS (and pad).
-    types: GGUF tensor name -> a GGML type name (`Q4_1`, ...) it is quantized to by `gguf`.
-    """
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_name("tiny")
-    w.add_block_count(hf.num_hidden_layers)
-    w.add_context_length(hf.max_position_embeddings)
-    w.add_embedding_length(hf.hidden_size)
-    w.add_feed_forward_length(hf.intermediate_size)
-    w.add_head_count(hf.num_attention_heads)
-    w.add_head_count_kv(hf.num_key_value_heads)
-    w.add_rope_freq_base(hf.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(hf.rms_norm_eps)
-    w.add_vocab_size(hf.vocab_size)
-    w.add_rope_dimension_count(hf.hidden_size // hf.num_attention_heads)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    (vocab or write_byte_level_vocab)(w)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_pad_token_id(2)
-    w.add_add_bos_token(add_bos)
-    w.add_chat_template(
-        "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
-    )
-    for name, value in sd.items():
-        if name.startswith("model.layers."):
-            i, rest = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name).groups()
-            if arch == "llama" and rest == "self_attn.q_proj.weight":
-                value = llamacpp_permute(value, hf.num_attention_heads, hf.num_attention_heads)
-            if arch == "llama" and rest == "self_attn.k_proj.weight":
-                value = llamacpp_permute(value, hf.num_attention_heads, hf.num_key_value_heads)
-            name = f"blk.{i}.{GGUF_LAYER_NAMES[rest]}"
-        else:
-            name = GGUF_GLOBAL_NAMES[name]
-        kind = (types or {}).get(name)
-        if kind is None:
-            w.add_tensor(name, np.ascontiguousarray(value, np.float32))
-        else:
-            qtype = gguf.GGMLQuantizationType[kind]
-            raw = gguf.quants.quantize(np.ascontiguousarray(value, np.float32), qtype)
-            w.add_tensor(name, raw, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
 
 @pytest.mark.parametrize(("arch", "tied"), [("llama", False), ("llama", True), ("qwen2", False)])
 def test_gguf_converts_to_hf_weights(tmp_path, arch, tied):
     vocab = len(byte_level_vocab()[0])
     hf = hf_config(arch, vocab_size=vocab, tie_word_embeddings=tied)
-    sd = {k: v.numpy() for k, v in tiny_model(hf).state_dict().items()}
+    sd = {k: v.numpy() for k, v in hf_model(hf).state_dict().items()}
     if tied:
         del sd["lm_head.weight"]
     write_gguf(tmp_path / "tiny.gguf", arch, sd, hf)
@@ -626,7 +486,7 @@ def test_gguf_converts_to_hf_weights(tmp_path, arch, tied):
 
 def test_gguf_tokenizer_matches_transformers(tmp_path):
     hf = hf_config("llama", vocab_size=len(byte_level_vocab()[0]))
-    sd = {k: v.numpy() for k, v in tiny_model(hf).state_dict().items()}
+    sd = {k: v.numpy() for k, v in hf_model(hf).state_dict().items()}
     write_gguf(tmp_path / "tiny.gguf", "llama", sd, hf, add_bos=True)
     out = convert(tmp_path / "tiny.gguf", tmp_path / "out", progress=False)
     ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")
@@ -635,25 +495,10 @@ def test_gguf_tokenizer_matches_transformers(tmp_path):
     assert config["add_bos_token"] is True and "<|im_start|>" in config["chat_template"]
 
 
-def assert_tokenizers_match(out: Path, ref) -> None:
-    """Our tokenizer.json (raw and through AutoTokenizer) encodes like `ref`, transformers' own
-    tokenizer built from the GGUF, specials and BOS included, and decodes back to the text."""
-    ours = Tokenizer.from_file(str(out / "tokenizer.json"))
-    ours_auto = transformers.AutoTokenizer.from_pretrained(out)
-    want = ref(TEXT)["input_ids"]
-    assert ours.encode(TEXT).ids == want
-    assert ours_auto(TEXT)["input_ids"] == want
-    plain = ours.encode(TEXT, add_special_tokens=False).ids
-    assert plain == ref(TEXT, add_special_tokens=False)["input_ids"]
-    assert ours.decode(plain, skip_special_tokens=False) == TEXT
-    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        assert getattr(ours_auto, name) == getattr(ref, name), name
-
-
 def test_unknown_gguf_tokenizer_is_refused(tmp_path):
     """(SentencePiece GGUF vocabularies convert: see test_tokenizers.py.)"""
     hf = hf_config("llama", vocab_size=len(byte_level_vocab()[0]))
-    sd = {k: v.numpy() for k, v in tiny_model(hf).state_dict().items()}
+    sd = {k: v.numpy() for k, v in hf_model(hf).state_dict().items()}
     write_gguf(
         tmp_path / "tiny.gguf", "llama", sd, hf, vocab=lambda w: write_byte_level_vocab(w, "bert")
     )

@@ -1,12 +1,14 @@
 """No import cycles across jaxsink and its converter taken together: `convert/` installed as
 `jaxsink.convert`, module-level and in-function imports, `TYPE_CHECKING` blocks left out.
 (`lint-imports`, run by .ci/run, checks each package's contracts; it cannot see the converter
-inside `jaxsink`, so the edges between the two are checked here.)"""
+inside `jaxsink`, so the edges between the two are checked here.) And no test module imports
+another: what the tests share lives in `tests/support`."""
 
 from __future__ import annotations
 
 import ast
 import collections
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,3 +106,53 @@ def test_no_import_cycles_across_jaxsink_and_the_converter():
 def test_the_cycle_finder_finds_a_cycle():
     edges = collections.defaultdict(set, {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}})
     assert cycles(edges) == [["a", "b", "c"]]
+
+
+def imported_test_modules(source: str, package: str) -> set[str]:
+    """The `tests.test_*` modules a file of `package` (`tests`, `tests.support`) imports, in
+    any form: `import tests.test_x`, `from tests.test_x import y`, `from tests import test_x`,
+    relative, at module level or in a function."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package
+                for _ in range(node.level - 1):
+                    up = up.rpartition(".")[0]
+                base = f"{up}.{base}" if base else up
+            names = [base, *(f"{base}.{a.name}" for a in node.names)]
+        else:
+            continue
+        found |= {m.group(1) for n in names if (m := re.fullmatch(r"(tests\.test_\w+)(\..*)?", n))}
+    return found
+
+
+def test_no_test_module_imports_another():
+    """Helpers the tests share live in `tests/support`: no file under tests/ imports a
+    `tests.test_*` module (importing one runs its module-level code, and ties its edits to
+    another test file's)."""
+    found = {}
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        package = ".".join(path.parent.relative_to(ROOT).parts)
+        if modules := imported_test_modules(path.read_text(), package):
+            found[str(path.relative_to(ROOT))] = sorted(modules)
+    assert found == {}, f"move what these import from test modules into tests/support: {found}"
+
+
+def test_the_test_import_finder_sees_every_form():
+    forms = {
+        "import tests.test_a": "tests",
+        "from tests.test_a import x": "tests",
+        "from tests import support, test_a": "tests",
+        "from . import test_a": "tests",
+        "from .test_a import x": "tests",
+        "from ..test_a import x": "tests.support",
+        "def f():\n    from tests.test_a.b import x": "tests.support",
+    }
+    for source, package in forms.items():
+        assert imported_test_modules(source, package) == {"tests.test_a"}, source
+    others = "import tests.testing\nfrom tests.support import test_a\nfrom . import test_a"
+    assert imported_test_modules(others, "tests.support") == set()

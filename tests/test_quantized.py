@@ -26,13 +26,17 @@ from jaxsink import config as C
 from jaxsink import layout
 from jaxsink import sharding as sh
 from jaxsink.checkpoint import CheckpointError, load_params, read_config, save_checkpoint
+from jaxsink.cli import main as cli_main
 from jaxsink.config import ConfigError, Experts, Mlp, ModelConfig, Quant, StreamConfig
 from jaxsink.convert import convert
 from jaxsink.convert.cli import main as convert_main
 from jaxsink.convert.gguf import GGUFSource, gguf_blocks, read_gguf
 from jaxsink.traced import entry, quant
+from tests.support.gguf_files import tiny_gguf
 from tests.support.sharded_checks import forced_devices_report
 from tests.support.tiny import (
+    MIXED_KINDS,
+    block_config,
     feed,
     quantized_params,
     random_flat_params,
@@ -43,25 +47,6 @@ from tests.support.tiny import (
 
 KINDS = ("q8_0", "q4_0", "q4_1")
 TYPES = {kind: gguf.GGMLQuantizationType[kind.upper()] for kind in KINDS}
-
-
-def config(**kw) -> ModelConfig:
-    """A tiny model whose every matrix input (hidden 64, head dim 32, MLP 64) holds blocks."""
-    cfg = tiny_config(head_dim=32, **({"mlp": Mlp(64, "silu")} | kw))
-    return dataclasses.replace(cfg, hidden_size=64)
-
-
-# Every kind at every product site (layer 1's down stays float).
-MIXED = {
-    "embed": "q8_0",
-    "layers.0.attn.qkv": "q4_1",
-    "layers.0.attn.out": "q4_0",
-    "layers.0.mlp.up": "q8_0",
-    "layers.0.mlp.down": "q4_1",
-    "layers.1.attn.qkv": "q8_0",
-    "layers.1.attn.out": "q4_1",
-    "layers.1.mlp.up": "q4_0",
-}
 
 
 def random_blocks(kind: str, rows: int, blocks: int, seed: int) -> np.ndarray:
@@ -118,8 +103,8 @@ def test_quantized_model_equals_its_dequantized_float_model(tied):
     """Logits of a model with quantized weights (every kind, every product site, the embedding
     lookup and LM head included) equal the same model's with those weights dequantized to
     float32, over a stream that evicts, chunked and token by token."""
-    cfg = dataclasses.replace(config(), tie_embeddings=tied)
-    kinds = MIXED if tied else MIXED | {"lm_head": "q4_0"}
+    cfg = dataclasses.replace(block_config(), tie_embeddings=tied)
+    kinds = MIXED_KINDS if tied else MIXED_KINDS | {"lm_head": "q4_0"}
     qcfg, stored, dense = quantized_params(cfg, kinds, seed=4)
     quantized, floats = tiny_model(qcfg, stored), tiny_model(cfg, dense)
     assert isinstance(quantized.module.layers[0].attn.qkv, quant.QuantizedWeight)
@@ -134,8 +119,8 @@ def test_quantized_model_equals_its_dequantized_float_model(tied):
 def test_sliced_products_equal_whole_ones(monkeypatch):
     """A weight dequantized slice by slice (grouped rows, in a loop) gives the product of the
     whole weight."""
-    cfg = config()
-    qcfg, stored, _ = quantized_params(cfg, MIXED, seed=6)
+    cfg = block_config()
+    qcfg, stored, _ = quantized_params(cfg, MIXED_KINDS, seed=6)
     m = tiny_model(qcfg, stored)
     tokens = np.random.default_rng(7).integers(0, 97, size=(1, 12)).astype(np.int32)
     valid = np.ones_like(tokens, bool)
@@ -160,7 +145,7 @@ def kv_cache(cfg):
 
 
 def test_one_compile_per_shape():
-    qcfg, stored, _ = quantized_params(config(), MIXED, seed=8)
+    qcfg, stored, _ = quantized_params(block_config(), MIXED_KINDS, seed=8)
     m = tiny_model(qcfg, stored)
     tokens = np.random.default_rng(9).integers(0, 97, size=(1, 30)).astype(np.int32)
     before = entry.TRACES["step"]
@@ -171,8 +156,8 @@ def test_one_compile_per_shape():
 
 
 def test_checkpoints_keep_the_blocks_and_float_configs_read_as_before(tmp_path):
-    cfg = config()
-    qcfg, stored, dense = quantized_params(cfg, MIXED, seed=10)
+    cfg = block_config()
+    qcfg, stored, dense = quantized_params(cfg, MIXED_KINDS, seed=10)
     path = save_checkpoint(tmp_path / "q", qcfg, stored, "float32", {})
     assert read_config(path)[0] == qcfg
     params = load_params(path, qcfg)
@@ -203,9 +188,9 @@ def test_quantized_weights_need_sizes_that_hold_blocks():
         C.quantize_config(tiny_config(), {"embed": Quant("q8_0", block=64)})
     with pytest.raises(ConfigError, match="expert"):
         moe = dataclasses.replace(Mlp(64, "silu"), experts=Experts(4, 2))
-        C.quantize_config(config(mlp=moe), {"layers.0.mlp.up": Quant("q8_0")})
+        C.quantize_config(block_config(mlp=moe), {"layers.0.mlp.up": Quant("q8_0")})
     with pytest.raises(KeyError):
-        C.quantize_config(config(), {"final_norm.scale": Quant("q8_0")})
+        C.quantize_config(block_config(), {"final_norm.scale": Quant("q8_0")})
     assert C.quantize_config(tiny_config(), {"embed": Quant("q8_0")}).quantized
 
 
@@ -213,8 +198,8 @@ def test_every_quantized_part_shards_like_its_float_weight():
     """The codes, scales and minimums carry the float weight's logical axes and split along
     the same mesh axes, at block bounds: a dimension whose block count does not divide the
     mesh axis is replicated in every part."""
-    cfg = config()
-    qcfg, _, _ = quantized_params(cfg, MIXED, seed=11)
+    cfg = block_config()
+    qcfg, _, _ = quantized_params(cfg, MIXED_KINDS, seed=11)
     float_specs = dict(nnx.to_flat_state(sh.weight_shardings(layout.abstract(cfg)[1], MESH22)))
     for mesh in (MESH22, MESH14):
         notes: set = set()
@@ -256,27 +241,6 @@ def test_sharded_quantized_runs_equal_one_device(tmp_path):
 
 
 # --- conversion ------------------------------------------------------------------------------
-
-
-def tiny_gguf(path: Path, types: dict[str, str], tied: bool = False):
-    """A tiny llama GGUF (hidden 64, head dim 32, MLP 64) with tensors quantized as `types`
-    says (GGUF names -> GGML type names), and its Hugging Face config."""
-    from tests.test_convert import byte_level_vocab, hf_config, write_gguf
-    from tests.test_convert import tiny_model as hf_model
-
-    hf = hf_config(
-        "llama",
-        vocab_size=len(byte_level_vocab()[0]),
-        hidden_size=64,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        tie_word_embeddings=tied,
-    )
-    sd = {k: v.numpy() for k, v in hf_model(hf).state_dict().items()}
-    if tied:
-        del sd["lm_head.weight"]
-    write_gguf(path, "llama", sd, hf, types=types)
 
 
 GGUF_TYPES = {
@@ -349,12 +313,6 @@ def test_bad_quantize_input_is_one_line(tmp_path, capsys):
         assert code == 2, (argv, err)
         assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
-
-
-def cli_main(argv):
-    from jaxsink.cli import main
-
-    return main(argv)
 
 
 # --- the real default model ----------------------------------------------------------------

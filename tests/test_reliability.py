@@ -27,7 +27,8 @@ from jaxsink.convert import cli as convert_cli
 from jaxsink.default_model import is_checkpoint
 from jaxsink.generate import Generation, Sampling
 from jaxsink.loading import load
-from tests.support.hf_tiny import tiny_hf_model
+from tests.support.gguf_files import byte_level_vocab, write_gguf
+from tests.support.hf_tiny import hf_config, hf_model, tiny_hf_model
 
 pytestmark = pytest.mark.torch
 
@@ -190,10 +191,8 @@ def test_truncated_checkpoint_weights(capsys, tmp_path, ckpt):
 
 @pytest.fixture(scope="module")
 def gguf_file(tmp_path_factory) -> Path:
-    from tests.test_convert import byte_level_vocab, hf_config, tiny_model, write_gguf
-
     hf = hf_config("llama", vocab_size=len(byte_level_vocab()[0]))
-    sd = {k: v.numpy() for k, v in tiny_model(hf).state_dict().items()}
+    sd = {k: v.numpy() for k, v in hf_model(hf).state_dict().items()}
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
     write_gguf(path, "llama", sd, hf)
     return path

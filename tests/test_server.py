@@ -8,68 +8,21 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 import jaxsink
 from jaxsink.generate import Sampling
+from tests.support.served import STREAM, Server, metric_values
 from tests.support.tiny import chat_checkpoint
-
-ROOT = Path(__file__).resolve().parent.parent
-STREAM = {"sinks": 2, "window": 13, "chunk": 4, "block": 3}
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return chat_checkpoint(tmp_path_factory.mktemp("served"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, model: Path, home: Path, *flags: str):
-        self.port, self.sessions = free_port(), home / "sessions"
-        self.url = f"http://127.0.0.1:{self.port}"
-        argv = [sys.executable, "-m", "jaxsink.cli", "serve", "--model", str(model)]
-        argv += ["--port", str(self.port), "--sessions-dir", str(self.sessions), *flags]
-        for name, value in STREAM.items():
-            argv += [f"--{name}", str(value)]
-        env = os.environ | {"PYTHONPATH": str(ROOT), "JAXSINK_HOME": str(home)}
-        self.proc = subprocess.Popen(
-            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited: {self.proc.stderr.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise AssertionError("the server did not start")
-
-    def post(self, path: str, body, **kwargs) -> httpx.Response:
-        return httpx.post(self.url + path, json=body, timeout=60, **kwargs)
-
-    def health(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=10).json()
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        _, err = self.proc.communicate(timeout=60)
-        return err
 
 
 @pytest.fixture(scope="module")
@@ -374,17 +327,6 @@ def test_serve_bad_flags_exit_2(capsys, tiny_dir, tmp_path, flags, message):
         code = cli.main(["serve", "--model", str(tiny_dir), *sessions, *flags])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
-
-
-def metric_values(text: str) -> dict[tuple[str, tuple], float]:
-    """Every sample of a Prometheus text page, by (name, sorted labels)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def test_metrics_parse_and_count_each_request(server):

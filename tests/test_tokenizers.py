@@ -22,8 +22,8 @@ from jaxsink.checkpoint import CheckpointError
 from jaxsink.convert import convert
 from jaxsink.convert.cli import main as convert_main
 from jaxsink.tokenizer import Tokenizer
-from tests.support.hf_tiny import tiny_hf_model
-from tests.test_convert import TEXT, assert_tokenizers_match, hf_config, tiny_model, write_gguf
+from tests.support.gguf_files import TEXT, assert_tokenizers_match, write_gguf
+from tests.support.hf_tiny import hf_config, hf_model, tiny_hf_model
 
 pytestmark = pytest.mark.torch
 
@@ -155,7 +155,7 @@ def write_sentencepiece_vocab(w, sp_model: bytes) -> None:
 @pytest.mark.parametrize("add_bos", [True, False])
 def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path, sp_model, add_bos):
     hf = hf_config("llama", vocab_size=len(pieces(sp_model)))
-    sd = {k: v.numpy() for k, v in tiny_model(hf).state_dict().items()}
+    sd = {k: v.numpy() for k, v in hf_model(hf).state_dict().items()}
     vocab = lambda w: write_sentencepiece_vocab(w, sp_model)  # noqa: E731
     write_gguf(tmp_path / "tiny.gguf", "llama", sd, hf, add_bos=add_bos, vocab=vocab)
     out = convert(tmp_path / "tiny.gguf", tmp_path / "out", progress=False)

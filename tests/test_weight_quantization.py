@@ -23,11 +23,12 @@ from jaxsink import config as C
 from jaxsink import executables, layout, quantize
 from jaxsink import sharding as sh
 from jaxsink.checkpoint import load_params, read_config, save_checkpoint
+from jaxsink.cli import main as cli_main
 from jaxsink.config import Quant, StreamConfig
 from jaxsink.convert import convert
 from jaxsink.traced import quant
-from tests.support.tiny import feed, random_flat_params, tiny_model, write_tokenizer
-from tests.test_quantized import cli_main, config, tiny_gguf
+from tests.support.gguf_files import tiny_gguf
+from tests.support.tiny import block_config, feed, random_flat_params, tiny_model, write_tokenizer
 
 SHAPES = [(48, 64), (3, 2, 64)]  # a matrix, and [*out, heads, head dim] like an output projection
 
@@ -72,7 +73,7 @@ def test_codes_and_scales_are_qwix_own(kind):
 def test_weight_plan_quantizes_every_product_weight():
     """int8: every matrix per output channel; int4: the layers' matrices in groups of 32, the
     embedding and LM head int8; expert MLPs stay float."""
-    cfg = dataclasses.replace(config(), tie_embeddings=False)
+    cfg = dataclasses.replace(block_config(), tie_embeddings=False)
     shapes = layout.param_shapes(cfg)
     int8 = quantize.weight_plan(cfg, "int8", "float32")
     assert set(int8) == {"embed", "lm_head"} | {
@@ -180,7 +181,7 @@ def test_int8_and_int4_parts_shard_like_the_float_weight(mesh):
     """Codes split like the float weight; int4 scales too (where their groups divide the axis);
     int8's per-channel scales split like it along the output axes and are whole along the
     input axis, which each row has one scale for."""
-    cfg = dataclasses.replace(config(), vocab_size=96)
+    cfg = dataclasses.replace(block_config(), vocab_size=96)
     mesh = AbstractMesh(mesh, ("data", "model"))
     float_specs = dict(nnx.to_flat_state(sh.weight_shardings(layout.abstract(cfg)[1], mesh)))
     # int4 on model=4: 2 groups per row of down do not divide it (test_quantized covers that)
@@ -203,7 +204,7 @@ def test_int8_and_int4_parts_shard_like_the_float_weight(mesh):
 def test_quantize_flags(tmp_path, capsys):
     """`--quantize int8` on a float checkpoint generates; on a quantized one, or keep on a
     float checkpoint, it is one line and exit 2."""
-    cfg = config()
+    cfg = block_config()
     write_tokenizer(tmp_path)
     files = {"tokenizer.json": (tmp_path / "tokenizer.json").read_bytes()}
     ckpt = save_checkpoint(tmp_path / "ckpt", cfg, random_flat_params(cfg), "float32", files)

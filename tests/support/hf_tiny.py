@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face checkpoints built in the tests (test-only: needs torch)."""
+"""Tiny random Hugging Face configs, models and checkpoints built in the tests (test-only: needs
+torch)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import torch
 import transformers
 
 from tests.support.tiny import VOCAB, write_tokenizer
+
+# `hf_config`'s sizes: vocabulary, hidden, heads, kv heads, head dim, MLP, layers.
+V, D, N, K, H, F, L = 64, 32, 4, 2, 8, 48, 2
 
 ARCHITECTURES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -47,6 +51,35 @@ def tiny_hf_model(arch: str, path: Path, seed: int = 0, **overrides):
     model.save_pretrained(path, safe_serialization=True)
     write_tokenizer(path)
     return model
+
+
+def hf_config(arch: str = "llama", **overrides) -> transformers.PretrainedConfig:
+    """A tiny transformers config (GQA by default)."""
+    base = dict(
+        vocab_size=V,
+        hidden_size=D,
+        num_hidden_layers=L,
+        num_attention_heads=N,
+        num_key_value_heads=K,
+        intermediate_size=F,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    if arch == "mistral":
+        base["sliding_window"] = None
+    return ARCHITECTURES[arch][0](**(base | overrides))
+
+
+def hf_model(config: transformers.PretrainedConfig, seed: int = 0):
+    """A causal LM of `config`, in eval mode, with every parameter N(0, 1) (norms and biases
+    included)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    return model.eval()
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:

@@ -23,8 +23,7 @@ from jaxsink.config import StreamConfig
 from jaxsink.traced import entry, quant
 from jaxsink.traced.entry import EntryPoint
 from tests.support.sharded_checks import sharded_step_inputs
-from tests.support.tiny import quantized_params, random_flat_params
-from tests.test_quantized import MIXED, config
+from tests.support.tiny import MIXED_KINDS, block_config, quantized_params, random_flat_params
 
 STREAM = StreamConfig(2, 5)
 DTYPES = {"s8": "int8", "f32": "float32"}
@@ -73,8 +72,8 @@ def gathered_weights(m) -> dict:
 
 def main(out_dir: str) -> None:
     out_dir = Path(out_dir)
-    cfg = dataclasses.replace(config(), vocab_size=96)  # every dimension divides 2
-    qcfg, stored, _ = quantized_params(cfg, MIXED, seed=13)
+    cfg = dataclasses.replace(block_config(), vocab_size=96)  # every dimension divides 2
+    qcfg, stored, _ = quantized_params(cfg, MIXED_KINDS, seed=13)
     path = save_checkpoint(out_dir / "q", qcfg, stored, "float32", {})
     report: dict = {"devices": len(jax.devices()), "logits_max_diff": {}}
     tokens = np.random.default_rng(14).integers(0, 96, size=(2, 20)).astype(np.int32)

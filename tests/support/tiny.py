@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -45,6 +46,26 @@ def tiny_config(
         max_position_embeddings=128,
         tie_embeddings=True,
     )
+
+
+def block_config(**kw) -> ModelConfig:
+    """A tiny model whose every matrix input (hidden 64, head dim 32, MLP 64) holds blocks."""
+    cfg = tiny_config(head_dim=32, **({"mlp": Mlp(64, "silu")} | kw))
+    return dataclasses.replace(cfg, hidden_size=64)
+
+
+# `quantized_params` kinds for `block_config`: every kept GGUF kind at every product site
+# (layer 1's down stays float).
+MIXED_KINDS = {
+    "embed": "q8_0",
+    "layers.0.attn.qkv": "q4_1",
+    "layers.0.attn.out": "q4_0",
+    "layers.0.mlp.up": "q8_0",
+    "layers.0.mlp.down": "q4_1",
+    "layers.1.attn.qkv": "q8_0",
+    "layers.1.attn.out": "q4_1",
+    "layers.1.mlp.up": "q4_0",
+}
 
 
 def random_flat_params(cfg: ModelConfig, seed: int = 0, scale: float = 0.3) -> dict:
