@@ -19,19 +19,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from chromium import headless_chromium
+
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-CHROMIUM_FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--window-size=1280,800",
-)
 SYSTEM = "You are a helpful assistant. Answer briefly."
 TURNS = ("What is the capital of France?", "And of Italy?")
 
@@ -59,17 +49,6 @@ def start_server(port: int, model: str | None) -> subprocess.Popen:
             time.sleep(0.5)
     proc.terminate()
     raise SystemExit("jaxsink serve did not start in 10 minutes")
-
-
-def headless_chromium(profile: str):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
 def chat(driver, url: str, timeout: float) -> list[str]:
@@ -113,7 +92,7 @@ def main() -> int:
     server = start_server(port, args.model)
     try:
         with tempfile.TemporaryDirectory() as profile:
-            driver = headless_chromium(profile)
+            driver = headless_chromium(profile, height=800)
             try:
                 replies = chat(driver, f"http://127.0.0.1:{port}/", args.timeout)
                 driver.save_screenshot(args.out)

@@ -12,44 +12,20 @@ Manager never goes to the network.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.support.chromium import CHROMIUM, headless_chromium
 from tests.support.served import Server, metric_values
 from tests.support.tiny import chat_checkpoint
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-CHROMIUM_FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--window-size=1280,900",
-)
 KEY = "sk-page-3b1d"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="no /usr/bin/chromium (.ci/run installs it)"
 )
-
-
-def headless_chromium(profile: Path):
-    """A headless Chromium under Selenium, with a fresh profile folder."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
 
 
 @pytest.fixture(scope="module")
