@@ -459,10 +459,16 @@ def _normalized(scores: jax.Array, sinks: jax.Array | None) -> jax.Array:
 
 
 def _at_ranks(keys: jax.Array, table: jax.Array, ranks: jax.Array, spec: C.Rotary) -> jax.Array:
-    """A block of un-rotated keys [B, K, H, n] each rotated by its slot's rank [B, n]."""
-    cos, sin = rotary(table, ranks)  # [B, n, 1, R/2]
-    at_rank = (cos[:, :, 0].swapaxes(1, 2)[:, None], sin[:, :, 0].swapaxes(1, 2)[:, None])
-    return rotate(keys, at_rank, spec, axis=2).astype(keys.dtype)
+    """A block of un-rotated keys [B, K, H, n] each rotated by its slot's rank [B, n].
+
+    The cos/sin are read from the flat table one scalar each, into [B, 2, R/2, n] as the
+    rotation reads them (slots minor): XLA:CPU reads a gather of table rows, [B, n, 2, R/2],
+    transposed inside the rotation (SmolLM2 under tova, B = 16: a decode step 213 against
+    270 ms; `ppl` once the cache is full 210 against 145 tok/s)."""
+    half = table.shape[-1]
+    at = (ranks * 2 * half)[:, None, None, :] + jnp.arange(2 * half).reshape(1, 2, half, 1)
+    cos_sin = table.reshape(-1)[at]  # [B, 2, R/2, n]
+    return rotate(keys, (cos_sin[:, None, 0], cos_sin[:, None, 1]), spec, axis=2).astype(keys.dtype)
 
 
 def _filling(spec: C.Attention, q, k, v, lc: kv.LayerCache, view: PolicyView, sinks):
