@@ -46,22 +46,26 @@ def imports_of(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     for node in ast.walk(tree):
         if id(node) in skipped:
             continue
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                up = package
-                for _ in range(node.level - 1):
-                    up = up.rpartition(".")[0]
-                base = f"{up}.{base}" if base else up
-            targets = [
-                f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names
-            ]
-        else:
-            continue
-        found |= {m for t in targets if (m := known_prefix(t)) and m != name}
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            base, names = imported_names(node, package)
+            targets = [n if n in known else base for n in names] if base else names
+            found |= {m for t in targets if (m := known_prefix(t)) and m != name}
     return found
+
+
+def imported_names(node: ast.Import | ast.ImportFrom, package: str) -> tuple[str | None, list]:
+    """What an import statement in a module of `package` names, absolute: (None, the modules)
+    for `import a.b, c`; (the module imported from, `module.name` for each name) for
+    `from module import name` (relative ones resolved against `package`)."""
+    if isinstance(node, ast.Import):
+        return None, [a.name for a in node.names]
+    base = node.module or ""
+    if node.level:
+        up = package
+        for _ in range(node.level - 1):
+            up = up.rpartition(".")[0]
+        base = f"{up}.{base}" if base else up
+    return base, [f"{base}.{a.name}" for a in node.names]
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -114,19 +118,12 @@ def imported_test_modules(source: str, package: str) -> set[str]:
     relative, at module level or in a function."""
     found = set()
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                up = package
-                for _ in range(node.level - 1):
-                    up = up.rpartition(".")[0]
-                base = f"{up}.{base}" if base else up
-            names = [base, *(f"{base}.{a.name}" for a in node.names)]
-        else:
-            continue
-        found |= {m.group(1) for n in names if (m := re.fullmatch(r"(tests\.test_\w+)(\..*)?", n))}
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            base, names = imported_names(node, package)
+            names = names if base is None else [base, *names]
+            found |= {
+                m.group(1) for n in names if (m := re.fullmatch(r"(tests\.test_\w+)(\..*)?", n))
+            }
     return found
 
 

@@ -48,18 +48,27 @@ def _nll(logits, tokens):
     return logz - logits[np.arange(len(logits)), tokens[1:]]
 
 
+def _against_reference(name, policy, recent, window, n_tokens, chunk, seed):
+    """The reference's logits [n_tokens, V] for a stream of `n_tokens` random tokens through 2
+    sinks + `window` under `policy`, after checking jaxsink's per-token NLL (fed `chunk`
+    tokens at a time) within 1e-5 of them; the stream's flat params and tokens with them."""
+    cfg = CONFIGS[name]
+    flat = random_flat_params(cfg, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    tokens = rng.integers(0, cfg.vocab_size, size=(1, n_tokens)).astype(np.int32)
+    stream = StreamConfig(2, window, "sink", policy, recent)
+    want = stream_logits(flat, cfg, tokens[0], 2, window, policy=policy, recent=recent)
+    got, _ = feed(tiny_model(cfg, flat), stream, tokens, chunk=chunk)
+    np.testing.assert_allclose(_nll(got[0], tokens[0]), _nll(want, tokens[0]), atol=1e-5, rtol=0)
+    return want, flat, tokens[0]
+
+
 @pytest.mark.parametrize("policy, recent", POLICIES, ids=[p for p, _ in POLICIES])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_policies_match_the_reference_token_by_token(name, policy, recent):
     """K = 8 slots over 48 tokens: 40 evictions per layer, each layer its own."""
-    cfg = CONFIGS[name]
-    flat = random_flat_params(cfg, seed=11)
-    tokens = np.random.default_rng(12).integers(0, cfg.vocab_size, size=(1, 48)).astype(np.int32)
-    stream = StreamConfig(2, 6, "sink", policy, recent)
-    want = stream_logits(flat, cfg, tokens[0], 2, 6, policy=policy, recent=recent)
-    got, _ = feed(tiny_model(cfg, flat), stream, tokens, chunk=5)
-    np.testing.assert_allclose(_nll(got[0], tokens[0]), _nll(want, tokens[0]), atol=1e-5, rtol=0)
-    sink = stream_logits(flat, cfg, tokens[0], 2, 6)
+    want, flat, tokens = _against_reference(name, policy, recent, 6, 48, chunk=5, seed=11)
+    sink = stream_logits(flat, CONFIGS[name], tokens, 2, 6)
     assert np.abs(want - sink).max() > 1e-2  # the policy kept other tokens than the ring
 
 
@@ -69,13 +78,7 @@ def test_chunks_that_fill_the_cache_match_the_reference(name, policy, recent):
     """K = 32 slots fed 6 tokens at a time: five chunks enter a cache that is not yet full
     (computed at once, `_filling`), h2o's received attention adding up over them, then one
     chunk fills it across and 48 tokens evict."""
-    cfg = CONFIGS[name]
-    flat = random_flat_params(cfg, seed=21)
-    tokens = np.random.default_rng(22).integers(0, cfg.vocab_size, size=(1, 80)).astype(np.int32)
-    stream = StreamConfig(2, 30, "sink", policy, recent)
-    want = stream_logits(flat, cfg, tokens[0], 2, 30, policy=policy, recent=recent)
-    got, _ = feed(tiny_model(cfg, flat), stream, tokens, chunk=6)
-    np.testing.assert_allclose(_nll(got[0], tokens[0]), _nll(want, tokens[0]), atol=1e-5, rtol=0)
+    _against_reference(name, policy, recent, 30, 80, chunk=6, seed=21)
 
 
 @pytest.mark.parametrize("policy, recent", POLICIES, ids=[p for p, _ in POLICIES])
