@@ -323,33 +323,29 @@ class Attention(nnx.Module):
         """`_attend` for a layer cache that evicts by attention: q [B, C, N, H], k, v
         [B, C, K, H] (un-rotated); the chunk's tokens enter one by one (`_entering`), each
         seeing the cache its predecessors left, so any chunk gives what its tokens give fed
-        alone. Returns `_attend`'s (out, write)."""
+        alone; a chunk none of whose tokens finds the cache full evicts nothing, and enters at
+        once. Returns `_attend`'s (out, write)."""
         spec = self.spec
         B, C_, N, H = q.shape
         sinks = None if self.sinks is None else self.sinks[...].astype(jnp.float32)
         sinks = None if sinks is None else sinks.reshape(spec.num_kv_heads, spec.group)
+        tokens = (q, k, v, view.t, view.valid)
 
-        def enter(lc, token):
-            q_i, k_i, v_i, t_i, valid_i = token
-            out, lc = _entering(spec, q_i, k_i, v_i, lc, view, t_i, valid_i, sinks)
+        def at_once(lc):
+            out, lc = _entering(spec, *tokens, lc, view, sinks)
             return lc, out
 
-        tokens = (q, k, v, view.t, view.valid)
+        def one_by_one(lc):
+            def enter(lc, token):  # one token: [B, 1, ...]
+                out, lc = _entering(spec, *token, lc, view, sinks)
+                return lc, out[0]
+
+            moved = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0)[:, :, None], tokens)
+            return jax.lax.scan(enter, lc, moved)
+
         if C_ == 1:
-            lc, out = enter(lc, jax.tree.map(lambda x: x[:, 0], tokens))
-            out = out[None]
-        else:  # [C, B, ...] along the chunk
-
-            def one_by_one(lc):
-                moved = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), tokens)
-                return jax.lax.scan(enter, lc, moved)
-
-            def at_once(lc):
-                out, lc = _filling(spec, q, k, v, lc, view, sinks)
-                return lc, out
-
-            # A chunk none of whose tokens finds the cache full evicts nothing: its tokens
-            # see what they would entering one by one, computed for the whole chunk at once.
+            lc, out = at_once(lc)
+        else:
             filling = jnp.all(~view.valid | (view.t < view.stream.capacity))
             lc, out = jax.lax.cond(filling, at_once, one_by_one, lc)
         out = out.astype(v.dtype)  # [C, B, K, G, H]
@@ -471,47 +467,50 @@ def _at_ranks(keys: jax.Array, table: jax.Array, ranks: jax.Array, spec: C.Rotar
     return rotate(keys, (cos_sin[:, None, 0], cos_sin[:, None, 1]), spec, axis=2).astype(keys.dtype)
 
 
-def _filling(spec: C.Attention, q, k, v, lc: kv.LayerCache, view: PolicyView, sinks):
-    """A chunk whose every token enters a layer cache that evicts by attention before it is
-    full (token t < K, whose slot and rank are t): each token's attention over the cached
-    slots and its chunk's earlier tokens, at once for the whole chunk; then the keys and values
-    written, and the ranks (and h2o's received attention) moved by `policy.enter` token by
-    token, from each token's weights laid out by slot, as `_entering` would.
-    q: [B, C, N, H], k, v: [B, C, K, H] (un-rotated); sinks: as `_entering`'s. Returns
-    (out [C, B, K, G, H] float32, the layer cache)."""
+def _entering(spec: C.Attention, q, k, v, t, valid, lc: kv.LayerCache, view: PolicyView, sinks):
+    """A chunk's tokens entering a layer cache that evicts by attention (`policy`): one token,
+    or a chunk none of whose tokens finds the cache full (token t < K, whose slot and rank are
+    t), so that nothing is evicted while it enters. Each token's attention over the cached
+    slots (keys rotated by their ranks, the query at its in-cache position min(t, K)) and
+    the chunk's tokens up to itself; then the ranks (and h2o's received attention) moved by
+    `policy.enter` token by token, from each token's weights laid out by slot, and the keys and
+    values stored where it says.
+    q: [B, C, N, H], k, v: [B, C, K, H] (un-rotated); t, valid: [B, C]; sinks: learned sink
+    logits [K, G] float32 or None. Returns (out [C, B, K, G, H] float32, the layer cache)."""
     f32 = jnp.float32
     B, C_, _, H = q.shape
     Kh, G = spec.num_kv_heads, spec.group
     stream, slots = view.stream, view.stream.capacity
-    t, valid = view.t, view.valid  # [B, C]
-    pos = t[:, 0] + 1 - valid[:, 0]  # [B]: the tokens cached before the chunk
+    at = jnp.minimum(t, slots)  # [B, C]: each token's in-cache position, the tokens before it
+    cached = at[:, 0] + 1 - valid[:, 0]  # [B]: the slots filled before the chunk
     position = spec.position
     rotary_position = isinstance(position, C.Rotary)
     k_stored = k
     if rotary_position:
         table = view.table_of(position)
-        at_t = rotary(table, t)  # [B, C, 1, R/2]
+        at_t = rotary(table, at)  # [B, C, 1, R/2]
         q, k = rotate(q, at_t, position), rotate(k, at_t, position)
     q = (q * jnp.asarray(spec.query_scale, q.dtype)).reshape(B, C_, Kh, G, H)
     raws = []
     for (start, size), keys in zip(view.blocks, lc.keys, strict=True):
-        if rotary_position:
+        if rotary_position:  # each key at its rank
             keys = _at_ranks(keys, table, lc.ranks[:, start : start + size], position)
         raws.append(jnp.einsum("bckgh,bkhs->bkcgs", q, keys, preferred_element_type=f32))
     raws.append(jnp.einsum("bckgh,bjkh->bkcgj", q, k, preferred_element_type=f32))
     raw = jnp.concatenate(raws, axis=-1)  # [B, K, C, G, T]: the slots, then the chunk
     earlier = jnp.arange(C_)[None, :, None] >= jnp.arange(C_)[None, None, :]  # [1, C, C]
+    itself = jnp.eye(C_, dtype=bool)
     seen = jnp.concatenate(
         [
-            jnp.broadcast_to(jnp.arange(slots) < pos[:, None, None], (B, C_, slots)),
-            earlier & valid[:, None, :],
+            jnp.broadcast_to(jnp.arange(slots) < cached[:, None, None], (B, C_, slots)),
+            earlier & (valid[:, None, :] | itself),
         ],
         axis=-1,
     )  # [B, C, T]
     bias = None
-    if isinstance(position, C.Alibi):  # the query's in-cache position t less the key's
+    if isinstance(position, C.Alibi):  # the query's in-cache position less the key's
         dist = jnp.concatenate(
-            [t[:, :, None] - lc.ranks[:, None, :], t[:, :, None] - t[:, None, :]], axis=-1
+            [at[:, :, None] - lc.ranks[:, None, :], at[:, :, None] - at[:, None, :]], axis=-1
         )
         slopes = jnp.asarray(position.slopes, f32).reshape(Kh, G)
         bias = -slopes[None, :, None, :, None] * dist[:, None, :, None, :].astype(f32)
@@ -524,11 +523,11 @@ def _filling(spec: C.Attention, q, k, v, lc: kv.LayerCache, view: PolicyView, si
     for (start, size), values in zip(view.blocks, lc.values, strict=True):  # [B, K, n, H]
         block = weights[..., start : start + size].astype(values.dtype)
         out = out + jnp.einsum("bkcgs,bksh->bkcgh", block, values, preferred_element_type=f32)
-    # Each token's weights by slot, as `_entering` hands them to `policy.enter`: the cached
-    # slots, its chunk's earlier tokens at their slots (t), then itself.
+    # Each token's weights by slot, as `policy.enter` takes them: the cached slots, its chunk's
+    # earlier tokens at their slots (t), then itself.
     mean = weights.mean(axis=(1, 3))  # [B, C, T]
-    chunk = jnp.where(earlier & ~jnp.eye(C_, dtype=bool), mean[..., slots:], 0.0)  # [B, C, C]
-    into = jnp.where(valid, t, slots)  # [B, C]: each chunk token's slot, K for none
+    chunk = jnp.where(earlier & ~itself, mean[..., slots:], 0.0)  # [B, C, C]
+    into = jnp.where(valid, at, slots)  # [B, C]: an earlier chunk token's slot, K for none
     rows = jnp.arange(B)[:, None, None]
     by_slot = (
         mean[..., :slots]
@@ -541,77 +540,19 @@ def _filling(spec: C.Attention, q, k, v, lc: kv.LayerCache, view: PolicyView, si
     def enter(state, token):
         ranks, received = state
         w, n, ok = token
-        _, ranks, received = policy.enter(
+        slot, ranks, received = policy.enter(
             stream.policy, stream.sinks, stream.recent, w, ranks, received, n, ok
         )
-        return (ranks, received), None
+        return (ranks, received), slot
 
-    per_token = (by_slot, t, valid)
-    (ranks, received), _ = jax.lax.scan(
-        enter, (lc.ranks, lc.scores), jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), per_token)
-    )
-    first = out[:, 0, 0, 0, 0]  # [B]: written after every read of the old cache
-    k_new, v_new = after(k_stored, first), after(v, first)
-    new = _write(lc, k_new, v_new, into, view.blocks)
-    return out.transpose(2, 0, 1, 3, 4), new.replace(ranks=ranks, scores=received)
-
-
-def _entering(spec: C.Attention, q, k, v, lc: kv.LayerCache, view: PolicyView, t, valid, sinks):
-    """One token per row entering a layer cache that evicts by attention (`policy`): its
-    attention over the cached slots (keys rotated by their ranks) and itself, then its key and
-    value stored where the policy says. q: [B, N, H], k, v: [B, K, H] (un-rotated); t, valid:
-    [B]; sinks: learned sink logits [K, G] float32 or None. Returns (out [B, K, G, H] float32,
-    the layer cache)."""
-    f32 = jnp.float32
-    B, _, H = q.shape
-    Kh, G = spec.num_kv_heads, spec.group
-    stream, slots = view.stream, view.stream.capacity
-    n = jnp.minimum(t, slots)  # [B]: tokens cached before it, its in-cache position
-    position = spec.position
-    rotary_position = isinstance(position, C.Rotary)
-    k_stored = k
-    if rotary_position:
-        table = view.table_of(position)
-        at_n = rotary(table, n)  # [B, 1, R/2]
-        q, k = rotate(q, at_n, position), rotate(k, at_n, position)
-    q = (q * jnp.asarray(spec.query_scale, q.dtype)).reshape(B, Kh, G, H)
-    raws = []
-    for (start, size), keys in zip(view.blocks, lc.keys, strict=True):
-        if rotary_position:  # each key at its rank
-            keys = _at_ranks(keys, table, lc.ranks[:, start : start + size], position)
-        raws.append(jnp.einsum("bkgh,bkhs->bkgs", q, keys, preferred_element_type=f32))
-    own = jnp.einsum("bkgh,bkh->bkg", q, k, preferred_element_type=f32)[..., None]
-    raw = jnp.concatenate([*raws, own], axis=-1)  # [B, K, G, T]
-    seen = jnp.concatenate([jnp.arange(slots) < n[:, None], jnp.ones((B, 1), bool)], axis=1)
-    bias = None
-    if isinstance(position, C.Alibi):  # d = the query's in-cache position less the key's
-        dist = jnp.concatenate([n[:, None] - lc.ranks, jnp.zeros((B, 1), lc.ranks.dtype)], 1)
-        slopes = jnp.asarray(position.slopes, f32).reshape(Kh, G)
-        bias = -slopes[None, :, :, None] * dist[:, None, None, :].astype(f32)
-    scores = _score(raw, bias, spec.softcap) + masking(seen)[:, None, None, :]
-    sinks = None if sinks is None else sinks[None, :, :, None]
-    weights = _normalized(scores, sinks)  # [B, K, G, T]
-    out = 0.0
-    for (start, size), values in zip(view.blocks, lc.values, strict=True):  # [B, K, n, H]
-        block = weights[..., start : start + size].astype(values.dtype)
-        out = out + jnp.einsum("bkgs,bksh->bkgh", block, values, preferred_element_type=f32)
-    out = out + weights[..., slots:] * v.astype(f32)[:, :, None, :]
-    slot, ranks, received = policy.enter(
-        stream.policy,
-        stream.sinks,
-        stream.recent,
-        weights.mean(axis=(1, 2)),
-        lc.ranks,
-        lc.scores,
-        n,
-        valid,
-    )
+    per_token = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), (by_slot, at, valid))
+    (ranks, received), slot = jax.lax.scan(enter, (lc.ranks, lc.scores), per_token)
     # Written after every read of the old cache (a data dependence, as in `_attend`), so the
     # write is in place: the slot depends on the scores, the key and value on the output.
-    first = out[:, 0, 0, 0]  # [B]
-    k_new, v_new = after(k_stored[:, None], first), after(v[:, None], first)
-    new = _write(lc, k_new, v_new, slot[:, None], view.blocks)
-    return out, new.replace(ranks=ranks, scores=received)
+    first = out[:, 0, 0, 0, 0]  # [B]
+    k_new, v_new = after(k_stored, first), after(v, first)
+    new = _write(lc, k_new, v_new, slot.T, view.blocks)
+    return out.transpose(2, 0, 1, 3, 4), new.replace(ranks=ranks, scores=received)
 
 
 def _write(
