@@ -69,8 +69,9 @@ class Conversation:
         self.consumed += text
 
     def state(self) -> dict:
-        """JSON that `restore` continues from (kept with a saved stream)."""
-        return {"messages": self.messages, "consumed": self.consumed}
+        """JSON that `restore` continues from (kept with a saved stream; a copy, which later
+        turns leave as it is)."""
+        return {"messages": list(self.messages), "consumed": self.consumed}
 
     def restore(self, state: dict) -> Conversation:
         messages = state.get("messages")

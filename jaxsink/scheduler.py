@@ -302,10 +302,7 @@ class Scheduler:
                 )
             conversation = Conversation(tok) if session is None else session.conversation
             if session is not None:
-                job.undo = {
-                    "messages": list(conversation.messages),
-                    "consumed": conversation.consumed,
-                }
+                job.undo = conversation.state()
             ids = conversation.extend(job.messages)
         elif isinstance(job.prompt, str):
             continuing = session is not None and session.last_used > 0
