@@ -5,6 +5,7 @@ writes them, and the check that a converted tokenizer encodes like transformers'
 references (`spec_reference`: the contract in NumPy; `torch_reference`: its PyTorch loop;
 `published_models`: Qwen v1 and BTLM from their published code), the family case table and
 its checks (`families`, `family_checks`), a `jaxsink serve` process and its metrics (`served`),
-the headless Chromium of the browser tests (`chromium`), and the scripts the multi-device tests
+the headless Chromium of the browser tests (`chromium`), what the tests load from scripts/
+(`scripts`: `chromium` and `torch_reference` are those files), and the scripts the multi-device tests
 run in a child process (`python -m tests.support.sharded_checks`,
 `tests.support.quantized_sharded`). No test module imports another (tests/test_imports.py)."""
