@@ -76,7 +76,7 @@ def test_policies_match_the_reference_token_by_token(name, policy, recent):
 @pytest.mark.parametrize("name", ["gqa-rotary", "mqa-alibi", "learned-sinks-softcap"])
 def test_chunks_that_fill_the_cache_match_the_reference(name, policy, recent):
     """K = 32 slots fed 6 tokens at a time: five chunks enter a cache that is not yet full
-    (computed at once, `_filling`), h2o's received attention adding up over them, then one
+    (computed at once, `attention._entering`), h2o's received attention adding up over them, then one
     chunk fills it across and 48 tokens evict."""
     _against_reference(name, policy, recent, 30, 80, chunk=6, seed=21)
 
