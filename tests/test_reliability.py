@@ -87,6 +87,11 @@ def jaxsink_fails(capsys, *argv: str, words=()) -> str:
     return err
 
 
+def load_fails(capsys, folder: Path, *words: str) -> None:
+    """Loading the checkpoint `folder` (`jaxsink generate`) exits 2 with one line holding `words`."""
+    jaxsink_fails(capsys, "generate", "--model", str(folder), "--prompt", "t1", words=words)
+
+
 def copy(src: Path, tmp_path: Path, name: str = "src") -> Path:
     dst = tmp_path / name
     shutil.copytree(src, dst)
@@ -160,30 +165,14 @@ def test_hostile_safetensors(capsys, tmp_path, hf_dir, ckpt, hostile):
         if run == "convert":
             convert_fails(capsys, folder, tmp_path / "o", str(weights), words)
         else:
-            jaxsink_fails(
-                capsys,
-                "generate",
-                "--model",
-                str(folder),
-                "--prompt",
-                "t1",
-                words=(str(weights), words, "again"),
-            )
+            load_fails(capsys, folder, str(weights), words, "again")
 
 
 def test_truncated_checkpoint_weights(capsys, tmp_path, ckpt):
     folder = copy(ckpt, tmp_path)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    jaxsink_fails(
-        capsys,
-        "generate",
-        "--model",
-        str(folder),
-        "--prompt",
-        "t1",
-        words=("corrupt weights", str(weights), "convert its source again"),
-    )
+    load_fails(capsys, folder, "corrupt weights", str(weights), "convert its source again")
 
 
 # --- hostile GGUF ----------------------------------------------------------------------------
@@ -304,7 +293,7 @@ def test_hostile_checkpoint_config(capsys, tmp_path, ckpt, edit, words):
     folder = copy(ckpt, tmp_path)
     _edit_model(folder, edit)
     before = snapshot(folder)
-    jaxsink_fails(capsys, "generate", "--model", str(folder), "--prompt", "t1", words=(words,))
+    load_fails(capsys, folder, words)
     assert snapshot(folder) == before
 
 
@@ -324,7 +313,7 @@ def test_broken_checkpoint_files(capsys, tmp_path, ckpt, name, content, words):
         (folder / name).unlink()
     else:
         (folder / name).write_bytes(content)
-    jaxsink_fails(capsys, "generate", "--model", str(folder), "--prompt", "t1", words=(words,))
+    load_fails(capsys, folder, words)
 
 
 # --- outputs never half-written or clobbered -------------------------------------------------
