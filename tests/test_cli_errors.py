@@ -6,18 +6,12 @@ import numpy as np
 import pytest
 
 from jaxsink import cli
-from jaxsink.checkpoint import save_checkpoint
-from tests.support.tiny import random_flat_params, tiny_config, write_tokenizer
+from tests.support.tiny import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    write_tokenizer(path)
-    cfg = tiny_config()
-    files = {"tokenizer.json": (path / "tokenizer.json").read_bytes()}
-    save_checkpoint(path / "ckpt", cfg, random_flat_params(cfg), "float32", files)
-    return path / "ckpt"
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
 def _run(capsys, *argv):

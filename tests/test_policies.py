@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 
 from jaxsink import cli
-from jaxsink.checkpoint import save_checkpoint
 from jaxsink.config import Alibi, ConfigError, StreamConfig
 from jaxsink.traced import cache as kv
 from jaxsink.traced import entry
 from tests.support.spec_reference import stream_logits
-from tests.support.tiny import feed, random_flat_params, tiny_config, tiny_model, write_tokenizer
+from tests.support.tiny import feed, random_flat_params, tiny_checkpoint, tiny_config, tiny_model
 
 POLICIES = [("tova", 0), ("h2o", 3)]
 
@@ -146,12 +145,7 @@ def test_what_a_policy_cannot_do_is_refused(make, message):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    write_tokenizer(path)
-    cfg = tiny_config()
-    files = {"tokenizer.json": (path / "tokenizer.json").read_bytes()}
-    save_checkpoint(path / "ckpt", cfg, random_flat_params(cfg, seed=3), "float32", files)
-    return path / "ckpt"
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=3)
 
 
 def test_ppl_and_generate_commands(tiny_dir, tmp_path, capsys):

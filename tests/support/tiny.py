@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from jaxsink import config as C
 from jaxsink import layout
-from jaxsink.checkpoint import param_shapes
+from jaxsink.checkpoint import param_shapes, save_checkpoint
 from jaxsink.config import Attention, LayerSpec, Mlp, ModelConfig, Norm, Rotary, StreamConfig
 from jaxsink.engine import padded_chunks
 from jaxsink.loading import Model
@@ -146,18 +147,22 @@ CHAT_TEMPLATE = (
 )
 
 
-def chat_checkpoint(path, seed: int = 5):
-    """A tiny random checkpoint folder with a word-level tokenizer (`t0` ... `t96`, EOS `t2`)
-    and `CHAT_TEMPLATE`: what a server or chat needs. Returns its path."""
-    import json
-
-    from jaxsink.checkpoint import save_checkpoint
-
+def tiny_checkpoint(path: Path, seed: int = 0, tokenizer_config: dict | None = None) -> Path:
+    """A tiny random checkpoint `path/ckpt` (`tiny_config`, float32 weights of `seed`) with the
+    word-level tokenizer (`write_tokenizer`) and, if given, a `tokenizer_config.json` of
+    `tokenizer_config`, both also written to `path`. Returns the checkpoint's path."""
     path.mkdir(parents=True, exist_ok=True)
     write_tokenizer(path)
-    (path / "tokenizer_config.json").write_text(
-        json.dumps({"chat_template": CHAT_TEMPLATE, "eos_token": "t2"})
-    )
+    names = ["tokenizer.json"]
+    if tokenizer_config is not None:
+        (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+        names.append("tokenizer_config.json")
     cfg = tiny_config()
-    files = {n: (path / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json")}
+    files = {n: (path / n).read_bytes() for n in names}
     return save_checkpoint(path / "ckpt", cfg, random_flat_params(cfg, seed=seed), "float32", files)
+
+
+def chat_checkpoint(path: Path, seed: int = 5) -> Path:
+    """A `tiny_checkpoint` with `CHAT_TEMPLATE` and EOS `t2` (`t0` ... `t96`): what a server or
+    chat needs. Returns its path."""
+    return tiny_checkpoint(path, seed, {"chat_template": CHAT_TEMPLATE, "eos_token": "t2"})
