@@ -25,7 +25,10 @@ Sections (select with `--sections decode,bounds,...`; all by default):
              (`llama-cpp-python`, 2 threads, batch 1, the same prompt; skipped with a line when
              it is not installed).
 - policies:  decode tok/s of B = 1 and B = 16 streams under each eviction policy (`--policy
-             sink|tova|h2o`, K = 1024), interleaved, and each one's ratio to sink.
+             sink|tova|h2o`, K = 1024), interleaved, and each one's ratio to sink; then one
+             layer's cache at B = 16 timed alone: the attention read, the rotation by ranks an
+             evicting layer adds, and a re-rotation's passes, against the per-layer time the
+             0.8x target leaves.
 - experts:   a mixture-of-experts MLP's two exact paths, chosen experts' weights gathered per
              token or every expert on every token, against the tokens per call (Mixtral- and
              gpt-oss-like expert counts at a CPU-sized width).

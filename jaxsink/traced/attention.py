@@ -454,7 +454,7 @@ def _normalized(scores: jax.Array, sinks: jax.Array | None) -> jax.Array:
     return weights / total
 
 
-def _at_ranks(keys: jax.Array, table: jax.Array, ranks: jax.Array, spec: C.Rotary) -> jax.Array:
+def at_ranks(keys: jax.Array, table: jax.Array, ranks: jax.Array, spec: C.Rotary) -> jax.Array:
     """A block of un-rotated keys [B, K, H, n] each rotated by its slot's rank [B, n].
 
     The cos/sin are read from the flat table one scalar each, into [B, 2, R/2, n] as the
@@ -494,7 +494,7 @@ def _entering(spec: C.Attention, q, k, v, t, valid, lc: kv.LayerCache, view: Pol
     raws = []
     for (start, size), keys in zip(view.blocks, lc.keys, strict=True):
         if rotary_position:  # each key at its rank
-            keys = _at_ranks(keys, table, lc.ranks[:, start : start + size], position)
+            keys = at_ranks(keys, table, lc.ranks[:, start : start + size], position)
         raws.append(jnp.einsum("bckgh,bkhs->bkcgs", q, keys, preferred_element_type=f32))
     raws.append(jnp.einsum("bckgh,bjkh->bkcgj", q, k, preferred_element_type=f32))
     raw = jnp.concatenate(raws, axis=-1)  # [B, K, C, G, T]: the slots, then the chunk
