@@ -374,7 +374,7 @@ class Scheduler:
 
     def _withdraw(self, job: Job) -> None:
         """A job that never reached a row: its session free again, its turn taken back."""
-        session = self.sessions.get(job.session) if job.session is not None else None
+        session = self.sessions.get(job.session)  # None without a session
         if session is not None:
             session.busy = False
             if job.undo is not None and session.conversation is not None:
@@ -384,7 +384,7 @@ class Scheduler:
         """Give waiting jobs rows, oldest first, while rows can be had."""
         while self.waiting:
             job = self.waiting[0]
-            session = self.sessions.get(job.session) if job.session is not None else None
+            session = self.sessions.get(job.session)  # None without a session
             if session is not None and session.row is not None:  # parked: go on in place
                 row = session.row
                 del self.parked[row]
@@ -557,7 +557,7 @@ class Scheduler:
             rest = job.reply.finish()  # text held back for a character not yet complete
             if rest:
                 job.emit(Event("text", rest))
-        session = self.sessions.get(job.session) if job.session is not None else None
+        session = self.sessions.get(job.session)  # None without a session
         if session is None and row is not None and reason is not None and job.marks:
             self._keep_reply(job)
         if session is not None:
